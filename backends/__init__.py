@@ -1,0 +1,156 @@
+"""Backend registry: which ops run where.
+
+A backend declares its name, device type, whether it can run here (and if not, a sentence that
+says what to install), the ops it implements and the dtypes / numerics modes it supports.
+`get_ops` hands the model an object with every op of the op set; ops a backend lacks are filled
+from `reference` only when the runtime allows fallback, and the filled ops are reported.
+
+Kernel packages are imported only when their backend is probed or selected, so importing
+`v4` or `backends` needs neither triton nor torch_npu.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from v4.errors import BackendUnavailable
+
+# The op set of design.md, in the order a block uses them.
+OP_NAMES = (
+    "rms_norm",
+    "rope",
+    "hc_pre",
+    "hc_post",
+    "hc_head",
+    "compress",
+    "indexer_topk",
+    "attention",
+    "moe_gate",
+    "moe_experts",
+    "linear",
+    "grouped_out_proj",
+)
+
+# `auto` tries these in order.
+AUTO_ORDER = ("cuda", "ascend", "reference")
+
+
+@dataclass
+class BackendInfo:
+    name: str
+    device_type: str
+    available: bool
+    reason: str  # why not available (empty when available)
+    ops: frozenset  # op names implemented natively
+    dtypes: tuple
+    modes: tuple
+    notes: str = ""
+
+
+@dataclass
+class _Entry:
+    module: str  # package that defines `probe() -> BackendInfo` and `make_ops(device) -> ops`
+    probe: Callable | None = None
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "reference": _Entry("backends.reference"),
+    "cuda": _Entry("backends.cuda"),
+    "ascend": _Entry("backends.ascend"),
+}
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def probe(name: str) -> BackendInfo:
+    """Availability of one backend. Never raises for a missing kernel stack: says why instead."""
+    if name not in _REGISTRY:
+        raise BackendUnavailable(f"unknown backend {name!r}; choose one of: auto, {', '.join(_REGISTRY)}")
+    try:
+        mod = importlib.import_module(_REGISTRY[name].module)
+    except Exception as e:  # noqa: BLE001 - any import failure is a reason, not a crash
+        return BackendInfo(name, "?", False, f"cannot import {_REGISTRY[name].module}: {e}", frozenset(), (), ())
+    return mod.probe()
+
+
+def resolve(name: str) -> str:
+    """`auto` -> the first available of cuda, ascend, reference; a named backend must be available."""
+    if name == "auto":
+        for cand in AUTO_ORDER:
+            if probe(cand).available:
+                return cand
+        return "reference"
+    info = probe(name)
+    if not info.available:
+        raise BackendUnavailable(f"backend '{name}' was asked for but is not available here: {info.reason}")
+    return name
+
+
+@dataclass
+class OpsBundle:
+    """What the model computes through: one attribute per op, plus where each op came from."""
+
+    backend: str
+    device: str
+    impl: dict = field(default_factory=dict)  # op name -> backend that implements it
+    fallback: tuple = ()
+
+    def describe(self) -> str:
+        if not self.fallback:
+            return f"{self.backend} ({self.device})"
+        return f"{self.backend} ({self.device}); from reference: {', '.join(self.fallback)}"
+
+
+def get_ops(name: str = "auto", device: str | None = None, allow_fallback: bool = False, mode: str = "plain",
+            dtype: str | None = None):
+    """Build the ops object for a backend. Raises BackendUnavailable instead of falling back silently."""
+    chosen = resolve(name)
+    info = probe(chosen)
+    if mode not in info.modes:
+        raise BackendUnavailable(f"backend '{chosen}' does not support numerics mode '{mode}' (it supports: {', '.join(info.modes)})")
+    if dtype is not None and dtype not in info.dtypes:
+        raise BackendUnavailable(f"backend '{chosen}' does not support dtype '{dtype}' (it supports: {', '.join(info.dtypes)})")
+    mod = importlib.import_module(_REGISTRY[chosen].module)
+    native = mod.make_ops(device)
+    missing = [op for op in OP_NAMES if op not in info.ops]
+    if missing and chosen != "reference":
+        if not allow_fallback:
+            raise BackendUnavailable(
+                f"backend '{chosen}' does not implement {', '.join(missing)}; set runtime.allow_fallback: true "
+                f"to run those ops with the reference backend"
+            )
+        ref = importlib.import_module("backends.reference").make_ops(native.device)
+        for op in missing:
+            setattr(native, op, getattr(ref, op))
+    native.impl = {op: (chosen if op in info.ops else "reference") for op in OP_NAMES}
+    native.fallback = tuple(missing) if chosen != "reference" else ()
+    return native
+
+
+def matrix() -> list[BackendInfo]:
+    return [probe(n) for n in _REGISTRY]
+
+
+def format_matrix(infos: list[BackendInfo] | None = None) -> str:
+    infos = infos if infos is not None else matrix()
+    lines = []
+    head = ["op"] + [i.name for i in infos]
+    rows = [[op] + [("yes" if op in i.ops else "-") for i in infos] for op in OP_NAMES]
+    rows.append(["available"] + [("yes" if i.available else "NO") for i in infos])
+    rows.append(["device"] + [i.device_type for i in infos])
+    rows.append(["dtypes"] + [",".join(d.replace("float", "f").replace("bf", "bf") for d in i.dtypes) or "-" for i in infos])
+    rows.append(["modes"] + [",".join(i.modes) or "-" for i in infos])
+    widths = [max(len(str(r[c])) for r in [head] + rows) for c in range(len(head))]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    lines.append(fmt.format(*head))
+    lines.append(fmt.format(*["-" * w for w in widths]))
+    lines += [fmt.format(*r) for r in rows]
+    lines.append("")
+    for i in infos:
+        status = "available" if i.available else f"unavailable: {i.reason}"
+        lines.append(f"{i.name}: {status}" + (f" ({i.notes})" if i.notes else ""))
+    return "\n".join(lines)

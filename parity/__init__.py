@@ -1,0 +1,1 @@
+"""Cross-backend and cross-machine parity (record, compare, report). Not built yet: see issue 3."""

@@ -1,0 +1,205 @@
+"""`dsv4` command line: init, info, backends, generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from .errors import DSV4Error, InputError
+
+USAGE_EXAMPLES = """examples:
+  dsv4 generate --config tiny --prompt "Hello" --max-new-tokens 16
+  dsv4 init --config tiny --out /tmp/tiny-ckpt --quant fp8
+  dsv4 info --config v4-flash
+  dsv4 backends
+"""
+
+
+def _add_model_args(p, need_model=True):
+    g = p.add_mutually_exclusive_group(required=need_model)
+    g.add_argument("--checkpoint", help="checkpoint directory (config.json + *.safetensors)")
+    g.add_argument("--config", help="model config: tiny, small, v4-flash, v4-pro, or a YAML / config.json path")
+    p.add_argument("--runtime", help="runtime YAML (configs/cpu.yaml, ...); overrides the model file's runtime section")
+    p.add_argument("--backend", choices=["auto", "reference", "cuda", "ascend"], help="overrides runtime.backend (DSV4_BACKEND overrides this)")
+    p.add_argument("--device", help="torch device, e.g. cpu, cuda:0")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--mode", choices=["plain", "exact"], help="numerics: plain (the math) or exact (official run-time quantisation)")
+    p.add_argument("--seed-weights", type=int, default=0, help="seed of the random weights used with --config (default 0)")
+
+
+def _overrides(a):
+    return {"backend": a.backend, "device": a.device, "dtype": a.dtype, "mode": a.mode}
+
+
+def cmd_generate(a) -> int:
+    from .generate import Engine, SamplingParams
+    from .runtime import load
+
+    if (a.prompt is None) == (a.ids is None):
+        raise InputError("give exactly one of --prompt TEXT or --ids 1,2,3")
+    t0 = time.perf_counter()
+    L = load(a.checkpoint, a.config, a.runtime, _overrides(a), seed=a.seed_weights, progress=not a.json)
+    load_s = time.perf_counter() - t0
+    if a.ids is not None:
+        try:
+            ids = [int(x) for x in a.ids.split(",") if x.strip() != ""]
+        except ValueError:
+            raise InputError(f"--ids must be comma-separated integers, got {a.ids!r}") from None
+    else:
+        ids = L.tokenizer.encode(a.prompt)
+    eng = Engine(L.model, max_batch=1, max_seq_len=len(ids) + a.max_new_tokens + 1,
+                 block_size=L.runtime.block_size, prefill_chunk=L.runtime.prefill_chunk)
+    params = SamplingParams(a.temperature, a.top_p, a.top_k, a.seed)
+    res = eng.generate([ids], a.max_new_tokens, params)[0]
+    text = L.tokenizer.decode(res.output_ids)
+    t = eng.timings.as_dict()
+    if a.json:
+        print(json.dumps({
+            "model": L.cfg.name, "backend": L.model.ops.name, "dtype": L.runtime.dtype, "mode": L.runtime.mode,
+            "prompt_ids": ids, "generated_ids": res.output_ids, "text": text, "finish_reason": res.finish_reason,
+            "timings": {"load_s": load_s, **t},
+        }))
+    else:
+        print(text)
+        print(f"[{L.cfg.name} on {L.model.ops.name}/{L.runtime.dtype}/{L.runtime.mode}: {len(ids)} prompt tokens, "
+              f"{len(res.output_ids)} generated ({res.finish_reason}); load {load_s:.2f}s, prefill {t['prefill_s']:.3f}s, "
+              f"decode {t['decode_tok_per_s'] or 0:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_init(a) -> int:
+    from .config import load_config_file
+    from .weights import init_checkpoint
+
+    cfg, _ = load_config_file(a.config)
+    if cfg is None:
+        raise InputError(f"{a.config}: no 'model:' section to build a checkpoint from")
+    out = init_checkpoint(cfg, a.out, quant=a.quant, seed=a.seed, max_shard_bytes=int(a.shard_mb * 2**20))
+    print(f"wrote {cfg.name} ({a.quant}, seed {a.seed}) to {out}")
+    return 0
+
+
+def cmd_info(a) -> int:
+    from .cache import cache_bytes_per_token
+    from .runtime import resolve
+
+    cfg, rt = resolve(a.checkpoint, a.config, a.runtime, _overrides(a))
+    elem = {"float32": 4, "float64": 8}.get(rt.dtype, 2)
+    ours = cache_bytes_per_token(cfg, elem_bytes=elem)
+    # the production layout of spec §3.3: FP8 nope + bf16 rope + one ue8m0 scale per 64 (+ pad to 8)
+    E = (cfg.head_dim - cfg.qk_rope_head_dim) + 2 * cfg.qk_rope_head_dim + 8
+    prod = cache_bytes_per_token(cfg, entry_bytes=E, index_bytes=cfg.index_head_dim // 2 + cfg.index_head_dim // 32)
+    n = ours["layers"]
+    info = {
+        "model": cfg.name,
+        "layers": {"total": cfg.num_hidden_layers, **n, "mtp": cfg.num_nextn_predict_layers},
+        "hca_ratio": cfg.hca_ratio,
+        "params": _param_count(cfg),
+        "runtime": {"backend": rt.backend, "dtype": rt.dtype, "mode": rt.mode},
+        "cache_bytes_per_token": {"layout": f"this cache ({rt.dtype} entries)", **_fmt_cache(ours)},
+        "cache_bytes_per_token_fp8_layout": {"layout": "FP8 production layout (spec §3.3)", **_fmt_cache(prod)},
+    }
+    if a.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(cfg.short())
+    print(f"layers: {n['sliding']} sliding, {n['csa']} CSA (ratio 4 + indexer top-{cfg.index_topk}), "
+          f"{n['hca']} HCA (ratio {cfg.hca_ratio}), {cfg.num_nextn_predict_layers} MTP; window {cfg.sliding_window}")
+    p = info["params"]
+    print(f"parameters: {p['total'] / 1e9:.3f} B total, {p['active'] / 1e9:.3f} B active per token")
+    for title, c in (("this cache", ours), ("FP8 layout", prod)):
+        pl = c["per_layer"]
+        print(f"KV cache, {title}: entry {c['entry_bytes']} B, indexer key {c['index_bytes']} B; per context token: "
+              f"CSA layer {pl['csa']:.2f} B, HCA layer {pl['hca']:.4f} B, sliding 0 B; "
+              f"total {c['per_token_total']:.1f} B/token ({c['per_token_total'] * 2**20 / 2**30:.2f} GiB at 1M tokens) "
+              f"+ window rings {c['window_ring_bytes'] / 2**20:.2f} MiB per sequence")
+    return 0
+
+
+def _fmt_cache(c):
+    return {"entry_bytes": c["entry_bytes"], "index_key_bytes": c["index_bytes"], "per_layer_type": c["per_layer"],
+            "total_per_token": c["per_token_total"], "window_ring_bytes_per_sequence": c["window_ring_bytes"]}
+
+
+def _param_count(cfg) -> dict:
+    from .weights import expected_tensors
+
+    total = active = 0
+    k, E = cfg.num_experts_per_tok, cfg.n_routed_experts
+    for name, spec in expected_tensors(cfg).items():
+        n = 1
+        for s in spec.shape:
+            n *= s
+        total += n
+        if ".experts." in name:
+            active += n * k / E
+        elif not name.startswith("mtp."):
+            active += n
+    return {"total": int(total), "active": int(active)}
+
+
+def cmd_backends(a) -> int:
+    import backends
+
+    if a.json:
+        print(json.dumps([{**i.__dict__, "ops": sorted(i.ops)} for i in backends.matrix()], indent=1))
+    else:
+        print(backends.format_matrix())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsv4", description="DeepSeek V4 on CPU, NVIDIA and Ascend, with parity checks.",
+                                epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate text or ids")
+    _add_model_args(g)
+    g.add_argument("--prompt", help="prompt text (tokenised with the checkpoint's tokenizer.json, or bytes)")
+    g.add_argument("--ids", help="prompt as comma-separated token ids")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(fn=cmd_generate)
+
+    i = sub.add_parser("init", help="write a seeded random-weight checkpoint in the official format")
+    i.add_argument("--config", required=True)
+    i.add_argument("--out", required=True)
+    i.add_argument("--quant", choices=["bf16", "fp32", "fp8"], default="bf16",
+                   help="bf16/fp32 floats, or fp8 = the official FP8 + FP4-expert forms")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--shard-mb", type=float, default=1024.0, help="maximum shard size in MiB")
+    i.set_defaults(fn=cmd_init)
+
+    n = sub.add_parser("info", help="model summary and KV-cache bytes per token")
+    _add_model_args(n)
+    n.add_argument("--json", action="store_true")
+    n.set_defaults(fn=cmd_info)
+
+    b = sub.add_parser("backends", help="backends x ops x availability")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(fn=cmd_backends)
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return a.fn(a)
+    except DSV4Error as e:
+        print(f"dsv4: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""Model and runtime configuration.
+
+`ModelConfig` uses the key names of the official HF `config.json` of DeepSeek-V4-Flash / -Pro
+(spec §1.1), so an official `config.json` loads as it is. The layout transformers writes
+(`layer_types`, `compress_rates`, `rope_parameters`, ...) is read too. Our YAML files under
+`configs/` hold the same keys under `model:` and the runtime selection under `runtime:`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+SLIDING, CSA, HCA = "sliding", "csa", "hca"
+CSA_RATIO = 4  # the overlapping compressor with the lightning indexer; any other ratio > 0 is HCA
+
+REPO_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 129280
+    hidden_size: int = 4096
+    num_hidden_layers: int = 43
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 1
+    head_dim: int = 512
+    qk_rope_head_dim: int = 64
+    q_lora_rank: int = 1024
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    sliding_window: int = 128
+    # One ratio per layer, then one per MTP block (0 = sliding only, 4 = CSA, other = HCA).
+    compress_ratios: list = field(default_factory=lambda: [0, 0] + [4, 128] * 20 + [4] + [0])
+    compress_rope_theta: float = 160000.0
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = field(
+        default_factory=lambda: {
+            "type": "yarn",
+            "factor": 16,
+            "original_max_position_embeddings": 65536,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        }
+    )
+    max_position_embeddings: int = 1048576
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 6
+    moe_intermediate_size: int = 2048
+    num_hash_layers: int = 3
+    scoring_func: str = "sqrtsoftplus"
+    topk_method: str = "noaux_tc"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.5
+    swiglu_limit: float = 10.0
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    rms_norm_eps: float = 1e-6
+    num_nextn_predict_layers: int = 1
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    quantization_config: dict | None = None
+    expert_dtype: str | None = None
+    name: str = "custom"
+
+    # ---- derived -----------------------------------------------------------------------
+    @property
+    def nope_head_dim(self) -> int:
+        return self.head_dim - self.qk_rope_head_dim
+
+    def layer_ratio(self, layer: int) -> int:
+        """Compression ratio of block `layer` (layer == num_hidden_layers + k is MTP block k)."""
+        return int(self.compress_ratios[layer])
+
+    def layer_type(self, layer: int) -> str:
+        r = self.layer_ratio(layer)
+        return SLIDING if r == 0 else (CSA if r == CSA_RATIO else HCA)
+
+    @property
+    def layer_types(self) -> list[str]:
+        return [self.layer_type(i) for i in range(self.num_hidden_layers)]
+
+    def is_hash_layer(self, layer: int) -> bool:
+        return layer < self.num_hash_layers
+
+    @property
+    def hca_ratio(self) -> int | None:
+        rs = {self.layer_ratio(i) for i in range(self.num_hidden_layers)} - {0, CSA_RATIO}
+        return rs.pop() if rs else None
+
+    # ---- construction ------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "ModelConfig":
+        d = _normalise_hf_keys(dict(d), source)
+        known = cls.field_names()
+        unknown = sorted(k for k in d if k not in known and k not in _IGNORED_HF_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown model field(s) {', '.join(unknown)}; "
+                f"valid fields are the keys of the official DeepSeek-V4 config.json"
+            )
+        cfg = cls(**{k: v for k, v in d.items() if k in known})
+        cfg.validate(source)
+        return cfg
+
+    def to_hf_dict(self) -> dict:
+        """The official HF `config.json` content for this config."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
+        d["architectures"] = ["DeepseekV4ForCausalLM"]
+        d["model_type"] = "deepseek_v4"
+        if d["quantization_config"] is None:
+            d.pop("quantization_config")
+        if d["expert_dtype"] is None:
+            d.pop("expert_dtype")
+        return d
+
+    # ---- validation --------------------------------------------------------------------
+    def validate(self, source: str = "config") -> None:
+        def bad(fieldname: str, why: str):
+            raise ConfigError(f"{source}: field '{fieldname}' {why}")
+
+        ints_pos = [
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+            "qk_rope_head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window",
+            "max_position_embeddings", "index_n_heads", "index_head_dim", "index_topk",
+            "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "hc_mult",
+            "hc_sinkhorn_iters",
+        ]
+        for k in ints_pos:
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                bad(k, f"must be a positive integer, got {v!r}")
+        for k in ["num_hash_layers", "num_nextn_predict_layers", "n_shared_experts"]:
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                bad(k, f"must be a non-negative integer, got {v!r}")
+        for k in ["rope_theta", "compress_rope_theta", "routed_scaling_factor", "swiglu_limit",
+                  "hc_eps", "rms_norm_eps"]:
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                bad(k, f"must be a positive number, got {v!r}")
+        if self.num_key_value_heads != 1:
+            bad("num_key_value_heads", f"must be 1 (V4 attention has one shared K=V head), got {self.num_key_value_heads}")
+        if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim > self.head_dim:
+            bad("qk_rope_head_dim", f"must be even and at most head_dim={self.head_dim}, got {self.qk_rope_head_dim}")
+        if self.qk_rope_head_dim > self.index_head_dim:
+            bad("index_head_dim", f"must be at least qk_rope_head_dim={self.qk_rope_head_dim}, got {self.index_head_dim}")
+        if self.num_attention_heads % self.o_groups:
+            bad("o_groups", f"must divide num_attention_heads={self.num_attention_heads}, got {self.o_groups}")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            bad("num_experts_per_tok", f"({self.num_experts_per_tok}) exceeds n_routed_experts={self.n_routed_experts}")
+        if self.num_hash_layers > self.num_hidden_layers:
+            bad("num_hash_layers", f"({self.num_hash_layers}) exceeds num_hidden_layers={self.num_hidden_layers}")
+        if self.scoring_func != "sqrtsoftplus":
+            bad("scoring_func", f"must be 'sqrtsoftplus' for DeepSeek V4, got {self.scoring_func!r}")
+        if self.hidden_act != "silu":
+            bad("hidden_act", f"must be 'silu', got {self.hidden_act!r}")
+        if self.tie_word_embeddings:
+            bad("tie_word_embeddings", "must be false (V4 has a separate head)")
+        if self.n_shared_experts > 1:
+            bad("n_shared_experts", f"must be 0 or 1, got {self.n_shared_experts}")
+        n = self.num_hidden_layers + self.num_nextn_predict_layers
+        if not isinstance(self.compress_ratios, (list, tuple)) or len(self.compress_ratios) != n:
+            got = len(self.compress_ratios) if isinstance(self.compress_ratios, (list, tuple)) else self.compress_ratios
+            bad("compress_ratios", f"must list one ratio per layer plus one per MTP block ({n} entries), got {got}")
+        self.compress_ratios = list(self.compress_ratios)
+        for i, r in enumerate(self.compress_ratios):
+            if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+                bad("compress_ratios", f"entry {i} must be a non-negative integer, got {r!r}")
+        for j in range(self.num_nextn_predict_layers):
+            if self.compress_ratios[self.num_hidden_layers + j] != 0:
+                bad("compress_ratios", f"MTP entry {self.num_hidden_layers + j} must be 0 (the MTP block is sliding-only)")
+        if len({r for r in self.compress_ratios if r not in (0, CSA_RATIO)}) > 1:
+            bad("compress_ratios", "may use only one HCA ratio besides 0 and 4")
+        if self.rope_scaling is not None:
+            rs = self.rope_scaling
+            t = rs.get("type", rs.get("rope_type"))
+            if t != "yarn":
+                bad("rope_scaling", f"type must be 'yarn' (or rope_scaling null), got {t!r}")
+            for k in ["factor", "original_max_position_embeddings", "beta_fast", "beta_slow"]:
+                if not isinstance(rs.get(k), (int, float)) or rs[k] <= 0:
+                    bad("rope_scaling", f"needs a positive '{k}', got {rs.get(k)!r}")
+        if self.expert_dtype not in (None, "fp4", "fp8", "bf16"):
+            bad("expert_dtype", f"must be fp4, fp8 or bf16, got {self.expert_dtype!r}")
+
+    def short(self) -> str:
+        return (f"{self.name}: {self.num_hidden_layers} layers, hidden {self.hidden_size}, "
+                f"{self.num_attention_heads} heads x {self.head_dim}, {self.n_routed_experts} experts top-{self.num_experts_per_tok}")
+
+
+# Keys transformers writes that carry no information we need (or that we re-derive).
+_IGNORED_HF_KEYS = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "initializer_range",
+    "use_cache", "pad_token_id", "attention_bias", "attention_dropout", "mlp_bias", "output_router_logits",
+    "router_aux_loss_coef", "router_jitter_noise", "auto_map", "partial_rotary_factor",
+    "layer_types", "compress_rates", "mlp_layer_types", "rope_parameters", "n_group", "topk_group",
+    "first_k_dense_replace", "ep_size", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim",
+}
+
+_LAYER_TYPE_TO_KIND = {
+    "sliding_attention": 0,
+    "compressed_sparse_attention": "csa",
+    "heavily_compressed_attention": "hca",
+}
+
+
+def _normalise_hf_keys(d: dict, source: str) -> dict:
+    """Fold the transformers-written layout (layer_types, compress_rates, rope_parameters) into ours."""
+    if "compress_ratios" not in d and "layer_types" in d:
+        rates = d.get("compress_rates") or {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+        ratios = []
+        for t in d["layer_types"]:
+            if t not in _LAYER_TYPE_TO_KIND:
+                raise ConfigError(f"{source}: field 'layer_types' has unknown entry {t!r}")
+            ratios.append(0 if t == "sliding_attention" else int(rates[t]))
+        n_mtp = int(d.get("num_nextn_predict_layers", 1))
+        d["compress_ratios"] = ratios + [0] * n_mtp
+    if "num_hash_layers" not in d and "mlp_layer_types" in d:
+        d["num_hash_layers"] = sum(1 for t in d["mlp_layer_types"] if t == "hash_moe")
+    rp = d.get("rope_parameters")
+    if isinstance(rp, dict) and isinstance(rp.get("compress"), dict):
+        comp = rp["compress"]
+        d.setdefault("compress_rope_theta", comp.get("rope_theta", 160000.0))
+        if "rope_scaling" not in d:
+            t = comp.get("rope_type", comp.get("type"))
+            d["rope_scaling"] = (
+                {k: comp[k] for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow")} | {"type": "yarn"}
+                if t == "yarn" else None
+            )
+        if isinstance(rp.get("main"), dict):
+            d.setdefault("rope_theta", rp["main"].get("rope_theta", 10000.0))
+    if "qk_rope_head_dim" not in d and "partial_rotary_factor" in d and "head_dim" in d:
+        d["qk_rope_head_dim"] = int(d["head_dim"] * d["partial_rotary_factor"])
+    if isinstance(d.get("eos_token_id"), list):
+        d["eos_token_id"] = d["eos_token_id"][0]
+    if isinstance(d.get("rope_scaling"), dict):
+        d["rope_scaling"] = dict(d["rope_scaling"])
+    return d
+
+
+# ---------------------------------------------------------------------------------------
+# Runtime configuration
+# ---------------------------------------------------------------------------------------
+
+BACKENDS = ("auto", "reference", "cuda", "ascend")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+MODES = ("plain", "exact")
+
+
+@dataclass
+class RuntimeConfig:
+    backend: str = "auto"
+    device: str | None = None  # None: the backend's default device
+    dtype: str = "float32"
+    mode: str = "plain"
+    allow_fallback: bool = False  # fill ops a backend lacks from `reference` (said aloud)
+    max_batch: int = 8
+    max_seq_len: int = 4096
+    block_size: int = 64  # entries per page of the compressed / indexer pools
+    prefill_chunk: int = 0  # 0 = whole prompt in one step
+
+    def validate(self, source: str = "runtime") -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"{source}: field 'runtime.backend' must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"{source}: field 'runtime.dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.mode not in MODES:
+            raise ConfigError(f"{source}: field 'runtime.mode' must be plain or exact, got {self.mode!r}")
+        for k in ("max_batch", "max_seq_len", "block_size"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{source}: field 'runtime.{k}' must be a positive integer, got {v!r}")
+        if isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 0:
+            raise ConfigError(f"{source}: field 'runtime.prefill_chunk' must be a non-negative integer, got {self.prefill_chunk!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "runtime") -> "RuntimeConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown runtime field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        rc = cls(**d)
+        rc.validate(source)
+        return rc
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """`tiny` -> configs/tiny.yaml; a directory -> its config.json; a file -> itself."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        p = p / "config.json"
+    if p.is_file():
+        return p
+    cand = REPO_CONFIG_DIR / f"{name_or_path}.yaml"
+    if cand.is_file():
+        return cand
+    avail = sorted(x.stem for x in REPO_CONFIG_DIR.glob("*.yaml")) if REPO_CONFIG_DIR.is_dir() else []
+    raise ConfigError(
+        f"config '{name_or_path}' not found: give a YAML or config.json path, a checkpoint directory, "
+        f"or one of: {', '.join(avail) or '(no configs/ directory next to the package)'}"
+    )
+
+
+def load_config_file(name_or_path: str) -> tuple[ModelConfig | None, dict]:
+    """Read a model YAML / HF config.json / runtime YAML. Returns (model config or None, runtime dict)."""
+    path = resolve_config_path(name_or_path)
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text) or {}
+        else:
+            raw = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - parse errors become one sentence
+        raise ConfigError(f"{path}: cannot parse ({e.__class__.__name__}: {e}); fix the file syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    if path.suffix in (".yaml", ".yml"):
+        unknown = set(raw) - {"model", "runtime"}
+        if unknown:
+            raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))}; use 'model:' and 'runtime:'")
+        model = None
+        if raw.get("model") is not None:
+            md = dict(raw["model"])
+            md.setdefault("name", path.stem)
+            model = ModelConfig.from_dict(md, source=str(path))
+        return model, dict(raw.get("runtime") or {})
+    md = dict(raw)
+    md.setdefault("name", path.parent.name if path.name == "config.json" else path.stem)
+    return ModelConfig.from_dict(md, source=str(path)), {}
+
+
+def build_runtime(base: dict, cli_overrides: dict | None = None, env: dict | None = None) -> RuntimeConfig:
+    """Config file < CLI flags < environment (DSV4_BACKEND), as design.md orders them."""
+    d = dict(base)
+    for k, v in (cli_overrides or {}).items():
+        if v is not None:
+            d[k] = v
+    env = os.environ if env is None else env
+    if env.get("DSV4_BACKEND"):
+        d["backend"] = env["DSV4_BACKEND"]
+    return RuntimeConfig.from_dict(d, source="runtime configuration")
+
+
+def yarn_inv_freq(rope_dim: int, base: float, rope_scaling: dict | None):
+    """Inverse frequencies of the rope slice, with YaRN interpolation when rope_scaling is given (spec §2.4)."""
+    import torch
+
+    inv = 1.0 / (base ** (torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim))
+    if rope_scaling is None:
+        return inv
+    factor = float(rope_scaling["factor"])
+    L0 = float(rope_scaling["original_max_position_embeddings"])
+    bf, bs = float(rope_scaling["beta_fast"]), float(rope_scaling["beta_slow"])
+
+    def corr_dim(nrot: float) -> float:
+        return rope_dim * math.log(L0 / (nrot * 2 * math.pi)) / (2 * math.log(base))
+
+    lo = max(math.floor(corr_dim(bf)), 0)
+    hi = min(math.ceil(corr_dim(bs)), rope_dim - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = ((torch.arange(rope_dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+    return inv * ramp / factor + inv * (1 - ramp)

@@ -1,0 +1,342 @@
+"""DeepSeek V4 forward pass, device-agnostic.
+
+The model never touches a kernel: every op goes through `self.ops` (see `backends`). One call of
+`Transformer.forward` runs one engine step over a packed batch: any mix of prompt chunks and
+single decode tokens, each sequence continuing from what its cache slot already holds.
+
+Reading order for a newcomer: `Transformer.forward` -> `_block` -> `_attention` (the three layer
+types: window only; CSA = window + indexer-selected compressed entries; HCA = window + all
+compressed entries) -> `_moe`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+from backends.reference.ops import CompressSpec
+from . import quant
+from .cache import KVCache
+from .config import CSA, CSA_RATIO, HCA, SLIDING, ModelConfig, yarn_inv_freq
+from .errors import CheckpointError, InputError
+
+# Linears that the official checkpoint stores in FP8 (or FP4 for routed experts): in exact mode
+# their activations are quantised to FP8 first, as the official inference code does.
+FP8_LINEARS = ("wq_a", "wq_b", "wkv", "wo_b", "e_proj", "h_proj")
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class StepBatch:
+    """Packed tokens of one engine step: sequence b contributes lens[b] tokens from starts[b] on."""
+
+    slots: list[int]
+    starts: list[int]
+    lens: list[int]
+    device: torch.device
+
+    def __post_init__(self):
+        self.offsets = [0]
+        for n in self.lens:
+            self.offsets.append(self.offsets[-1] + n)
+        self.num_tokens = self.offsets[-1]
+        dev = self.device
+        self.cu_seqlens = torch.tensor(self.offsets, dtype=torch.int32, device=dev)
+        rep = torch.tensor(self.lens, device=dev)
+        self.tok_row = torch.repeat_interleave(torch.arange(len(self.lens), device=dev), rep)
+        self.tok_slot = torch.tensor(self.slots, device=dev)[self.tok_row]
+        self.tok_start = torch.tensor(self.starts, device=dev)[self.tok_row]
+        self.tok_off = torch.tensor(self.offsets[:-1], device=dev)[self.tok_row]
+        self.positions = self.tok_start + torch.arange(self.num_tokens, device=dev) - self.tok_off
+        self.seqs = list(zip(self.slots, self.starts, self.lens, self.offsets[:-1]))
+        self.last_token = torch.tensor([o + n - 1 for o, n in zip(self.offsets[:-1], self.lens)], device=dev)
+
+
+class Transformer:
+    """V4 model (main stack + MTP blocks) over weights prepared by one backend's ops."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict, ops, dtype: torch.dtype = torch.float32, mode: str = "plain"):
+        if mode not in ("plain", "exact"):
+            raise InputError(f"numerics mode must be 'plain' or 'exact', got {mode!r}")
+        self.cfg, self.ops, self.dtype, self.mode = cfg, ops, dtype, mode
+        self.acc = _acc(dtype)
+        self.device = ops.device
+        self.exact = mode == "exact"
+        self.hook: Callable[[str, torch.Tensor], None] | None = None
+        self._w = weights
+        self.embed = self._float("embed.weight", dtype)
+        self.head = self._linear("head.weight", self.acc)
+        self.norm = self._float("norm.weight", self.acc)
+        self.hc_head = self._hc("hc_head")
+        self.blocks = [self._prepare_block(f"layers.{i}.", i) for i in range(cfg.num_hidden_layers)]
+        self.mtp = []
+        for j in range(cfg.num_nextn_predict_layers):
+            p = f"mtp.{j}."
+            blk = self._prepare_block(p, cfg.num_hidden_layers + j)
+            blk.e_proj, blk.h_proj = self._linear(p + "e_proj.weight"), self._linear(p + "h_proj.weight")
+            blk.enorm, blk.hnorm = self._float(p + "enorm.weight", self.acc), self._float(p + "hnorm.weight", self.acc)
+            blk.norm, blk.hc_head = self._float(p + "norm.weight", self.acc), self._hc(p + "hc_head")
+            self.mtp.append(blk)
+        leftover = sorted(self._w)
+        self._w = None
+        if leftover:
+            raise CheckpointError(f"weights not used by the model: {', '.join(leftover[:5])}{' ...' if len(leftover) > 5 else ''}")
+        rd = cfg.qk_rope_head_dim
+        self.inv_freq = {
+            SLIDING: yarn_inv_freq(rd, cfg.rope_theta, None).to(self.device, self.acc),
+            "compress": yarn_inv_freq(rd, cfg.compress_rope_theta, cfg.rope_scaling).to(self.device, self.acc),
+        }
+
+    # ------------------------------------------------------------------ weight preparation
+    def _take(self, name):
+        try:
+            return self._w.pop(name)
+        except KeyError:
+            raise CheckpointError(f"tensor '{name}' is missing from the weights") from None
+
+    def _float(self, name, dtype):
+        t = self._take(name)
+        if isinstance(t, quant.QuantizedWeight):
+            t = t.dequantize(self.acc)
+        return t.to(device=self.device, dtype=dtype)
+
+    def _linear(self, name, dtype=None):
+        return self.ops.prepare_linear(self._take(name), dtype or self.dtype)
+
+    def _hc(self, prefix):
+        a = self.acc
+        return (self._float(prefix + "_fn", a), self._float(prefix + "_base", a), self._float(prefix + "_scale", a))
+
+    def _prepare_block(self, p: str, layer: int) -> SimpleNamespace:
+        cfg, dt, a = self.cfg, self.dtype, self.acc
+        kind, m = cfg.layer_type(layer), cfg.layer_ratio(layer)
+        b = SimpleNamespace(layer=layer, kind=kind, ratio=m, name=p.rstrip("."))
+        b.hc_attn, b.hc_ffn = self._hc(p + "hc_attn"), self._hc(p + "hc_ffn")
+        b.attn_norm, b.ffn_norm = self._float(p + "attn_norm.weight", a), self._float(p + "ffn_norm.weight", a)
+        q = p + "attn."
+        b.wq_a, b.q_norm = self._linear(q + "wq_a.weight"), self._float(q + "q_norm.weight", a)
+        b.wq_b, b.wkv = self._linear(q + "wq_b.weight"), self._linear(q + "wkv.weight")
+        b.kv_norm = self._float(q + "kv_norm.weight", a)
+        b.wo_a, b.wo_b = self._linear(q + "wo_a.weight"), self._linear(q + "wo_b.weight")
+        b.sink = self._float(q + "attn_sink", a)
+        b.rope = "compress" if kind != SLIDING else SLIDING
+        if kind != SLIDING:
+            c = q + "compressor."
+            b.comp = SimpleNamespace(
+                wkv=self._linear(c + "wkv.weight", a), wgate=self._linear(c + "wgate.weight", a),
+                ape=self._float(c + "ape", a), norm=self._float(c + "norm.weight", a),
+                spec=CompressSpec(m, cfg.head_dim, kind == CSA, "fp8" if self.exact else "none",
+                                  cfg.qk_rope_head_dim, cfg.rms_norm_eps))
+        if kind == CSA:
+            ix = q + "indexer."
+            b.idx = SimpleNamespace(
+                wq_b=self._linear(ix + "wq_b.weight"), weights_proj=self._linear(ix + "weights_proj.weight", a),
+                wkv=self._linear(ix + "compressor.wkv.weight", a), wgate=self._linear(ix + "compressor.wgate.weight", a),
+                ape=self._float(ix + "compressor.ape", a), norm=self._float(ix + "compressor.norm.weight", a),
+                spec=CompressSpec(m, cfg.index_head_dim, True, "fp4" if self.exact else "none",
+                                  cfg.qk_rope_head_dim, cfg.rms_norm_eps))
+        f = p + "ffn."
+        b.gate_w = self._float(f + "gate.weight", a)
+        is_hash = layer < cfg.num_hidden_layers and cfg.is_hash_layer(layer)
+        b.gate_bias = None if is_hash else self._float(f + "gate.bias", a)
+        b.tid2eid = self._take(f + "gate.tid2eid").to(self.device, torch.long) if is_hash else None
+        E = cfg.n_routed_experts
+        b.w1 = torch.stack([self._linear(f"{f}experts.{e}.w1.weight") for e in range(E)])
+        b.w2 = torch.stack([self._linear(f"{f}experts.{e}.w2.weight") for e in range(E)])
+        b.w3 = torch.stack([self._linear(f"{f}experts.{e}.w3.weight") for e in range(E)])
+        b.shared = None
+        if cfg.n_shared_experts:
+            s = f + "shared_experts."
+            b.shared = (self._linear(s + "w1.weight"), self._linear(s + "w2.weight"), self._linear(s + "w3.weight"))
+        return b
+
+    # ------------------------------------------------------------------ helpers
+    def _record(self, name: str, t: torch.Tensor):
+        if self.hook is not None:
+            self.hook(name, t)
+
+    def _lin(self, x, w, fp8: bool):
+        return self.ops.linear(x, w, act_quant=self.exact and fp8)
+
+    def new_cache(self, max_slots: int, max_seq_len: int, block_size: int = 64) -> KVCache:
+        return KVCache(self.cfg, max_slots, max_seq_len, self.dtype, self.device, block_size)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, ids: torch.Tensor, batch: StepBatch, cache: KVCache, logits: str = "all",
+                mtp_ids: torch.Tensor | None = None):
+        """One step. ids: [T] packed token ids (batch layout). Returns (logits, mtp_logits or None).
+
+        logits="all": [T, vocab]; "last": one row per sequence; "none": None (prefill chunks).
+        mtp_ids: [T] the token that follows each position; when given, MTP block 0 runs too and
+        its logits (for the token after that) come back in the same layout.
+        """
+        ops, cfg = self.ops, self.cfg
+        ids = ids.to(self.device)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
+            bad = int(ids.max()) if int(ids.max()) >= cfg.vocab_size else int(ids.min())
+            raise InputError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}) of model '{cfg.name}'")
+        for slot, start, n, _ in batch.seqs:
+            cache.reserve(slot, start + n)
+        X = self.embed[ids].unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
+        for b in self.blocks:
+            X = self._block(b, X, ids, batch, cache)
+        out = self._head(X, self.hc_head, self.norm, batch, logits)
+        mtp_out = None
+        if mtp_ids is not None and self.mtp:
+            mtp_out = self._mtp(self.mtp[0], X, mtp_ids.to(self.device), batch, cache, logits)
+        for slot, start, n, _ in batch.seqs:
+            cache.seq_len[slot] = start + n
+        return out, mtp_out
+
+    def _head(self, X, hc, norm, batch, which):
+        if which == "none":
+            return None
+        if which == "last":
+            X = X[batch.last_token]
+        h = self.ops.hc_head(X, *hc, self.cfg.hc_eps, self.cfg.rms_norm_eps)
+        h = self.ops.rms_norm(h, norm, self.cfg.rms_norm_eps)
+        return self.ops.linear(h.to(self.acc), self.head)
+
+    def _mtp(self, b, X, next_ids, batch, cache, which):
+        """MTP block: embed the next token, mix with the main stack's streams, one block, own head."""
+        ops, cfg = self.ops, self.cfg
+        e = ops.rms_norm(self.embed[next_ids], b.enorm, cfg.rms_norm_eps)
+        h = ops.rms_norm(X, b.hnorm, cfg.rms_norm_eps)
+        X0 = self._lin(e, b.e_proj, True).unsqueeze(1) + self._lin(h, b.h_proj, True)
+        X1 = self._block(b, X0, next_ids, batch, cache)
+        return self._head(X1, b.hc_head, b.norm, batch, which)
+
+    def _block(self, b, X, ids, batch, cache):
+        ops, cfg = self.ops, self.cfg
+        self._record(f"{b.name}.input", X)
+        u, post, comb = ops.hc_pre(X, *b.hc_attn, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
+        x = ops.rms_norm(u, b.attn_norm, cfg.rms_norm_eps)
+        y = self._attention(b, x, batch, cache)
+        X = ops.hc_post(y, X, post, comb)
+        u, post, comb = ops.hc_pre(X, *b.hc_ffn, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
+        x = ops.rms_norm(u, b.ffn_norm, cfg.rms_norm_eps)
+        y = self._moe(b, x, ids)
+        X = ops.hc_post(y, X, post, comb)
+        self._record(f"{b.name}.output", X)
+        return X
+
+    # ------------------------------------------------------------------ attention
+    def _attention(self, b, x, batch: StepBatch, cache: KVCache):
+        ops, cfg = self.ops, self.cfg
+        T, H, D = x.shape[0], cfg.num_attention_heads, cfg.head_dim
+        pos, inv_freq = batch.positions, self.inv_freq[b.rope]
+        lc = cache.layers[b.layer]
+
+        c_q = ops.rms_norm(self._lin(x, b.wq_a, True), b.q_norm, cfg.rms_norm_eps)
+        q = self._lin(c_q, b.wq_b, True).view(T, H, D)
+        q = ops.rope(ops.rms_norm(q, None, cfg.rms_norm_eps), pos, inv_freq)
+        kv = ops.rms_norm(self._lin(x, b.wkv, True), b.kv_norm, cfg.rms_norm_eps)
+        kv = ops.rope(kv, pos, inv_freq)
+        if self.exact:
+            kv = quant.kv_fake_quant_fp8(kv, cfg.qk_rope_head_dim)
+        self._record(f"{b.name}.attn.q", q)
+        self._record(f"{b.name}.attn.kv", kv)
+
+        comp_kv, comp_idx = None, None
+        if b.kind == CSA:
+            topk = self._indexer(b, x, c_q, batch, cache)
+            self._record(f"{b.name}.attn.indexer_topk", topk)
+        if b.kind != SLIDING:
+            entries = self._compress(b.comp, x, batch, lc.pool, lc.state_kv, lc.state_score, cache.tables[b.ratio], inv_freq)
+            self._record(f"{b.name}.attn.compressed", entries)
+            table = cache.tables[b.ratio]
+            if b.kind == CSA:
+                logical = topk
+            else:  # HCA: every complete entry the query may see
+                nvis = (pos + 1) // b.ratio
+                width = int(nvis.max()) if T else 0
+                j = torch.arange(width, device=x.device)
+                logical = torch.where(j[None, :] < nvis[:, None], j[None, :], -1)
+            comp_idx = self._entry_slots(logical, batch.tok_slot, table)
+            comp_kv = lc.pool.view(-1, D)
+
+        window_kv, window_idx = self._window(kv, lc.ring, batch, cfg.sliding_window)
+        o = ops.attention(q, window_kv, window_idx, comp_kv, comp_idx, b.sink, D ** -0.5)
+        self._write_ring(kv, lc.ring, batch, cfg.sliding_window)
+        self._record(f"{b.name}.attn.output", o)
+        o = ops.rope(o, pos, inv_freq, inverse=True)
+        return ops.grouped_out_proj(o.reshape(T, H * D), b.wo_a, b.wo_b, cfg.o_groups, act_quant=self.exact)
+
+    def _indexer(self, b, x, c_q, batch, cache):
+        """Lightning indexer of a CSA layer: top-k compressed entries per query (logical ids, -1 padded)."""
+        ops, cfg = self.ops, self.cfg
+        T, Hi, Di = x.shape[0], cfg.index_n_heads, cfg.index_head_dim
+        lc, inv_freq = cache.layers[b.layer], self.inv_freq["compress"]
+        iq = ops.rope(self._lin(c_q, b.idx.wq_b, True).view(T, Hi, Di), batch.positions, inv_freq)
+        if self.exact:
+            iq = quant.fp4_fake_quant(quant.hadamard(iq))
+        self._compress(b.idx, x, batch, lc.index_pool, lc.index_state_kv, lc.index_state_score,
+                       cache.tables[b.ratio], inv_freq)
+        w = self._lin(x.to(self.acc), b.idx.weights_proj, False) * (Di ** -0.5 * Hi ** -0.5)
+        return ops.indexer_topk(iq, w, lc.index_pool, cache.tables[b.ratio].table, batch.tok_slot,
+                                batch.positions, b.ratio, cfg.index_topk)
+
+    def _compress(self, c, x, batch, pool, state_kv, state_score, table, inv_freq):
+        xa = x.to(self.acc)  # the compressor runs in fp32 on fp32 input, as the official code does
+        kv = self.ops.linear(xa, c.wkv)
+        score = self.ops.linear(xa, c.wgate)
+        return self.ops.compress(kv, score, c.ape, c.spec, c.norm, inv_freq, state_kv, state_score,
+                                 pool, table.table, batch.seqs)
+
+    @staticmethod
+    def _entry_slots(logical: torch.Tensor, tok_slot: torch.Tensor, table) -> torch.Tensor:
+        """Logical entry ids [T, K] (-1 = none) -> rows of the flattened pool (int32, -1 kept)."""
+        bs = table.block_size
+        j = logical.long().clamp(min=0)
+        phys = table.table[tok_slot[:, None], j // bs].long() * bs + j % bs
+        return torch.where(logical >= 0, phys, -1).to(torch.int32)
+
+    @staticmethod
+    def _window(kv, ring, batch: StepBatch, W: int):
+        """Key rows of each query's window {t-W+1 .. t}: older tokens from the ring, this step's from kv."""
+        S, _, D = ring.shape
+        p = batch.positions[:, None] - torch.arange(W, device=kv.device)[None, :]  # [T, W]
+        fresh = p >= batch.tok_start[:, None]
+        from_new = S * W + batch.tok_off[:, None] + (p - batch.tok_start[:, None])
+        from_ring = batch.tok_slot[:, None] * W + p.remainder(W)
+        idx = torch.where(fresh, from_new, from_ring)
+        idx = torch.where(p >= 0, idx, -1).to(torch.int32)
+        return torch.cat([ring.view(-1, D), kv.to(ring.dtype)]), idx
+
+    @staticmethod
+    def _write_ring(kv, ring, batch: StepBatch, W: int):
+        end = batch.tok_start + batch.cu_seqlens[1:].long()[batch.tok_row] - batch.tok_off  # end position per token
+        keep = batch.positions >= end - W
+        rows = batch.tok_slot[keep] * W + batch.positions[keep] % W
+        ring.view(-1, ring.shape[-1])[rows] = kv[keep].to(ring.dtype)
+
+    # ------------------------------------------------------------------ MoE
+    def _moe(self, b, x, ids):
+        ops, cfg = self.ops, self.cfg
+        weights, experts = ops.moe_gate(x, b.gate_w, b.gate_bias, b.tid2eid, ids, cfg.num_experts_per_tok,
+                                        cfg.routed_scaling_factor)
+        self._record(f"{b.name}.ffn.route_ids", experts)
+        self._record(f"{b.name}.ffn.route_weights", weights)
+        y = ops.moe_experts(x, experts, weights, b.w1, b.w2, b.w3, b.shared, cfg.swiglu_limit, act_quant=self.exact)
+        self._record(f"{b.name}.ffn.output", y)
+        return y
+
+    # ------------------------------------------------------------------ conveniences
+    @torch.no_grad()
+    def logits(self, ids, mtp_next_ids=None):
+        """Logits at every position of one sequence from a fresh cache (one prefill)."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(-1)
+        if ids.numel() == 0:
+            raise InputError("empty prompt: give at least one token")
+        cache = self.new_cache(1, max(ids.numel(), 1))
+        slot = cache.alloc()
+        batch = StepBatch([slot], [0], [ids.numel()], self.device)
+        out, mtp = self.forward(ids, batch, cache, "all", mtp_next_ids)
+        return out if mtp_next_ids is None else (out, mtp)

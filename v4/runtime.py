@@ -1,0 +1,72 @@
+"""Put a model together: config + runtime selection + weights + backend ops."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, RuntimeConfig, build_runtime, load_config_file
+from .errors import ConfigError
+from .model import Transformer
+from .tokenizer import load_tokenizer
+
+log = logging.getLogger("dsv4")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class Loaded:
+    model: Transformer
+    cfg: ModelConfig
+    runtime: RuntimeConfig
+    tokenizer: object
+    checkpoint: str | None
+
+
+def resolve(checkpoint: str | None, config: str | None, runtime_file: str | None = None,
+            overrides: dict | None = None) -> tuple[ModelConfig, RuntimeConfig]:
+    """Model config from the checkpoint or --config; runtime from the YAMLs, then CLI, then env."""
+    if checkpoint is None and config is None:
+        raise ConfigError("give --checkpoint DIR or --config NAME|FILE (e.g. --config tiny)")
+    cfg, rt = None, {}
+    if config is not None:
+        cfg, rt = load_config_file(config)
+    if runtime_file is not None:
+        _, rt2 = load_config_file(runtime_file)
+        rt.update(rt2)
+    if checkpoint is not None:
+        p = Path(checkpoint)
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"{p}: no config.json; a checkpoint directory holds config.json and *.safetensors")
+        ck_cfg, _ = load_config_file(str(p / "config.json"))
+        cfg = ck_cfg if cfg is None else cfg
+    if cfg is None:
+        raise ConfigError(f"{config}: this file has no 'model:' section; pass a model config (tiny, small, v4-flash, ...) or --checkpoint")
+    return cfg, build_runtime(rt, overrides)
+
+
+def load(checkpoint: str | None = None, config: str | None = None, runtime_file: str | None = None,
+         overrides: dict | None = None, seed: int = 0, progress: bool = True) -> Loaded:
+    import backends
+    from . import weights as W
+
+    cfg, rt = resolve(checkpoint, config, runtime_file, overrides)
+    ops = backends.get_ops(rt.backend, rt.device, rt.allow_fallback, rt.mode, rt.dtype)
+    if checkpoint is not None:
+        cfg, tensors = W.load_checkpoint(checkpoint, cfg, progress=progress)
+    else:
+        log.info("no checkpoint given: seeded random weights (seed %d) for config '%s'", seed, cfg.name)
+        tensors = random_weights(cfg, seed)
+    model = Transformer(cfg, tensors, ops, DTYPES[rt.dtype], rt.mode)
+    return Loaded(model, cfg, rt, load_tokenizer(cfg, checkpoint), checkpoint)
+
+
+def random_weights(cfg: ModelConfig, seed: int = 0) -> dict:
+    """The seeded fp32 weights `dsv4 init --quant fp32 --seed S` would write, built in memory."""
+    from .weights import expected_tensors, init_tensor
+
+    return {name: init_tensor(name, spec, cfg, seed) for name, spec in expected_tensors(cfg).items()}
