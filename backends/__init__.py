@@ -33,6 +33,9 @@ OP_NAMES = (
     "grouped_out_proj",
 )
 
+# Helpers that travel with an op when it is filled from reference (the weight form must match).
+OP_COMPANIONS = {"linear": ("prepare_linear",)}
+
 # `auto` tries these in order.
 AUTO_ORDER = ("cuda", "ascend", "reference")
 
@@ -74,7 +77,10 @@ def probe(name: str) -> BackendInfo:
         mod = importlib.import_module(_REGISTRY[name].module)
     except Exception as e:  # noqa: BLE001 - any import failure is a reason, not a crash
         return BackendInfo(name, "?", False, f"cannot import {_REGISTRY[name].module}: {e}", frozenset(), (), ())
-    return mod.probe()
+    try:
+        return mod.probe()
+    except Exception as e:  # noqa: BLE001
+        return BackendInfo(name, "?", False, f"{_REGISTRY[name].module}.probe() failed: {e}", frozenset(), (), ())
 
 
 def resolve(name: str) -> str:
@@ -126,6 +132,8 @@ def get_ops(name: str = "auto", device: str | None = None, allow_fallback: bool 
         ref = importlib.import_module("backends.reference").make_ops(native.device)
         for op in missing:
             setattr(native, op, getattr(ref, op))
+            for extra in OP_COMPANIONS.get(op, ()):
+                setattr(native, extra, getattr(ref, extra))
     native.impl = {op: (chosen if op in info.ops else "reference") for op in OP_NAMES}
     native.fallback = tuple(missing) if chosen != "reference" else ()
     return native

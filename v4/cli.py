@@ -109,7 +109,8 @@ def cmd_info(a) -> int:
     print(f"layers: {n['sliding']} sliding, {n['csa']} CSA (ratio 4 + indexer top-{cfg.index_topk}), "
           f"{n['hca']} HCA (ratio {cfg.hca_ratio}), {cfg.num_nextn_predict_layers} MTP; window {cfg.sliding_window}")
     p = info["params"]
-    print(f"parameters: {p['total'] / 1e9:.3f} B total, {p['active'] / 1e9:.3f} B active per token")
+    print(f"parameters: {p['total'] / 1e9:.3f} B total, {p['active'] / 1e9:.3f} B active per token "
+          f"(+ {p['mtp'] / 1e9:.3f} B in the MTP block)")
     for title, c in (("this cache", ours), ("FP8 layout", prod)):
         pl = c["per_layer"]
         print(f"KV cache, {title}: entry {c['entry_bytes']} B, indexer key {c['index_bytes']} B; per context token: "
@@ -127,18 +128,18 @@ def _fmt_cache(c):
 def _param_count(cfg) -> dict:
     from .weights import expected_tensors
 
-    total = active = 0
+    total = active = mtp = 0
     k, E = cfg.num_experts_per_tok, cfg.n_routed_experts
     for name, spec in expected_tensors(cfg).items():
         n = 1
         for s in spec.shape:
             n *= s
+        if name.startswith("mtp."):  # the published totals (284B / 1.6T) leave the MTP block out
+            mtp += n
+            continue
         total += n
-        if ".experts." in name:
-            active += n * k / E
-        elif not name.startswith("mtp."):
-            active += n
-    return {"total": int(total), "active": int(active)}
+        active += n * k / E if ".experts." in name else n
+    return {"total": int(total), "active": int(active), "mtp": int(mtp)}
 
 
 def cmd_backends(a) -> int:

@@ -10,11 +10,18 @@ import importlib.util
 import os
 
 
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # an import hook that refuses the package counts as absent
+        return False
+
+
 def probe():
     from backends import BackendInfo
 
     reasons = []
-    if importlib.util.find_spec("torch_npu") is None:
+    if not _installed("torch_npu"):
         reasons.append("torch_npu is not installed (pip install 'dsv4[ascend]' on a machine with CANN 8.5+)")
     if not os.environ.get("ASCEND_HOME_PATH") and not os.environ.get("ASCEND_TOOLKIT_HOME"):
         reasons.append("CANN is not set up (source /usr/local/Ascend/ascend-toolkit/set_env.sh)")

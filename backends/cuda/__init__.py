@@ -9,11 +9,18 @@ from __future__ import annotations
 import importlib.util
 
 
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # an import hook that refuses the package counts as absent
+        return False
+
+
 def probe():
     from backends import BackendInfo
 
     reasons = []
-    if importlib.util.find_spec("triton") is None:
+    if not _installed("triton"):
         reasons.append("triton is not installed (pip install triton)")
     try:
         import torch

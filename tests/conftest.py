@@ -1,0 +1,19 @@
+import os
+
+os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
+
+import pytest
+import torch
+
+from v4.config import load_config_file
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    cfg, _ = load_config_file("tiny")
+    return cfg
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |b| (logits: the largest logit sets the scale)."""
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30))
