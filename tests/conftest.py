@@ -17,3 +17,8 @@ def tiny_cfg():
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| relative to max |b| (logits: the largest logit sets the scale)."""
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30))
+
+
+# The test models are tiny: one thread beats two (no spin-wait handoffs), and a busy machine
+# cannot oversubscribe the cores.
+torch.set_num_threads(1)
