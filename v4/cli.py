@@ -184,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--json", action="store_true")
     n.set_defaults(fn=cmd_info)
 
+    try:
+        from parity.cli import add_parser as add_parity
+    except ImportError:  # parity is optional at import time; its absence must not break the core CLI
+        add_parity = None
+    if add_parity is not None:
+        add_parity(sub)
+
     b = sub.add_parser("backends", help="backends x ops x availability")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_backends)

@@ -280,8 +280,14 @@ class Transformer:
         self._compress(b.idx, x, batch, lc.index_pool, lc.index_state_kv, lc.index_state_score,
                        cache.tables[b.ratio], inv_freq)
         w = self._lin(x.to(self.acc), b.idx.weights_proj, False) * (Di ** -0.5 * Hi ** -0.5)
-        return ops.indexer_topk(iq, w, lc.index_pool, cache.tables[b.ratio].table, batch.tok_slot,
-                                batch.positions, b.ratio, cfg.index_topk)
+        table = cache.tables[b.ratio]
+        topk = ops.indexer_topk(iq, w, lc.index_pool, table.table, batch.tok_slot, batch.positions, b.ratio, cfg.index_topk)
+        if self.hook is not None:
+            # The scores of the picks let parity treat entries tied at the top-k cut as interchangeable.
+            keys = lc.index_pool.view(-1, Di)[self._entry_slots(topk, batch.tok_slot, table).long().clamp(min=0)]
+            s = (torch.relu(torch.einsum("thd,tkd->thk", iq.to(self.acc), keys.to(self.acc))) * w.unsqueeze(-1)).sum(1)
+            self._record(f"{b.name}.attn.indexer_scores", s.masked_fill(topk < 0, float("-inf")))
+        return topk
 
     def _compress(self, c, x, batch, pool, state_kv, state_score, table, inv_freq):
         xa = x.to(self.acc)  # the compressor runs in fp32 on fp32 input, as the official code does
