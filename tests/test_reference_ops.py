@@ -228,13 +228,31 @@ def test_moe_experts_clamped_swiglu_weight_before_w2():
     g = 0.7
     a = torch.tensor([silu(10.0) * -10.0 * g, silu(-1.0) * 4.0 * g], dtype=D64)
     expect = w2[0] @ a
+    w13 = torch.cat([w1, w3], dim=1)
     out = ops.moe_experts(x, torch.tensor([[0]], dtype=torch.int32), torch.tensor([[g]], dtype=D64),
-                          w1, w2, w3, None, limit=10.0)
+                          w13, w2, None, limit=10.0)
     torch.testing.assert_close(out[0], expect)
     # shared expert: same clamp, no routing weight
     out2 = ops.moe_experts(x, torch.tensor([[0]], dtype=torch.int32), torch.tensor([[0.0]], dtype=D64),
-                           w1, w2, w3, (w1[0], w2[0], w3[0]), limit=10.0)
+                           w13, w2, (w13[0], w2[0]), limit=10.0)
     torch.testing.assert_close(out2[0], expect / g)
+
+
+def test_moe_experts_sum_over_picks_of_several_tokens():
+    g = torch.Generator().manual_seed(0)
+    T, k, E, D, I = 5, 2, 3, 4, 3
+    x = torch.randn(T, D, generator=g, dtype=D64)
+    w13, w2 = torch.randn(E, 2 * I, D, generator=g, dtype=D64), torch.randn(E, D, I, generator=g, dtype=D64)
+    ids = torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1], [2, 0]], dtype=torch.int32)
+    wts = torch.rand(T, k, generator=g, dtype=D64)
+    out = ops.moe_experts(x, ids, wts, w13, w2, None, limit=1.5)
+    for t in range(T):
+        ref = torch.zeros(D, dtype=D64)
+        for j in range(k):
+            e = int(ids[t, j])
+            h1, h3 = w13[e, :I] @ x[t], w13[e, I:] @ x[t]
+            ref += w2[e] @ (torch.nn.functional.silu(h1.clamp(max=1.5)) * h3.clamp(-1.5, 1.5) * wts[t, j])
+        torch.testing.assert_close(out[t], ref)
 
 
 def test_grouped_out_proj_is_block_diagonal_then_dense():

@@ -57,6 +57,13 @@ class StepBatch:
         self.positions = self.tok_start + torch.arange(self.num_tokens, device=dev) - self.tok_off
         self.seqs = list(zip(self.slots, self.starts, self.lens, self.offsets[:-1]))
         self.last_token = torch.tensor([o + n - 1 for o, n in zip(self.offsets[:-1], self.lens)], device=dev)
+        self._memo = {}
+
+    def memo(self, key, build):
+        """Index tensors that depend only on the batch layout are built once per step, not per layer."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
 
 class Transformer:
@@ -147,14 +154,14 @@ class Transformer:
         is_hash = layer < cfg.num_hidden_layers and cfg.is_hash_layer(layer)
         b.gate_bias = None if is_hash else self._float(f + "gate.bias", a)
         b.tid2eid = self._take(f + "gate.tid2eid").to(self.device, torch.long) if is_hash else None
-        E = cfg.n_routed_experts
-        b.w1 = torch.stack([self._linear(f"{f}experts.{e}.w1.weight") for e in range(E)])
-        b.w2 = torch.stack([self._linear(f"{f}experts.{e}.w2.weight") for e in range(E)])
-        b.w3 = torch.stack([self._linear(f"{f}experts.{e}.w3.weight") for e in range(E)])
+        # experts as one gate/up matrix [W1; W3] per expert, stacked: [E, 2I, D] and W2 [E, D, I]
+        ex = [f"{f}experts.{e}." for e in range(cfg.n_routed_experts)]
+        b.w13 = torch.stack([torch.cat([self._linear(e + "w1.weight"), self._linear(e + "w3.weight")]) for e in ex])
+        b.w2 = torch.stack([self._linear(e + "w2.weight") for e in ex])
         b.shared = None
         if cfg.n_shared_experts:
             s = f + "shared_experts."
-            b.shared = (self._linear(s + "w1.weight"), self._linear(s + "w2.weight"), self._linear(s + "w3.weight"))
+            b.shared = (torch.cat([self._linear(s + "w1.weight"), self._linear(s + "w3.weight")]), self._linear(s + "w2.weight"))
         return b
 
     # ------------------------------------------------------------------ helpers
@@ -253,13 +260,9 @@ class Transformer:
             self._record(f"{b.name}.attn.compressed", entries)
             table = cache.tables[b.ratio]
             if b.kind == CSA:
-                logical = topk
-            else:  # HCA: every complete entry the query may see
-                nvis = (pos + 1) // b.ratio
-                width = int(nvis.max()) if T else 0
-                j = torch.arange(width, device=x.device)
-                logical = torch.where(j[None, :] < nvis[:, None], j[None, :], -1)
-            comp_idx = self._entry_slots(logical, batch.tok_slot, table)
+                comp_idx = self._entry_slots(topk, batch.tok_slot, table)
+            else:  # HCA: every complete entry the query may see (the same for every HCA layer)
+                comp_idx = batch.memo(("hca_idx", b.ratio), lambda: self._hca_slots(batch, b.ratio, table))
             comp_kv = lc.pool.view(-1, D)
 
         window_kv, window_idx = self._window(kv, lc.ring, batch, cfg.sliding_window)
@@ -296,6 +299,13 @@ class Transformer:
         return self.ops.compress(kv, score, c.ape, c.spec, c.norm, inv_freq, state_kv, state_score,
                                  pool, table.table, batch.seqs)
 
+    @classmethod
+    def _hca_slots(cls, batch: StepBatch, ratio: int, table) -> torch.Tensor:
+        nvis = (batch.positions + 1) // ratio
+        width = int(nvis.max()) if batch.num_tokens else 0
+        j = torch.arange(width, device=batch.device)
+        return cls._entry_slots(torch.where(j[None, :] < nvis[:, None], j[None, :], -1), batch.tok_slot, table)
+
     @staticmethod
     def _entry_slots(logical: torch.Tensor, tok_slot: torch.Tensor, table) -> torch.Tensor:
         """Logical entry ids [T, K] (-1 = none) -> rows of the flattened pool (int32, -1 kept)."""
@@ -308,20 +318,28 @@ class Transformer:
     def _window(kv, ring, batch: StepBatch, W: int):
         """Key rows of each query's window {t-W+1 .. t}: older tokens from the ring, this step's from kv."""
         S, _, D = ring.shape
-        p = batch.positions[:, None] - torch.arange(W, device=kv.device)[None, :]  # [T, W]
+        idx = batch.memo("window_idx", lambda: Transformer._window_idx(batch, S, W))
+        return torch.cat([ring.view(-1, D), kv.to(ring.dtype)]), idx
+
+    @staticmethod
+    def _window_idx(batch: StepBatch, S: int, W: int) -> torch.Tensor:
+        """Rows of cat([ring.view(-1, D), new kv]) per query, -1 before position 0 (same for every layer)."""
+        p = batch.positions[:, None] - torch.arange(W, device=batch.device)[None, :]  # [T, W]
         fresh = p >= batch.tok_start[:, None]
         from_new = S * W + batch.tok_off[:, None] + (p - batch.tok_start[:, None])
         from_ring = batch.tok_slot[:, None] * W + p.remainder(W)
         idx = torch.where(fresh, from_new, from_ring)
-        idx = torch.where(p >= 0, idx, -1).to(torch.int32)
-        return torch.cat([ring.view(-1, D), kv.to(ring.dtype)]), idx
+        return torch.where(p >= 0, idx, -1).to(torch.int32)
 
     @staticmethod
     def _write_ring(kv, ring, batch: StepBatch, W: int):
-        end = batch.tok_start + batch.cu_seqlens[1:].long()[batch.tok_row] - batch.tok_off  # end position per token
-        keep = batch.positions >= end - W
-        rows = batch.tok_slot[keep] * W + batch.positions[keep] % W
-        ring.view(-1, ring.shape[-1])[rows] = kv[keep].to(ring.dtype)
+        def rows():
+            end = batch.tok_start + batch.cu_seqlens[1:].long()[batch.tok_row] - batch.tok_off  # end per token
+            keep = batch.positions >= end - W  # only the last W tokens of each sequence stay
+            return keep, batch.tok_slot[keep] * W + batch.positions[keep] % W
+
+        keep, at = batch.memo("ring_rows", rows)
+        ring.view(-1, ring.shape[-1])[at] = kv[keep].to(ring.dtype)
 
     # ------------------------------------------------------------------ MoE
     def _moe(self, b, x, ids):
@@ -330,7 +348,7 @@ class Transformer:
                                         cfg.routed_scaling_factor)
         self._record(f"{b.name}.ffn.route_ids", experts)
         self._record(f"{b.name}.ffn.route_weights", weights)
-        y = ops.moe_experts(x, experts, weights, b.w1, b.w2, b.w3, b.shared, cfg.swiglu_limit, act_quant=self.exact)
+        y = ops.moe_experts(x, experts, weights, b.w13, b.w2, b.shared, cfg.swiglu_limit, act_quant=self.exact)
         self._record(f"{b.name}.ffn.output", y)
         return y
 

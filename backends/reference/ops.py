@@ -25,6 +25,29 @@ def acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """Column-normalise, then (iters - 1) x (row, column) normalisations, each `M / (sum + eps)`."""
+    if comb.device.type == "cpu":
+        # same arithmetic in numpy: the 4x4 matrices make this loop pure per-op overhead, which is
+        # several times lower in numpy than in torch's dispatcher (decode runs it twice per layer)
+        c = comb.numpy().copy()
+        c /= c.sum(-2, keepdims=True) + eps
+        for _ in range(iters - 1):
+            c /= c.sum(-1, keepdims=True) + eps
+            c /= c.sum(-2, keepdims=True) + eps
+        return torch.from_numpy(c)
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return comb
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # `.to` of a tensor already in `dtype` still costs a dispatch; decode makes hundreds per token
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 @dataclass
 class CompressSpec:
     """Static description of one compressor instance."""
@@ -42,6 +65,9 @@ class ReferenceOps:
 
     def __init__(self, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
+        # cos/sin of the last (positions, inv_freq) pairs: every layer of a step rotates at the
+        # same positions, so the tables are computed once per step and rope type
+        self._rope_tables: list = []
 
     # ------------------------------------------------------------------ weights
     def prepare_linear(self, w, dtype: torch.dtype):
@@ -54,11 +80,11 @@ class ReferenceOps:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
         """`w * x / sqrt(mean(x^2) + eps)` over the last dim; weight None = unweighted."""
         a = acc(x.dtype)
-        xf = x.to(a)
+        xf = _as(x, a)
         y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
         if weight is not None:
-            y = weight.to(a) * y
-        return y.to(x.dtype)
+            y = _as(weight, a) * y
+        return _as(y, x.dtype)
 
     def rope(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """Interleaved rotary embedding on the LAST 2*len(inv_freq) dims of x.
@@ -68,37 +94,48 @@ class ReferenceOps:
         """
         r = 2 * inv_freq.numel()
         a = acc(x.dtype)
-        ang = positions.to(a)[:, None] * inv_freq.to(a)[None, :]  # [T, r/2]
+        cos, sin = self._rope_table(positions, inv_freq, a)
         if inverse:
-            ang = -ang
+            sin = -sin
         shape = [x.shape[0]] + [1] * (x.dim() - 2) + [r // 2]
-        cos, sin = ang.cos().view(shape), ang.sin().view(shape)
-        nope, rot = x[..., :-r], x[..., -r:].to(a)
+        cos, sin = cos.view(shape), sin.view(shape)
+        rot = _as(x[..., -r:], a)
         even, odd = rot[..., 0::2], rot[..., 1::2]
-        out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
-        return torch.cat([nope, out.to(x.dtype)], dim=-1)
+        out = x.clone()
+        out[..., -r:] = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+        return out
+
+    def _rope_table(self, positions, inv_freq, a):
+        for pos, inv, dt, cos, sin in self._rope_tables:
+            if pos is positions and inv is inv_freq and dt == a:
+                return cos, sin
+        ang = _as(positions, a)[:, None] * _as(inv_freq, a)[None, :]  # [T, r/2]
+        cos, sin = ang.cos(), ang.sin()
+        # keep references to the keys so their ids cannot be reused while cached
+        self._rope_tables = ([(positions, inv_freq, a, cos, sin)] + self._rope_tables)[:4]
+        return cos, sin
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, act_quant: bool = False) -> torch.Tensor:
         """y = x W^T with W prepared by `prepare_linear`; act_quant = FP8 activations (exact mode)."""
         if act_quant:
             x = quant.act_quant_fp8(x)
-        return F.linear(x.to(w.dtype), w)
+        return F.linear(_as(x, w.dtype), w)
 
     def grouped_out_proj(self, o: torch.Tensor, wo_a: torch.Tensor, wo_b: torch.Tensor, groups: int,
                          act_quant: bool = False) -> torch.Tensor:
         """o: [T, H*d]. Head group g (contiguous heads) -> wo_a[g] (rank R) -> concat -> wo_b."""
         T = o.shape[0]
-        og = o.view(T, groups, -1)
+        og = _as(o, wo_a.dtype).view(T, groups, -1).transpose(0, 1)  # [G, T, H*d/G]
         wa = wo_a.view(groups, -1, og.shape[-1])  # [G, R, H*d/G]
-        z = torch.einsum("tgi,gri->tgr", og.to(wa.dtype), wa).reshape(T, -1)
+        z = torch.bmm(og, wa.transpose(1, 2)).transpose(0, 1).reshape(T, -1)
         return self.linear(z, wo_b, act_quant)
 
     # ------------------------------------------------------------------ mHC
     def _hc_mix(self, X: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
         a = acc(X.dtype)
-        flat = X.reshape(X.shape[0], -1).to(a)
+        flat = _as(X.reshape(X.shape[0], -1), a)
         flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
-        return flat @ fn.to(a).t()
+        return flat @ _as(fn, a).t()
 
     def hc_pre(self, X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
                sinkhorn_iters: int, hc_eps: float, norm_eps: float):
@@ -106,30 +143,26 @@ class ReferenceOps:
         n = X.shape[1]
         a = acc(X.dtype)
         m = self._hc_mix(X, fn, norm_eps)
-        base, scale = base.to(a), scale.to(a)
+        base, scale = _as(base, a), _as(scale, a)
         pre = torch.sigmoid(m[:, :n] * scale[0] + base[:n]) + hc_eps
         post = 2 * torch.sigmoid(m[:, n:2 * n] * scale[1] + base[n:2 * n])
         logits = (m[:, 2 * n:] * scale[2] + base[2 * n:]).view(-1, n, n)
-        comb = torch.softmax(logits, dim=-1) + hc_eps
-        comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
-        for _ in range(sinkhorn_iters - 1):
-            comb = comb / (comb.sum(-1, keepdim=True) + hc_eps)
-            comb = comb / (comb.sum(-2, keepdim=True) + hc_eps)
-        u = (pre.unsqueeze(-1) * X.to(a)).sum(1).to(X.dtype)
+        comb = _sinkhorn(torch.softmax(logits, dim=-1) + hc_eps, sinkhorn_iters, hc_eps)
+        u = _as(torch.bmm(pre.unsqueeze(1), _as(X, a)).squeeze(1), X.dtype)
         return u, post, comb
 
     def hc_post(self, y: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """X'_k = post_k * y + sum_j comb[j, k] X_j  (streams mix through comb transposed)."""
         a = acc(X.dtype)
-        mixed = torch.einsum("tjk,tjd->tkd", comb.to(a), X.to(a))
-        return (post.to(a).unsqueeze(-1) * y.to(a).unsqueeze(1) + mixed).to(X.dtype)
+        mixed = torch.bmm(_as(comb, a).transpose(1, 2), _as(X, a))
+        return _as(torch.baddbmm(mixed, _as(post, a).unsqueeze(-1), _as(y, a).unsqueeze(1)), X.dtype)
 
     def hc_head(self, X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
                 hc_eps: float, norm_eps: float) -> torch.Tensor:
         a = acc(X.dtype)
         m = self._hc_mix(X, fn, norm_eps)
-        pre = torch.sigmoid(m * scale.to(a)[0] + base.to(a)) + hc_eps
-        return (pre.unsqueeze(-1) * X.to(a)).sum(1).to(X.dtype)
+        pre = torch.sigmoid(m * _as(scale, a)[0] + _as(base, a)) + hc_eps
+        return _as(torch.bmm(pre.unsqueeze(1), _as(X, a)).squeeze(1), X.dtype)
 
     # ------------------------------------------------------------------ compression
     def compress(self, kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, spec: CompressSpec,
@@ -259,13 +292,13 @@ class ReferenceOps:
             for idx, src in zip(idx_parts, kv_parts):
                 keys.append(src[idx.clamp(min=0).long()])  # [t, K, d]
                 valid.append(idx >= 0)
-            k = torch.cat(keys, 1).to(a)
+            k = _as(torch.cat(keys, 1), a)
             ok = torch.cat(valid, 1)
-            logits = torch.einsum("thd,tkd->thk", q[s:e].to(a), k) * scale
+            logits = torch.bmm(_as(q[s:e], a), k.transpose(1, 2)) * scale  # [t, H, K]
             logits = logits.masked_fill(~ok[:, None, :], float("-inf"))
-            sink_col = sink.to(a).view(1, H, 1).expand(e - s, H, 1)
+            sink_col = _as(sink, a).view(1, H, 1).expand(e - s, H, 1)
             p = torch.softmax(torch.cat([logits, sink_col], -1), dim=-1)[..., :-1]
-            out[s:e] = torch.einsum("thk,tkd->thd", p, k).to(q.dtype)
+            out[s:e] = _as(torch.bmm(p, k), q.dtype)
         return out
 
     # ------------------------------------------------------------------ MoE
@@ -286,34 +319,43 @@ class ReferenceOps:
         g = g / g.sum(-1, keepdim=True) * route_scale
         return g, ids.to(torch.int32)
 
-    def _swiglu(self, x, w1, w3, limit, a):
-        h1 = (x @ w1.t()).to(a).clamp(max=limit)
-        h3 = (x @ w3.t()).to(a).clamp(min=-limit, max=limit)
-        return F.silu(h1) * h3
+    def _swiglu(self, x, w13, limit, a):
+        """silu(min(x W1^T, L)) * clamp(x W3^T, -L, L) with W13 = [W1; W3] stacked by rows."""
+        h1, h3 = _as(x @ w13.t(), a).chunk(2, dim=-1)
+        return F.silu(h1.clamp(max=limit)) * h3.clamp(min=-limit, max=limit)
 
     def moe_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                    w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                    shared: tuple | None, limit: float, act_quant: bool = False) -> torch.Tensor:
+                    w13: torch.Tensor, w2: torch.Tensor, shared: tuple | None, limit: float,
+                    act_quant: bool = False) -> torch.Tensor:
         """Routed experts (clamped SwiGLU, routing weight applied before W2) plus the shared expert.
 
-        x: [T, D]; ids/weights: [T, k]; w1, w3: [E, I, D]; w2: [E, D, I]; shared: (w1, w2, w3) or None.
+        x: [T, D]; ids/weights: [T, k]; w13: [E, 2I, D] (W1 rows, then W3 rows); w2: [E, D, I];
+        shared: (w13 [2I, D], w2 [D, I]) or None. Output in x's dtype, summed in acc dtype.
         """
         a = acc(x.dtype)
+        k = ids.shape[1]
         xin = quant.act_quant_fp8(x) if act_quant else x
         y = torch.zeros(x.shape[0], w2.shape[1], dtype=a, device=x.device)
-        flat_ids = ids.long().view(-1)
-        for e in flat_ids.unique().tolist():
-            tok, kk = (ids.long() == e).nonzero(as_tuple=True)
-            xe = xin[tok].to(w1.dtype)
-            h = self._swiglu(xe, w1[e], w3[e], limit, a) * weights[tok, kk].to(a).unsqueeze(-1)
-            h = h.to(x.dtype)
+        flat = ids.reshape(-1).long()
+        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+        route_w = weights.reshape(-1)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            pairs = order[start:start + n]
+            start += n
+            tok = pairs // k
+            h = self._swiglu(_as(xin[tok], w13.dtype), w13[e], limit, a) * _as(route_w[pairs], a).unsqueeze(-1)
+            h = _as(h, x.dtype)
             if act_quant:
                 h = quant.act_quant_fp8(h)
-            y.index_add_(0, tok, (h.to(w2.dtype) @ w2[e].t()).to(a))
+            y.index_add_(0, tok, _as(_as(h, w2.dtype) @ w2[e].t(), a))
         if shared is not None:
-            s1, s2, s3 = shared
-            h = self._swiglu(xin.to(s1.dtype), s1, s3, limit, a).to(x.dtype)
+            s13, s2 = shared
+            h = _as(self._swiglu(_as(xin, s13.dtype), s13, limit, a), x.dtype)
             if act_quant:
                 h = quant.act_quant_fp8(h)
-            y = y + (h.to(s2.dtype) @ s2.t()).to(a)
-        return y.to(x.dtype)
+            y += _as(_as(h, s2.dtype) @ s2.t(), a)
+        return _as(y, x.dtype)
