@@ -54,7 +54,7 @@ def log(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- setup
-def build_models(config: str, seed: int, tmp: str):
+def build_models(config: str, seed: int, tmp: str, dtype: str = "float32"):
     import backends
     from tests.hf_oracle import build
     from v4.config import load_config_file
@@ -64,9 +64,16 @@ def build_models(config: str, seed: int, tmp: str):
     cfg, _ = load_config_file(config)
     t0 = time.perf_counter()
     hf = build(cfg, tmp, seed=seed)
+    dt = getattr(torch, dtype)
+    if dt != torch.float32:
+        # reload through from_pretrained so transformers keeps its fp32-by-design modules in fp32
+        from transformers import DeepseekV4ForCausalLM
+
+        hf = DeepseekV4ForCausalLM.from_pretrained(tmp, dtype=dt).eval()
+        hf.config._attn_implementation = "eager"
     t1 = time.perf_counter()
     our_cfg, w = load_checkpoint(tmp, progress=False)
-    ours = Transformer(our_cfg, w, backends.get_ops("reference"), torch.float32, "plain")
+    ours = Transformer(our_cfg, w, backends.get_ops("reference"), dt, "plain")
     t2 = time.perf_counter()
     n_params = sum(p.numel() for p in hf.parameters())
     log(f"model '{cfg.name}': {n_params / 1e6:.1f}M params; transformers build+save {t1 - t0:.1f}s, "
@@ -326,6 +333,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="untimed decode steps before the timed ones (default 2)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
     ap.add_argument("--seed", type=int, default=0, help="weights and prompt seed")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="working dtype of both implementations (same checkpoint)")
     ap.add_argument("--ours-chunk", type=int, default=1024, help="our prefill chunk in tokens (0 = whole prompt)")
     ap.add_argument("--hf-chunk", type=int, default=512,
                     help="transformers prefill chunk in tokens (0 = whole prompt; its eager attention is dense "
@@ -347,11 +356,11 @@ def main(argv=None) -> int:
     log(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
         f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory(prefix="dsv4_bench_") as tmp:
-        hf, ours = build_models(args.config, args.seed, tmp)
+        hf, ours = build_models(args.config, args.seed, tmp, args.dtype)
     import transformers
 
     log(f"transformers {transformers.__version__} (attn '{hf.config._attn_implementation}'), "
-        f"ours: reference backend, float32, plain")
+        f"ours: reference backend, {args.dtype}, plain")
 
     if args.profile is not None:
         del hf
