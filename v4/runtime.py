@@ -57,7 +57,7 @@ def load(checkpoint: str | None = None, config: str | None = None, runtime_file:
     cfg, rt = resolve(checkpoint, config, runtime_file, overrides)
     ops = backends.get_ops(rt.backend, rt.device, rt.allow_fallback, rt.mode, rt.dtype)
     if checkpoint is not None:
-        cfg, tensors = W.load_checkpoint(checkpoint, cfg, progress=progress)
+        cfg, tensors = W.load_checkpoint(checkpoint, cfg, progress=progress, device=ops.device)
     else:
         log.info("no checkpoint given: seeded random weights (seed %d) for config '%s'", seed, cfg.name)
         tensors = random_weights(cfg, seed)

@@ -416,9 +416,12 @@ def _check_float(name: str, file: str, dtype: str, allowed=FLOAT_DTYPES, what: s
 
 
 def load_checkpoint(
-    path, cfg: ModelConfig | None = None, progress: bool = True
+    path, cfg: ModelConfig | None = None, progress: bool = True, device: str | torch.device = "cpu"
 ) -> tuple[ModelConfig, dict[str, torch.Tensor | QuantizedWeight]]:
     """Load a safetensors checkpoint directory into {official name: Tensor | QuantizedWeight}.
+
+    With an accelerator `device`, each tensor goes there as soon as it is read, so host RAM holds
+    one tensor at a time rather than the checkpoint.
 
     All headers are checked against `expected_tensors(cfg)` before any data is read; then the shards
     are streamed one tensor at a time. Returns the config actually used (MTP dropped when the
@@ -610,7 +613,7 @@ def load_checkpoint(
                 continue
             pbar.set_postfix_str(fpath.name, refresh=False)
             try:
-                handle = safe_open(str(fpath), framework="pt", device="cpu")
+                handle = safe_open(str(fpath), framework="pt", device=str(device))
             except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
                 raise CheckpointError(f"{fpath}: cannot open shard ({e.__class__.__name__}: {e}); the shard is corrupt, re-download it") from None
             with handle as fh:
