@@ -50,6 +50,7 @@ class BackendInfo:
     dtypes: tuple
     modes: tuple
     notes: str = ""
+    auto: bool = True  # may `auto` pick it (False for check-only modes such as Triton's interpreter)
 
 
 @dataclass
@@ -87,7 +88,8 @@ def resolve(name: str) -> str:
     """`auto` -> the first available of cuda, ascend, reference; a named backend must be available."""
     if name == "auto":
         for cand in AUTO_ORDER:
-            if probe(cand).available:
+            info = probe(cand)
+            if info.available and info.auto:
                 return cand
         return "reference"
     info = probe(name)
