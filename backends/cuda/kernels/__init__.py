@@ -1,0 +1,1 @@
+"""Triton kernels of the CUDA backend (also run in Triton's interpreter on CPU with TRITON_INTERPRET=1)."""

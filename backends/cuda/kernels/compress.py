@@ -1,0 +1,344 @@
+"""Compressor (CSA ratio 4 overlapping, HCA / plain ratio m) as Triton kernels (reference: `ReferenceOps.compress`).
+
+Each call folds the packed new tokens of every sequence into that sequence's compressor state and
+emits every entry whose window closed (spec §2.6, §3.2). Two kernels per call, one program row per
+emitted entry; the host only does integer bookkeeping on the Python ints of `seqs`:
+
+1. `_compress_pool_kernel`, one program per (entry, block of BLOCK_C channels): gathers the entry's
+   candidate rows -- for the overlapping compressor the first channel half of window w-1 and the
+   second half of window w (2m candidates per channel), else the m rows of window w -- each from
+   the state buffer (the previous window, rows [0, m); the tokens of window w0 that arrived in
+   earlier calls, rows [cur, cur + have)) or from the packed new tokens (whose score gets
+   ape[position mod m] added on load). Softmax over the candidates per channel in the
+   accumulator dtype, online in chunks of BLOCK_R rows (a single chunk for m = 4), then the
+   softmax-weighted sum -> pooled [E, c] scratch.
+2. `_compress_finish_kernel`, one program per entry (the whole row in registers): cast to the
+   pool dtype, RMSNorm over c, interleaved RoPE of the last 2 * len(inv_freq) dims at position w*m,
+   then the exact-mode fake quant in-kernel: "fp8" = e4m3 with one power-of-two scale per 64 nope
+   dims (v4.quant.kv_fake_quant_fp8), "fp4" = Sylvester Hadamard over the row (the same butterfly
+   order as v4.quant.hadamard, so it is bit-identical) then e2m1 with one power-of-two scale per 32
+   (v4.quant.fp4_fake_quant). Scales are built from exponent bits, rounding to the e4m3 / e2m1 grid
+   is round-to-nearest-even done with exact integer/float steps (no fast-math dependence). The row
+   is written to the pool row given by the block table and to the returned [E, c] tensor.
+
+Torch glue: the state update after the pool kernel has read the state (tokens of the last complete
+window -> rows [0, m) for the overlapping compressor; the leftover tokens of the open window ->
+rows [cur, ...)), as a few batched index_put ops whose indices come from one host->device copy;
+the only per-sequence Python is integer arithmetic on `seqs`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+_TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_QUANT = {"none": 0, "fp8": 1, "fp4": 2}
+_FP8_BLOCK, _FP4_BLOCK = 64, 32
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ---------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _compress_pool_kernel(kv_ptr, z_ptr, ape_ptr, skv_ptr, sz_ptr, pooled_ptr, ent_ptr, seq_ptr,
+                          c, s_kvt, s_kvc, s_zt, s_zc, s_ar, s_ac,
+                          s_skv_s, s_skv_r, s_skv_c, s_sz_s, s_sz_r, s_sz_c,
+                          M: tl.constexpr, KM: tl.constexpr, CUR: tl.constexpr, OVERLAP: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    e = tl.program_id(0)
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = ch < c
+    b = tl.load(ent_ptr + e)
+    slot = tl.load(seq_ptr + b * 5 + 0)
+    w0 = tl.load(seq_ptr + b * 5 + 1)
+    have = tl.load(seq_ptr + b * 5 + 2)
+    off = tl.load(seq_ptr + b * 5 + 3)
+    j = e - tl.load(seq_ptr + b * 5 + 4)  # window index within this call's stream of windows
+
+    run_max = tl.full([BLOCK_C], float("-inf"), ACC)
+    run_sum = tl.zeros([BLOCK_C], ACC)
+    acc = tl.zeros([BLOCK_C], ACC)
+    for r0 in range(0, KM, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        if OVERLAP:
+            half = r // M  # 0: first channel half of window j-1; 1: second half of window j
+            row = r % M
+            jj = j - 1 + half
+        else:
+            half = r * 0
+            row = r
+            jj = j + half
+        i = jj * M + row  # index in [state tokens of window w0 | new tokens]; < 0: previous window
+        from_prev = jj < 0
+        in_state = from_prev | (i < have)
+        # window -1 does not exist: its candidates get zero weight
+        ok = (r < KM) & (w0 + jj >= 0)
+        srow = tl.where(from_prev, row, CUR + i).to(tl.int64)
+        trow = (off + i - have).to(tl.int64)
+        cols = (half * c)[:, None] + ch[None, :]
+        smask = (ok & in_state)[:, None] & cmask[None, :]
+        tmask = (ok & (i >= have) & (jj >= 0))[:, None] & cmask[None, :]
+        x_s = tl.load(skv_ptr + slot * s_skv_s + srow[:, None] * s_skv_r + cols * s_skv_c, mask=smask, other=0.0)
+        x_t = tl.load(kv_ptr + trow[:, None] * s_kvt + cols * s_kvc, mask=tmask, other=0.0)
+        z_s = tl.load(sz_ptr + slot * s_sz_s + srow[:, None] * s_sz_r + cols * s_sz_c, mask=smask, other=0.0)
+        z_t = (tl.load(z_ptr + trow[:, None] * s_zt + cols * s_zc, mask=tmask, other=0.0).to(ACC)
+               + tl.load(ape_ptr + row[:, None] * s_ar + cols * s_ac, mask=tmask, other=0.0).to(ACC))
+        x = tl.where(smask, x_s.to(ACC), x_t.to(ACC))
+        z = tl.where(smask, z_s.to(ACC), tl.where(tmask, z_t, float("-inf")))
+        # online softmax over the candidate rows, per channel
+        new_max = tl.maximum(run_max, tl.max(z, axis=0))
+        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+        alpha = tl.exp(run_max - safe)
+        p = tl.exp(z - safe[None, :])
+        acc = acc * alpha + tl.sum(p * x, axis=0)
+        run_sum = run_sum * alpha + tl.sum(p, axis=0)
+        run_max = new_max
+    tl.store(pooled_ptr + e.to(tl.int64) * c + ch, acc / run_sum, mask=cmask)
+
+
+@triton.jit
+def _to(x, OUT: tl.constexpr, RNE_BF16: tl.constexpr):
+    """x.to(OUT). RNE_BF16 (interpreter only): round fp32 -> bf16 to nearest-even by hand first,
+    because the interpreter's fp32 -> bf16 cast truncates while the GPU's rounds to nearest-even."""
+    if RNE_BF16:
+        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True).to(OUT)
+    else:
+        return x.to(OUT)
+
+
+@triton.jit
+def _exp2i(k):
+    """Exact float32 2**k for int32 k in [-126, 127], from the bit pattern."""
+    return ((k + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _ceil_log2(a):
+    """ceil(log2(a)) for positive normal float32 a, exactly (from the exponent and mantissa bits)."""
+    bits = a.to(tl.int32, bitcast=True)
+    return ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+
+
+@triton.jit
+def _round_grid(v, EMIN: tl.constexpr, MBITS: tl.constexpr):
+    """Round float32 v (already clamped to the format's range) to the nearest value with MBITS
+    mantissa bits and minimum normal exponent EMIN (subnormals below), ties to even."""
+    bits = v.to(tl.int32, bitcast=True)
+    ev = tl.maximum(((bits >> 23) & 0xFF) - 127, EMIN)
+    y = tl.abs(v) * _exp2i(MBITS - ev)  # exact: scaling by a power of two
+    n = y.to(tl.int32)  # truncation; y < 2**(MBITS + 2)
+    frac = y - n.to(tl.float32)  # exact
+    n = n + ((frac > 0.5) | ((frac == 0.5) & ((n & 1) == 1))).to(tl.int32)
+    r = n.to(tl.float32) * _exp2i(ev - MBITS)
+    return tl.where(v < 0, -r, r)
+
+
+@triton.jit
+def _block_fake_quant(x, NB: tl.constexpr, BLK: tl.constexpr, valid, QMAX: tl.constexpr,
+                      FLOOR: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr):
+    """Fake quant of float32 x [NB * BLK] in blocks of BLK: s = 2**ceil(log2(max(amax, FLOOR) / QMAX)),
+    q = round(clamp(x / s, +-QMAX)) * s; elements where `valid` is False pass through."""
+    xb = tl.reshape(x, [NB, BLK])
+    vb = tl.reshape(valid, [NB, BLK])
+    amax = tl.max(tl.where(vb, tl.abs(xb), 0.0), axis=1)
+    k = _ceil_log2(tl.div_rn(tl.maximum(amax, FLOOR), QMAX))
+    v = tl.minimum(tl.maximum(xb * _exp2i(-k)[:, None], -QMAX), QMAX)
+    q = _round_grid(v, EMIN, MBITS) * _exp2i(k)[:, None]
+    return tl.reshape(tl.where(vb, q, xb), [NB * BLK])
+
+
+@triton.jit
+def _compress_finish_kernel(pooled_ptr, out_ptr, pool_ptr, bt_ptr, ent_ptr, seq_ptr, nw_ptr, inv_ptr,
+                            c, R, NOPE, bs, eps, hscale, s_pb, s_pr, s_pc, s_bt,
+                            M: tl.constexpr, QUANT: tl.constexpr, BLOCK_C: tl.constexpr, LOG2C: tl.constexpr,
+                            OUT: tl.constexpr, FACC: tl.constexpr, IS64: tl.constexpr,
+                            LIBDEVICE: tl.constexpr, RNE_BF16: tl.constexpr):
+    e = tl.program_id(0)
+    b = tl.load(ent_ptr + e)
+    slot = tl.load(seq_ptr + b * 5 + 0)
+    w = tl.load(seq_ptr + b * 5 + 1) + e - tl.load(seq_ptr + b * 5 + 4)  # global window index
+    cols = tl.arange(0, BLOCK_C)
+    cm = cols < c
+
+    # RMSNorm of the entry cast to the pool dtype (as the reference: rms_norm(pooled.to(out_dtype)))
+    x = _to(tl.load(pooled_ptr + e.to(tl.int64) * c + cols, mask=cm, other=0.0), OUT, RNE_BF16).to(FACC)
+    if IS64:
+        r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / c + eps)
+    else:
+        r = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(x * x, axis=0), c.to(tl.float32)) + eps))
+    y = _to(tl.load(nw_ptr + cols, mask=cm, other=0.0).to(FACC) * (x * r), OUT, RNE_BF16).to(FACC)
+
+    # interleaved RoPE of the last R dims at the window's first position w * m
+    ev, od = tl.split(tl.reshape(y, [BLOCK_C // 2, 2]))
+    pr = tl.arange(0, BLOCK_C // 2)
+    fi = pr - (c - R) // 2
+    rm = (fi >= 0) & (pr < c // 2)
+    ang = (w * M).to(FACC) * tl.load(inv_ptr + fi, mask=rm, other=0.0).to(FACC)
+    if LIBDEVICE:  # full-range accurate cos/sin on the GPU (positions reach 1e6)
+        cs = libdevice.cos(ang)
+        sn = libdevice.sin(ang)
+    else:
+        cs = tl.cos(ang)
+        sn = tl.sin(ang)
+    ev2 = tl.where(rm, ev * cs - od * sn, ev)
+    od2 = tl.where(rm, ev * sn + od * cs, od)
+    y = _to(tl.reshape(tl.join(ev2, od2), [BLOCK_C]), OUT, RNE_BF16)
+
+    if QUANT == 1:  # FP8 e4m3 fake quant of the nope dims, one power-of-two scale per 64
+        nope = cols < NOPE  # the rope dims keep their value (and, in fp64 runs, their precision)
+        q8 = _block_fake_quant(y.to(tl.float32), BLOCK_C // 64, 64, nope, 448.0, 1e-4, -6, 3)
+        y = tl.where(nope, q8.to(OUT), y)  # e4m3 values times 2^k are exact in the pool dtype
+    elif QUANT == 2:  # Hadamard (Sylvester order, scale c^-1/2) + FP4 e2m1 fake quant per 32
+        h = y.to(tl.float32)
+        for st in tl.static_range(LOG2C):
+            hw: tl.constexpr = 1 << st
+            a, bb = tl.split(tl.permute(tl.reshape(h, [BLOCK_C // (2 * hw), 2, hw]), (0, 2, 1)))
+            h = tl.reshape(tl.permute(tl.join(a + bb, a - bb), (0, 2, 1)), [BLOCK_C])
+        h = _to(h * hscale, OUT, RNE_BF16).to(tl.float32)
+        y = _block_fake_quant(h, BLOCK_C // 32, 32, cols < c, 6.0, 6.0 * 2.0**-126, 0, 1).to(OUT)
+
+    blk = tl.load(bt_ptr + slot * s_bt + w // bs).to(tl.int64)
+    dst = pool_ptr + blk * s_pb + (w % bs).to(tl.int64) * s_pr + cols * s_pc
+    tl.store(dst, y, mask=cm)
+    tl.store(out_ptr + e.to(tl.int64) * c + cols, y, mask=cm)
+
+
+# ---------------------------------------------------------------------------------------- wrapper
+def compress(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, spec, norm_weight: torch.Tensor,
+             inv_freq: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
+             pool: torch.Tensor, block_table: torch.Tensor, seqs: list) -> torch.Tensor:
+    """Same contract as `ReferenceOps.compress` (see its docstring): updates state and pool in place,
+    returns the emitted entries [E, c] in batch order."""
+    m, c = spec.ratio, spec.dim
+    quant = _QUANT.get(spec.quant)
+    if quant is None:
+        raise ValueError(f"compress: unknown quant mode {spec.quant!r}")
+    overlap = bool(spec.overlap)
+    cur = m if overlap else 0
+    dev = kv.device
+
+    # ---- host bookkeeping on the Python ints of `seqs`
+    seq_tab: list[int] = []  # per emitting sequence: slot, w0, have, off, first entry
+    counts: list[int] = []
+    t_slot: list[int] = []  # state rows written from new tokens: (slot, row) <- token, ape row
+    t_row: list[int] = []
+    t_src: list[int] = []
+    t_ape: list[int] = []
+    s_slot: list[int] = []  # state rows written from state rows (same slot)
+    s_row: list[int] = []
+    s_src: list[int] = []
+    E = 0
+    for slot, start, n, off in seqs:
+        slot, start, n, off = int(slot), int(start), int(n), int(off)
+        if n == 0:
+            continue
+        w0, have = divmod(start, m)
+        total = have + n
+        nwin = total // m
+        if nwin:
+            seq_tab += [slot, w0, have, off, E]
+            counts.append(nwin)
+            E += nwin
+            if overlap:  # the last complete window becomes the previous window, rows [0, m)
+                base = (nwin - 1) * m
+                if have > base:  # its head came from the state (only when nwin == 1)
+                    s_slot += [slot] * (have - base)
+                    s_row.extend(range(0, have - base))
+                    s_src.extend(range(cur + base, cur + have))
+                lo = max(base, have)
+                t_slot += [slot] * (base + m - lo)
+                t_row.extend(range(lo - base, m))
+                t_src.extend(range(off + lo - have, off + base + m - have))
+                t_ape.extend(range(lo - base, m))
+        lo = max(nwin * m, have)  # leftover tokens of the open window (state rows < have stay)
+        t_slot += [slot] * (total - lo)
+        t_row.extend(range(cur + lo - nwin * m, cur + total - nwin * m))
+        t_src.extend(range(off + lo - have, off + n))
+        t_ape.extend(range(lo - nwin * m, total - nwin * m))
+
+    nt, ns = len(t_slot), len(s_slot)
+    if not (E or nt or ns):
+        return pool.new_zeros((0, c))
+    host = [torch.tensor(seq_tab + t_slot + t_row + t_src + t_ape + s_slot + s_row + s_src, dtype=torch.int64)]
+    if E:
+        host.append(torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)))
+    idx = torch.cat(host).to(dev, non_blocking=True) if dev.type != "cpu" else torch.cat(host)
+    o = len(seq_tab)
+    seq_d = idx[:o]
+    t_slot_d, t_row_d, t_src_d, t_ape_d = (idx[o + k * nt:o + (k + 1) * nt] for k in range(4))
+    o += 4 * nt
+    s_slot_d, s_row_d, s_src_d = (idx[o + k * ns:o + (k + 1) * ns] for k in range(3))
+    ent_d = idx[o + 3 * ns:]
+
+    if E:
+        out = _emit(kv, score, ape, spec, quant, norm_weight, inv_freq, state_kv, state_score, pool,
+                    block_table, seq_d, ent_d, E)
+    else:
+        out = pool.new_zeros((0, c))
+
+    # ---- state update (after the pool kernel has read the state)
+    if ns:
+        keep_kv, keep_z = state_kv[s_slot_d, s_src_d], state_score[s_slot_d, s_src_d]
+    if nt:
+        state_kv[t_slot_d, t_row_d] = kv[t_src_d].to(state_kv.dtype)
+        state_score[t_slot_d, t_row_d] = (score[t_src_d] + ape[t_ape_d].to(score.dtype)).to(state_score.dtype)
+    if ns:
+        state_kv[s_slot_d, s_row_d] = keep_kv
+        state_score[s_slot_d, s_row_d] = keep_z
+    return out
+
+
+def _emit(kv, score, ape, spec, quant, norm_weight, inv_freq, state_kv, state_score, pool, block_table,
+          seq_d, ent_d, E):
+    m, c = spec.ratio, spec.dim
+    R = 2 * inv_freq.numel()
+    if R > c or (c - R) % 2:
+        raise ValueError(f"compress: rope dims {R} must fit in c={c} with an even nope part")
+    interp = _interpreting()
+    a = _acc(kv.dtype)
+    if kv.dtype not in _TL or pool.dtype not in _TL:
+        raise TypeError(f"compress: unsupported dtypes kv {kv.dtype}, pool {pool.dtype}")
+    KM = 2 * m if spec.overlap else m
+
+    pooled = torch.empty(E, c, dtype=a, device=kv.device)
+    BLOCK_C = triton.next_power_of_2(c) if interp else min(triton.next_power_of_2(c), 128)
+    BLOCK_R = min(triton.next_power_of_2(KM), 32 if BLOCK_C <= 128 else 16)
+    _compress_pool_kernel[(E, triton.cdiv(c, BLOCK_C))](
+        kv, score, ape, state_kv, state_score, pooled, ent_d, seq_d,
+        c, kv.stride(0), kv.stride(1), score.stride(0), score.stride(1), ape.stride(0), ape.stride(1),
+        state_kv.stride(0), state_kv.stride(1), state_kv.stride(2),
+        state_score.stride(0), state_score.stride(1), state_score.stride(2),
+        M=m, KM=KM, CUR=m if spec.overlap else 0, OVERLAP=bool(spec.overlap), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+        ACC=_TL[a], num_warps=4,
+    )
+
+    out = torch.empty(E, c, dtype=pool.dtype, device=kv.device)
+    BC = triton.next_power_of_2(c)
+    if quant == 1:
+        BC = max(BC, _FP8_BLOCK)
+    elif quant == 2 and (BC != c or c < _FP4_BLOCK):
+        raise ValueError(f"compress: fp4 mode needs a power-of-two dim >= {_FP4_BLOCK}, got {c}")
+    fa = _acc(pool.dtype)
+    _compress_finish_kernel[(E,)](
+        pooled, out, pool, block_table, ent_d, seq_d, norm_weight.contiguous(), inv_freq.contiguous(),
+        c, R, c - spec.rope_dim, pool.shape[1], float(spec.eps), float(c) ** -0.5,
+        pool.stride(0), pool.stride(1), pool.stride(2), block_table.stride(0),
+        M=m, QUANT=quant, BLOCK_C=BC, LOG2C=BC.bit_length() - 1, OUT=_TL[pool.dtype], FACC=_TL[fa],
+        IS64=fa == torch.float64,
+        LIBDEVICE=(not interp) and kv.device.type == "cuda", RNE_BF16=interp and pool.dtype == torch.bfloat16,
+        num_warps=4 if BC <= 512 else 8,
+    )
+    return out
