@@ -33,8 +33,10 @@ OP_NAMES = (
     "grouped_out_proj",
 )
 
-# Helpers that travel with an op when it is filled from reference (the weight form must match).
-OP_COMPANIONS = {"linear": ("prepare_linear",)}
+# Ops that consume prepared weights. A backend's weight form is its own, so these ops and the
+# prepare hooks come from one backend together: if any is filled from reference, all are.
+WEIGHT_OPS = ("linear", "grouped_out_proj", "moe_experts")
+WEIGHT_HOOKS = ("prepare_linear", "prepare_experts")
 
 # `auto` tries these in order.
 AUTO_ORDER = ("cuda", "ascend", "reference")
@@ -125,6 +127,8 @@ def get_ops(name: str = "auto", device: str | None = None, allow_fallback: bool 
     mod = importlib.import_module(_REGISTRY[chosen].module)
     native = mod.make_ops(device)
     missing = [op for op in OP_NAMES if op not in info.ops]
+    if any(op in missing for op in WEIGHT_OPS):
+        missing = [op for op in OP_NAMES if op in missing or op in WEIGHT_OPS]
     if missing and chosen != "reference":
         if not allow_fallback:
             raise BackendUnavailable(
@@ -134,9 +138,10 @@ def get_ops(name: str = "auto", device: str | None = None, allow_fallback: bool 
         ref = importlib.import_module("backends.reference").make_ops(native.device)
         for op in missing:
             setattr(native, op, getattr(ref, op))
-            for extra in OP_COMPANIONS.get(op, ()):
-                setattr(native, extra, getattr(ref, extra))
-    native.impl = {op: (chosen if op in info.ops else "reference") for op in OP_NAMES}
+        if any(op in missing for op in WEIGHT_OPS):
+            for hook in WEIGHT_HOOKS:
+                setattr(native, hook, getattr(ref, hook))
+    native.impl = {op: ("reference" if op in missing else chosen) for op in OP_NAMES}
     native.fallback = tuple(missing) if chosen != "reference" else ()
     return native
 

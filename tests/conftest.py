@@ -22,3 +22,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # The test models are tiny: one thread beats two (no spin-wait handoffs), and a busy machine
 # cannot oversubscribe the cores.
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def no_triton_interpreter(monkeypatch):
+    """The Triton kernel tests turn on TRITON_INTERPRET for the session (kernels are decorated at
+    import); tests about what a bare CPU machine reports must not see it."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)

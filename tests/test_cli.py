@@ -19,6 +19,8 @@ import torch
 import backends
 from v4.cli import main
 
+pytestmark = pytest.mark.usefixtures("no_triton_interpreter")
+
 REPO = Path(__file__).resolve().parent.parent
 
 

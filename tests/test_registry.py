@@ -23,6 +23,8 @@ from backends.reference.ops import ReferenceOps
 from v4.config import CSA, HCA, SLIDING, ModelConfig, RuntimeConfig, build_runtime, yarn_inv_freq
 from v4.errors import BackendUnavailable, ConfigError
 
+pytestmark = pytest.mark.usefixtures("no_triton_interpreter")
+
 REPO = Path(__file__).resolve().parent.parent
 KNOWN = ("reference", "cuda", "ascend")
 
@@ -193,7 +195,7 @@ def test_unknown_runtime_key_is_named():
 # ----------------------------------------------------------------------------- a fake backend
 
 
-def _install_fake(monkeypatch, declared=("rms_norm", "linear"), modes=("plain",), dtypes=("float32",)):
+def _install_fake(monkeypatch, declared=("rms_norm", "attention"), modes=("plain",), dtypes=("float32",)):
     """Register a backend module 'fake' that implements only `declared` (delegating to reference)."""
     calls = {op: 0 for op in declared}
     ref = ReferenceOps("cpu")
@@ -236,7 +238,7 @@ def test_fake_backend_missing_ops_refused_without_fallback(monkeypatch):
         backends.get_ops("fake", "cpu")
     msg = str(ei.value)
     assert "fake" in msg and "allow_fallback" in msg
-    for op in ("attention", "compress", "moe_experts"):
+    for op in ("rope", "compress", "moe_experts"):
         assert op in msg
     assert "rms_norm" not in msg.split("does not implement")[-1].split(";")[0]
 
@@ -244,11 +246,11 @@ def test_fake_backend_missing_ops_refused_without_fallback(monkeypatch):
 def test_fake_backend_fallback_fills_and_reports(monkeypatch):
     _install_fake(monkeypatch)
     ops = backends.get_ops("fake", "cpu", allow_fallback=True)
-    missing = tuple(op for op in backends.OP_NAMES if op not in ("rms_norm", "linear"))
+    missing = tuple(op for op in backends.OP_NAMES if op not in ("rms_norm", "attention"))
     assert ops.fallback == missing
-    assert ops.impl["rms_norm"] == "fake" and ops.impl["linear"] == "fake"
+    assert ops.impl["rms_norm"] == "fake" and ops.impl["attention"] == "fake"
     assert all(ops.impl[op] == "reference" for op in missing)
-    assert getattr(ops.rms_norm, "fake", False) and getattr(ops.linear, "fake", False)
+    assert getattr(ops.rms_norm, "fake", False) and getattr(ops.attention, "fake", False)
     for op in missing:
         fn = getattr(ops, op)
         assert isinstance(getattr(fn, "__self__", None), ReferenceOps), op
@@ -271,7 +273,7 @@ def _tiny_model(ops):
     return Transformer(cfg, random_weights(cfg, 0), ops, torch.float32, "plain")
 
 
-@pytest.mark.parametrize("declared", [("rms_norm", "linear"), ("rms_norm",)])
+@pytest.mark.parametrize("declared", [("rms_norm", "attention"), ("rms_norm",)])
 def test_model_runs_on_partial_backend_with_fallback(monkeypatch, declared):
     """A partial backend + reference fill computes the same logits as the reference backend."""
     calls = _install_fake(monkeypatch, declared=declared)
@@ -497,3 +499,13 @@ def test_imports_work_without_triton_and_torch_npu():
     assert "torch_npu is not installed" in out
     for op in backends.OP_NAMES:
         assert op in out
+
+
+def test_weight_ops_fall_back_together(monkeypatch):
+    """A backend's `linear` consumes its own weight form: if moe_experts or grouped_out_proj come
+    from reference, linear and the prepare hooks must come from reference as well."""
+    _install_fake(monkeypatch, declared=("rms_norm", "linear"))
+    ops = backends.get_ops("fake", "cpu", allow_fallback=True)
+    assert ops.impl["linear"] == "reference" and "linear" in ops.fallback
+    assert isinstance(ops.prepare_linear.__self__, ReferenceOps)
+    assert isinstance(ops.prepare_experts.__self__, ReferenceOps)

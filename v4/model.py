@@ -156,13 +156,16 @@ class Transformer:
         b.tid2eid = self._take(f + "gate.tid2eid").to(self.device, torch.long) if is_hash else None
         # experts as one gate/up matrix [W1; W3] per expert, stacked: [E, 2I, D] and W2 [E, D, I]
         ex = [f"{f}experts.{e}." for e in range(cfg.n_routed_experts)]
-        b.w13 = torch.stack([torch.cat([self._linear(e + "w1.weight"), self._linear(e + "w3.weight")]) for e in ex])
-        b.w2 = torch.stack([self._linear(e + "w2.weight") for e in ex])
+        b.w13, b.w2 = self._experts(ex)
         b.shared = None
         if cfg.n_shared_experts:
-            s = f + "shared_experts."
-            b.shared = (torch.cat([self._linear(s + "w1.weight"), self._linear(s + "w3.weight")]), self._linear(s + "w2.weight"))
+            s13, s2 = self._experts([f + "shared_experts."])
+            b.shared = (s13[0], s2[0])
         return b
+
+    def _experts(self, prefixes):
+        take = lambda k: [self._take(p + k) for p in prefixes]  # noqa: E731
+        return self.ops.prepare_experts(take("w1.weight"), take("w3.weight"), take("w2.weight"), self.dtype)
 
     # ------------------------------------------------------------------ helpers
     def _record(self, name: str, t: torch.Tensor):

@@ -39,10 +39,9 @@ def _gpu_reason() -> str | None:
 def probe():
     from backends import BackendInfo
 
-    from .ops import IMPLEMENTED
-
     if not _installed("triton"):
         return BackendInfo("cuda", "cuda", False, "triton is not installed (pip install 'dsv4[triton]')", frozenset(), (), ())
+    from .ops import IMPLEMENTED  # imports triton: only once we know it is there
     why = _gpu_reason()
     interp = why is not None and interpreter_mode()
     if why is not None and not interp:

@@ -11,12 +11,14 @@ import torch
 
 from .kernels import compress as _compress
 from .kernels import gate as _gate
+from .kernels import gemm as _gemm
 from .kernels import indexer as _indexer
 from .kernels import mhc as _mhc
 from .kernels import norm_rope as _norm_rope
 
 IMPLEMENTED: tuple[str, ...] = (
     "rms_norm", "rope", "hc_pre", "hc_post", "hc_head", "compress", "indexer_topk", "moe_gate",
+    "moe_experts", "linear", "grouped_out_proj",
 )
 
 
@@ -26,6 +28,16 @@ class CudaOps:
     def __init__(self, device="cuda"):
         self.device = torch.device(device)
 
+    # weights stay in their stored form (bf16 / FP8 blocks / FP4) and are dequantised in-kernel
+    def prepare_linear(self, w, dtype):
+        return _gemm.prepare_linear(w, dtype, self.device)
+
+    def prepare_experts(self, w1s, w3s, w2s, dtype):
+        return _gemm.prepare_experts(w1s, w3s, w2s, dtype, self.device)
+
+    linear = staticmethod(_gemm.linear)
+    grouped_out_proj = staticmethod(_gemm.grouped_out_proj)
+    moe_experts = staticmethod(_gemm.moe_experts)
     rms_norm = staticmethod(_norm_rope.rms_norm)
     rope = staticmethod(_norm_rope.rope)
     hc_pre = staticmethod(_mhc.hc_pre)

@@ -76,6 +76,11 @@ class ReferenceOps:
             return w.dequantize(acc(dtype)).to(device=self.device, dtype=dtype)
         return w.to(device=self.device, dtype=dtype)
 
+    def prepare_experts(self, w1s: list, w3s: list, w2s: list, dtype: torch.dtype):
+        """Per-expert stored weights -> (W13 [E, 2I, D] with W1 rows then W3 rows, W2 [E, D, I])."""
+        p = lambda w: self.prepare_linear(w, dtype)  # noqa: E731
+        return (torch.stack([torch.cat([p(a), p(b)]) for a, b in zip(w1s, w3s)]), torch.stack([p(c) for c in w2s]))
+
     # ------------------------------------------------------------------ basic
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
         """`w * x / sqrt(mean(x^2) + eps)` over the last dim; weight None = unweighted."""
