@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .kernels import attention as _attention
 from .kernels import compress as _compress
 from .kernels import gate as _gate
 from .kernels import gemm as _gemm
@@ -17,8 +18,8 @@ from .kernels import mhc as _mhc
 from .kernels import norm_rope as _norm_rope
 
 IMPLEMENTED: tuple[str, ...] = (
-    "rms_norm", "rope", "hc_pre", "hc_post", "hc_head", "compress", "indexer_topk", "moe_gate",
-    "moe_experts", "linear", "grouped_out_proj",
+    "rms_norm", "rope", "hc_pre", "hc_post", "hc_head", "compress", "indexer_topk", "attention",
+    "moe_gate", "moe_experts", "linear", "grouped_out_proj",
 )
 
 
@@ -44,5 +45,6 @@ class CudaOps:
     hc_post = staticmethod(_mhc.hc_post)
     hc_head = staticmethod(_mhc.hc_head)
     compress = staticmethod(_compress.compress)
+    attention = staticmethod(_attention.attention)
     indexer_topk = staticmethod(_indexer.indexer_topk)
     moe_gate = staticmethod(_gate.moe_gate)

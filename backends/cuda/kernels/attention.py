@@ -1,0 +1,394 @@
+"""Sparse MQA attention with a sink: one Triton kernel family for every V4 attention layer.
+
+Semantics are those of `ReferenceOps.attention` (backends/reference/ops.py): query t attends to
+the KV rows its index lists name (sliding window list, then the compressed list: top-k selected
+for CSA, all visible entries for HCA, none for sliding-only layers), -1 entries are ignored, and
+the per-head sink is one more softmax logit with a zero value vector:
+
+    o_h = sum_s e^{l_hs} v_s / (sum_s e^{l_hs} + e^{sink_h}),   l_hs = scale * q_h . k_s
+
+K and V are the same single head (MQA), so prefill and decode are the same computation; the
+index lists already encode which rows each query sees.
+
+Kernel design
+-------------
+- Grid `(T, cdiv(H, BLOCK_H))`: one program per (query token, block of heads). The program loads
+  its `[BLOCK_H, d]` query tile once, then walks the window list and the compressed list in
+  chunks of BLOCK_K indices. Each chunk's KV rows are gathered once as a `[BLOCK_K, d]` tile and
+  serve all BLOCK_H heads through two tensor-core products: `S = Q K^T` (`[BLOCK_H, BLOCK_K]`)
+  and `acc += P V` (`[BLOCK_H, d]`), with V = K = the same tile (no second load).
+- Online softmax in fp32, base 2 (`exp2`, logits pre-multiplied by log2 e). The running max and
+  sum start from the sink (`m = sink, l = 1`), which folds the sink term into the denominator
+  exactly as "add e^{sink} at the end" would, and keeps the running max finite, so chunks and
+  whole rows whose indices are all -1 need no special case (their probabilities are exactly 0;
+  a row with no valid index gets o = 0, as the reference does).
+- -1 entries (and the ragged tail past Kw / Kc) are masked out of the gather (masked loads do not
+  touch memory) and get logit -inf; a chunk with no valid index at all is skipped by a scalar
+  branch, so padded top-k lists cost an index read, not a KV read.
+- Precision: 16-bit q/kv -> 16-bit tensor-core products with fp32 accumulation, probabilities cast
+  to the KV dtype before `P V` (what the official kernels do); fp32 inputs -> fp32 products with
+  `input_precision="ieee"` (no TF32), so fp32 runs are a real fp32 reference.
+- head dim d must be a power of two (V4: 512, tests: 128); the whole d is kept in one tile.
+- Tile defaults (`_blocks`): 16-bit d <= 128: BLOCK_H <= 64, BLOCK_K 64 (32 FP8), 4 warps;
+  d = 512: BLOCK_H <= 32, BLOCK_K 32 (16 FP8), 8 warps; fp32: 16 x 16. All compile for sm_90a
+  with no register spills (checked offline with ptxas); they are not yet tuned on a GPU.
+  Not done yet: split-KV for decode batches too small to fill the SMs (FlashMLA's approach).
+
+FP8 KV cache (spec performance.md §1, v4-architecture.md §3.3, "MODEL1")
+-------------------------------------------------------------------------
+One row per token / compressed entry, `row_bytes(d)` bytes, d = nope + 64, nope % 64 == 0:
+
+    [0, nope)                  e4m3fn bytes of the nope dims (value / scale, saturated at +-448)
+    [nope, nope + 128)         the 64 rope dims as bf16 (little-endian)
+    [nope + 128, +nope/64)     one UE8M0 scale byte per 64 nope dims (2^(b-127))
+    then zero padding          up to a multiple of 8 bytes for the scale group
+
+For V4 (d = 512) that is 448 + 128 + 7 + 1 = 584 B, the paper's figure. FlashMLA's page layout
+stores all 576-B payloads of a page first and the 8-B scale groups after them; we keep each
+row's payload and scales together in one 584-B row because our caches are addressed by row
+(ring slot / pool row ids in the index lists, no page arithmetic in the kernel): a row is then
+self-describing, ring and pool writes touch one contiguous row, and a gathered row's scales sit
+next to its payload. The byte count per entry, and so the decode roofline, is the same.
+
+`attention_fp8kv` is the same kernel with an FP8 gather: e4m3 bytes and scale bytes are decoded in
+registers (`e4m3 * 2^(b-127)`, exact in bf16) and the rope dims read as bf16.
+
+Interpreter notes (TRITON_INTERPRET=1, CPU)
+-------------------------------------------
+Triton 3.9's interpreter stores bf16 as raw uint16 and its `tl.dot` multiplies those integers, and
+its fp32 -> bf16 cast truncates instead of rounding to nearest even. In interpreter mode
+(constexprs EMULATE / ROUND_BF16_OUT) the dot operands are therefore rounded to the 16-bit dtype
+(bf16 by explicit round-to-nearest-even bit arithmetic) and then widened to fp32 for the product,
+and the bf16 output is rounded the same way before the store: bf16 x bf16 products are exact in
+fp32, so this computes what a GPU bf16 MMA with fp32 accumulation and an RTNE output cast
+computes (up to summation order). The interpreter's float8e4nv bitcast decodes 0x7f/0xff as
++-480 instead of NaN; our encoder saturates at 448 and never writes those bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from v4 import quant
+
+ROPE_DIM = 64
+FP8_GROUP = 64  # nope dims per UE8M0 scale
+_LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------------
+# FP8 KV row layout (torch; the executable definition of the byte format)
+
+
+def _fp8_geometry(d: int) -> tuple[int, int, int]:
+    """(nope, number of scale bytes, row bytes) of the packed row for head dim d."""
+    nope = d - ROPE_DIM
+    if nope < 0 or nope % FP8_GROUP:
+        raise ValueError(f"FP8 KV rows need d = nope + {ROPE_DIM} with nope % {FP8_GROUP} == 0, got d = {d}")
+    nsc = nope // FP8_GROUP
+    return nope, nsc, nope + 2 * ROPE_DIM + -(-nsc // 8) * 8
+
+
+def row_bytes(d: int) -> int:
+    """Bytes per packed FP8 KV row: 584 for d = 512."""
+    return _fp8_geometry(d)[2]
+
+
+def pack_fp8_kv(kv: torch.Tensor) -> torch.Tensor:
+    """[N, d] float -> [N, row_bytes(d)] uint8 (layout in the module docstring).
+
+    nope dims: per 64 dims s = pow2_scale(amax, 448, 1e-4), e4m3(clamp(x / s)), i.e. exactly
+    what `quant.kv_fake_quant_fp8` computes; rope dims: bf16 (round to nearest even).
+    """
+    if kv.dim() != 2:
+        raise ValueError(f"pack_fp8_kv expects [N, d], got {tuple(kv.shape)}")
+    N, d = kv.shape
+    nope, nsc, rb = _fp8_geometry(d)
+    x = kv.to(torch.float32)
+    out = torch.zeros(N, rb, dtype=torch.uint8, device=kv.device)
+    if nsc:
+        blocks = x[:, :nope].reshape(N, nsc, FP8_GROUP)
+        s = quant.pow2_scale(blocks.abs().amax(dim=-1), quant.FP8_MAX, quant.FP8_AMAX_FLOOR)  # [N, nsc]
+        out[:, :nope] = quant.e4m3_encode(blocks / s.unsqueeze(-1)).view(torch.uint8).reshape(N, nope)
+        out[:, nope + 2 * ROPE_DIM: nope + 2 * ROPE_DIM + nsc] = quant.ue8m0_encode(s).view(torch.uint8)
+    out[:, nope: nope + 2 * ROPE_DIM] = kv[:, nope:].to(torch.bfloat16).contiguous().view(torch.uint8)
+    return out
+
+
+def unpack_fp8_kv(packed: torch.Tensor, d: int) -> torch.Tensor:
+    """[N, row_bytes(d)] uint8 -> [N, d] float32 (the values the FP8 kernel attends over)."""
+    nope, nsc, rb = _fp8_geometry(d)
+    if packed.dim() != 2 or packed.shape[1] != rb or packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_fp8_kv expects uint8 [N, {rb}] for d = {d}, got {packed.dtype} {tuple(packed.shape)}")
+    N = packed.shape[0]
+    vals = quant.e4m3_decode(packed[:, :nope].contiguous())
+    s = quant.ue8m0_decode(packed[:, nope + 2 * ROPE_DIM: nope + 2 * ROPE_DIM + nsc].contiguous())
+    nope_vals = (vals.view(N, nsc, FP8_GROUP) * s.unsqueeze(-1)).view(N, nope)
+    rope = packed[:, nope: nope + 2 * ROPE_DIM].contiguous().view(torch.bfloat16).to(torch.float32)
+    return torch.cat([nope_vals, rope], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# kernel
+
+
+@triton.jit
+def _e4m3_to_f32(b, NATIVE_FP8: tl.constexpr):
+    """uint8 e4m3fn bit patterns -> float32 (0x7f/0xff, the NaN codes, are never written)."""
+    if NATIVE_FP8:
+        return b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        bi = b.to(tl.int32)
+        em = bi & 0x7F
+        sign = (bi & 0x80) << 24
+        # normal: exponent e + 120 (bias 7 -> 127), 3 mantissa bits at the top of fp32's 23
+        normal = (sign | ((em + (120 << 3)) << 20)).to(tl.float32, bitcast=True)
+        # subnormal (e == 0): m * 2^-9
+        sub = (em & 7).to(tl.float32) * 0.001953125
+        sub = tl.where(sign != 0, -sub, sub)
+        return tl.where(em < 8, sub, normal)
+
+
+@triton.jit
+def _kv_tile(kv_ptr, kv16_ptr, rows, valid, stride_kv, stride_kv16,
+             D: tl.constexpr, BLOCK_K: tl.constexpr, NOPE: tl.constexpr,
+             FP8: tl.constexpr, NATIVE_FP8: tl.constexpr):
+    """Gather the [BLOCK_K, D] KV tile of `rows` (invalid rows read as 0)."""
+    offs_d = tl.arange(0, D)
+    r = rows.to(tl.int64)[:, None]
+    if FP8:
+        NG: tl.constexpr = D // 64
+        is_nope = offs_d < NOPE
+        byte = tl.load(kv_ptr + r * stride_kv + offs_d[None, :], mask=valid[:, None] & is_nope[None, :], other=0)
+        nope = _e4m3_to_f32(byte, NATIVE_FP8)
+        rope = tl.load(kv16_ptr + r * stride_kv16 + (NOPE // 2 + offs_d[None, :] - NOPE),
+                       mask=valid[:, None] & (offs_d[None, :] >= NOPE), other=0.0).to(tl.float32)
+        x = tl.where(is_nope[None, :], nope, rope)
+        # one UE8M0 byte per 64 dims; groups past the nope dims (the rope group) get 2^0
+        offs_g = tl.arange(0, NG)
+        sb = tl.load(kv_ptr + r * stride_kv + (NOPE + 128 + offs_g[None, :]),
+                     mask=valid[:, None] & (offs_g[None, :] < NOPE // 64), other=127)
+        s = (sb.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+        x = tl.reshape(tl.reshape(x, (BLOCK_K, NG, 64)) * s[:, :, None], (BLOCK_K, D))
+        return x
+    else:
+        return tl.load(kv_ptr + r * stride_kv + offs_d[None, :], mask=valid[:, None], other=0.0)
+
+
+@triton.jit
+def _attend_list(q, m_i, l_i, acc, idx_ptr, K, kv_ptr, kv16_ptr, stride_kv, stride_kv16, scale_log2,
+                 D: tl.constexpr, BLOCK_K: tl.constexpr, NOPE: tl.constexpr, FP8: tl.constexpr,
+                 NATIVE_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
+                 PREC: tl.constexpr):
+    """Fold the KV rows named by idx_ptr[0:K] (-1 = skip) into the online-softmax state."""
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        idx = tl.load(idx_ptr + offs_k, mask=offs_k < K, other=-1)
+        valid = idx >= 0
+        if tl.max(valid.to(tl.int32), axis=0) > 0:
+            kv = _kv_tile(kv_ptr, kv16_ptr, tl.where(valid, idx, 0), valid, stride_kv, stride_kv16,
+                          D, BLOCK_K, NOPE, FP8, NATIVE_FP8).to(DOT_DTYPE)
+            if EMULATE:
+                kv = kv.to(tl.float32)
+            s = tl.dot(q, tl.trans(kv), input_precision=PREC) * scale_log2  # [BLOCK_H, BLOCK_K], log2 units
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if EMULATE:  # interpreter: round as the GPU cast does, keep fp32 for the product
+                if DOT_DTYPE == tl.bfloat16:
+                    pb = p.to(tl.int32, bitcast=True)
+                    pb = (pb + 0x7FFF + ((pb >> 16) & 1)) & -65536  # fp32 -> bf16, nearest even
+                    p = pb.to(tl.float32, bitcast=True)
+                else:
+                    p = p.to(DOT_DTYPE).to(tl.float32)
+            else:
+                p = p.to(DOT_DTYPE)
+            acc = acc * alpha[:, None] + tl.dot(p, kv, input_precision=PREC)
+            m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _sparse_mqa_sink_kernel(
+    q_ptr, o_ptr, sink_ptr,
+    w_ptr, w16_ptr, widx_ptr, c_ptr, c16_ptr, cidx_ptr,
+    H, Kw, Kc, scale_log2,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_w, stride_w16, stride_widx, stride_c, stride_c16, stride_cidx,
+    D: tl.constexpr, NOPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    FP8: tl.constexpr, NATIVE_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
+    PREC: tl.constexpr, ROUND_BF16_OUT: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = offs_h < H
+    offs_d = tl.arange(0, D)
+
+    q = tl.load(q_ptr + t * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :], mask=hmask[:, None], other=0.0)
+    q = q.to(DOT_DTYPE)
+    if EMULATE:
+        q = q.to(tl.float32)
+
+    # the sink as the running-softmax start: m = sink, l = e^{sink - m} = 1, acc = 0 (zero value)
+    sink = tl.load(sink_ptr + offs_h, mask=hmask, other=0.0).to(tl.float32) * 1.4426950408889634
+    m_i = tl.maximum(sink, -1.0e30)
+    l_i = tl.exp2(sink - m_i)
+    acc = tl.zeros((BLOCK_H, D), dtype=tl.float32)
+
+    m_i, l_i, acc = _attend_list(q, m_i, l_i, acc, widx_ptr + t * stride_widx, Kw, w_ptr, w16_ptr, stride_w, stride_w16,
+                                 scale_log2, D, BLOCK_K, NOPE, FP8, NATIVE_FP8, DOT_DTYPE, EMULATE, PREC)
+    m_i, l_i, acc = _attend_list(q, m_i, l_i, acc, cidx_ptr + t * stride_cidx, Kc, c_ptr, c16_ptr, stride_c, stride_c16,
+                                 scale_log2, D, BLOCK_K, NOPE, FP8, NATIVE_FP8, DOT_DTYPE, EMULATE, PREC)
+
+    o = acc / l_i[:, None]
+    if ROUND_BF16_OUT:  # interpreter: its fp32 -> bf16 cast truncates; round to nearest even first
+        ob = o.to(tl.int32, bitcast=True)
+        o = ((ob + 0x7FFF + ((ob >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    tl.store(o_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
+             o.to(o_ptr.dtype.element_ty), mask=hmask[:, None])
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+
+
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _interpreting() -> bool:
+    # triton.jit picks the interpreter when the kernel is decorated (TRITON_INTERPRET at import)
+    return type(_sparse_mqa_sink_kernel).__name__ == "InterpretedFunction"
+
+
+def _check_common(q, window_idx, comp_idx, sink):
+    if q.dim() != 3:
+        raise ValueError(f"attention expects q [T, H, d], got {tuple(q.shape)}")
+    T, H, d = q.shape
+    assert d >= 16 and d & (d - 1) == 0, (
+        f"attention kernel: head dim d must be a power of two >= 16 (V4 uses 512), got d = {d}")
+    if q.dtype not in _TL:
+        raise ValueError(f"attention kernel supports float32/bfloat16/float16 q, got {q.dtype}")
+    if window_idx.dim() != 2 or window_idx.shape[0] != T:
+        raise ValueError(f"window_idx must be [T={T}, Kw], got {tuple(window_idx.shape)}")
+    if comp_idx is not None and (comp_idx.dim() != 2 or comp_idx.shape[0] != T):
+        raise ValueError(f"comp_idx must be [T={T}, Kc], got {tuple(comp_idx.shape)}")
+    if sink.numel() != H:
+        raise ValueError(f"sink must have H={H} entries, got {tuple(sink.shape)}")
+
+
+def _idx(i: torch.Tensor) -> torch.Tensor:
+    i = i if i.dtype == torch.int32 else i.to(torch.int32)
+    return i if i.stride(-1) == 1 else i.contiguous()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _blocks(H: int, d: int, fp32: bool, fp8: bool, block_h, block_k, num_warps):
+    """Tile defaults: chosen so that sm_90 ptxas reports no register spills (Triton 3.9, checked
+    offline with `triton.compile(..., target=GPUTarget("cuda", 90, 32))`; not yet timed on a GPU)."""
+    # tl.dot needs M, N, K >= 16, hence BLOCK_H >= 16 even for fewer heads (extra rows are masked)
+    if fp32:  # exact fp32 products run on CUDA cores: small tiles
+        bh, bk, nw = 16, 16, 4 if d <= 128 else 8
+    elif d <= 128:
+        bh, bk, nw = max(16, min(triton.next_power_of_2(H), 64)), 32 if fp8 else 64, 4
+    else:  # d = 512: the [BLOCK_H, d] fp32 accumulator bounds BLOCK_H
+        bh, bk, nw = max(16, min(triton.next_power_of_2(H), 32)), 16 if fp8 else 32, 8
+    return block_h or bh, block_k or bk, num_warps or nw
+
+
+def _launch(q, w_rows, w16, widx, c_rows, c16, cidx, sink, scale, fp8, nope, dot_dtype,
+            block_h, block_k, num_warps, native_fp8):
+    T, H, d = q.shape
+    out = torch.empty((T, H, d), dtype=q.dtype, device=q.device)
+    if T == 0 or H == 0:
+        return out
+    block_h, block_k, num_warps = _blocks(H, d, dot_dtype == torch.float32, fp8, block_h, block_k, num_warps)
+    emulate = _interpreting() and dot_dtype != torch.float32
+    Kw, Kc = widx.shape[1], cidx.shape[1]
+    sink = sink.to(torch.float32).contiguous()
+    grid = (T, triton.cdiv(H, block_h))
+    _sparse_mqa_sink_kernel[grid](
+        q, out, sink,
+        w_rows, w16, widx, c_rows, c16, cidx,
+        H, Kw, Kc, float(scale) * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        w_rows.stride(0), w16.stride(0), widx.stride(0), c_rows.stride(0), c16.stride(0), cidx.stride(0),
+        D=d, NOPE=nope, BLOCK_H=block_h, BLOCK_K=block_k, FP8=fp8, NATIVE_FP8=native_fp8,
+        DOT_DTYPE=_TL[dot_dtype], EMULATE=emulate, PREC="ieee" if dot_dtype == torch.float32 else "tf32",
+        ROUND_BF16_OUT=_interpreting() and q.dtype == torch.bfloat16,
+        num_warps=num_warps,
+    )
+    return out
+
+
+def attention(q: torch.Tensor, window_kv: torch.Tensor, window_idx: torch.Tensor,
+              comp_kv: torch.Tensor | None, comp_idx: torch.Tensor | None,
+              sink: torch.Tensor, scale: float, *, block_h: int | None = None, block_k: int | None = None,
+              num_warps: int | None = None) -> torch.Tensor:
+    """`ReferenceOps.attention` (without `chunk`) as one Triton kernel; see the module docstring.
+
+    q: [T, H, d]; window_kv: [Nw, d]; window_idx: [T, Kw] int32; comp_kv: [Nc, d] or None;
+    comp_idx: [T, Kc] int32 or None (Kc may be 0); sink: [H] fp32. Output [T, H, d] in q's dtype.
+    """
+    _check_common(q, window_idx, comp_idx, sink)
+    d = q.shape[2]
+    if window_kv.dim() != 2 or window_kv.shape[1] != d:
+        raise ValueError(f"window_kv must be [Nw, {d}], got {tuple(window_kv.shape)}")
+    has_comp = comp_idx is not None and comp_idx.shape[1] > 0
+    if has_comp and (comp_kv is None or comp_kv.dim() != 2 or comp_kv.shape[1] != d):
+        got = None if comp_kv is None else tuple(comp_kv.shape)
+        raise ValueError(f"comp_kv must be [Nc, {d}] when comp_idx is given, got {got}")
+    w = _rows(window_kv)
+    c = _rows(comp_kv) if has_comp else w
+    cidx = _idx(comp_idx) if has_comp else window_idx.new_empty((q.shape[0], 0), dtype=torch.int32)
+    dtypes = {q.dtype, w.dtype, c.dtype}
+    for x in dtypes:
+        if x not in _TL:
+            raise ValueError(f"attention kernel supports float32/bfloat16/float16 tensors, got {x}")
+    # 16-bit products only when everything is that one 16-bit type; otherwise exact fp32 products
+    dot_dtype = q.dtype if len(dtypes) == 1 else torch.float32
+    return _launch(q, w, w, _idx(window_idx), c, c, cidx, sink, scale, False, 0, dot_dtype,
+                   block_h, block_k, num_warps, False)
+
+
+def _native_fp8_default(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def attention_fp8kv(q: torch.Tensor, window_packed: torch.Tensor, window_idx: torch.Tensor,
+                    comp_packed: torch.Tensor | None, comp_idx: torch.Tensor | None,
+                    sink: torch.Tensor, scale: float, d: int, *, block_h: int | None = None,
+                    block_k: int | None = None, num_warps: int | None = None,
+                    native_fp8: bool | None = None) -> torch.Tensor:
+    """`attention` over FP8-packed KV rows (`pack_fp8_kv` layout), dequantised in the kernel.
+
+    Equals `attention(q, unpack_fp8_kv(window_packed, d), ..., unpack_fp8_kv(comp_packed, d), ...)`.
+    native_fp8: decode e4m3 with the hardware float8 cast (default on sm_89+) instead of bit
+    arithmetic (default elsewhere, interpreter included).
+    """
+    _check_common(q, window_idx, comp_idx, sink)
+    if q.shape[2] != d:
+        raise ValueError(f"q head dim {q.shape[2]} != d = {d}")
+    nope, _, rb = _fp8_geometry(d)
+    has_comp = comp_idx is not None and comp_idx.shape[1] > 0
+    for name, p in (("window_packed", window_packed), ("comp_packed", comp_packed if has_comp else window_packed)):
+        if p is None or p.dtype != torch.uint8 or p.dim() != 2 or p.shape[1] != rb:
+            raise ValueError(f"{name} must be uint8 [N, {rb}] for d = {d}, got "
+                             f"{None if p is None else (p.dtype, tuple(p.shape))}")
+    w = window_packed.contiguous()
+    c = comp_packed.contiguous() if has_comp else w
+    cidx = _idx(comp_idx) if has_comp else window_idx.new_empty((q.shape[0], 0), dtype=torch.int32)
+    # dequantised values (e4m3 * 2^k, bf16 rope) are exact in bf16, but may exceed fp16's range
+    dot_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+    if native_fp8 is None:
+        native_fp8 = _native_fp8_default(q.device)
+    return _launch(q, w, w.view(torch.bfloat16), _idx(window_idx), c, c.view(torch.bfloat16), cidx, sink, scale,
+                   True, nope, dot_dtype, block_h, block_k, num_warps, native_fp8)

@@ -1,0 +1,319 @@
+"""CUDA-backend sparse MQA attention (backends/cuda/kernels/attention.py) against the reference op.
+
+Without a GPU the Triton kernel runs in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1,
+set here before triton is imported); with one it runs on it. Ground truth: ReferenceOps("cpu")
+.attention in fp64 on the same (already rounded) inputs. Index lists are built with the model's
+own helpers (`Transformer._window_idx`, `_hca_slots`, `_entry_slots`) over packed step batches,
+so the kernel sees exactly the layouts the model hands it: -1 before position 0, full 128-row
+windows, empty / smaller-than-top-k compressed pools, mixed prefill + decode batches, paged pools.
+"""
+
+import os
+from types import SimpleNamespace
+
+import torch
+
+GPU = torch.cuda.is_available()
+if not GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from backends.cuda.kernels import attention as K  # noqa: E402
+from backends.reference.ops import ReferenceOps  # noqa: E402
+from v4 import quant  # noqa: E402
+from v4.model import StepBatch, Transformer  # noqa: E402
+
+torch.set_num_threads(1)
+DEV = "cuda" if GPU else "cpu"
+REF = ReferenceOps("cpu")
+D64 = torch.float64
+BF16 = torch.bfloat16
+W = 128  # V4 sliding window
+# max |out - truth| / max |truth|: fp32 is summation order only; bf16 adds the rounding of the
+# probabilities before P V (as the official kernels do) and of the output
+TOL = {torch.float32: 5e-6, BF16: 8e-3, torch.float16: 1.5e-3}
+
+
+def _gen(seed):
+    g = torch.Generator().manual_seed(seed)
+    return g, (lambda *shape, s=1.0: torch.randn(*shape, generator=g) * s)
+
+
+def dev(t):
+    return None if t is None else t.to(DEV)
+
+
+def truth(q, wkv, widx, ckv, cidx, sink, scale):
+    f = lambda t: None if t is None else t.detach().cpu().to(D64)  # noqa: E731
+    i = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+    return REF.attention(f(q), f(wkv), i(widx), f(ckv), i(cidx), f(sink), scale)
+
+
+def check(out, ref, dtype, what=""):
+    assert out.dtype == dtype, f"{what}: dtype {out.dtype} != {dtype}"
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    out = out.detach().cpu().to(D64)
+    assert torch.isfinite(out).all(), f"{what}: non-finite output"
+    scale = float(ref.abs().max().clamp(min=1e-30))
+    err = float((out - ref).abs().max())
+    assert err <= TOL[dtype] * scale, f"{what}: max err {err:.3g} > {TOL[dtype]:g} x {scale:.3g}"
+
+
+def run(q, wkv, widx, ckv, cidx, sink, scale, dtype, what="", **blocks):
+    out = K.attention(dev(q), dev(wkv), dev(widx), dev(ckv), dev(cidx), dev(sink), scale, **blocks)
+    check(out, truth(q, wkv, widx, ckv, cidx, sink, scale), dtype, what)
+    return out
+
+
+# ---------------------------------------------------------------- index lists the model's way
+
+
+def paged_table(slots: int, entries: int, bs: int, g) -> SimpleNamespace:
+    """A block table whose physical blocks are a random permutation (entries scattered in the pool)."""
+    nb = -(-entries // bs)
+    phys = torch.randperm(slots * nb, generator=g).to(torch.int32).view(slots, nb)
+    return SimpleNamespace(block_size=bs, table=phys, num_rows=slots * nb * bs)
+
+
+def csa_logical(batch: StepBatch, ratio: int, topk: int, g, scatter: bool) -> torch.Tensor:
+    """Indexer-like picks: a random subset of the visible entries, -1 padded (interspersed if scatter)."""
+    out = torch.full((batch.num_tokens, topk), -1, dtype=torch.int32)
+    for t, p in enumerate(batch.positions.tolist()):
+        n = (p + 1) // ratio
+        pick = torch.randperm(n, generator=g)[:topk]
+        out[t, : pick.numel()] = pick.to(torch.int32)
+        if scatter:
+            out[t] = out[t, torch.randperm(topk, generator=g)]
+    return out
+
+
+def layer_inputs(batch: StepBatch, ring_slots: int, kind: str, d: int, dtype, seed: int, *,
+                 ratio: int = 4, topk: int = 16, bs: int = 8, scatter: bool = False):
+    """window_kv = cat(ring, new kv) and its indices; compressed pool and its indices for `kind`.
+
+    kind: "sliding" (comp None), "sliding0" (comp_idx with Kc = 0), "hca" (all visible entries),
+    "csa" (top-k picks, -1 padded; topk may exceed the pool).
+    """
+    g, r = _gen(seed)
+    T = batch.num_tokens
+    window_kv = r(ring_slots * W + T, d).to(dtype)
+    window_idx = Transformer._window_idx(batch, ring_slots, W)
+    comp_kv, comp_idx = None, None
+    if kind == "sliding0":
+        comp_kv, comp_idx = r(4, d).to(dtype), torch.zeros(T, 0, dtype=torch.int32)
+    elif kind in ("hca", "csa"):
+        n_ent = int(((batch.positions + 1) // ratio).max()) + 1
+        table = paged_table(max(batch.slots) + 1, n_ent, bs, g)
+        comp_kv = r(table.num_rows, d).to(dtype)
+        if kind == "hca":
+            comp_idx = Transformer._hca_slots(batch, ratio, table)
+        else:
+            comp_idx = Transformer._entry_slots(csa_logical(batch, ratio, topk, g, scatter), batch.tok_slot, table)
+    return window_kv, window_idx, comp_kv, comp_idx
+
+
+def qs(T, H, d, dtype, seed, s=1.0):
+    g, r = _gen(seed)
+    return r(T, H, d, s=s).to(dtype), r(H, s=2.0)
+
+
+# ---------------------------------------------------------------- attention (bf16 / fp32 KV)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("T", [1, 3, 4, 5, 127, 128, 129])
+def test_prefill_window_and_hca(T, dtype):
+    # one sequence from position 0: window rows before 0 are -1; HCA entries j < (t+1)//4
+    # (none at all for T < 4: the model passes comp_idx with Kc = 0 then)
+    batch = StepBatch([0], [0], [T], torch.device("cpu"))
+    wkv, widx, ckv, cidx = layer_inputs(batch, 1, "hca", 128, dtype, seed=T)
+    assert (widx < 0).any() and (T >= 4) == (cidx.shape[1] > 0)
+    H = 8 if T < 100 else 4
+    q, sink = qs(T, H, 128, dtype, seed=100 + T)
+    # long prefills: one 128-index chunk per list (the interpreter pays per chunk and per program;
+    # the default, smaller chunks are exercised by every other test)
+    blocks = {"block_k": 128} if T > 100 and not GPU else {}
+    run(q, wkv, widx, ckv, cidx, sink, 128 ** -0.5, dtype, f"prefill T={T}", **blocks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_decode_windows_just_closed_and_csa_topk_beyond_pool(dtype):
+    # decode batch: positions 127 (window just full: Kw = 128, no -1), 128 and 300 (ring wrapped),
+    # 5 (window mostly -1, top-k larger than the 1 visible entry), 2 (no entry: all-(-1) comp row)
+    starts = [127, 128, 300, 5, 2]
+    batch = StepBatch([0, 1, 2, 3, 4], starts, [1] * 5, torch.device("cpu"))
+    wkv, widx, ckv, cidx = layer_inputs(batch, 5, "csa", 128, dtype, seed=7, topk=64)
+    assert (widx[:3] >= 0).all() and (widx[3:] < 0).any()
+    assert (cidx[4] < 0).all() and (cidx[3] >= 0).sum() == 1
+    q, sink = qs(5, 8, 128, dtype, seed=8)
+    run(q, wkv, widx, ckv, cidx, sink, 128 ** -0.5, dtype, "decode csa")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_mixed_packed_batch(dtype):
+    # prefill from 0, a decode step, a prefill chunk continuing at 7, a long decode: paged pools
+    batch = StepBatch([2, 0, 3, 1], [0, 130, 7, 517], [6, 1, 5, 1], torch.device("cpu"))
+    for kind, seed in (("hca", 11), ("csa", 12)):
+        wkv, widx, ckv, cidx = layer_inputs(batch, 4, kind, 128, dtype, seed=seed, topk=24, scatter=kind == "csa")
+        q, sink = qs(batch.num_tokens, 8, 128, dtype, seed=seed + 50)
+        run(q, wkv, widx, ckv, cidx, sink, 128 ** -0.5, dtype, f"mixed batch {kind}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_sliding_only_comp_none_and_empty(dtype):
+    batch = StepBatch([0, 1], [0, 200], [4, 1], torch.device("cpu"))
+    wkv, widx, _, _ = layer_inputs(batch, 2, "sliding", 128, dtype, seed=21)
+    q, sink = qs(5, 8, 128, dtype, seed=22)
+    a = run(q, wkv, widx, None, None, sink, 128 ** -0.5, dtype, "comp None")
+    ckv = torch.randn(3, 128).to(dtype)
+    b = run(q, wkv, widx, ckv, torch.zeros(5, 0, dtype=torch.int32), sink, 128 ** -0.5, dtype, "Kc = 0")
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_all_minus_one_rows_give_zero_and_large_logits(dtype):
+    # rows whose lists are entirely -1 (window and compressed) see only the sink: o = 0;
+    # scale 1 makes logits ~ +-30 so the running max is rescaled many times; -1 interspersed;
+    # Kw, Kc not multiples of any block size
+    g, r = _gen(31)
+    T, H, d = 6, 8, 128
+    wkv, ckv = r(50, d).to(dtype), r(40, d).to(dtype)
+    widx = torch.randint(-1, 50, (T, 77), generator=g, dtype=torch.int32)
+    cidx = torch.randint(-1, 40, (T, 37), generator=g, dtype=torch.int32)
+    widx[2], cidx[2] = -1, -1
+    cidx[4] = -1  # window only
+    widx[5] = -1  # compressed only
+    q, sink = qs(T, H, d, dtype, seed=32)
+    out = run(q, wkv, widx, ckv, cidx, sink, 1.0, dtype, "all -1 rows / large logits", block_k=16)
+    assert (out[2] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_head_dim_512(dtype):
+    # V4's shape: d = 512 (448 nope + 64 rope), 16 heads
+    batch = StepBatch([0], [130], [2], torch.device("cpu"))
+    wkv, widx, ckv, cidx = layer_inputs(batch, 1, "csa", 512, dtype, seed=41, topk=40, scatter=True)
+    q, sink = qs(2, 16, 512, dtype, seed=42)
+    run(q, wkv, widx, ckv, cidx, sink, 512 ** -0.5, dtype, "d=512")
+
+
+def test_sink_dominates_and_head_blocks():
+    # H not a multiple of the head block; one head's sink far above its logits: that head's output ~ 0
+    g, r = _gen(51)
+    T, H, d = 3, 20, 128
+    wkv = r(30, d)
+    widx = torch.randint(-1, 30, (T, 40), generator=g, dtype=torch.int32)
+    q, sink = qs(T, H, d, torch.float32, seed=52)
+    sink[3] = 60.0
+    out = run(q, wkv, widx, None, None, sink, 128 ** -0.5, torch.float32, "H=20")
+    assert out[:, 3].abs().max() < 1e-15
+
+
+def test_fp16_and_mixed_dtypes():
+    # fp16 throughout: fp16 products; bf16 q over an fp32 cache: exact fp32 products, bf16 output
+    batch = StepBatch([0, 1], [0, 40], [2, 1], torch.device("cpu"))
+    wkv, widx, ckv, cidx = layer_inputs(batch, 2, "hca", 128, torch.float32, seed=55)
+    q, sink = qs(3, 8, 128, torch.float32, seed=56)
+    run(q.half(), wkv.half(), widx, ckv.half(), cidx, sink, 128 ** -0.5, torch.float16, "fp16")
+    out = K.attention(dev(q.to(BF16)), dev(wkv), dev(widx), dev(ckv), dev(cidx), dev(sink), 128 ** -0.5)
+    ref = truth(q.to(BF16), wkv, widx, ckv, cidx, sink, 128 ** -0.5)
+    check(out, ref, BF16, "bf16 q, fp32 kv")
+    assert float((out.cpu().double() - ref).abs().max()) <= 2 ** -8 * float(ref.abs().max())  # output rounding only
+
+
+def test_rejects_non_power_of_two_head_dim():
+    q = torch.zeros(1, 2, 96, device=DEV)
+    with pytest.raises(AssertionError, match="power of two"):
+        K.attention(q, torch.zeros(4, 96, device=DEV), torch.zeros(1, 4, dtype=torch.int32, device=DEV),
+                    None, None, torch.zeros(2, device=DEV), 1.0)
+
+
+# ---------------------------------------------------------------- FP8 KV rows
+
+
+def test_row_bytes():
+    assert K.row_bytes(512) == 584  # 448 e4m3 + 64 bf16 + 7 ue8m0 + 1 pad (spec §3.3)
+    assert K.row_bytes(128) == 200  # 64 e4m3 + 64 bf16 + 1 ue8m0 + 7 pad
+
+
+def awkward_kv(N, d, seed, dtype=torch.float32):
+    """Rows whose 64-dim blocks span many magnitudes: zero blocks (amax floor), tiny values (e4m3
+    subnormals), blocks whose amax is exactly 448 * 2^k, large values."""
+    g, r = _gen(seed)
+    kv = r(N, d)
+    nb = d // 64
+    kv = (kv.view(N, nb, 64) * torch.exp2(torch.randint(-24, 20, (N, nb, 1), generator=g).float())).view(N, d)
+    kv[0, :64] = 0.0
+    kv[1, :64] = 1e-9 * r(64)
+    kv[2, :64] = kv[2, :64] / kv[2, :64].abs().max() * 448 * 2.0**-3
+    return kv.to(dtype)
+
+
+@pytest.mark.parametrize("d", [128, 512])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_pack_unpack_matches_kv_fake_quant(d, dtype):
+    kv = awkward_kv(9, d, seed=d, dtype=dtype)
+    packed = K.pack_fp8_kv(dev(kv))
+    nope, nsc = d - 64, (d - 64) // 64
+    assert packed.dtype == torch.uint8 and packed.shape == (9, K.row_bytes(d))
+    back = K.unpack_fp8_kv(packed, d).cpu()
+    assert back.dtype == torch.float32
+    fq = quant.kv_fake_quant_fp8(kv, 64).float()
+    assert torch.equal(back[:, :nope], fq[:, :nope])  # nope dims: exactly the exact-mode fake quant
+    assert torch.equal(back[:, nope:], kv[:, nope:].to(BF16).float())  # rope dims: bf16
+    # byte layout: e4m3 | bf16 rope | ue8m0 scales | zero pad
+    p = packed.cpu()
+    s = quant.pow2_scale(kv[:, :nope].float().view(9, nsc, 64).abs().amax(-1), quant.FP8_MAX, quant.FP8_AMAX_FLOOR)
+    assert torch.equal(p[:, nope + 128: nope + 128 + nsc], quant.ue8m0_encode(s).view(torch.uint8))
+    assert (p[:, nope + 128 + nsc:] == 0).all()
+    assert torch.equal(p[:, nope: nope + 128].contiguous().view(BF16), kv[:, nope:].to(BF16))
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_fp8_decode_every_code(native):
+    # every e4m3 byte except the NaN codes 0x7f / 0xff, with random scales and rope dims: with one
+    # index per query and sink = -inf the output is the dequantised row itself, bit for bit
+    d, g = 128, torch.Generator().manual_seed(61)
+    codes = torch.tensor([c for c in range(256) if c not in (0x7F, 0xFF)] + [0, 0], dtype=torch.uint8)
+    N = codes.numel() // 64
+    packed = torch.zeros(N, K.row_bytes(d), dtype=torch.uint8)
+    packed[:, :64] = codes.view(N, 64)
+    packed[:, 64:192] = torch.randn(N, 64, generator=g).to(BF16).view(torch.uint8)
+    packed[:, 192] = torch.randint(100, 150, (N,), generator=g).to(torch.uint8)
+    idx = torch.arange(N, dtype=torch.int32).view(N, 1)
+    q = torch.zeros(N, 1, d)
+    sink = torch.full((1,), float("-inf"))
+    out = K.attention_fp8kv(dev(q), dev(packed), dev(idx), None, None, dev(sink), 1.0, d, native_fp8=native)
+    assert torch.equal(out[:, 0].cpu(), K.unpack_fp8_kv(packed, d))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("native", [False, True])
+def test_attention_fp8kv_matches_reference_on_unpacked(dtype, native):
+    batch = StepBatch([1, 0, 2], [0, 140, 9], [4, 1, 2], torch.device("cpu"))
+    wkv, widx, ckv, cidx = layer_inputs(batch, 3, "csa", 128, torch.float32, seed=71, topk=20, scatter=True)
+    wp, cp = K.pack_fp8_kv(wkv), K.pack_fp8_kv(ckv)
+    q, sink = qs(batch.num_tokens, 8, 128, dtype, seed=73)
+    out = K.attention_fp8kv(dev(q), dev(wp), dev(widx), dev(cp), dev(cidx), dev(sink), 128 ** -0.5, 128,
+                            native_fp8=native)
+    ref = truth(q, K.unpack_fp8_kv(wp, 128), widx, K.unpack_fp8_kv(cp, 128), cidx, sink, 128 ** -0.5)
+    check(out, ref, dtype, "fp8 kv")
+    # and the same as the bf16/fp32 kernel on the unpacked rows
+    plain = K.attention(dev(q), dev(K.unpack_fp8_kv(wp, 128)), dev(widx), dev(K.unpack_fp8_kv(cp, 128)), dev(cidx),
+                        dev(sink), 128 ** -0.5)
+    check(out, plain.cpu().to(D64), dtype, "fp8 kv vs unpacked")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_attention_fp8kv_head_dim_512(dtype):
+    batch = StepBatch([0], [260], [2], torch.device("cpu"))
+    wkv, widx, ckv, cidx = layer_inputs(batch, 1, "hca", 512, torch.float32, seed=81)
+    wp, cp = K.pack_fp8_kv(wkv), K.pack_fp8_kv(ckv)
+    assert wp.shape[1] == 584
+    q, sink = qs(2, 16, 512, dtype, seed=82)
+    out = K.attention_fp8kv(dev(q), dev(wp), dev(widx), dev(cp), dev(cidx), dev(sink), 512 ** -0.5, 512)
+    ref = truth(q, K.unpack_fp8_kv(wp, 512), widx, K.unpack_fp8_kv(cp, 512), cidx, sink, 512 ** -0.5)
+    check(out, ref, dtype, "fp8 kv d=512")
