@@ -1,0 +1,437 @@
+"""Record a golden bundle: run prompts through one model (backend + dtype + mode) and keep the
+input ids, logits, a greedy continuation and the tensors at the model's hook points.
+
+`record(model, prompts, options)` takes a built `v4.model.Transformer`, so tests can record a
+deliberately perturbed backend through exactly the code path `dsv4 parity record` uses.
+
+How prompts run: the prompts of one batch group (the `batch` key of a prompt; each prompt without
+one is its own group) are prefilled together in one packed engine step per prefill chunk (a
+`StepBatch` with one slot per prompt), then decoded greedily together, one packed step per
+token. Hooks fire during the prefill only; they see packed `[T, ...]` tensors, which are split
+back per prompt by the batch offsets (compressed entries: by the number each sequence emitted).
+A batched recording therefore holds the same per-prompt tensors as recording each prompt alone,
+up to the rounding of differently shaped matmuls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from v4.errors import DSV4Error, InputError
+from v4.model import StepBatch
+
+SUITES_DIR = Path(__file__).resolve().parent / "suites"
+TOKEN_LO, TOKEN_HI = 3, 259  # generated prompts use byte-level ids: valid for every vocab >= 259
+
+
+class RecordError(DSV4Error):
+    """The backend produced something the recorder cannot split per prompt (a backend bug)."""
+
+
+# ---------------------------------------------------------------------------------------- prompts
+@dataclass
+class Prompt:
+    ids: list
+    text: str | None = None
+    batch: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class Options:
+    greedy_tokens: int = 8
+    layers: str = "all"  # "all" | "none" | comma-separated block indices, e.g. "0,2"
+    logits: str = "all"  # "all" | "last:K"
+    prefill_chunk: int = 0  # 0 = whole prompt (or batch) in one step
+    batching: bool = True  # False: every prompt alone, ignoring batch groups
+    block_size: int = 64
+
+    def validate(self):
+        if self.greedy_tokens < 0:
+            raise InputError(f"--greedy must be >= 0, got {self.greedy_tokens}")
+        if self.prefill_chunk < 0:
+            raise InputError(f"prefill_chunk must be >= 0, got {self.prefill_chunk}")
+        if self.logits != "all":
+            if not self.logits.startswith("last:") or not self.logits[5:].isdigit() or int(self.logits[5:]) < 1:
+                raise InputError(f"--logits must be 'all' or 'last:K' with K >= 1, got {self.logits!r}")
+        if self.layers not in ("all", "none"):
+            try:
+                [int(x) for x in self.layers.split(",")]
+            except ValueError:
+                raise InputError(f"--layers must be all, none or block indices like 0,2; got {self.layers!r}") from None
+
+    def layer_set(self, n_layers: int) -> set:
+        if self.layers == "all":
+            return set(range(n_layers))
+        if self.layers == "none":
+            return set()
+        return {int(x) for x in self.layers.split(",")}
+
+
+@dataclass
+class Suite:
+    name: str
+    description: str
+    config: str | None
+    options: dict = field(default_factory=dict)
+    prompts: list = field(default_factory=list)  # raw specs
+
+
+def generated_ids(length: int, seed: int, bos: int) -> list:
+    """A prompt of `length` ids: BOS then byte-level ids from Python's seeded Mersenne Twister
+    (`random.random()` is reproducible across platforms and Python versions, unlike torch's RNG
+    across torch versions), so every machine builds the same suite prompts."""
+    if length < 1:
+        raise InputError(f"a generated prompt needs length >= 1, got {length}")
+    r = random.Random(seed)
+    return [bos] + [TOKEN_LO + int(r.random() * (TOKEN_HI - TOKEN_LO)) for _ in range(length - 1)]
+
+
+def _prompt_from_spec(spec: dict, tokenizer, bos: int, where: str) -> Prompt:
+    if not isinstance(spec, dict):
+        raise InputError(f"{where}: each prompt must be a JSON object like {{\"ids\": [...]}} or {{\"text\": \"...\"}}")
+    keys = [k for k in ("ids", "text", "length") if k in spec]
+    if len(keys) != 1:
+        raise InputError(f"{where}: a prompt needs exactly one of 'ids', 'text' or 'length' (+ 'seed'), got keys {sorted(spec)}")
+    batch = spec.get("batch")
+    batch = None if batch is None else str(batch)
+    if "ids" in spec:
+        ids = spec["ids"]
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise InputError(f"{where}: 'ids' must be a list of integers")
+        return Prompt(list(ids), None, batch, spec.get("name"))
+    if "text" in spec:
+        if not isinstance(spec["text"], str):
+            raise InputError(f"{where}: 'text' must be a string")
+        return Prompt(tokenizer.encode(spec["text"]), spec["text"], batch, spec.get("name"))
+    n = spec["length"]
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise InputError(f"{where}: 'length' must be an integer")
+    return Prompt(generated_ids(n, int(spec.get("seed", 0)), bos), None, batch, spec.get("name") or f"len{n}")
+
+
+def load_prompts_file(path, tokenizer, bos: int) -> list:
+    """JSONL: one object per line, {"ids": [...]}, {"text": "..."} or {"length": N, "seed": S};
+    optional "batch" (prompts with the same value run packed together) and "name". Blank lines
+    and lines starting with # are skipped."""
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise InputError(f"{p}: cannot read prompts file ({e.strerror or e})") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            spec = json.loads(line)
+        except ValueError as e:
+            raise InputError(f"{p}:{n}: not a JSON object ({e})") from None
+        out.append(_prompt_from_spec(spec, tokenizer, bos, f"{p}:{n}"))
+    if not out:
+        raise InputError(f"{p}: no prompts in the file")
+    return out
+
+
+def load_suite(name_or_path: str) -> Suite:
+    """`smoke` -> parity/suites/smoke.yaml; a path -> that YAML."""
+    import yaml
+
+    p = Path(name_or_path)
+    if not p.is_file():
+        p = SUITES_DIR / f"{name_or_path}.yaml"
+    if not p.is_file():
+        avail = sorted(x.stem for x in SUITES_DIR.glob("*.yaml"))
+        raise InputError(f"suite '{name_or_path}' not found; give a YAML path or one of: {', '.join(avail)}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"{p}: cannot parse suite ({e.__class__.__name__})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("prompts"), list):
+        raise InputError(f"{p}: a suite needs a 'prompts:' list")
+    known = {"name", "description", "config", "prompts", "greedy_tokens", "layers", "logits", "prefill_chunk"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise InputError(f"{p}: unknown suite key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    opts = {k: raw[k] for k in ("greedy_tokens", "layers", "logits", "prefill_chunk") if k in raw}
+    if "layers" in opts:
+        opts["layers"] = str(opts["layers"])
+    return Suite(raw.get("name", p.stem), raw.get("description", ""), raw.get("config"), opts, raw["prompts"])
+
+
+def suite_prompts(suite: Suite, tokenizer, bos: int) -> list:
+    return [_prompt_from_spec(s, tokenizer, bos, f"suite {suite.name}, prompt {i}") for i, s in enumerate(suite.prompts)]
+
+
+# ---------------------------------------------------------------------------------------- model
+@dataclass
+class Built:
+    model: object
+    cfg: object
+    runtime: object
+    tokenizer: object
+    weights: dict  # {"source": "random"|"checkpoint", "seed"|"path", "hash"}
+
+
+def config_hash(cfg) -> str:
+    """sha256 of the canonical HF config dict (the config's name does not count)."""
+    return hashlib.sha256(json.dumps(cfg.to_hf_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def tensors_hash(tensors: dict) -> str:
+    """sha256 over sorted (name, dtype, shape, bytes) of in-memory weights (seeded random weights).
+    A checkpoint is hashed by `v4.weights.checkpoint_hash` instead (sampled, cheap), so the same
+    values from a checkpoint and from --seed-weights hash differently: that is conservative."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def build(checkpoint=None, config=None, runtime_file=None, overrides=None, seed: int = 0) -> Built:
+    """`v4.runtime.load`, but keeping the weights' hash for the bundle."""
+    import backends
+    from v4 import weights as W
+    from v4.model import Transformer
+    from v4.runtime import DTYPES, random_weights, resolve
+    from v4.tokenizer import load_tokenizer
+
+    cfg, rt = resolve(checkpoint, config, runtime_file, overrides)
+    ops = backends.get_ops(rt.backend, rt.device, rt.allow_fallback, rt.mode, rt.dtype)
+    if checkpoint is not None:
+        cfg, tensors = W.load_checkpoint(checkpoint, cfg, progress=False)
+        winfo = {"source": "checkpoint", "path": str(checkpoint), "hash": W.checkpoint_hash(checkpoint)}
+    else:
+        tensors = random_weights(cfg, seed)
+        winfo = {"source": "random", "seed": seed, "hash": tensors_hash(tensors)}
+    model = Transformer(cfg, tensors, ops, DTYPES[rt.dtype], rt.mode)
+    return Built(model, cfg, rt, load_tokenizer(cfg, checkpoint), winfo)
+
+
+# ---------------------------------------------------------------------------------------- environment
+def device_name(device) -> str:
+    dev = torch.device(device)
+    try:
+        if dev.type == "cuda":
+            return torch.cuda.get_device_name(dev)
+        if dev.type == "npu" and hasattr(torch, "npu"):  # only when torch_npu was already loaded by the backend
+            return torch.npu.get_device_name(dev)
+    except Exception:  # noqa: BLE001 - a name is nice to have, never worth a failure
+        pass
+    if dev.type == "cpu":
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or "cpu"
+    return str(dev)
+
+
+def library_versions() -> dict:
+    """Versions from installed distributions' metadata: never imports a kernel stack."""
+    from importlib import metadata
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__}
+    for dist in ("dsv4", "safetensors", "numpy", "triton", "torch-npu", "triton-ascend", "transformers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    if torch.version.cuda:
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+# ---------------------------------------------------------------------------------------- recording
+def _groups(prompts: list, batching: bool) -> list:
+    """Prompt indices grouped into packed batches, in order of first appearance."""
+    groups, by_key = [], {}
+    for i, p in enumerate(prompts):
+        if not batching or p.batch is None:
+            groups.append([i])
+        elif p.batch in by_key:
+            by_key[p.batch].append(i)
+        else:
+            by_key[p.batch] = [i]
+            groups.append(by_key[p.batch])
+    return groups
+
+
+def _hook_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float32 if t.is_floating_point() else torch.int64
+
+
+@torch.no_grad()
+def record(model, prompts: list, opts: Options | None = None) -> tuple[dict, dict]:
+    """Run `prompts` (list of Prompt) through `model`. Returns (tensors, info) where tensors use
+    the bundle keys (see parity/bundle.py) and info holds the hook order and timings."""
+    opts = opts or Options()
+    opts.validate()
+    cfg = model.cfg
+    for i, p in enumerate(prompts):
+        if not p.ids:
+            raise InputError(f"prompt {i} is empty: give at least one token")
+        bad = [t for t in p.ids if not 0 <= int(t) < cfg.vocab_size]
+        if bad:
+            raise InputError(f"prompt {i}: token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size}) of model '{cfg.name}'")
+    keep_layers = opts.layer_set(cfg.num_hidden_layers)
+    last_k = None if opts.logits == "all" else int(opts.logits[5:])
+    N = opts.greedy_tokens
+    tensors: dict = {}
+    hook_order: list = []
+    per_prompt_hooks = {i: {} for i in range(len(prompts))}
+    t_start = time.perf_counter()
+    saved_hook = model.hook
+    try:
+        for group in _groups(prompts, opts.batching):
+            _record_group(model, prompts, group, opts, keep_layers, last_k, N, tensors, hook_order, per_prompt_hooks)
+    finally:
+        model.hook = saved_hook
+    for i, hooks in per_prompt_hooks.items():
+        for name in hook_order:
+            parts = hooks.get(name)
+            tensors[f"prompt.{i}.hook.{name}"] = torch.cat(parts) if parts else torch.zeros(0)
+    info = {"hooks": hook_order, "record_s": time.perf_counter() - t_start}
+    return tensors, info
+
+
+def _record_group(model, prompts, group, opts, keep_layers, last_k, N, tensors, hook_order, per_prompt_hooks):
+    cfg, dev = model.cfg, model.device
+    V = cfg.vocab_size
+    seqs = [prompts[i].ids for i in group]
+    lens = [len(s) for s in seqs]
+    cache = model.new_cache(len(group), max(lens) + N + 1, opts.block_size)
+    slots = [cache.alloc() for _ in group]
+    wanted = [range(0, n) if last_k is None else range(max(0, n - last_k), n) for n in lens]
+    logit_rows = [[] for _ in group]
+    chunk = opts.prefill_chunk or max(lens)
+    done = [0] * len(group)
+    step_hooks: list = []
+
+    def hook(name: str, t: torch.Tensor):
+        layer = int(name.split(".")[1])
+        if layer in keep_layers:
+            step_hooks.append((name, t.detach().to("cpu", _hook_dtype(t), copy=True)))
+
+    last_logits = [None] * len(group)
+    while any(d < n for d, n in zip(done, lens)):
+        rows = [r for r in range(len(group)) if done[r] < lens[r]]
+        step_lens = [min(chunk, lens[r] - done[r]) for r in rows]
+        starts = [done[r] for r in rows]
+        ids = torch.tensor([t for r, n in zip(rows, step_lens) for t in seqs[r][done[r]:done[r] + n]], device=dev)
+        batch = StepBatch([slots[r] for r in rows], starts, step_lens, dev)
+        # Logits for the whole step when any position in it is kept; the last position of every
+        # prompt is always kept (it starts the greedy continuation).
+        need = any(wanted[r].start < s + n for r, s, n in zip(rows, starts, step_lens))
+        step_hooks.clear()
+        model.hook = hook if keep_layers else None
+        logits, _ = model.forward(ids, batch, cache, logits="all" if need else "none")
+        model.hook = None
+        for name, _ in step_hooks:
+            if name not in hook_order:
+                hook_order.append(name)
+        _split_hooks(cfg, step_hooks, rows, starts, step_lens, batch.offsets, group, per_prompt_hooks)
+        for j, (r, s, n) in enumerate(zip(rows, starts, step_lens)):
+            if need:
+                o = batch.offsets[j]
+                for pos in range(s, s + n):
+                    if pos in wanted[r]:
+                        logit_rows[r].append(logits[o + pos - s])
+                if s + n == lens[r]:
+                    last_logits[r] = logits[o + n - 1]
+            done[r] += n
+    for r, i in enumerate(group):
+        pos = list(wanted[r])
+        tensors[f"prompt.{i}.input_ids"] = torch.tensor(seqs[r], dtype=torch.int64)
+        tensors[f"prompt.{i}.logit_positions"] = torch.tensor(pos, dtype=torch.int64)
+        tensors[f"prompt.{i}.logits"] = torch.stack(logit_rows[r]).to("cpu", torch.float32)
+    # greedy continuation: N tokens, no stop at EOS (both sides must run the same number of steps)
+    g_ids = [[] for _ in group]
+    g_logits = [[] for _ in group]
+    cur = torch.stack(last_logits)
+    for step in range(N):
+        nxt = cur.argmax(-1)
+        for r in range(len(group)):
+            g_ids[r].append(int(nxt[r]))
+            g_logits[r].append(cur[r].to("cpu", torch.float32))
+        if step == N - 1:
+            break
+        batch = StepBatch(slots, [n + step for n in lens], [1] * len(group), dev)
+        cur, _ = model.forward(nxt.to(dev), batch, cache, logits="last")
+    for r, i in enumerate(group):
+        tensors[f"prompt.{i}.greedy_ids"] = torch.tensor(g_ids[r], dtype=torch.int64)
+        tensors[f"prompt.{i}.greedy_logits"] = torch.stack(g_logits[r]) if g_logits[r] else torch.zeros(0, V)
+
+
+def _split_hooks(cfg, step_hooks, rows, starts, step_lens, offsets, group, per_prompt_hooks):
+    """Packed hook tensors -> per-prompt pieces. Token-major tensors split by the batch offsets;
+    compressed entries (emitted per sequence in batch order) by the count each sequence emitted:
+    a sequence at start s with n new tokens closes (s + n) // m - s // m windows of ratio m."""
+    for name, t in step_hooks:
+        if name.endswith(".attn.compressed"):
+            m = cfg.layer_ratio(int(name.split(".")[1]))
+            counts = [(s + n) // m - s // m for s, n in zip(starts, step_lens)]
+            if sum(counts) != t.shape[0]:
+                raise RecordError(f"{name}: the backend emitted {t.shape[0]} compressed entries but the step closes "
+                                  f"{sum(counts)} windows; its compress op is wrong")
+            bounds = [0]
+            for c in counts:
+                bounds.append(bounds[-1] + c)
+        else:
+            bounds = offsets
+        for j, r in enumerate(rows):
+            per_prompt_hooks[group[r]].setdefault(name, []).append(t[bounds[j]:bounds[j + 1]])
+
+
+def record_bundle(built: Built, prompts: list, opts: Options | None = None, suite: str | None = None,
+                  prompts_file: str | None = None, out=None):
+    """record() + metadata -> a Bundle, written to `out` when given. What `dsv4 parity record`
+    runs; tests hand it a Built whose model carries deliberately perturbed ops."""
+    from . import bundle as BD
+
+    opts = opts or Options()
+    tensors, info = record(built.model, prompts, opts)
+    meta = make_meta(built, prompts, opts, info, suite, prompts_file)
+    if out is not None:
+        return BD.write(out, tensors, meta)
+    return BD.Bundle("(memory)", meta, tensors)
+
+
+def make_meta(built: Built, prompts: list, opts: Options, info: dict, suite: str | None = None,
+              prompts_file: str | None = None) -> dict:
+    """bundle.json content (format fields and the tensor digest are added by bundle.write)."""
+    from datetime import datetime, timezone
+
+    m, cfg, rt = built.model, built.cfg, built.runtime
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": cfg.name, "config_hash": config_hash(cfg), "config": cfg.to_hf_dict()},
+        "weights": built.weights,
+        "backend": {"name": m.ops.name, "impl": getattr(m.ops, "impl", {}), "fallback": list(getattr(m.ops, "fallback", ())),
+                    "device": str(m.device), "device_name": device_name(m.device)},
+        "dtype": rt.dtype,
+        "mode": rt.mode,
+        "versions": library_versions(),
+        "suite": suite,
+        "prompts_file": prompts_file,
+        "options": {"greedy_tokens": opts.greedy_tokens, "layers": opts.layers, "logits": opts.logits,
+                    "prefill_chunk": opts.prefill_chunk, "batching": opts.batching, "block_size": opts.block_size},
+        "greedy_tokens": opts.greedy_tokens,
+        "prompts": [{"index": i, "tokens": len(p.ids), "name": p.name, "text": p.text, "batch": p.batch if opts.batching else None}
+                    for i, p in enumerate(prompts)],
+        "hooks": info["hooks"],
+        "record_s": round(info["record_s"], 3),
+    }
