@@ -18,7 +18,6 @@ if not GPU:
 
 import pytest  # noqa: E402
 
-pytest.importorskip("triton")
 
 from backends.cuda.kernels import gemm  # noqa: E402
 from backends.reference.ops import ReferenceOps  # noqa: E402

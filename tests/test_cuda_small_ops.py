@@ -14,7 +14,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-pytest.importorskip("triton")
 
 from backends.cuda.kernels import gate, mhc, norm_rope  # noqa: E402
 from backends.reference.ops import ReferenceOps  # noqa: E402

@@ -11,7 +11,6 @@ compressed entries) -> `_moe`.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable
@@ -21,7 +20,7 @@ import torch
 from backends.reference.ops import CompressSpec
 from . import quant
 from .cache import KVCache
-from .config import CSA, CSA_RATIO, HCA, SLIDING, ModelConfig, yarn_inv_freq
+from .config import CSA, SLIDING, ModelConfig, yarn_inv_freq
 from .errors import CheckpointError, InputError
 
 # Linears that the official checkpoint stores in FP8 (or FP4 for routed experts): in exact mode
@@ -122,7 +121,7 @@ class Transformer:
         return (self._float(prefix + "_fn", a), self._float(prefix + "_base", a), self._float(prefix + "_scale", a))
 
     def _prepare_block(self, p: str, layer: int) -> SimpleNamespace:
-        cfg, dt, a = self.cfg, self.dtype, self.acc
+        cfg, a = self.cfg, self.acc
         kind, m = cfg.layer_type(layer), cfg.layer_ratio(layer)
         b = SimpleNamespace(layer=layer, kind=kind, ratio=m, name=p.rstrip("."))
         b.hc_attn, b.hc_ffn = self._hc(p + "hc_attn"), self._hc(p + "hc_ffn")
@@ -187,7 +186,7 @@ class Transformer:
         mtp_ids: [T] the token that follows each position; when given, MTP block 0 runs too and
         its logits (for the token after that) come back in the same layout.
         """
-        ops, cfg = self.ops, self.cfg
+        cfg = self.cfg
         ids = ids.to(self.device)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
             bad = int(ids.max()) if int(ids.max()) >= cfg.vocab_size else int(ids.min())

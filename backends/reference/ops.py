@@ -12,7 +12,6 @@ addressed through per-sequence block tables.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -15,30 +15,18 @@ Two kernels:
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import MAX_SPLITS, target_programs
 
 _BLOCK_T = 16
 _BLOCK_E = 64
 _BLOCK_K = 128
 
 
-_MAX_SPLITS = 32  # K splits: enough to spread a decode step's weight read, few for the reducer
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _target_programs(device: torch.device) -> int:
-    """How many programs a launch should offer to fill the machine (small in the interpreter)."""
-    if device.type == "cuda":
-        return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4
 
 
 @triton.jit
@@ -147,7 +135,7 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     lowp = x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cuda"
     n_tb, n_eb = triton.cdiv(T, _BLOCK_T), triton.cdiv(E, _BLOCK_E)
     k_blocks = triton.cdiv(K, _BLOCK_K)
-    splits = max(1, min(k_blocks, _MAX_SPLITS, _target_programs(x.device) // (n_tb * n_eb)))
+    splits = max(1, min(k_blocks, MAX_SPLITS, target_programs(x.device) // (n_tb * n_eb)))
     k_per = triton.cdiv(k_blocks, splits) * _BLOCK_K
     splits = triton.cdiv(K, k_per)
     part = torch.empty(splits, T, E, dtype=torch.float32, device=x.device)

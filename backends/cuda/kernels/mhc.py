@@ -22,30 +22,18 @@ X'_k = post_k y + sum_j comb[j, k] X_j.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import MAX_SPLITS, target_programs
 
 _BLOCK_K = 128  # nD chunk of the mix GEMM
 _BLOCK_D = 1024  # widest D chunk of the collapse / post kernels
 _TILE = 4096  # elements of a [tokens, streams, D] tile in the collapse / post kernels
 
 
-_MAX_SPLITS = 32  # K splits: enough to spread a decode step's weight read, few for the reducer
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _target_programs(device: torch.device) -> int:
-    """How many programs a launch should offer to fill the machine (small in the interpreter)."""
-    if device.type == "cuda":
-        return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4
 
 
 @triton.jit
@@ -159,7 +147,7 @@ def _mix(X: torch.Tensor, fn: torch.Tensor, rows: int):
     block_t = 16 if T <= 16 else 32
     n_tb = triton.cdiv(T, block_t)
     k_blocks = triton.cdiv(K, _BLOCK_K)
-    splits = max(1, min(k_blocks, _MAX_SPLITS, _target_programs(X.device) // n_tb))
+    splits = max(1, min(k_blocks, MAX_SPLITS, target_programs(X.device) // n_tb))
     k_per = triton.cdiv(k_blocks, splits) * _BLOCK_K
     splits = triton.cdiv(K, k_per)
     mpart = torch.empty(splits, T, MP, dtype=torch.float32, device=X.device)
@@ -175,7 +163,7 @@ def _finish_blocks(T: int, D: int, NP: int, device) -> tuple[int, int, int, int]
     block_d = min(_BLOCK_D, triton.next_power_of_2(D), max(16, _TILE // (block_t * NP)))
     n_tb = triton.cdiv(T, block_t)
     d_blocks = triton.cdiv(D, block_d)
-    per_tb = max(1, min(d_blocks, _target_programs(device) // n_tb))  # split D only when tokens are few
+    per_tb = max(1, min(d_blocks, target_programs(device) // n_tb))  # split D only when tokens are few
     d_per = triton.cdiv(d_blocks, per_tb) * block_d
     return block_t, block_d, triton.cdiv(D, d_per), d_per
 
