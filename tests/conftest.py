@@ -29,3 +29,9 @@ def no_triton_interpreter(monkeypatch):
     """The Triton kernel tests turn on TRITON_INTERPRET for the session (kernels are decorated at
     import); tests about what a bare CPU machine reports must not see it."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_env(monkeypatch):
+    """DSV4_BACKEND overrides every selection; a value left in the shell must not steer the tests."""
+    monkeypatch.delenv("DSV4_BACKEND", raising=False)

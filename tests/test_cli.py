@@ -10,11 +10,9 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import backends
 from v4.cli import main
@@ -22,20 +20,6 @@ from v4.cli import main
 pytestmark = pytest.mark.usefixtures("no_triton_interpreter")
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: intra-op threads only cost time (and thrash when the CPU is shared)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _no_backend_env(monkeypatch):
-    monkeypatch.delenv("DSV4_BACKEND", raising=False)
 
 
 def run(capsys, *argv):

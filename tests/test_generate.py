@@ -17,15 +17,6 @@ from v4.errors import InputError
 from v4.generate import Engine, SamplingParams, sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: intra-op threads only cost time (and thrash when the CPU is shared)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- sampling
 
 

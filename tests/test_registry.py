@@ -32,20 +32,6 @@ HAVE_CUDA = importlib.util.find_spec("triton") is not None and torch.cuda.is_ava
 HAVE_NPU = importlib.util.find_spec("torch_npu") is not None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: intra-op threads only cost time (and thrash when the CPU is shared)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def _no_backend_env(monkeypatch):
-    monkeypatch.delenv("DSV4_BACKEND", raising=False)
-
-
 # ----------------------------------------------------------------------------- registry
 
 

@@ -188,8 +188,9 @@ class Transformer:
         """
         cfg = self.cfg
         ids = ids.to(self.device)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size):
-            bad = int(ids.max()) if int(ids.max()) >= cfg.vocab_size else int(ids.min())
+        lo, hi = (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0)
+        if lo < 0 or hi >= cfg.vocab_size:
+            bad = hi if hi >= cfg.vocab_size else lo
             raise InputError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}) of model '{cfg.name}'")
         for slot, start, n, _ in batch.seqs:
             cache.reserve(slot, start + n)
