@@ -116,8 +116,11 @@ class OpsBundle:
 
 
 def get_ops(name: str = "auto", device: str | None = None, allow_fallback: bool = False, mode: str = "plain",
-            dtype: str | None = None):
-    """Build the ops object for a backend. Raises BackendUnavailable instead of falling back silently."""
+            dtype: str | None = None, backend_options: dict | None = None):
+    """Build the ops object for a backend. Raises BackendUnavailable instead of falling back silently.
+
+    backend_options: {backend name: {keyword: value}} passed to that backend's make_ops only
+    (e.g. {"ascend": {"weights": "w8a8"}}), so one runtime config serves every backend."""
     chosen = resolve(name)
     info = probe(chosen)
     if mode not in info.modes:
@@ -125,7 +128,7 @@ def get_ops(name: str = "auto", device: str | None = None, allow_fallback: bool 
     if dtype is not None and dtype not in info.dtypes:
         raise BackendUnavailable(f"backend '{chosen}' does not support dtype '{dtype}' (it supports: {', '.join(info.dtypes)})")
     mod = importlib.import_module(_REGISTRY[chosen].module)
-    native = mod.make_ops(device)
+    native = mod.make_ops(device, **(backend_options or {}).get(chosen, {}))
     missing = [op for op in OP_NAMES if op not in info.ops]
     if any(op in missing for op in WEIGHT_OPS):
         missing = [op for op in OP_NAMES if op in missing or op in WEIGHT_OPS]

@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   dsv4 parity record --backend reference --dtype bf16 --suite boundaries --out /tmp/cpu-bf16
   dsv4 parity compare /tmp/cpu-fp64 /tmp/npu-bf16 --report /tmp/report
   dsv4 parity ops --backend reference --dtype fp32
+  dsv4 parity verify /data/golden-fp64 --backend ascend --dtype bf16   # on the NPU machine: ops + model, one verdict
 """
 
 
@@ -99,7 +100,20 @@ def add_parser(sub) -> None:
     o.add_argument("--profile", help="tolerance profile (default: from --dtype and --mode)")
     o.set_defaults(fn=cmd_ops)
 
-    for sp in (r, c, u, o):
+    v = ps.add_parser("verify", help="on this machine: op suite + model parity of a backend against a golden bundle, one verdict")
+    v.add_argument("golden", help="golden bundle recorded elsewhere (e.g. reference fp64 on a GPU or CPU machine)")
+    v.add_argument("--backend", default="auto", help="backend to verify here (ascend, cuda, reference, auto)")
+    v.add_argument("--dtype", type=_dtype, help="dtype to run here (default: the golden bundle's)")
+    v.add_argument("--checkpoint", help="this machine's copy of the checkpoint the golden bundle was recorded from")
+    v.add_argument("--runtime", help="runtime YAML (configs/ascend.yaml, ...)")
+    v.add_argument("--device", help="torch device, e.g. npu:0")
+    v.add_argument("--profile", help="tolerance profile (default: from the dtype and mode)")
+    v.add_argument("--out", help="also keep this machine's recording as a bundle here")
+    v.add_argument("--report", help="directory for report.json, report.md (+ per_layer.png)")
+    v.add_argument("--skip-ops", action="store_true", help="model parity only")
+    v.set_defaults(fn=cmd_verify)
+
+    for sp in (r, c, u, o, v):
         sp.add_argument("--threads", type=int,
                         help="torch CPU threads (default: torch's); 1 is fastest for the tiny config on a busy machine")
 
@@ -269,6 +283,13 @@ def cmd_ops(a) -> int:
     res = opcheck.run(a.backend, a.dtype, a.mode, a.device, a.seed, a.profile)
     print(opcheck.render(res))
     return 0 if res.passed else 1
+
+
+def cmd_verify(a) -> int:
+    _threads(a)
+    from . import verify
+
+    return verify.run(a.golden, a.backend, a.dtype, a.checkpoint, a.device, a.runtime, a.profile, a.out, a.report, a.skip_ops)
 
 
 def main(argv=None) -> int:  # pragma: no cover - `python -m parity.cli ...` convenience

@@ -208,7 +208,7 @@ def build(checkpoint=None, config=None, runtime_file=None, overrides=None, seed:
     from v4.tokenizer import load_tokenizer
 
     cfg, rt = resolve(checkpoint, config, runtime_file, overrides)
-    ops = backends.get_ops(rt.backend, rt.device, rt.allow_fallback, rt.mode, rt.dtype)
+    ops = backends.get_ops(rt.backend, rt.device, rt.allow_fallback, rt.mode, rt.dtype, rt.backend_options())
     if checkpoint is not None:
         cfg, tensors = W.load_checkpoint(checkpoint, cfg, progress=False)
         winfo = {"source": "checkpoint", "path": str(checkpoint), "hash": W.checkpoint_hash(checkpoint)}
@@ -410,6 +410,13 @@ def record_bundle(built: Built, prompts: list, opts: Options | None = None, suit
     return BD.Bundle("(memory)", meta, tensors)
 
 
+def _device_label(model) -> str:
+    name = device_name(model.device)
+    if getattr(model.ops, "emulated", False):  # say it wherever the device is named: not a real NPU
+        return f"emulated on CPU ({name}; CANN ops emulated, Triton-Ascend kernels interpreted)"
+    return name
+
+
 def make_meta(built: Built, prompts: list, opts: Options, info: dict, suite: str | None = None,
               prompts_file: str | None = None) -> dict:
     """bundle.json content (format fields and the tensor digest are added by bundle.write)."""
@@ -421,7 +428,8 @@ def make_meta(built: Built, prompts: list, opts: Options, info: dict, suite: str
         "model": {"name": cfg.name, "config_hash": config_hash(cfg), "config": cfg.to_hf_dict()},
         "weights": built.weights,
         "backend": {"name": m.ops.name, "impl": getattr(m.ops, "impl", {}), "fallback": list(getattr(m.ops, "fallback", ())),
-                    "device": str(m.device), "device_name": device_name(m.device)},
+                    "device": str(m.device), "device_name": _device_label(m),
+                    "emulated": bool(getattr(m.ops, "emulated", False))},
         "dtype": rt.dtype,
         "mode": rt.mode,
         "versions": library_versions(),

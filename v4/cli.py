@@ -27,11 +27,14 @@ def _add_model_args(p, need_model=True):
     p.add_argument("--device", help="torch device, e.g. cpu, cuda:0")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"])
     p.add_argument("--mode", choices=["plain", "exact"], help="numerics: plain (the math) or exact (official run-time quantisation)")
+    p.add_argument("--ascend-weights", choices=["dequant", "w8a8"],
+                   help="Ascend weight form: dequant (FP8/FP4 -> working dtype at load) or w8a8 (int8 weights, per-token int8 activations)")
     p.add_argument("--seed-weights", type=int, default=0, help="seed of the random weights used with --config (default 0)")
 
 
 def _overrides(a):
-    return {"backend": a.backend, "device": a.device, "dtype": a.dtype, "mode": a.mode}
+    return {"backend": a.backend, "device": a.device, "dtype": a.dtype, "mode": a.mode,
+            "ascend_weights": getattr(a, "ascend_weights", None)}
 
 
 def cmd_generate(a) -> int:
@@ -148,7 +151,11 @@ def cmd_backends(a) -> int:
     if a.json:
         print(json.dumps([{**i.__dict__, "ops": sorted(i.ops)} for i in backends.matrix()], indent=1))
     else:
+        from backends.ascend import format_readiness
+
         print(backends.format_matrix())
+        print()
+        print(format_readiness())
     return 0
 
 

@@ -275,6 +275,10 @@ class RuntimeConfig:
     max_seq_len: int = 4096
     block_size: int = 64  # entries per page of the compressed / indexer pools
     prefill_chunk: int = 0  # 0 = whole prompt in one step
+    ascend_weights: str = "dequant"  # Ascend: "dequant" FP8/FP4 -> working dtype at load, or "w8a8" int8
+
+    def backend_options(self) -> dict:
+        return {"ascend": {"weights": self.ascend_weights}}
 
     def validate(self, source: str = "runtime") -> None:
         if self.backend not in BACKENDS:
@@ -287,6 +291,8 @@ class RuntimeConfig:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"{source}: field 'runtime.{k}' must be a positive integer, got {v!r}")
+        if self.ascend_weights not in ("dequant", "w8a8"):
+            raise ConfigError(f"{source}: field 'runtime.ascend_weights' must be dequant or w8a8, got {self.ascend_weights!r}")
         if isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 0:
             raise ConfigError(f"{source}: field 'runtime.prefill_chunk' must be a non-negative integer, got {self.prefill_chunk!r}")
 

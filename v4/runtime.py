@@ -55,7 +55,7 @@ def load(checkpoint: str | None = None, config: str | None = None, runtime_file:
     from . import weights as W
 
     cfg, rt = resolve(checkpoint, config, runtime_file, overrides)
-    ops = backends.get_ops(rt.backend, rt.device, rt.allow_fallback, rt.mode, rt.dtype)
+    ops = backends.get_ops(rt.backend, rt.device, rt.allow_fallback, rt.mode, rt.dtype, rt.backend_options())
     if checkpoint is not None:
         cfg, tensors = W.load_checkpoint(checkpoint, cfg, progress=progress, device=ops.device)
     else:

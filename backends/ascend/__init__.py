@@ -1,13 +1,26 @@
-"""Ascend backend (torch_npu / CANN ops and Triton-Ascend kernels).
+"""Ascend backend: CANN fused ops through torch_npu + Triton-Ascend kernels (see ops.py for the map).
 
-torch_npu is never imported here at module level: installed without CANN it breaks even
-`import torch`. The probe only looks for the packages and says what is missing.
+Three ways this backend can be here:
+- on an Ascend machine (CANN + torch_npu + triton-ascend + an NPU): the real thing;
+- emulated on CPU, only when asked for (`DSV4_ASCEND_EMULATE=1`): torch_npu's ops replaced by
+  the CPU emulations of `emulation.py`, the Triton-Ascend kernels run in upstream Triton's
+  interpreter (TRITON_INTERPRET=1, set for the process). For checking the adapter and the
+  kernels' numerics; `auto` never picks it and every report says "emulated on CPU";
+- not at all: `probe()` says what is missing, and `readiness()` lists every requirement with how
+  to get it (`dsv4 backends` prints it).
+
+torch_npu is never imported at module level: installed without CANN it breaks even `import torch`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+from dataclasses import dataclass
+
+EMULATE_ENV = "DSV4_ASCEND_EMULATE"
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _installed(name: str) -> bool:
@@ -17,19 +30,140 @@ def _installed(name: str) -> bool:
         return False
 
 
+def emulate_requested() -> bool:
+    return os.environ.get(EMULATE_ENV, "0") not in ("", "0")
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cann_home() -> str | None:
+    return os.environ.get("ASCEND_HOME_PATH") or os.environ.get("ASCEND_TOOLKIT_HOME")
+
+
+@dataclass
+class Check:
+    item: str
+    ok: bool | None  # None: not applicable / informational
+    detail: str
+    fix: str = ""
+
+
+def readiness() -> list[Check]:
+    """Every requirement of a real Ascend run, on this machine, with what to do about each."""
+    import torch
+
+    checks = []
+    cann = _cann_home()
+    hccl = bool(cann) and any(os.path.exists(os.path.join(cann, d, "libhccl.so")) for d in ("lib64", "runtime/lib64", "aarch64-linux/lib64", "x86_64-linux/lib64"))
+    checks.append(Check("CANN toolkit", bool(cann), f"ASCEND_HOME_PATH={cann}" if cann else "not set up",
+                        "install CANN 8.5+ (toolkit + kernels for your chip) and `source /usr/local/Ascend/ascend-toolkit/set_env.sh`"))
+    if cann:
+        checks.append(Check("libhccl.so", hccl, "found under the CANN home" if hccl else "not found under the CANN home",
+                            "re-source set_env.sh; check the toolkit install is complete (torch_npu links libhccl)"))
+    cuda_build = torch.version.cuda is not None
+    checks.append(Check("CPU torch wheel", not cuda_build, f"torch {torch.__version__}" + (" is a CUDA build" if cuda_build else ""),
+                        "torch_npu refuses a second accelerator: in the NPU environment install the CPU wheel "
+                        "(pip install torch==<torch_npu's torch version> --index-url https://download.pytorch.org/whl/cpu)"))
+    tnpu = _dist_version("torch-npu")
+    checks.append(Check("torch_npu", tnpu is not None, f"torch-npu {tnpu}" if tnpu else "not installed",
+                        "pip install 'dsv4[ascend]' (torch-npu must match torch's version: torch-npu 2.14.0 needs torch 2.14.0)"))
+    if tnpu:
+        auto = os.environ.get("TORCH_DEVICE_BACKEND_AUTOLOAD", "1")
+        checks.append(Check("TORCH_DEVICE_BACKEND_AUTOLOAD", None, f"={auto}",
+                            "torch_npu registers itself for autoload: without CANN, `import torch` fails unless this is 0; "
+                            "with CANN leave it unset (1)"))
+    tasc = _dist_version("triton-ascend")
+    up = _dist_version("triton")
+    checks.append(Check("triton-ascend", tasc is not None, f"triton-ascend {tasc}" if tasc else "not installed",
+                        "pip uninstall -y triton && pip install --no-deps --force-reinstall triton-ascend "
+                        "(it replaces the `triton` module; upstream triton must not be installed after it)"))
+    if tasc and up:
+        checks.append(Check("upstream triton", False, f"triton {up} is installed too: whichever was installed last owns `triton/`",
+                            "pip uninstall -y triton && pip install --no-deps --force-reinstall triton-ascend"))
+    bisheng = shutil.which("bishengir-compile") is not None
+    checks.append(Check("bishengir-compile", bisheng if cann else None, "on PATH" if bisheng else "not on PATH",
+                        "comes with CANN (and ascendnpu-ir for the offline lowering check)"))
+    devs = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
+    checks.append(Check("ASCEND_RT_VISIBLE_DEVICES", None, devs if devs is not None else "unset (all NPUs visible)",
+                        "set it before the first NPU call to choose devices (like CUDA_VISIBLE_DEVICES)"))
+    det = os.environ.get("HCCL_DETERMINISTIC")
+    checks.append(Check("HCCL_DETERMINISTIC", None if det == "strict" else False, det or "unset",
+                        "for parity runs across NPUs: export HCCL_DETERMINISTIC=strict (and the backend sets "
+                        "torch_npu.npu.set_deterministic_level(1) when it loads)"))
+    checks.append(Check("emulation", None, "requested (DSV4_ASCEND_EMULATE=1)" if emulate_requested() else "off",
+                        "DSV4_ASCEND_EMULATE=1 runs this backend on CPU with emulated CANN ops (checking only)"))
+    return checks
+
+
+def format_readiness(checks: list[Check] | None = None) -> str:
+    checks = readiness() if checks is None else checks
+    mark = {True: "ok  ", False: "MISS", None: "info"}
+    lines = ["Ascend readiness (what a real NPU run needs on this machine):"]
+    for c in checks:
+        lines.append(f"  [{mark[c.ok]}] {c.item}: {c.detail}")
+        if c.ok is False and c.fix:
+            lines.append(f"         -> {c.fix}")
+    return "\n".join(lines)
+
+
+def _real_reason() -> str | None:
+    """None when a real Ascend run can start here, else the first blocking sentence."""
+    if not _installed("torch_npu"):
+        return "torch_npu is not installed (pip install 'dsv4[ascend]' on a machine with CANN 8.5+; `dsv4 backends` lists what else is needed)"
+    if not _cann_home():
+        return "CANN is not set up (source /usr/local/Ascend/ascend-toolkit/set_env.sh)"
+    if _dist_version("triton-ascend") is None:
+        return "triton-ascend is not installed (pip install --no-deps --force-reinstall triton-ascend)"
+    try:
+        import torch
+        import torch_npu  # noqa: F401  (CANN is set up: the import is safe now)
+
+        if not torch.npu.is_available():
+            return "torch_npu sees no NPU (check npu-smi info and ASCEND_RT_VISIBLE_DEVICES)"
+    except Exception as e:  # noqa: BLE001
+        return f"torch_npu not importable: {e}"
+    return None
+
+
+def _ops():
+    from .ops import IMPLEMENTED
+
+    return frozenset(IMPLEMENTED)
+
+
 def probe():
     from backends import BackendInfo
 
-    reasons = []
-    if not _installed("torch_npu"):
-        reasons.append("torch_npu is not installed (pip install 'dsv4[ascend]' on a machine with CANN 8.5+)")
-    if not os.environ.get("ASCEND_HOME_PATH") and not os.environ.get("ASCEND_TOOLKIT_HOME"):
-        reasons.append("CANN is not set up (source /usr/local/Ascend/ascend-toolkit/set_env.sh)")
-    reasons.append("the Ascend ops are not implemented in this release yet; use --backend reference")
-    return BackendInfo("ascend", "npu", False, "; ".join(reasons), frozenset(), (), ())
+    if emulate_requested():
+        if not _installed("triton"):
+            return BackendInfo("ascend", "cpu (emulated)", False,
+                               "emulation runs the Triton-Ascend kernels in Triton's interpreter: pip install triton", frozenset(), (), ())
+        return BackendInfo("ascend", "cpu (CANN ops emulated, Triton-Ascend kernels interpreted)", True, "", _ops(),
+                           DTYPES, ("plain",), notes="emulated on CPU (DSV4_ASCEND_EMULATE=1): for checking, not a real NPU",
+                           auto=False)
+    why = _real_reason()
+    if why is not None:
+        return BackendInfo("ascend", "npu", False, why, _ops() if _installed("triton") else frozenset(), (), ())
+    return BackendInfo("ascend", "npu", True, "", _ops(), DTYPES, ("plain",), notes="CANN ops + Triton-Ascend kernels")
 
 
-def make_ops(device=None):
-    from v4.errors import BackendUnavailable
+def make_ops(device=None, weights: str = "dequant", chip: str | None = None):
+    from .ops import AscendOps
 
-    raise BackendUnavailable(probe().reason)
+    if emulate_requested():
+        # the kernels are decorated at import: the interpreter must be chosen before that
+        os.environ["TRITON_INTERPRET"] = "1"
+        from . import emulation
+
+        return AscendOps(device or "cpu", npu=emulation, weights=weights, chip=chip)
+    import torch_npu
+
+    torch_npu.npu.set_deterministic_level(1)  # parity runs must be repeatable; HCCL_DETERMINISTIC covers collectives
+    return AscendOps(device or "npu", npu=torch_npu, weights=weights, chip=chip)

@@ -1,0 +1,76 @@
+"""The Ascend backend's registry entry, readiness report, emulation switch and runtime options."""
+
+import pytest
+import torch
+
+import backends
+from backends import ascend
+from v4 import cli
+from v4.config import RuntimeConfig, load_config_file
+from v4.errors import BackendUnavailable, ConfigError
+
+HAVE_NPU_STACK = ascend._installed("torch_npu")
+
+
+@pytest.fixture
+def no_emulation(monkeypatch):
+    monkeypatch.delenv(ascend.EMULATE_ENV, raising=False)
+
+
+@pytest.mark.skipif(HAVE_NPU_STACK, reason="torch_npu is installed here")
+def test_without_npu_stack_ascend_is_unavailable_and_says_why(no_emulation):
+    info = backends.probe("ascend")
+    assert not info.available and "torch_npu is not installed" in info.reason and "dsv4[ascend]" in info.reason
+    with pytest.raises(BackendUnavailable, match="torch_npu"):
+        backends.get_ops("ascend")
+
+
+@pytest.mark.skipif(HAVE_NPU_STACK, reason="torch_npu is installed here")
+def test_readiness_lists_what_is_missing_and_how_to_get_it(no_emulation, monkeypatch):
+    monkeypatch.delenv("ASCEND_HOME_PATH", raising=False)
+    monkeypatch.delenv("ASCEND_TOOLKIT_HOME", raising=False)
+    checks = {c.item: c for c in ascend.readiness()}
+    assert checks["CANN toolkit"].ok is False and "set_env.sh" in checks["CANN toolkit"].fix
+    assert checks["torch_npu"].ok is False and "dsv4[ascend]" in checks["torch_npu"].fix
+    assert checks["CPU torch wheel"].ok is (torch.version.cuda is None)
+    assert checks["HCCL_DETERMINISTIC"].ok is False and "strict" in checks["HCCL_DETERMINISTIC"].fix
+    text = ascend.format_readiness(list(checks.values()))
+    assert "[MISS] CANN toolkit" in text and "-> install CANN" in text
+
+
+def test_readiness_is_printed_by_dsv4_backends(capsys, no_emulation):
+    assert cli.main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert "Ascend readiness" in out and "torch_npu" in out and "ASCEND_RT_VISIBLE_DEVICES" in out
+
+
+def test_emulation_only_on_request_and_never_auto(monkeypatch):
+    monkeypatch.setenv(ascend.EMULATE_ENV, "1")
+    info = backends.probe("ascend")
+    assert info.available and info.auto is False
+    assert "emulated" in info.device_type and "emulated on CPU" in info.notes
+    assert info.modes == ("plain",)  # no FP8 on A2/A3: exact mode is refused, not approximated
+    assert backends.resolve("auto") != "ascend"
+    with pytest.raises(BackendUnavailable, match="numerics mode 'exact'"):
+        backends.get_ops("ascend", mode="exact")
+    ops = backends.get_ops("ascend", dtype="float32")
+    assert ops.emulated and ops.fallback == () and set(ops.impl.values()) == {"ascend"}
+
+
+def test_weight_option_reaches_the_backend(monkeypatch):
+    monkeypatch.setenv(ascend.EMULATE_ENV, "1")
+    ops = backends.get_ops("ascend", backend_options={"ascend": {"weights": "w8a8"}, "cuda": {"ignored": 1}})
+    assert ops.weights == "w8a8"
+
+
+def test_runtime_config_validates_ascend_weights():
+    assert RuntimeConfig.from_dict({"ascend_weights": "w8a8"}).backend_options() == {"ascend": {"weights": "w8a8"}}
+    with pytest.raises(ConfigError, match="runtime.ascend_weights"):
+        RuntimeConfig.from_dict({"ascend_weights": "int4"})
+
+
+def test_ascend_runtime_config_file():
+    cfg, rt = load_config_file("ascend")
+    assert cfg is None
+    r = RuntimeConfig.from_dict(rt)
+    assert r.backend == "ascend" and r.dtype == "bfloat16" and r.mode == "plain" and r.block_size % 16 == 0
