@@ -104,7 +104,12 @@ class AscendOps:
         self.chip = launch.CHIPS[chip or launch.chip_name()]
         self._ones: dict = {}
         self._rope_cache: list = []
-        self.path: dict = {}  # op -> path last taken (for reports and tests)
+        self.path: dict = {}  # op -> path last taken
+        self.seen: set = set()  # every (op, path) taken so far (for reports and tests)
+
+    def _took(self, op: str, path: str) -> None:
+        self.path[op] = path
+        self.seen.add((op, path))
 
     # ------------------------------------------------------------------ Triton-Ascend kernels
     # imported on first use: importing triton (and decorating the kernels) only once they run
@@ -165,7 +170,7 @@ class AscendOps:
             weight = self._ones[key]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]) if x.dim() < 2 else x
-        self.path["rms_norm"] = "cann:npu_rms_norm"
+        self._took("rms_norm", "cann:npu_rms_norm")
         return self.npu.npu_rms_norm(x2, weight.to(x.dtype), eps)[0].reshape(shape)
 
     def _rope_tables(self, positions, inv_freq, dtype):
@@ -187,7 +192,7 @@ class AscendOps:
         rot = x[..., -r:].reshape(1, T, -1, r).contiguous()  # BSND, B = 1, N = heads (or 1)
         out = x.clone()
         out[..., -r:] = self.npu.npu_rotary_mul(rot, cos, -sin if inverse else sin, rotary_mode="interleave").view(x[..., -r:].shape)
-        self.path["rope"] = "cann:npu_rotary_mul"
+        self._took("rope", "cann:npu_rotary_mul")
         return out
 
     # ------------------------------------------------------------------ indexer
@@ -197,7 +202,7 @@ class AscendOps:
                 and H <= _LI_MAX_HEADS and D == _LI_HEAD_DIM and topk <= _LI_MAX_SPARSE
                 and k_pool.shape[1] % 16 == 0 and k_pool.shape[1] <= 1024 and k_pool.dtype == q.dtype)
         if not fits or T == 0:
-            self.path["indexer_topk"] = "triton-ascend:indexer"
+            self._took("indexer_topk", "triton-ascend:indexer")
             return self._kernel("indexer").indexer_topk(q, weights, k_pool, block_table, tok_slot, positions, ratio, topk)
         # V4 lets query t see entries s < (t + 1) // ratio. sparse_mode 3 is right-down causal over
         # one row's keys, so each query is its own TND row (Sq = 1) whose key length is exactly
@@ -210,7 +215,7 @@ class AscendOps:
             q.contiguous(), k_pool.unsqueeze(2).contiguous(), weights.to(q.dtype).contiguous(),
             actual_seq_lengths_query=one_per_row, actual_seq_lengths_key=nvis, block_table=table,
             layout_query="TND", layout_key="PA_BSND", sparse_count=topk, sparse_mode=3)
-        self.path["indexer_topk"] = "cann:npu_lightning_indexer"
+        self._took("indexer_topk", "cann:npu_lightning_indexer")
         return out.view(T, topk)
 
     # ------------------------------------------------------------------ dense projections
@@ -222,9 +227,9 @@ class AscendOps:
             x2 = x.reshape(-1, shape[-1]).to(w.dtype)
             xq, xs = self.npu.npu_dynamic_quant(x2)
             y = self.npu.npu_quant_matmul(xq, w.q_t, w.scale, pertoken_scale=xs, output_dtype=w.dtype)
-            self.path["linear"] = "cann:npu_dynamic_quant+npu_quant_matmul"
+            self._took("linear", "cann:npu_dynamic_quant+npu_quant_matmul")
             return y.view(*shape[:-1], -1).to(x.dtype)
-        self.path["linear"] = "torch:matmul"
+        self._took("linear", "torch:matmul")
         return F.linear(x if x.dtype == w.dtype else x.to(w.dtype), w)
 
     def grouped_out_proj(self, o, wo_a, wo_b, groups: int, act_quant: bool = False):
@@ -273,5 +278,5 @@ class AscendOps:
             s13, s2 = shared
             hs = self._swiglu(self._single(x, s13), limit, a).to(x.dtype)
             y += self._single(hs, s2).to(a)
-        self.path["moe_experts"] = "cann:npu_grouped_matmul" + ("(int8)" if w13.scale is not None else "")
+        self._took("moe_experts", "cann:npu_grouped_matmul" + ("(int8)" if w13.scale is not None else ""))
         return y.to(x.dtype)
