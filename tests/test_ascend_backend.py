@@ -74,3 +74,20 @@ def test_ascend_runtime_config_file():
     assert cfg is None
     r = RuntimeConfig.from_dict(rt)
     assert r.backend == "ascend" and r.dtype == "bfloat16" and r.mode == "plain" and r.block_size % 16 == 0
+
+
+def test_launch_sizing_follows_the_chip(monkeypatch):
+    from backends.ascend.kernels import launch
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("DSV4_ASCEND_CHIP", "Ascend910B3")
+    assert launch.programs("cube", 1000) == 20 and launch.programs("vector", 1000) == 40
+    assert launch.programs("vector", 3) == 3 and launch.programs("cube", 0) == 1
+    monkeypatch.setenv("DSV4_ASCEND_CHIP", "Ascend910_9391")
+    assert launch.programs("cube", 1000) == 24
+    monkeypatch.setenv("DSV4_ASCEND_CHIP", "Ascend999")
+    with pytest.raises(ValueError, match="DSV4_ASCEND_CHIP"):
+        launch.chip_name()
+    launch.check_ub("fits", launch.UB_BUDGET)
+    with pytest.raises(ValueError, match="Unified Buffer"):
+        launch.check_ub("too big", launch.UB_BUDGET + 1)

@@ -35,3 +35,14 @@ def test_prefill_and_decode_match_reference_on_every_layer_type():
     for t in range(33, 41):
         rows.append(cuda.forward(ids[t:t + 1], StepBatch([slot], [t], [1], cuda.device), cache)[0])
     assert rel_err(torch.cat(rows).cpu(), want) < 1e-5
+
+
+def test_parity_run_reference_vs_cuda_passes_the_fp32_profile(capsys):
+    from v4 import cli
+
+    # the smoke suite (3 prompts, every hook point, 8 greedy tokens) in one packed batch
+    code = cli.main(["parity", "run", "--config", "tiny", "--backends", "reference:fp64,cuda:fp32"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    summary = out.split("summary")[-1]
+    assert "cuda/float32/plain" in summary and "PASS" in summary and "profile fp32" in summary

@@ -48,10 +48,9 @@ def chip_name() -> str:
 
 @functools.lru_cache(maxsize=None)
 def _device_cores(index: int) -> tuple[int, int]:
-    import torch
     import triton
 
-    props = triton.runtime.driver.active.utils.get_device_properties(torch.npu.current_device() if index < 0 else index)
+    props = triton.runtime.driver.active.utils.get_device_properties(index)
     return int(props["num_aicore"]), int(props["num_vectorcore"])
 
 
@@ -59,8 +58,11 @@ def cores(kind: str, device=None) -> int:
     """AI-core ("cube") or vector-core ("vector") count of the device, or of the chip table."""
     if kind not in ("cube", "vector"):
         raise ValueError(f"core kind must be 'cube' or 'vector', got {kind!r}")
-    if device is not None and getattr(device, "type", str(device)) == "npu":
-        aic, aiv = _device_cores(getattr(device, "index", None) if getattr(device, "index", None) is not None else -1)
+    import torch
+
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "npu":
+        aic, aiv = _device_cores(dev.index if dev.index is not None else torch.npu.current_device())
     else:
         chip = CHIPS[chip_name()]
         aic, aiv = chip.ai_cores, chip.vector_cores
