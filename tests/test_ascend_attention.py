@@ -12,96 +12,26 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-from types import SimpleNamespace  # noqa: E402
+from functools import partial  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from backends.ascend.kernels import attention as A  # noqa: E402
 from backends.ascend.kernels import launch  # noqa: E402
-from backends.reference.ops import ReferenceOps  # noqa: E402
-from v4.model import StepBatch, Transformer  # noqa: E402
+from tests.kernel_cases import attention_truth, check_rel, gen, layer_inputs, qs, run_attention  # noqa: E402
+from v4.model import StepBatch  # noqa: E402
 
 torch.set_num_threads(1)
-REF = ReferenceOps("cpu")
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
-W = 128  # V4 sliding window
 # max |out - truth| / max |truth|: fp32 is summation order only; 16-bit adds the rounding of P
 # before P V (as the official kernels do) and of the output
 TOL = {F32: 1e-5, BF16: 1e-2, F16: 2e-3}
 CPU = torch.device("cpu")
 
-
-def _gen(seed):
-    g = torch.Generator().manual_seed(seed)
-    return g, (lambda *shape, s=1.0: torch.randn(*shape, generator=g) * s)
-
-
-def truth(q, wkv, widx, ckv, cidx, sink, scale):
-    f = lambda t: None if t is None else t.to(F64)  # noqa: E731
-    return REF.attention(f(q), f(wkv), widx, f(ckv), cidx, f(sink), scale)
-
-
-def check(out, ref, dtype, what):
-    assert out.dtype == dtype, f"{what}: dtype {out.dtype} != {dtype}"
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    out = out.to(F64)
-    assert torch.isfinite(out).all(), f"{what}: non-finite output"
-    scale = float(ref.abs().max().clamp(min=1e-30))
-    err = float((out - ref).abs().max())
-    assert err <= TOL[dtype] * scale, f"{what}: max err {err:.3g} > {TOL[dtype]:g} x {scale:.3g}"
-
-
-def run(q, wkv, widx, ckv, cidx, sink, scale, what, **blocks):
-    out = A.attention(q, wkv, widx, ckv, cidx, sink, scale, **blocks)
-    check(out, truth(q, wkv, widx, ckv, cidx, sink, scale), q.dtype, what)
-    return out
-
-
-def paged_table(slots: int, entries: int, bs: int, g) -> SimpleNamespace:
-    """A block table over a random permutation of the pool's blocks (entries scattered in the pool)."""
-    nb = -(-entries // bs)
-    phys = torch.randperm(slots * nb, generator=g).to(torch.int32).view(slots, nb)
-    return SimpleNamespace(block_size=bs, table=phys, num_rows=slots * nb * bs)
-
-
-def csa_logical(batch: StepBatch, ratio: int, topk: int, g, scatter: bool) -> torch.Tensor:
-    """Indexer-like picks: a random subset of the visible entries, -1 padded (interspersed if scatter)."""
-    out = torch.full((batch.num_tokens, topk), -1, dtype=torch.int32)
-    for t, p in enumerate(batch.positions.tolist()):
-        pick = torch.randperm((p + 1) // ratio, generator=g)[:topk]
-        out[t, : pick.numel()] = pick.to(torch.int32)
-        if scatter:
-            out[t] = out[t, torch.randperm(topk, generator=g)]
-    return out
-
-
-def layer_inputs(batch: StepBatch, ring_slots: int, kind: str, d: int, dtype, seed: int, *,
-                 ratio: int = 4, topk: int = 16, bs: int = 8, scatter: bool = False):
-    """window_kv = cat(ring, new kv) with its indices, and the compressed pool with its indices.
-
-    kind: "sliding" (comp None), "hca" (all visible entries; Kc = 0 while none is visible),
-    "csa" (top-k picks, -1 padded; topk may exceed the visible count).
-    """
-    g, r = _gen(seed)
-    T = batch.num_tokens
-    window_kv = r(ring_slots * W + T, d).to(dtype)
-    window_idx = Transformer._window_idx(batch, ring_slots, W)
-    comp_kv, comp_idx = None, None
-    if kind in ("hca", "csa"):
-        n_ent = int(((batch.positions + 1) // ratio).max()) + 1
-        table = paged_table(max(batch.slots) + 1, n_ent, bs, g)
-        comp_kv = r(table.num_rows, d).to(dtype)
-        if kind == "hca":
-            comp_idx = Transformer._hca_slots(batch, ratio, table)
-        else:
-            comp_idx = Transformer._entry_slots(csa_logical(batch, ratio, topk, g, scatter), batch.tok_slot, table)
-    return window_kv, window_idx, comp_kv, comp_idx
-
-
-def qs(T, H, d, dtype, seed):
-    _, r = _gen(seed)
-    return r(T, H, d).to(dtype), r(H, s=2.0)
+check = partial(check_rel, tol=TOL)
+# run(q, wkv, widx, ckv, cidx, sink, scale, what, **blocks): A.attention against fp64 truth
+run = partial(run_attention, A.attention, TOL)
 
 
 # ---------------------------------------------------------------- boundary token counts
@@ -164,7 +94,7 @@ def test_sliding_only_comp_none_and_width_zero(dtype):
 def test_all_minus_one_rows_and_large_logits(dtype):
     # rows whose lists are all -1 (both lists) see only the sink: o = 0; scale 1 makes logits
     # ~ +-20, so the running max is rescaled often; -1 interspersed; Kw, Kc not multiples of BLOCK_K
-    g, r = _gen(31)
+    g, r = gen(31)
     T, H, d = 6, 8, 64
     wkv, ckv = r(50, d).to(dtype), r(40, d).to(dtype)
     widx = torch.randint(-1, 50, (T, 77), generator=g, dtype=torch.int32)
@@ -181,7 +111,7 @@ def test_all_minus_one_rows_and_large_logits(dtype):
 
 def test_sink_dominates_and_partial_head_block():
     # H = 20: the second head block is partly masked; one head's sink far above its logits -> ~0
-    g, r = _gen(51)
+    g, r = gen(51)
     T, H, d = 3, 20, 32
     wkv = r(30, d)
     widx = torch.randint(-1, 30, (T, 40), generator=g, dtype=torch.int32)
@@ -193,7 +123,7 @@ def test_sink_dominates_and_partial_head_block():
 
 def test_minus_inf_sink_is_plain_softmax():
     # sink = -inf: ordinary softmax over the valid rows; a row with none gives 0 (not 0 / 0)
-    g, r = _gen(53)
+    g, r = gen(53)
     T, H, d = 3, 4, 32
     wkv = r(20, d)
     widx = torch.randint(0, 20, (T, 10), generator=g, dtype=torch.int32)
@@ -201,7 +131,7 @@ def test_minus_inf_sink_is_plain_softmax():
     q = r(T, H, d)
     sink = torch.full((H,), float("-inf"))
     out = A.attention(q, wkv, widx, None, None, sink, 0.3)
-    ref = truth(q[[0, 2]], wkv, widx[[0, 2]], None, None, sink, 0.3)
+    ref = attention_truth(q[[0, 2]], wkv, widx[[0, 2]], None, None, sink, 0.3)
     check(out[[0, 2]], ref, F32, "-inf sink")
     assert (out[1] == 0).all()
 
@@ -236,13 +166,13 @@ def test_fp16_and_mixed_dtypes():
     run(q.half(), wkv.half(), widx, ckv.half(), cidx, sink, 64 ** -0.5, "fp16")
     # bf16 q over an fp32 cache: fp32 products, so the only error is the output's bf16 rounding
     out = A.attention(q.to(BF16), wkv, widx, ckv, cidx, sink, 64 ** -0.5)
-    ref = truth(q.to(BF16), wkv, widx, ckv, cidx, sink, 64 ** -0.5)
+    ref = attention_truth(q.to(BF16), wkv, widx, ckv, cidx, sink, 64 ** -0.5)
     check(out, ref, BF16, "bf16 q, fp32 kv")
     assert float((out.to(F64) - ref).abs().max()) <= 2 ** -8 * float(ref.abs().max())
 
 
 def test_int64_indices_and_strided_q():
-    g, r = _gen(71)
+    g, r = gen(71)
     T, H, d = 3, 8, 32
     wkv = r(25, d)
     widx = torch.randint(-1, 25, (T, 30), generator=g)  # int64

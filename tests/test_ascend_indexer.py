@@ -17,36 +17,17 @@ import torch  # noqa: E402
 
 from backends.ascend.kernels import indexer as I  # noqa: E402
 from backends.ascend.kernels import launch  # noqa: E402
-from backends.reference.ops import ReferenceOps  # noqa: E402
+from tests.kernel_cases import REF, entry_scores64, gen, indexer_case, random_table  # noqa: E402
 
 torch.set_num_threads(1)
-REF = ReferenceOps("cpu")
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
-
-
-def _gen(seed):
-    g = torch.Generator().manual_seed(seed)
-    return g, (lambda *shape, s=1.0, dtype=F32: (torch.randn(*shape, generator=g) * s).to(dtype))
-
-
-def _scores64(q, w, pool, table, tok_slot, nvis):
-    """fp64 scores [T, S] through the block table (-inf where invisible)."""
-    T, _, d = q.shape
-    bs = pool.shape[1]
-    S = max(int(nvis.max()), 1)
-    ent = torch.arange(S)
-    flat = pool.reshape(-1, d).double()
-    blocks = table[tok_slot.long()[:, None], (ent[None, :] // bs).clamp(max=table.shape[1] - 1)].long()
-    keys = flat[blocks * bs + ent[None, :] % bs]  # [T, S, d]
-    s = (torch.relu(torch.einsum("thd,tsd->ths", q.double(), keys)) * w.double()[:, :, None]).sum(1)
-    return s.masked_fill(ent[None, :] >= nvis[:, None], float("-inf"))
 
 
 def check_topk(got, q, w, pool, table, tok_slot, positions, ratio, topk):
     ref = REF.indexer_topk(q.to(F64), w.to(F64), pool.to(F64), table, tok_slot, positions, ratio, topk)
     assert got.dtype == torch.int32 and got.shape == ref.shape == (q.shape[0], topk)
     nvis = (positions + 1) // ratio
-    scores = _scores64(q, w, pool, table, tok_slot, nvis)
+    scores = entry_scores64(q, w, pool, table, tok_slot, nvis)
     for t in range(q.shape[0]):
         g, r = got[t], ref[t]
         n = min(topk, int(nvis[t]))
@@ -65,24 +46,6 @@ def check_topk(got, q, w, pool, table, tok_slot, positions, ratio, topk):
             torch.testing.assert_close(scores[t, gv].sort().values, scores[t, rv].sort().values, rtol=0, atol=tol)
 
 
-def random_table(g, slots, per_slot, spare=3):
-    """Non-identity block table: a random permutation of the pool's blocks split among the slots."""
-    nb = slots * per_slot + spare
-    return torch.randperm(nb, generator=g)[: slots * per_slot].view(slots, per_slot).to(torch.int32), nb
-
-
-def case(seed, T, H=16, d=32, slots=3, bs=12, max_pos=250, ratio=4, dtype=F32):
-    g, rnd = _gen(seed)
-    per = max(1, -(-((max_pos + 1) // ratio) // bs))
-    table, nb = random_table(g, slots, per)
-    pool = rnd(nb, bs, d, dtype=dtype)
-    q = rnd(T, H, d, dtype=dtype)
-    w = rnd(T, H, s=0.5)
-    tok_slot = torch.randint(0, slots, (T,), generator=g)
-    positions = torch.randint(0, max_pos + 1, (T,), generator=g)
-    return q, w, pool, table, tok_slot, positions
-
-
 def run(q, w, pool, table, tok_slot, positions, ratio, topk):
     got = I.indexer_topk(q, w, pool, table, tok_slot, positions, ratio, topk)
     check_topk(got, q, w, pool, table, tok_slot, positions, ratio, topk)
@@ -96,7 +59,7 @@ def run(q, w, pool, table, tok_slot, positions, ratio, topk):
 def test_matches_reference(T):
     # few tokens reach up to 175 entries (several tiles, gathered rows: block 12); many tokens ~60
     max_pos = 700 if T <= 5 else 250
-    q, w, pool, table, tok_slot, positions = case(100 + T, T, max_pos=max_pos)
+    q, w, pool, table, tok_slot, positions = indexer_case(100 + T, T, max_pos=max_pos)
     run(q, w, pool, table, tok_slot, positions, 4, 24)
 
 
@@ -104,13 +67,13 @@ def test_matches_reference(T):
 def test_bf16_contiguous_blocks(T):
     # bf16 (16-bit products, fp32 accumulation) over a pool whose block size the tile divides:
     # the contiguous-rows path the V4 shapes take (block 64 there, 32 here)
-    q, w, pool, table, tok_slot, positions = case(200 + T, T, bs=32, max_pos=600 if T <= 5 else 200, dtype=BF16)
+    q, w, pool, table, tok_slot, positions = indexer_case(200 + T, T, bs=32, max_pos=600 if T <= 5 else 200, dtype=BF16)
     assert I._block_n(16, 32, 32, 2, 2)[1]
     run(q, w, pool, table, tok_slot, positions, 4, 24)
 
 
 def test_fp16_and_mixed_dtypes():
-    q, w, pool, table, tok_slot, positions = case(9, 7, bs=16, max_pos=300)
+    q, w, pool, table, tok_slot, positions = indexer_case(9, 7, bs=16, max_pos=300)
     run(q.half(), w, pool.half(), table, tok_slot, positions, 4, 16)
     run(q.to(BF16), w, pool, table, tok_slot, positions, 4, 16)  # bf16 q over an fp32 pool: fp32 products
 
@@ -119,14 +82,14 @@ def test_fp16_and_mixed_dtypes():
 
 
 def test_mixed_visibility_and_eight_heads():
-    q, w, pool, table, tok_slot, positions = case(7, 40, H=8, d=16, slots=4, bs=5, max_pos=160)
+    q, w, pool, table, tok_slot, positions = indexer_case(7, 40, H=8, d=16, slots=4, bs=5, max_pos=160)
     positions[:6] = torch.tensor([0, 1, 2, 3, 4, 7])  # 0, 0, 0, 1, 1, 2 visible entries
     got = run(q, w, pool, table, tok_slot, positions, 4, 16)
     assert bool((got[:3] == -1).all()) and int((got[3] >= 0).sum()) == 1
 
 
 def test_no_visible_entries_and_empty_batch():
-    q, w, pool, table, tok_slot, positions = case(8, 6, max_pos=2)  # positions 0..2: nothing visible
+    q, w, pool, table, tok_slot, positions = indexer_case(8, 6, max_pos=2)  # positions 0..2: nothing visible
     got = I.indexer_topk(q, w, pool, table, tok_slot, positions, 4, 8)
     assert got.dtype == torch.int32 and got.shape == (6, 8) and bool((got == -1).all())
     got = I.indexer_topk(q[:0], w[:0], pool, table, tok_slot[:0], positions[:0], 4, 8)
@@ -134,14 +97,14 @@ def test_no_visible_entries_and_empty_batch():
 
 
 def test_topk_wider_than_the_pool():
-    q, w, pool, table, tok_slot, positions = case(10, 9, max_pos=37, bs=4)
+    q, w, pool, table, tok_slot, positions = indexer_case(10, 9, max_pos=37, bs=4)
     got = run(q, w, pool, table, tok_slot, positions, 4, 64)
     assert bool((got[:, 10:] == -1).all())  # at most 38 // 4 = 9 entries are visible
 
 
 def test_same_slot_tokens_see_their_own_prefix():
     # a prefill chunk: consecutive positions of one slot; each token's picks stop at its own count
-    g, rnd = _gen(11)
+    g, rnd = gen(11)
     table, nb = random_table(g, 1, 8)
     pool = rnd(nb, 8, 32)
     T = 30
@@ -152,7 +115,7 @@ def test_same_slot_tokens_see_their_own_prefix():
 
 def test_slots_read_their_own_block_table_rows():
     # identical queries in two slots with different keys: the picks must follow each slot's table
-    q, w, pool, table, _, _ = case(12, 2, slots=2, bs=3, max_pos=47)
+    q, w, pool, table, _, _ = indexer_case(12, 2, slots=2, bs=3, max_pos=47)
     q[1], w[1] = q[0], w[0]
     tok_slot, positions = torch.tensor([0, 1]), torch.tensor([47, 47])
     got = run(q, w, pool, table, tok_slot, positions, 4, 5)
@@ -165,11 +128,11 @@ def test_slots_read_their_own_block_table_rows():
 @pytest.mark.parametrize("bs,tiles", [(12, 1), (16, 3), (64, 2)])
 def test_score_matrix_and_tile_groups(bs, tiles):
     # the raw scores, -inf columns included, with several tiles per work item (q loaded once)
-    q, w, pool, table, tok_slot, positions = case(13, 6, bs=bs, max_pos=500)
+    q, w, pool, table, tok_slot, positions = indexer_case(13, 6, bs=bs, max_pos=500)
     nvis = (positions + 1) // 4
     s_max = int(nvis.max())
     got = I.indexer_scores(q, w, pool, table, tok_slot, nvis, s_max, block_n=16, tiles=tiles)
-    ref = _scores64(q, w, pool, table, tok_slot, nvis)[:, :s_max]
+    ref = entry_scores64(q, w, pool, table, tok_slot, nvis)[:, :s_max]
     assert got.dtype == F32 and got.shape == ref.shape
     assert torch.equal(torch.isinf(got), torch.isinf(ref)) and bool((got[torch.isinf(got)] < 0).all())
     fin = torch.isfinite(ref)
@@ -188,7 +151,7 @@ def test_tiles_fit_the_unified_buffer_at_v4_shapes():
 
 
 def test_rejects_fp64():
-    q, w, pool, table, tok_slot, positions = case(14, 2)
+    q, w, pool, table, tok_slot, positions = indexer_case(14, 2)
     with pytest.raises(ValueError, match="float64"):
         I.indexer_topk(q.double(), w, pool, table, tok_slot, positions, 4, 8)
     with pytest.raises(ValueError, match="float64"):

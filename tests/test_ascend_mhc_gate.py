@@ -14,59 +14,30 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from backends.ascend.kernels import gate, mhc  # noqa: E402
-from backends.reference.ops import ReferenceOps  # noqa: E402
+from tests.kernel_cases import REF, check_as_ref, gate_compare, gate_scores64, gate_truth  # noqa: E402
+from tests.kernel_cases import hc_check, hc_params, rng, tie_free  # noqa: E402
 
 torch.set_num_threads(1)
 
-REF = ReferenceOps("cpu")
 D64 = torch.float64
 BF16 = torch.bfloat16
 TOKENS = [1, 3, 4, 5, 127, 128, 129]  # around the 16-token blocks and the persistent loop's wrap
 DTYPES = [torch.float32, BF16]
-FLOOR = {torch.float32: 2e-6, BF16: 4e-3}  # relative to max |truth|
 EPS = 1e-6
 
 
-def _gen(seed):
-    g = torch.Generator().manual_seed(seed)
-    return lambda *shape, s=1.0: torch.randn(*shape, generator=g) * s
-
-
-def check(out, ref_lowp, truth, dtype, what=""):
-    """|out - truth| <= 2 |ref_lowp - truth| + floor * max|truth| (max norms), and dtypes match."""
-    assert out.dtype == ref_lowp.dtype, f"{what}: dtype {out.dtype} != reference {ref_lowp.dtype}"
-    assert out.shape == truth.shape, f"{what}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
-    out, ref_lowp = out.to(D64), ref_lowp.to(D64)
-    scale = float(truth.abs().max().clamp(min=1e-30))
-    err = float((out - truth).abs().max())
-    ref_err = float((ref_lowp - truth).abs().max())
-    assert err <= 2 * ref_err + FLOOR[dtype] * scale, \
-        f"{what}: err {err:.3g} vs reference's {ref_err:.3g} (scale {scale:.3g})"
-
-
 # ---------------------------------------------------------------- mHC
-def _hc_params(r, n, D, rows):
-    fn = r(rows, n * D, s=2.0 / (n * D) ** 0.5)
-    return fn, r(rows, s=0.5), 0.5 + r(3 if rows > n else 1, s=0.1).abs()
-
-
 def _hc_check(X, fn, base, scale, iters, dtype):
-    u, post, comb = mhc.hc_pre(X, fn, base, scale, iters, EPS, EPS)
-    lowp = REF.hc_pre(X, fn, base, scale, iters, EPS, EPS)
-    truth = REF.hc_pre(X.to(D64), fn.to(D64), base.to(D64), scale.to(D64), iters, EPS, EPS)
-    assert post.dtype == comb.dtype == torch.float32
-    for name, a, b, c in zip(("u", "post", "comb"), (u, post, comb), lowp, truth):
-        check(a, b, c, dtype if name == "u" else torch.float32, f"hc_pre {name}")
-    return comb
+    return hc_check(mhc.hc_pre, X, fn, base, scale, iters, dtype, eps=EPS)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", TOKENS)
 def test_hc_pre(T, dtype):
     n, D = 4, 64
-    r = _gen(200 + T)
+    r = rng(200 + T)
     X = r(T, n, D).to(dtype)
-    comb = _hc_check(X, *_hc_params(r, n, D, (2 + n) * n), 20, dtype)
+    comb = _hc_check(X, *hc_params(r, n, D, (2 + n) * n), 20, dtype)
     # the last Sinkhorn step normalises columns; rows converge more slowly
     torch.testing.assert_close(comb.sum(-2), torch.ones(T, n), rtol=0, atol=1e-4)
     torch.testing.assert_close(comb.sum(-1), torch.ones(T, n), rtol=0, atol=2e-2)
@@ -75,63 +46,63 @@ def test_hc_pre(T, dtype):
 @pytest.mark.parametrize("iters", [1, 2])
 def test_hc_pre_few_sinkhorn_iterations(iters):
     n, D = 4, 64
-    r = _gen(300 + iters)
-    _hc_check(r(5, n, D), *_hc_params(r, n, D, (2 + n) * n), iters, torch.float32)
+    r = rng(300 + iters)
+    _hc_check(r(5, n, D), *hc_params(r, n, D, (2 + n) * n), iters, torch.float32)
 
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_hc_pre_streams_not_filling_the_tile(n):
     """n < NP (padded stream / comb lanes must stay out of every softmax and Sinkhorn sum)."""
     D = 32
-    r = _gen(350 + n)
-    _hc_check(r(20, n, D), *_hc_params(r, n, D, (2 + n) * n), 20, torch.float32)
+    r = rng(350 + n)
+    _hc_check(r(20, n, D), *hc_params(r, n, D, (2 + n) * n), 20, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_hc_pre_several_sub_tiles(dtype):
     n, D = 4, 640  # nD = 2560: 10 K sub-tiles of 256, D in 3 sub-tiles of 256 (the last one partial)
-    r = _gen(400)
-    _hc_check(r(18, n, D).to(dtype), *_hc_params(r, n, D, (2 + n) * n), 20, dtype)
+    r = rng(400)
+    _hc_check(r(18, n, D).to(dtype), *hc_params(r, n, D, (2 + n) * n), 20, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [1, 4, 5, 129])
 def test_hc_head(T, dtype):
     n, D = 4, 64
-    r = _gen(600 + T)
+    r = rng(600 + T)
     X = r(T, n, D).to(dtype)
-    fn, base, scale = _hc_params(r, n, D, n)
+    fn, base, scale = hc_params(r, n, D, n)
     out = mhc.hc_head(X, fn, base, scale, EPS, EPS)
     truth = REF.hc_head(X.to(D64), fn.to(D64), base.to(D64), scale.to(D64), EPS, EPS)
-    check(out, REF.hc_head(X, fn, base, scale, EPS, EPS), truth, dtype, "hc_head")
+    check_as_ref(out, REF.hc_head(X, fn, base, scale, EPS, EPS), truth, dtype, "hc_head")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", TOKENS)
 def test_hc_post(T, dtype):
     n, D = 4, 96  # D not a power of two: the D sub-tile is masked
-    r = _gen(500 + T)
+    r = rng(500 + T)
     X, y = r(T, n, D).to(dtype), r(T, D).to(dtype)
     post = 2 * torch.sigmoid(r(T, n))
     comb = torch.softmax(r(T, n, n), -1)
     out = mhc.hc_post(y, X, post, comb)
     truth = REF.hc_post(y.to(D64), X.to(D64), post.to(D64), comb.to(D64))
-    check(out, REF.hc_post(y, X, post, comb), truth, dtype, "hc_post")
+    check_as_ref(out, REF.hc_post(y, X, post, comb), truth, dtype, "hc_post")
 
 
 def test_hc_post_several_d_tiles():
     n, D = 4, 2304  # 3 items per token at BLOCK_D 1024 (the last partial): item -> (token, tile) split
-    r = _gen(550)
+    r = rng(550)
     X, y = r(9, n, D).to(BF16), r(9, D).to(BF16)
     post, comb = 2 * torch.sigmoid(r(9, n)), torch.softmax(r(9, n, n), -1)
     truth = REF.hc_post(y.to(D64), X.to(D64), post.to(D64), comb.to(D64))
-    check(mhc.hc_post(y, X, post, comb), REF.hc_post(y, X, post, comb), truth, BF16, "hc_post wide")
+    check_as_ref(mhc.hc_post(y, X, post, comb), REF.hc_post(y, X, post, comb), truth, BF16, "hc_post wide")
 
 
 def test_hc_empty_and_fp64_rejected():
-    r = _gen(1)
+    r = rng(1)
     n, D = 4, 32
-    fn, base, scale = _hc_params(r, n, D, (2 + n) * n)
+    fn, base, scale = hc_params(r, n, D, (2 + n) * n)
     u, post, comb = mhc.hc_pre(torch.zeros(0, n, D), fn, base, scale, 20, EPS, EPS)
     assert u.shape == (0, D) and post.shape == (0, n) and comb.shape == (0, n, n)
     X = r(2, n, D)
@@ -144,43 +115,18 @@ def test_hc_empty_and_fp64_rejected():
 
 
 # ---------------------------------------------------------------- MoE gate
-def _gate_truth(x, W, bias, tid2eid, toks, k, rs):
-    return REF.moe_gate(x.to(D64), W.to(D64), None if bias is None else bias.to(D64), tid2eid, toks, k, rs)
-
-
-def _scores64(x, W):
-    return torch.sqrt(torch.nn.functional.softplus(x.to(D64) @ W.to(D64).t()))
-
-
-def _gate_compare(out, truth, sel64):
-    """Same expert sets as the fp64 reference, weights aligned by id, picks in descending sel order."""
-    (w, ids), (tw, tids) = out, truth
-    assert w.dtype == torch.float32 and ids.dtype == torch.int32
-    order, torder = ids.long().sort(-1), tids.long().sort(-1)
-    assert torch.equal(order.values, torder.values), "selected experts differ"
-    torch.testing.assert_close(w.gather(1, order.indices).double(), tw.gather(1, torder.indices), rtol=1e-5, atol=1e-6)
-    picked = sel64.gather(1, ids.long())
-    assert bool((picked[:, :-1] >= picked[:, 1:] - 1e-6).all()), "picks not in descending order"
-
-
-def _tie_free(sel, k):
-    if k < sel.shape[1]:
-        top = sel.topk(k + 1, dim=-1).values
-        assert float((top[:, k - 1] - top[:, k]).min()) > 1e-5, "inputs must be tie-free at the selection boundary"
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", TOKENS)
 def test_moe_gate_topk_with_bias(T, dtype):
     E, D, k, rs = 8, 64, 2, 1.5
-    r = _gen(700 + T)
+    r = rng(700 + T)
     x, W = r(T, D).to(dtype), r(E, D, s=D ** -0.5)
     bias = r(E, s=0.3)  # as large as the score spread: it changes the selection
-    s = _scores64(x, W)
+    s = gate_scores64(x, W)
     sel = s + bias.to(D64)
-    _tie_free(sel, k)
+    tie_free(sel, k)
     out = gate.moe_gate(x, W, bias, None, None, k, rs)
-    _gate_compare(out, _gate_truth(x, W, bias, None, None, k, rs), sel)
+    gate_compare(out, gate_truth(x, W, bias, None, None, k, rs), sel)
     if T >= 127:  # enough tokens that some pick must differ
         unbiased = s.topk(k, dim=-1).indices.sort(-1).values
         assert not torch.equal(unbiased, out[1].long().sort(-1).values), "the bias should steer some picks"
@@ -188,35 +134,35 @@ def test_moe_gate_topk_with_bias(T, dtype):
 
 def test_moe_gate_topk_equals_experts():
     E, D, rs = 8, 64, 2.0
-    r = _gen(750)
+    r = rng(750)
     x, W, bias = r(7, D), r(E, D, s=D ** -0.5), r(E, s=0.3)
-    s = _scores64(x, W)
+    s = gate_scores64(x, W)
     out = gate.moe_gate(x, W, bias, None, None, E, rs)
-    _gate_compare(out, _gate_truth(x, W, bias, None, None, E, rs), s + bias.to(D64))
+    gate_compare(out, gate_truth(x, W, bias, None, None, E, rs), s + bias.to(D64))
     assert torch.equal(out[1].long().sort(-1).values, torch.arange(E).expand(7, E))
 
 
 def test_moe_gate_bf16_weight_experts_not_a_power_of_two():
     E, D, k, rs = 40, 160, 6, 2.5  # bf16 x bf16 (16-bit dot path on the NPU); E spans a partial expert block
-    r = _gen(800)
+    r = rng(800)
     x, W, bias = r(20, D).to(BF16), r(E, D, s=D ** -0.5).to(BF16), r(E, s=0.1)
-    sel = _scores64(x, W) + bias.to(D64)
-    _tie_free(sel, k)
+    sel = gate_scores64(x, W) + bias.to(D64)
+    tie_free(sel, k)
     out = gate.moe_gate(x, W, bias, None, None, k, rs)
-    _gate_compare(out, _gate_truth(x, W, bias, None, None, k, rs), sel)
+    gate_compare(out, gate_truth(x, W, bias, None, None, k, rs), sel)
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("T", [1, 5, 129])
 def test_moe_gate_hash(T, index_dtype):
     E, D, k, V, rs = 8, 64, 2, 50, 1.5
-    r = _gen(900 + T)
+    r = rng(900 + T)
     x, W = r(T, D).to(BF16), r(E, D, s=D ** -0.5)
     g = torch.Generator().manual_seed(T)
     tid2eid = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(V)])  # int64 [V, k]
     toks = torch.randint(0, V, (T,), generator=g)
     w, ids = gate.moe_gate(x, W, None, tid2eid.to(index_dtype), toks.to(index_dtype), k, rs)
-    tw, tids = _gate_truth(x, W, None, tid2eid, toks, k, rs)
+    tw, tids = gate_truth(x, W, None, tid2eid, toks, k, rs)
     assert ids.dtype == torch.int32 and torch.equal(ids, tids)  # hash order is the table's
     torch.testing.assert_close(w.double(), tw, rtol=1e-5, atol=1e-6)
 
@@ -231,12 +177,12 @@ def test_moe_gate_softplus_extreme_logits():
     tid2eid = torch.tensor([[0, 1], [1, 2], [6, 7], [0, 7]])
     toks = torch.arange(4)
     w, ids = gate.moe_gate(x, W, None, tid2eid, toks, k, rs)
-    tw, tids = _gate_truth(x, W, None, tid2eid, toks, k, rs)
+    tw, tids = gate_truth(x, W, None, tid2eid, toks, k, rs)
     assert torch.isfinite(w).all() and torch.equal(ids, tids)
     torch.testing.assert_close(w.double(), tw, rtol=1e-5, atol=0)
     x2, b0 = x[:2], torch.zeros(E)  # the tie-free rows, through the top-k path
     out = gate.moe_gate(x2, W, b0, None, None, 3, rs)
-    _gate_compare(out, _gate_truth(x2, W, b0, None, None, 3, rs), _scores64(x2, W))
+    gate_compare(out, gate_truth(x2, W, b0, None, None, 3, rs), gate_scores64(x2, W))
 
 
 def test_moe_gate_ties_go_to_the_lowest_index():

@@ -9,7 +9,7 @@ windows, empty / smaller-than-top-k compressed pools, mixed prefill + decode bat
 """
 
 import os
-from types import SimpleNamespace
+from functools import partial
 
 import torch
 
@@ -21,102 +21,26 @@ import pytest  # noqa: E402
 
 
 from backends.cuda.kernels import attention as K  # noqa: E402
-from backends.reference.ops import ReferenceOps  # noqa: E402
+from tests.kernel_cases import attention_truth, check_rel, gen, layer_inputs, qs, run_attention  # noqa: E402
 from v4 import quant  # noqa: E402
-from v4.model import StepBatch, Transformer  # noqa: E402
+from v4.model import StepBatch  # noqa: E402
 
 torch.set_num_threads(1)
 DEV = "cuda" if GPU else "cpu"
-REF = ReferenceOps("cpu")
 D64 = torch.float64
 BF16 = torch.bfloat16
-W = 128  # V4 sliding window
 # max |out - truth| / max |truth|: fp32 is summation order only; bf16 adds the rounding of the
 # probabilities before P V (as the official kernels do) and of the output
 TOL = {torch.float32: 5e-6, BF16: 8e-3, torch.float16: 1.5e-3}
-
-
-def _gen(seed):
-    g = torch.Generator().manual_seed(seed)
-    return g, (lambda *shape, s=1.0: torch.randn(*shape, generator=g) * s)
 
 
 def dev(t):
     return None if t is None else t.to(DEV)
 
 
-def truth(q, wkv, widx, ckv, cidx, sink, scale):
-    f = lambda t: None if t is None else t.detach().cpu().to(D64)  # noqa: E731
-    i = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
-    return REF.attention(f(q), f(wkv), i(widx), f(ckv), i(cidx), f(sink), scale)
-
-
-def check(out, ref, dtype, what=""):
-    assert out.dtype == dtype, f"{what}: dtype {out.dtype} != {dtype}"
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    out = out.detach().cpu().to(D64)
-    assert torch.isfinite(out).all(), f"{what}: non-finite output"
-    scale = float(ref.abs().max().clamp(min=1e-30))
-    err = float((out - ref).abs().max())
-    assert err <= TOL[dtype] * scale, f"{what}: max err {err:.3g} > {TOL[dtype]:g} x {scale:.3g}"
-
-
-def run(q, wkv, widx, ckv, cidx, sink, scale, dtype, what="", **blocks):
-    out = K.attention(dev(q), dev(wkv), dev(widx), dev(ckv), dev(cidx), dev(sink), scale, **blocks)
-    check(out, truth(q, wkv, widx, ckv, cidx, sink, scale), dtype, what)
-    return out
-
-
-# ---------------------------------------------------------------- index lists the model's way
-
-
-def paged_table(slots: int, entries: int, bs: int, g) -> SimpleNamespace:
-    """A block table whose physical blocks are a random permutation (entries scattered in the pool)."""
-    nb = -(-entries // bs)
-    phys = torch.randperm(slots * nb, generator=g).to(torch.int32).view(slots, nb)
-    return SimpleNamespace(block_size=bs, table=phys, num_rows=slots * nb * bs)
-
-
-def csa_logical(batch: StepBatch, ratio: int, topk: int, g, scatter: bool) -> torch.Tensor:
-    """Indexer-like picks: a random subset of the visible entries, -1 padded (interspersed if scatter)."""
-    out = torch.full((batch.num_tokens, topk), -1, dtype=torch.int32)
-    for t, p in enumerate(batch.positions.tolist()):
-        n = (p + 1) // ratio
-        pick = torch.randperm(n, generator=g)[:topk]
-        out[t, : pick.numel()] = pick.to(torch.int32)
-        if scatter:
-            out[t] = out[t, torch.randperm(topk, generator=g)]
-    return out
-
-
-def layer_inputs(batch: StepBatch, ring_slots: int, kind: str, d: int, dtype, seed: int, *,
-                 ratio: int = 4, topk: int = 16, bs: int = 8, scatter: bool = False):
-    """window_kv = cat(ring, new kv) and its indices; compressed pool and its indices for `kind`.
-
-    kind: "sliding" (comp None), "sliding0" (comp_idx with Kc = 0), "hca" (all visible entries),
-    "csa" (top-k picks, -1 padded; topk may exceed the pool).
-    """
-    g, r = _gen(seed)
-    T = batch.num_tokens
-    window_kv = r(ring_slots * W + T, d).to(dtype)
-    window_idx = Transformer._window_idx(batch, ring_slots, W)
-    comp_kv, comp_idx = None, None
-    if kind == "sliding0":
-        comp_kv, comp_idx = r(4, d).to(dtype), torch.zeros(T, 0, dtype=torch.int32)
-    elif kind in ("hca", "csa"):
-        n_ent = int(((batch.positions + 1) // ratio).max()) + 1
-        table = paged_table(max(batch.slots) + 1, n_ent, bs, g)
-        comp_kv = r(table.num_rows, d).to(dtype)
-        if kind == "hca":
-            comp_idx = Transformer._hca_slots(batch, ratio, table)
-        else:
-            comp_idx = Transformer._entry_slots(csa_logical(batch, ratio, topk, g, scatter), batch.tok_slot, table)
-    return window_kv, window_idx, comp_kv, comp_idx
-
-
-def qs(T, H, d, dtype, seed, s=1.0):
-    g, r = _gen(seed)
-    return r(T, H, d, s=s).to(dtype), r(H, s=2.0)
+check = partial(check_rel, tol=TOL)
+# run(q, wkv, widx, ckv, cidx, sink, scale, what, **blocks): K.attention on DEV against fp64 truth
+run = partial(run_attention, K.attention, TOL, to_device=dev)
 
 
 # ---------------------------------------------------------------- attention (bf16 / fp32 KV)
@@ -135,7 +59,7 @@ def test_prefill_window_and_hca(T, dtype):
     # long prefills: one 128-index chunk per list (the interpreter pays per chunk and per program;
     # the default, smaller chunks are exercised by every other test)
     blocks = {"block_k": 128} if T > 100 and not GPU else {}
-    run(q, wkv, widx, ckv, cidx, sink, 128 ** -0.5, dtype, f"prefill T={T}", **blocks)
+    run(q, wkv, widx, ckv, cidx, sink, 128 ** -0.5, f"prefill T={T}", **blocks)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
@@ -148,7 +72,7 @@ def test_decode_windows_just_closed_and_csa_topk_beyond_pool(dtype):
     assert (widx[:3] >= 0).all() and (widx[3:] < 0).any()
     assert (cidx[4] < 0).all() and (cidx[3] >= 0).sum() == 1
     q, sink = qs(5, 8, 128, dtype, seed=8)
-    run(q, wkv, widx, ckv, cidx, sink, 128 ** -0.5, dtype, "decode csa")
+    run(q, wkv, widx, ckv, cidx, sink, 128 ** -0.5, "decode csa")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
@@ -158,7 +82,7 @@ def test_mixed_packed_batch(dtype):
     for kind, seed in (("hca", 11), ("csa", 12)):
         wkv, widx, ckv, cidx = layer_inputs(batch, 4, kind, 128, dtype, seed=seed, topk=24, scatter=kind == "csa")
         q, sink = qs(batch.num_tokens, 8, 128, dtype, seed=seed + 50)
-        run(q, wkv, widx, ckv, cidx, sink, 128 ** -0.5, dtype, f"mixed batch {kind}")
+        run(q, wkv, widx, ckv, cidx, sink, 128 ** -0.5, f"mixed batch {kind}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
@@ -166,9 +90,9 @@ def test_sliding_only_comp_none_and_empty(dtype):
     batch = StepBatch([0, 1], [0, 200], [4, 1], torch.device("cpu"))
     wkv, widx, _, _ = layer_inputs(batch, 2, "sliding", 128, dtype, seed=21)
     q, sink = qs(5, 8, 128, dtype, seed=22)
-    a = run(q, wkv, widx, None, None, sink, 128 ** -0.5, dtype, "comp None")
+    a = run(q, wkv, widx, None, None, sink, 128 ** -0.5, "comp None")
     ckv = torch.randn(3, 128).to(dtype)
-    b = run(q, wkv, widx, ckv, torch.zeros(5, 0, dtype=torch.int32), sink, 128 ** -0.5, dtype, "Kc = 0")
+    b = run(q, wkv, widx, ckv, torch.zeros(5, 0, dtype=torch.int32), sink, 128 ** -0.5, "Kc = 0")
     assert torch.equal(a, b)
 
 
@@ -177,7 +101,7 @@ def test_all_minus_one_rows_give_zero_and_large_logits(dtype):
     # rows whose lists are entirely -1 (window and compressed) see only the sink: o = 0;
     # scale 1 makes logits ~ +-30 so the running max is rescaled many times; -1 interspersed;
     # Kw, Kc not multiples of any block size
-    g, r = _gen(31)
+    g, r = gen(31)
     T, H, d = 6, 8, 128
     wkv, ckv = r(50, d).to(dtype), r(40, d).to(dtype)
     widx = torch.randint(-1, 50, (T, 77), generator=g, dtype=torch.int32)
@@ -186,7 +110,7 @@ def test_all_minus_one_rows_give_zero_and_large_logits(dtype):
     cidx[4] = -1  # window only
     widx[5] = -1  # compressed only
     q, sink = qs(T, H, d, dtype, seed=32)
-    out = run(q, wkv, widx, ckv, cidx, sink, 1.0, dtype, "all -1 rows / large logits", block_k=16)
+    out = run(q, wkv, widx, ckv, cidx, sink, 1.0, "all -1 rows / large logits", block_k=16)
     assert (out[2] == 0).all()
 
 
@@ -196,18 +120,18 @@ def test_head_dim_512(dtype):
     batch = StepBatch([0], [130], [2], torch.device("cpu"))
     wkv, widx, ckv, cidx = layer_inputs(batch, 1, "csa", 512, dtype, seed=41, topk=40, scatter=True)
     q, sink = qs(2, 16, 512, dtype, seed=42)
-    run(q, wkv, widx, ckv, cidx, sink, 512 ** -0.5, dtype, "d=512")
+    run(q, wkv, widx, ckv, cidx, sink, 512 ** -0.5, "d=512")
 
 
 def test_sink_dominates_and_head_blocks():
     # H not a multiple of the head block; one head's sink far above its logits: that head's output ~ 0
-    g, r = _gen(51)
+    g, r = gen(51)
     T, H, d = 3, 20, 128
     wkv = r(30, d)
     widx = torch.randint(-1, 30, (T, 40), generator=g, dtype=torch.int32)
     q, sink = qs(T, H, d, torch.float32, seed=52)
     sink[3] = 60.0
-    out = run(q, wkv, widx, None, None, sink, 128 ** -0.5, torch.float32, "H=20")
+    out = run(q, wkv, widx, None, None, sink, 128 ** -0.5, "H=20")
     assert out[:, 3].abs().max() < 1e-15
 
 
@@ -216,9 +140,9 @@ def test_fp16_and_mixed_dtypes():
     batch = StepBatch([0, 1], [0, 40], [2, 1], torch.device("cpu"))
     wkv, widx, ckv, cidx = layer_inputs(batch, 2, "hca", 128, torch.float32, seed=55)
     q, sink = qs(3, 8, 128, torch.float32, seed=56)
-    run(q.half(), wkv.half(), widx, ckv.half(), cidx, sink, 128 ** -0.5, torch.float16, "fp16")
+    run(q.half(), wkv.half(), widx, ckv.half(), cidx, sink, 128 ** -0.5, "fp16")
     out = K.attention(dev(q.to(BF16)), dev(wkv), dev(widx), dev(ckv), dev(cidx), dev(sink), 128 ** -0.5)
-    ref = truth(q.to(BF16), wkv, widx, ckv, cidx, sink, 128 ** -0.5)
+    ref = attention_truth(q.to(BF16), wkv, widx, ckv, cidx, sink, 128 ** -0.5)
     check(out, ref, BF16, "bf16 q, fp32 kv")
     assert float((out.cpu().double() - ref).abs().max()) <= 2 ** -8 * float(ref.abs().max())  # output rounding only
 
@@ -241,7 +165,7 @@ def test_row_bytes():
 def awkward_kv(N, d, seed, dtype=torch.float32):
     """Rows whose 64-dim blocks span many magnitudes: zero blocks (amax floor), tiny values (e4m3
     subnormals), blocks whose amax is exactly 448 * 2^k, large values."""
-    g, r = _gen(seed)
+    g, r = gen(seed)
     kv = r(N, d)
     nb = d // 64
     kv = (kv.view(N, nb, 64) * torch.exp2(torch.randint(-24, 20, (N, nb, 1), generator=g).float())).view(N, d)
@@ -298,7 +222,7 @@ def test_attention_fp8kv_matches_reference_on_unpacked(dtype, native):
     q, sink = qs(batch.num_tokens, 8, 128, dtype, seed=73)
     out = K.attention_fp8kv(dev(q), dev(wp), dev(widx), dev(cp), dev(cidx), dev(sink), 128 ** -0.5, 128,
                             native_fp8=native)
-    ref = truth(q, K.unpack_fp8_kv(wp, 128), widx, K.unpack_fp8_kv(cp, 128), cidx, sink, 128 ** -0.5)
+    ref = attention_truth(q, K.unpack_fp8_kv(wp, 128), widx, K.unpack_fp8_kv(cp, 128), cidx, sink, 128 ** -0.5)
     check(out, ref, dtype, "fp8 kv")
     # and the same as the bf16/fp32 kernel on the unpacked rows
     plain = K.attention(dev(q), dev(K.unpack_fp8_kv(wp, 128)), dev(widx), dev(K.unpack_fp8_kv(cp, 128)), dev(cidx),
@@ -314,5 +238,5 @@ def test_attention_fp8kv_head_dim_512(dtype):
     assert wp.shape[1] == 584
     q, sink = qs(2, 16, 512, dtype, seed=82)
     out = K.attention_fp8kv(dev(q), dev(wp), dev(widx), dev(cp), dev(cidx), dev(sink), 512 ** -0.5, 512)
-    ref = truth(q, K.unpack_fp8_kv(wp, 512), widx, K.unpack_fp8_kv(cp, 512), cidx, sink, 512 ** -0.5)
+    ref = attention_truth(q, K.unpack_fp8_kv(wp, 512), widx, K.unpack_fp8_kv(cp, 512), cidx, sink, 512 ** -0.5)
     check(out, ref, dtype, "fp8 kv d=512")

@@ -12,6 +12,7 @@ element sitting on a rounding boundary, so a 1% allowance applies there).
 """
 
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -22,49 +23,26 @@ if not torch.cuda.is_available():
 
 from backends.cuda.kernels.compress import compress  # noqa: E402
 from backends.cuda.kernels.indexer import indexer_topk  # noqa: E402
-from backends.reference.ops import CompressSpec, ReferenceOps  # noqa: E402
+from backends.reference.ops import CompressSpec  # noqa: E402
+from tests.kernel_cases import REF, entry_scores64, gen, indexer_case, random_table  # noqa: E402
 
 torch.set_num_threads(1)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-REF = ReferenceOps("cpu")
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
-
-
-def _gen(seed):
-    g = torch.Generator().manual_seed(seed)
-    return g, (lambda *shape, s=1.0, dtype=F32: (torch.randn(*shape, generator=g) * s).to(dtype))
 
 
 def dev(t):
     return t.to(DEV)
 
 
-def _random_table(g, slots, per_slot, spare=3):
-    """Non-identity block table: a random permutation of the pool's blocks split among the slots."""
-    nb = slots * per_slot + spare
-    return torch.randperm(nb, generator=g)[: slots * per_slot].view(slots, per_slot).to(torch.int32), nb
-
-
 # ============================================================================ indexer
-def _entry_scores(q, w, pool, table, tok_slot, nvis):
-    """fp64 scores [T, S] of every entry through the block table (-inf where invisible)."""
-    T, _, d = q.shape
-    bs = pool.shape[1]
-    S = max(int(nvis.max()), 1) if T else 1
-    ent = torch.arange(S)
-    flat = pool.reshape(-1, d).double()
-    keys = flat[table[tok_slot.long()[:, None], ent[None, :] // bs].long() * bs + ent[None, :] % bs]  # [T, S, d]
-    s = (torch.relu(torch.einsum("thd,tsd->ths", q.double(), keys)) * w.double()[:, :, None]).sum(1)
-    return s.masked_fill(ent[None, :] >= nvis[:, None], float("-inf"))
-
-
 def _check_topk(got, q, w, pool, table, tok_slot, positions, ratio, topk):
     ref = REF.indexer_topk(q, w, pool, table, tok_slot, positions, ratio, topk)
     got = got.cpu()
     assert got.dtype == torch.int32 and got.shape == ref.shape == (q.shape[0], topk)
     nvis = (positions + 1) // ratio
-    scores = _entry_scores(q, w, pool, table, tok_slot, nvis)
+    scores = entry_scores64(q, w, pool, table, tok_slot, nvis)
     for t in range(q.shape[0]):
         g, r = got[t], ref[t]
         gv, rv = g[g >= 0].long(), r[r >= 0].long()
@@ -85,16 +63,7 @@ def _check_topk(got, q, w, pool, table, tok_slot, positions, ratio, topk):
             assert all(abs(float(scores[t, s]) - cut) <= tol for s in diff), (t, diff)
 
 
-def _indexer_case(seed, T, H=16, d=64, slots=3, bs=12, max_pos=250, ratio=4, dtype=F32):
-    g, rnd = _gen(seed)
-    per = max(1, -(-((max_pos + 1) // ratio) // bs))
-    table, nb = _random_table(g, slots, per)
-    pool = rnd(nb, bs, d, dtype=dtype)
-    q = rnd(T, H, d, dtype=dtype)
-    w = rnd(T, H, s=0.5)
-    tok_slot = torch.randint(0, slots, (T,), generator=g)
-    positions = torch.randint(0, max_pos + 1, (T,), generator=g)
-    return q, w, pool, table, tok_slot, positions
+_indexer_case = partial(indexer_case, d=64)
 
 
 @pytest.mark.parametrize("T", [1, 3, 4, 5, 127, 128, 129])
@@ -153,7 +122,7 @@ def _spec(m, quant="none", c=C):
 
 def _compress_inputs(seed, spec, slots, tokens, start, bs, dtype=F32):
     """Per-slot token streams (kv, score), ape, norm weight, inv_freq and a random block table."""
-    g, rnd = _gen(seed)
+    g, rnd = gen(seed)
     K = 2 if spec.overlap else 1
     streams = [(rnd(tokens, K * spec.dim, dtype=dtype), rnd(tokens, K * spec.dim, s=2.0, dtype=dtype))
                for _ in range(slots)]
@@ -161,7 +130,7 @@ def _compress_inputs(seed, spec, slots, tokens, start, bs, dtype=F32):
     norm_w = (1.0 + 0.1 * rnd(spec.dim)).to(dtype)
     inv = (1.0 / 10000.0 ** (torch.arange(ROPE // 2, dtype=F64) / (ROPE // 2))).to(dtype)
     per = -(-((max(start) + tokens) // spec.ratio + 1) // bs)
-    table, nb = _random_table(g, slots, per)
+    table, nb = random_table(g, slots, per)
     return streams, ape, norm_w, inv, table, nb
 
 

@@ -16,68 +16,45 @@ if not torch.cuda.is_available():
 
 
 from backends.cuda.kernels import gate, mhc, norm_rope  # noqa: E402
-from backends.reference.ops import ReferenceOps  # noqa: E402
+from tests.kernel_cases import REF, check_as_ref, gate_compare, gate_scores64, gate_truth  # noqa: E402
+from tests.kernel_cases import hc_check, hc_params, rng, tie_free  # noqa: E402
 
 torch.set_num_threads(1)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-REF = ReferenceOps("cpu")
 D64 = torch.float64
 BF16 = torch.bfloat16
 TOKENS = [1, 3, 4, 5, 127, 128, 129]
 DTYPES = [torch.float32, BF16]
-# absolute floor on top of "as close as the reference in the working dtype" (relative to max |truth|)
-FLOOR = {torch.float32: 2e-6, BF16: 4e-3}
-
-
-def _gen(seed):
-    g = torch.Generator().manual_seed(seed)
-    return lambda *shape, s=1.0: torch.randn(*shape, generator=g) * s
 
 
 def dev(t):
     return t.to(DEV)
 
 
-def cpu64(t):
-    return t.detach().cpu().to(D64) if t.is_floating_point() else t.detach().cpu()
-
-
-def check(out, ref_lowp, truth, dtype, what=""):
-    """|out - truth| <= 2 |ref_lowp - truth| + floor * max|truth| (max norms), and dtypes match."""
-    assert out.dtype == ref_lowp.dtype, f"{what}: dtype {out.dtype} != reference {ref_lowp.dtype}"
-    assert out.shape == truth.shape, f"{what}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
-    out, ref_lowp = cpu64(out), cpu64(ref_lowp)
-    scale = float(truth.abs().max().clamp(min=1e-30))
-    err = float((out - truth).abs().max())
-    ref_err = float((ref_lowp - truth).abs().max())
-    assert err <= 2 * ref_err + FLOOR[dtype] * scale, \
-        f"{what}: err {err:.3g} vs reference's {ref_err:.3g} (scale {scale:.3g})"
-
-
 # ---------------------------------------------------------------- rms_norm
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", TOKENS)
 def test_rms_norm(T, dtype):
-    r = _gen(T)
+    r = rng(T)
     x, w = (r(T, 96, s=3.0) + 0.5).to(dtype), (1 + r(96, s=0.2)).to(dtype)
     out = norm_rope.rms_norm(dev(x), dev(w), 1e-6)
-    check(out, REF.rms_norm(x, w, 1e-6), REF.rms_norm(x.to(D64), w.to(D64), 1e-6), dtype, "rms_norm")
+    check_as_ref(out, REF.rms_norm(x, w, 1e-6), REF.rms_norm(x.to(D64), w.to(D64), 1e-6), dtype, "rms_norm")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_unweighted_heads(dtype):
-    x = _gen(1)(5, 3, 64).to(dtype)  # [T, H, d]: per-head norm, no weight
+    x = rng(1)(5, 3, 64).to(dtype)  # [T, H, d]: per-head norm, no weight
     out = norm_rope.rms_norm(dev(x), None, 1e-6)
-    check(out, REF.rms_norm(x, None, 1e-6), REF.rms_norm(x.to(D64), None, 1e-6), dtype, "rms_norm [T,H,d]")
+    check_as_ref(out, REF.rms_norm(x, None, 1e-6), REF.rms_norm(x.to(D64), None, 1e-6), dtype, "rms_norm [T,H,d]")
 
 
 @pytest.mark.parametrize("N", [6000, 8192, 12000])  # 12000: reduction in 8192-wide chunks
 def test_rms_norm_wide_rows_blocked(N):
-    r = _gen(N)
+    r = rng(N)
     x, w = r(3, N).to(BF16), r(N).float()  # bf16 activations, fp32 weight
     out = norm_rope.rms_norm(dev(x), dev(w), 1e-6)
-    check(out, REF.rms_norm(x, w, 1e-6), REF.rms_norm(x.to(D64), w.to(D64), 1e-6), BF16, "rms_norm wide")
+    check_as_ref(out, REF.rms_norm(x, w, 1e-6), REF.rms_norm(x.to(D64), w.to(D64), 1e-6), BF16, "rms_norm wide")
 
 
 # ---------------------------------------------------------------- rope
@@ -88,14 +65,14 @@ def _inv_freq(r=64, base=10000.0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", TOKENS)
 def test_rope(T, dtype):
-    r = _gen(100 + T)
+    r = rng(100 + T)
     x = r(T, 3, 96).to(dtype)  # [T, H, d]: 32 nope dims, 64 rope dims
     pos = torch.randint(0, 70000, (T,), generator=torch.Generator().manual_seed(T))
     inv = _inv_freq()
     for inverse in (False, True):
         out = norm_rope.rope(dev(x), dev(pos), dev(inv), inverse)
         ref = REF.rope(x, pos, inv, inverse)
-        check(out, ref, REF.rope(x.to(D64), pos, inv, inverse), dtype, f"rope inverse={inverse}")
+        check_as_ref(out, ref, REF.rope(x.to(D64), pos, inv, inverse), dtype, f"rope inverse={inverse}")
         # same fp32 formula for the angle: matches the reference in the working dtype tightly
         # (bf16: at most a rounding flip, one unit in the last place)
         tol = dict(rtol=0, atol=4e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-5)
@@ -105,7 +82,7 @@ def test_rope(T, dtype):
 
 @pytest.mark.parametrize("shape", [(5, 64), (4, 128), (3, 2, 64)])
 def test_rope_2d_and_rope_only(shape):
-    x = _gen(7)(*shape)
+    x = rng(7)(*shape)
     pos = torch.tensor([0, 1, 5, 1000, 65535][: shape[0]])
     inv = _inv_freq(64, 160000.0)
     out = norm_rope.rope(dev(x), dev(pos), dev(inv))
@@ -113,7 +90,7 @@ def test_rope_2d_and_rope_only(shape):
 
 
 def test_rope_inverse_round_trip():
-    x = _gen(3)(129, 4, 128)
+    x = rng(3)(129, 4, 128)
     pos = torch.arange(129) * 37
     inv = _inv_freq()
     back = norm_rope.rope(norm_rope.rope(dev(x), dev(pos), dev(inv)), dev(pos), dev(inv), inverse=True)
@@ -122,26 +99,18 @@ def test_rope_inverse_round_trip():
 
 # ---------------------------------------------------------------- mHC
 def _hc_params(r, n, D, rows):
-    fn = r(rows, n * D, s=2.0 / (n * D) ** 0.5)
-    return fn, r(rows, s=0.5), 0.5 + r(rows // n if rows > n else 1, s=0.1).abs()
+    return hc_params(r, n, D, rows, n_scale=rows // n)  # these tests feed 2 + n scales (hc_pre reads 3)
 
 
 def _hc_check(X, fn, base, scale, iters, dtype):
-    eps = 1e-6
-    u, post, comb = mhc.hc_pre(dev(X), dev(fn), dev(base), dev(scale), iters, eps, eps)
-    lowp = REF.hc_pre(X, fn, base, scale, iters, eps, eps)
-    truth = REF.hc_pre(X.to(D64), fn.to(D64), base.to(D64), scale.to(D64), iters, eps, eps)
-    assert post.dtype == comb.dtype == torch.float32
-    for name, a, b, c in zip(("u", "post", "comb"), (u, post, comb), lowp, truth):
-        check(a, b, c, dtype if name == "u" else torch.float32, f"hc_pre {name}")
-    return comb
+    return hc_check(mhc.hc_pre, X, fn, base, scale, iters, dtype, to_device=dev)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", TOKENS)
 def test_hc_pre(T, dtype):
     n, D = 4, 96
-    r = _gen(200 + T)
+    r = rng(200 + T)
     X = r(T, n, D).to(dtype)
     comb = _hc_check(X, *_hc_params(r, n, D, (2 + n) * n), 20, dtype)
     # the last Sinkhorn step normalises columns; rows converge more slowly
@@ -152,14 +121,14 @@ def test_hc_pre(T, dtype):
 @pytest.mark.parametrize("iters", [1, 2])
 def test_hc_pre_few_sinkhorn_iterations(iters):
     n, D = 4, 64
-    r = _gen(300 + iters)
+    r = rng(300 + iters)
     _hc_check(r(5, n, D), *_hc_params(r, n, D, (2 + n) * n), iters, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_hc_pre_near_real_size(dtype):
     n, D = 4, 1024  # nD = 4096: many K blocks, split across programs
-    r = _gen(400)
+    r = rng(400)
     _hc_check(r(2, n, D).to(dtype), *_hc_params(r, n, D, (2 + n) * n), 20, dtype)
 
 
@@ -167,57 +136,40 @@ def test_hc_pre_near_real_size(dtype):
 @pytest.mark.parametrize("T", TOKENS)
 def test_hc_post(T, dtype):
     n, D = 4, 96
-    r = _gen(500 + T)
+    r = rng(500 + T)
     X, y = r(T, n, D).to(dtype), r(T, D).to(dtype)
     post = 2 * torch.sigmoid(r(T, n))
     comb = torch.softmax(r(T, n, n), -1)
     out = mhc.hc_post(dev(y), dev(X), dev(post), dev(comb))
     truth = REF.hc_post(y.to(D64), X.to(D64), post.to(D64), comb.to(D64))
-    check(out, REF.hc_post(y, X, post, comb), truth, dtype, "hc_post")
+    check_as_ref(out, REF.hc_post(y, X, post, comb), truth, dtype, "hc_post")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [1, 4, 5, 129])
 def test_hc_head(T, dtype):
     n, D = 4, 96
-    r = _gen(600 + T)
+    r = rng(600 + T)
     X = r(T, n, D).to(dtype)
     fn, base, scale = _hc_params(r, n, D, n)
     out = mhc.hc_head(dev(X), dev(fn), dev(base), dev(scale), 1e-6, 1e-6)
     truth = REF.hc_head(X.to(D64), fn.to(D64), base.to(D64), scale.to(D64), 1e-6, 1e-6)
-    check(out, REF.hc_head(X, fn, base, scale, 1e-6, 1e-6), truth, dtype, "hc_head")
+    check_as_ref(out, REF.hc_head(X, fn, base, scale, 1e-6, 1e-6), truth, dtype, "hc_head")
 
 
 # ---------------------------------------------------------------- MoE gate
-def _gate_truth(x, W, bias, tid2eid, toks, k, rs):
-    return REF.moe_gate(x.to(D64), W.to(D64), None if bias is None else bias.to(D64), tid2eid, toks, k, rs)
-
-
-def _gate_compare(out, truth, sel64):
-    """Same expert sets as the fp64 reference, weights aligned by id, picks in descending sel order."""
-    (w, ids), (tw, tids) = out, truth
-    assert w.dtype == torch.float32 and ids.dtype == torch.int32
-    w, ids = w.cpu(), ids.cpu()
-    order, torder = ids.long().sort(-1), tids.long().sort(-1)
-    assert torch.equal(order.values, torder.values), "selected experts differ"
-    torch.testing.assert_close(w.gather(1, order.indices).double(), tw.gather(1, torder.indices), rtol=1e-5, atol=1e-6)
-    picked = sel64.gather(1, ids.long())
-    assert bool((picked[:, :-1] >= picked[:, 1:] - 1e-6).all()), "picks not in descending order"
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", TOKENS)
 def test_moe_gate_topk_with_bias(T, dtype):
     E, D, k, rs = 64, 96, 6, 1.5
-    r = _gen(700 + T)
+    r = rng(700 + T)
     x, W = r(T, D).to(dtype), r(E, D, s=D ** -0.5)
     bias = r(E, s=0.3)  # as large as the score spread: it changes the selection
-    s = torch.sqrt(torch.nn.functional.softplus(x.to(D64) @ W.to(D64).t()))
+    s = gate_scores64(x, W)
     sel = s + bias.to(D64)
-    top = sel.topk(k + 1, dim=-1).values
-    assert float((top[:, k - 1] - top[:, k]).min()) > 1e-5, "inputs must be tie-free at the selection boundary"
+    tie_free(sel, k)
     out = gate.moe_gate(dev(x), dev(W), dev(bias), None, None, k, rs)
-    _gate_compare(out, _gate_truth(x, W, bias, None, None, k, rs), sel)
+    gate_compare(out, gate_truth(x, W, bias, None, None, k, rs), sel)
     if T >= 4:
         unbiased = s.topk(k, dim=-1).indices.sort(-1).values
         assert not torch.equal(unbiased, out[1].cpu().long().sort(-1).values), "the bias should steer some picks"
@@ -225,23 +177,23 @@ def test_moe_gate_topk_with_bias(T, dtype):
 
 def test_moe_gate_bf16_weight_and_many_experts():
     E, D, k, rs = 384, 256, 8, 2.5  # bf16 x bf16 logits on the 16-bit dot path; E not a block multiple
-    r = _gen(800)
+    r = rng(800)
     x, W, bias = r(5, D).to(BF16), r(E, D, s=D ** -0.5).to(BF16), r(E, s=0.1)
-    s = torch.sqrt(torch.nn.functional.softplus(x.to(D64) @ W.to(D64).t()))
+    s = gate_scores64(x, W)
     out = gate.moe_gate(dev(x), dev(W), dev(bias), None, None, k, rs)
-    _gate_compare(out, _gate_truth(x, W, bias, None, None, k, rs), s + bias.to(D64))
+    gate_compare(out, gate_truth(x, W, bias, None, None, k, rs), s + bias.to(D64))
 
 
 @pytest.mark.parametrize("T", [1, 5, 129])
 def test_moe_gate_hash(T):
     E, D, k, V, rs = 64, 96, 6, 50, 1.5
-    r = _gen(900 + T)
+    r = rng(900 + T)
     x, W = r(T, D).to(BF16), r(E, D, s=D ** -0.5)
     g = torch.Generator().manual_seed(T)
     tid2eid = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(V)])  # int64 [V, k]
     toks = torch.randint(0, V, (T,), generator=g)
     w, ids = gate.moe_gate(dev(x), dev(W), None, dev(tid2eid), dev(toks), k, rs)
-    tw, tids = _gate_truth(x, W, None, tid2eid, toks, k, rs)
+    tw, tids = gate_truth(x, W, None, tid2eid, toks, k, rs)
     assert ids.dtype == torch.int32 and torch.equal(ids.cpu(), tids)  # hash order is the table's
     torch.testing.assert_close(w.cpu().double(), tw, rtol=1e-5, atol=1e-6)
 
