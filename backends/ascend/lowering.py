@@ -588,12 +588,13 @@ def main(argv=None) -> int:
     ap.add_argument("-v", "--verbose", action="store_true", help="progress, commands and full error text")
     args = ap.parse_args(argv)
 
-    # the check compiles @triton.jit functions; under TRITON_INTERPRET=1 (the CPU numerics tests) the
-    # decorator would hand back interpreter objects, and launch sizing would follow the interpreter
-    os.environ.pop("TRITON_INTERPRET", None)
     if check_environment() is None:
         print(ENV_HINT, file=sys.stderr)
         return 2
+    # the check compiles @triton.jit functions; under TRITON_INTERPRET=1 (the CPU numerics tests) the
+    # decorator would hand back interpreter objects, and launch sizing would follow the interpreter.
+    # Popped only here, in the ascend venv: a caller in the main environment keeps its interpreter.
+    os.environ.pop("TRITON_INTERPRET", None)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if not targets:
         print("no --targets given", file=sys.stderr)
