@@ -123,7 +123,8 @@ def _real_reason() -> str | None:
         return "triton-ascend is not installed (pip install --no-deps --force-reinstall triton-ascend)"
     try:
         import torch
-        import torch_npu  # noqa: F401  (CANN is set up: the import is safe now)
+
+        importlib.import_module("torch_npu")  # CANN is set up: the import is safe now, and registers torch.npu
 
         if not torch.npu.is_available():
             return "torch_npu sees no NPU (check npu-smi info and ASCEND_RT_VISIBLE_DEVICES)"
