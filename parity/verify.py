@@ -84,6 +84,6 @@ def run(golden: str, backend: str, dtype: str | None = None, checkpoint: str | N
     verdict = ops_ok and c.passed
     where = mine.meta["backend"]["device_name"]
     print(f"\nverdict: {'PASS' if verdict else 'FAIL'}: {mine.label()} on {where} vs golden {g.label()}: "
-          f"ops {'PASS' if ops_ok else ('skipped' if skip_ops else 'FAIL')}, model {'PASS' if c.passed else 'FAIL'} "
+          f"ops {'skipped' if skip_ops else ('PASS' if ops_ok else 'FAIL')}, model {'PASS' if c.passed else 'FAIL'} "
           f"(profile {c.profile.name})")
     return 0 if verdict else max(1, c.exit_code)

@@ -250,3 +250,29 @@ def test_metadata_with_a_wrong_structure_is_damaged_not_a_crash(bundles, capsys,
     (bad / BD.META_FILE).write_text(json.dumps(meta))
     line = _one_line_exit_2(*run(capsys, "compare", str(bundles / "fp64"), str(bad)))
     assert "damaged metadata" in line and "model" in line
+
+
+def test_verify_from_a_checkpoint_and_its_refusals(capsys, tmp_path):
+    """`parity verify` re-records a checkpoint bundle from this machine's copy of the checkpoint,
+    and says in one sentence when the weights cannot be the golden bundle's."""
+    ck = tmp_path / "ck"
+    assert main(["init", "--config", "tiny", "--out", str(ck), "--quant", "fp32"]) == 0
+    golden = tmp_path / "golden"
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"length": 9, "seed": 3}\n')
+    assert main(["parity", "record", "--backend", "reference", "--dtype", "fp64", "--checkpoint", str(ck),
+                 "--prompts", str(prompts), "--greedy", "2", "--out", str(golden)]) == 0
+    capsys.readouterr()
+    code, out, _ = run(capsys, "verify", str(golden), "--backend", "reference", "--dtype", "fp32",
+                       "--checkpoint", str(ck), "--skip-ops")
+    assert code == 0, out
+    assert out.strip().splitlines()[-1].startswith("verdict: PASS") and "ops skipped" in out
+    line = _one_line_exit_2(*run(capsys, "verify", str(golden), "--backend", "reference", "--skip-ops"))
+    assert "--checkpoint" in line and "recorded from checkpoint" in line
+    # another checkpoint (other seed): same config, different weights -> not comparable, exit 2
+    other = tmp_path / "other"
+    assert main(["init", "--config", "tiny", "--out", str(other), "--quant", "fp32", "--seed", "1"]) == 0
+    capsys.readouterr()
+    line = _one_line_exit_2(*run(capsys, "verify", str(golden), "--backend", "reference", "--checkpoint",
+                                 str(other), "--skip-ops"))
+    assert "different weights" in line
