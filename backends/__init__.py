@@ -12,6 +12,7 @@ Kernel packages are imported only when their backend is probed or selected, so i
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -66,6 +67,14 @@ _REGISTRY: dict[str, _Entry] = {
     "cuda": _Entry("backends.cuda"),
     "ascend": _Entry("backends.ascend"),
 }
+
+
+def installed(name: str) -> bool:
+    """Is package `name` importable here (without importing it)?"""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # an import hook that refuses the package counts as absent
+        return False
 
 
 def names() -> tuple[str, ...]:

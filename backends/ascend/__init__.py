@@ -14,20 +14,15 @@ torch_npu is never imported at module level: installed without CANN it breaks ev
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import shutil
 from dataclasses import dataclass
 
+from .. import installed as _installed
+
 EMULATE_ENV = "DSV4_ASCEND_EMULATE"
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _installed(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):  # an import hook that refuses the package counts as absent
-        return False
 
 
 def emulate_requested() -> bool:

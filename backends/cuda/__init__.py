@@ -10,15 +10,9 @@ Ops without a kernel yet are not declared: asking for this backend then needs
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
-
-def _installed(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):  # an import hook that refuses the package counts as absent
-        return False
+from .. import installed as _installed
 
 
 def interpreter_mode() -> bool:
