@@ -56,16 +56,18 @@ def test_lightning_indexer_by_hand():
     pool, table = _pool(keys)
     q = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]], dtype=BF16)  # two queries of one row
     w = torch.tensor([[2.0], [1.0]], dtype=BF16)
-    out = E.npu_lightning_indexer(q, pool, w, actual_seq_lengths_query=torch.tensor([2], dtype=torch.int32),
-                                  actual_seq_lengths_key=torch.tensor([3], dtype=torch.int32), block_table=table[None],
-                                  layout_query="TND", layout_key="PA_BSND", sparse_count=4, sparse_mode=3)
+    out, vals = E.npu_lightning_indexer(q, pool, w, actual_seq_lengths_query=torch.tensor([2], dtype=torch.int32),
+                                        actual_seq_lengths_key=torch.tensor([3], dtype=torch.int32), block_table=table[None],
+                                        layout_query="TND", layout_key="PA_BSND", sparse_count=4, sparse_mode=3,
+                                        return_value=True)
     # right-down causal, Sq = 2, Sk = 3: query 0 sees keys 0..1, query 1 sees 0..2
     assert out.shape == (2, 1, 4)
     assert out[0, 0].tolist() == [0, 1, -1, -1]  # scores 2, 0
     assert out[1, 0].tolist() == [2, 0, 1, -1]  # scores 3, 1, 0
+    assert vals[1, 0, :3].float().tolist() == [3.0, 1.0, 0.0] and vals.dtype == BF16
     full = E.npu_lightning_indexer(q, pool, w, actual_seq_lengths_query=torch.tensor([2], dtype=torch.int32),
                                    actual_seq_lengths_key=torch.tensor([3], dtype=torch.int32), block_table=table[None],
-                                   layout_query="TND", layout_key="PA_BSND", sparse_count=1, sparse_mode=0)
+                                   layout_query="TND", layout_key="PA_BSND", sparse_count=1, sparse_mode=0)[0]
     assert full[:, 0, 0].tolist() == [2, 2]
 
 

@@ -1,8 +1,9 @@
 """CPU emulations of the torch_npu / CANN ops the Ascend adapter calls. NOT the real ops.
 
-Each function has the name, argument names and conventions of the torch_npu 2.14 API and
-computes what that op's documentation (`torch_npu/_op_plugin_docs.py` of the torch-npu 2.14.0
-wheel, and CANN's aclnn pages) says it computes, in plain PyTorch on any device. They exist so
+Each function has the name, argument names, conventions and return structure of the torch_npu
+2.14 API (signatures and output shapes as the wheel's Meta registrations,
+`torch_npu/op_plugin/meta/_meta_registrations.py`, declare them) and computes what that op's
+documentation (`torch_npu/_op_plugin_docs.py` of the torch-npu 2.14.0 wheel) says it computes, in plain PyTorch on any device. They exist so
 that the adapter in `backends/ascend/ops.py` (which maps our packed / paged layouts onto those
 ops: TND layouts, `actual_seq_lengths`, block tables, `sparse_mode`, quant scales) is executed
 and checked on machines without an NPU. They are selected only on request
@@ -68,14 +69,17 @@ def npu_rotary_mul(input: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, rota
 
 
 def npu_lightning_indexer(query, key, weights, *, actual_seq_lengths_query=None, actual_seq_lengths_key=None,
-                          block_table=None, layout_query="BSND", layout_key="BSND", sparse_count=2048, sparse_mode=3):
+                          block_table=None, layout_query="BSND", layout_key="BSND", sparse_count=2048, sparse_mode=3,
+                          pre_tokens=2**63 - 1, next_tokens=2**63 - 1, return_value=False):
     """Top-`sparse_count` keys per query by score_s = sum_h w_h relu(q_h . k_s) (DeepSeek's lightning
     indexer), int32 positions within the query's batch row, -1 where fewer keys are visible.
 
     Emulated: layout_query "TND" (actual_seq_lengths_query = prefix sums, required) and layout_key
     "PA_BSND" (key [block_count, block_size, N2 = 1, D] through block_table [B, max_blocks]).
     sparse_mode 3 (rightDownCausal): query i of a batch row with Sq queries and Sk keys sees keys
-    j <= i + Sk - Sq; sparse_mode 0: all Sk keys. Output [T, N2, sparse_count].
+    j <= i + Sk - Sq; sparse_mode 0: all Sk keys. Returns (indices int32 [T, N2, sparse_count],
+    values): values are the selected scores in query's dtype with return_value, else an empty tensor
+    (the tuple of the Meta registration; the doc page's "-> Tensor" names only the first).
     [doc silent] order of the selected positions (we return descending score) and scores in fp32.
     """
     op = "npu_lightning_indexer"
@@ -94,6 +98,8 @@ def npu_lightning_indexer(query, key, weights, *, actual_seq_lengths_query=None,
     _need(1 <= sparse_count <= 2048 or sparse_count in (3072, 4096, 5120, 6144, 7168, 8192), op,
           f"sparse_count must be in 1..2048 or 3072..8192 step 1024, got {sparse_count}")
     _need(sparse_mode in (0, 3), op, f"sparse_mode must be 0 or 3, got {sparse_mode}")
+    _need(pre_tokens == 2**63 - 1 and next_tokens == 2**63 - 1, op, "only the default pre_tokens / next_tokens are emulated")
+    _need(query.numel() > 0 and key.numel() > 0, op, "query and key must not be empty")
     for name, t in (("actual_seq_lengths_query", actual_seq_lengths_query), ("actual_seq_lengths_key", actual_seq_lengths_key),
                     ("block_table", block_table)):
         _need(t is not None and t.dtype == torch.int32, op, f"{name} must be an int32 tensor")
@@ -104,6 +110,7 @@ def npu_lightning_indexer(query, key, weights, *, actual_seq_lengths_query=None,
     _need(actual_seq_lengths_key.shape == (B,) and block_table.dim() == 2 and block_table.shape[0] == B, op,
           f"actual_seq_lengths_key must be [B={B}] and block_table [B, max_blocks]")
     out = torch.full((T, 1, sparse_count), -1, dtype=torch.int32, device=query.device)
+    vals = torch.full((T, 1, sparse_count), float("-inf"), dtype=torch.float32, device=query.device)
     flat = key.view(-1, D)
     start = 0
     for b in range(B):
@@ -123,8 +130,9 @@ def npu_lightning_indexer(query, key, weights, *, actual_seq_lengths_query=None,
         k = min(sparse_count, sk)
         val, idx = s.topk(k, dim=-1)
         out[start:end, 0, :k] = torch.where(torch.isinf(val), -1, idx).to(torch.int32)
+        vals[start:end, 0, :k] = val
         start = end
-    return out
+    return out, (vals.to(query.dtype) if return_value else query.new_empty(0))
 
 
 # ------------------------------------------------------------------------------------------ quantised matmul

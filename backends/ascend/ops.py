@@ -188,10 +188,11 @@ class AscendOps:
         r = 2 * inv_freq.numel()
         T = x.shape[0]
         cos, sin = self._rope_tables(positions, inv_freq, x.dtype)
-        # cos/sin tables are built in fp32 and cast: for 16-bit x the op takes 16-bit tables
+        # cos/sin tables are built in fp32 and cast: for 16-bit x the op takes 16-bit tables. The mode
+        # goes by position: the doc page names it rotary_mode, the Meta registration `mode`
         rot = x[..., -r:].reshape(1, T, -1, r).contiguous()  # BSND, B = 1, N = heads (or 1)
         out = x.clone()
-        out[..., -r:] = self.npu.npu_rotary_mul(rot, cos, -sin if inverse else sin, rotary_mode="interleave").view(x[..., -r:].shape)
+        out[..., -r:] = self.npu.npu_rotary_mul(rot, cos, -sin if inverse else sin, "interleave").view(x[..., -r:].shape)
         self._took("rope", "cann:npu_rotary_mul")
         return out
 
@@ -214,7 +215,7 @@ class AscendOps:
         out = self.npu.npu_lightning_indexer(
             q.contiguous(), k_pool.unsqueeze(2).contiguous(), weights.to(q.dtype).contiguous(),
             actual_seq_lengths_query=one_per_row, actual_seq_lengths_key=nvis, block_table=table,
-            layout_query="TND", layout_key="PA_BSND", sparse_count=topk, sparse_mode=3)
+            layout_query="TND", layout_key="PA_BSND", sparse_count=topk, sparse_mode=3)[0]  # (indices, values)
         self._took("indexer_topk", "cann:npu_lightning_indexer")
         return out.view(T, topk)
 
