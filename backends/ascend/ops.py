@@ -71,12 +71,18 @@ class W8A8Weight:
         return (self.q_t.float() * self.scale).t().to(self.dtype)
 
 
-def quantize_w8a8(w: torch.Tensor, dtype: torch.dtype) -> W8A8Weight:
-    """Symmetric per-output-channel int8: scale = amax(row) / 127, q = round(w / scale)."""
+def _int8_channels(w: torch.Tensor, k_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel: scale = amax over the reduction dim / 127, q = round(w / scale)."""
     wf = w.float()
-    scale = wf.abs().amax(1) / 127.0
+    scale = wf.abs().amax(k_dim, keepdim=True) / 127.0
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    q = torch.round(wf / scale).clamp(-127, 127).to(torch.int8)
+    return q, scale.squeeze(k_dim)
+
+
+def quantize_w8a8(w: torch.Tensor, dtype: torch.dtype) -> W8A8Weight:
+    """A [N, K] weight as int8 per output channel, stored [K, N]."""
+    q, scale = _int8_channels(w, 1)
     return W8A8Weight(q.t().contiguous(), scale.contiguous(), dtype)
 
 
@@ -154,10 +160,8 @@ class AscendOps:
 
     @staticmethod
     def _grouped_int8(w: torch.Tensor) -> GroupedWeights:
-        wf = w.float()
-        scale = wf.abs().amax(1) / 127.0  # per expert and output channel: [E, N]
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return GroupedWeights(torch.round(wf / scale[:, None, :]).clamp(-127, 127).to(torch.int8).contiguous(), scale.contiguous())
+        q, scale = _int8_channels(w, 1)  # [E, K, N]: one scale per expert and output channel
+        return GroupedWeights(q.contiguous(), scale.contiguous())
 
     # ------------------------------------------------------------------ norm / rope
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -174,25 +178,26 @@ class AscendOps:
         return self.npu.npu_rms_norm(x2, weight.to(x.dtype), eps)[0].reshape(shape)
 
     def _rope_tables(self, positions, inv_freq, dtype):
-        for pos, inv, dt, cos, sin in self._rope_cache:
+        for pos, inv, dt, tables in self._rope_cache:
             if pos is positions and inv is inv_freq and dt == dtype:
-                return cos, sin
+                return tables
         ang = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
         # interleaved layout: pair (2i, 2i+1) shares angle i -> [1, T, 1, r] (the 1S1D form for BSND)
         cos = ang.cos().repeat_interleave(2, -1)[None, :, None, :].to(dtype)
         sin = ang.sin().repeat_interleave(2, -1)[None, :, None, :].to(dtype)
-        self._rope_cache = ([(positions, inv_freq, dtype, cos, sin)] + self._rope_cache)[:4]
-        return cos, sin
+        tables = (cos, sin, -sin)  # -sin: the inverse rotation of the attention output
+        self._rope_cache = ([(positions, inv_freq, dtype, tables)] + self._rope_cache)[:4]
+        return tables
 
     def rope(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         r = 2 * inv_freq.numel()
         T = x.shape[0]
-        cos, sin = self._rope_tables(positions, inv_freq, x.dtype)
+        cos, sin, neg_sin = self._rope_tables(positions, inv_freq, x.dtype)
         # cos/sin tables are built in fp32 and cast: for 16-bit x the op takes 16-bit tables. The mode
         # goes by position: the doc page names it rotary_mode, the Meta registration `mode`
         rot = x[..., -r:].reshape(1, T, -1, r).contiguous()  # BSND, B = 1, N = heads (or 1)
         out = x.clone()
-        out[..., -r:] = self.npu.npu_rotary_mul(rot, cos, -sin if inverse else sin, "interleave").view(x[..., -r:].shape)
+        out[..., -r:] = self.npu.npu_rotary_mul(rot, cos, neg_sin if inverse else sin, "interleave").view(x[..., -r:].shape)
         self._took("rope", "cann:npu_rotary_mul")
         return out
 
