@@ -12,11 +12,12 @@ index lists already encode which rows each query sees.
 
 Kernel design
 -------------
-- Grid `(T, cdiv(H, BLOCK_H))`: one program per (query token, block of heads). The program loads
-  its `[BLOCK_H, d]` query tile once, then walks the window list and the compressed list in
-  chunks of BLOCK_K indices. Each chunk's KV rows are gathered once as a `[BLOCK_K, d]` tile and
-  serve all BLOCK_H heads through two tensor-core products: `S = Q K^T` (`[BLOCK_H, BLOCK_K]`)
-  and `acc += P V` (`[BLOCK_H, d]`), with V = K = the same tile (no second load).
+- Grid `(T, cdiv(H, BLOCK_H), NSPLIT)`: one program per (query token, block of heads, split of
+  the index lists; see Split-KV below). The program loads its `[BLOCK_H, d]` query tile once,
+  then walks its part of the window list and the compressed list in chunks of BLOCK_K indices.
+  Each chunk's KV rows are gathered once as a `[BLOCK_K, d]` tile and serve all BLOCK_H heads
+  through two tensor-core products: `S = Q K^T` (`[BLOCK_H, BLOCK_K]`) and `acc += P V`
+  (`[BLOCK_H, d]`), with V = K = the same tile (no second load).
 - Online softmax in fp32, base 2 (`exp2`, logits pre-multiplied by log2 e). The running max and
   sum start from the sink (`m = sink, l = 1`), which folds the sink term into the denominator
   exactly as "add e^{sink} at the end" would, and keeps the running max finite, so chunks and
@@ -32,7 +33,38 @@ Kernel design
 - Tile defaults (`_blocks`): 16-bit d <= 128: BLOCK_H <= 64, BLOCK_K 64 (32 FP8), 4 warps;
   d = 512: BLOCK_H <= 32, BLOCK_K 32 (16 FP8), 8 warps; fp32: 16 x 16. All compile for sm_90a
   with no register spills (checked offline with ptxas); they are not yet tuned on a GPU.
-  Not done yet: split-KV for decode batches too small to fill the SMs (FlashMLA's approach).
+
+Split-KV (flash-decoding)
+-------------------------
+A decode step has T = batch size queries and V4 has 64 heads, i.e. 2 head blocks at d = 512: a
+batch-1 step would be 2 programs walking up to Kw + Kc = 128 + 512 (CSA) or thousands (HCA,
+padded to a static width under CUDA graphs) indices each, on a 132-SM GPU. So each (token, head
+block) is split into NSPLIT programs (`_num_splits`):
+
+- The window list's chunks followed by the compressed list's form one sequence of
+  cdiv(Kw, BLOCK_K) + cdiv(Kc, BLOCK_K) chunks; split s takes a contiguous run of
+  `chunks_per_split` of them (part of one list, of both, or nothing at all past the end).
+  Counting chunks per list keeps each chunk inside one list when Kw % BLOCK_K != 0.
+- Each split runs the same online softmax. Only split 0 starts from the sink; the others start
+  empty (m = -1e30, finite so that no -inf - -inf arises, l = 0, acc = 0). A split writes its
+  unnormalised state (m, l per head, acc per head x d, fp32) to scratch `[T, NSPLIT, H(, d)]`,
+  and `_combine_splits_kernel` merges the splits of each (token, head tile, d tile):
+  M = max_s m_s, o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s (a running max, one pass).
+  Splits with no valid index contribute 2^(-1e30 - M) = 0; split 0 carries the sink, so a row
+  with no valid index still gets o = 0.
+- NSPLIT = 1 is the single-kernel path writing the output directly (no scratch, no merge).
+- NSPLIT comes from static sizes only (T, H, BLOCK_H, Kw + Kc, BLOCK_K, d, KV row bytes, and
+  `launch.target_programs`, 2 x SM count): never from tensor contents, no host sync, so equal
+  shapes launch equal grids and a captured CUDA graph stays valid. Rule: as many splits as
+  bring T x head_blocks x NSPLIT up to target_programs (so none when T x head_blocks already
+  fills the GPU: prefill, decode batches >= ~128), but every split at least `min_chunks` long,
+  where min_chunks x BLOCK_K KV rows weigh at least the split's `BLOCK_H x d` fp32 partial state
+  (V4 bf16: 64 rows = 2 chunks of 32; FP8: 113 rows -> 8 chunks of 16); then rounded so that no split is empty.
+  E.g. 132 SMs, V4 decode, bf16 KV: CSA (Kc = 512) batch 1..8 -> 10 splits of 2 chunks,
+  32 -> 4, 64 -> 2, 128 -> 1; HCA with Kc = 8192 batch 1 -> 130, 8 -> 16, 64 -> 2. FP8 KV, CSA:
+  batch 1..16 -> 5 splits of 8 chunks. Not tuned on a GPU yet (below min_chunks the partials
+  would mostly stay in L2, so shorter splits may still pay off for small batches): `splits=`
+  overrides the choice (tests, benchmark).
 
 FP8 KV cache (spec performance.md §1, v4-architecture.md §3.3, "MODEL1")
 -------------------------------------------------------------------------
@@ -72,6 +104,8 @@ import triton
 import triton.language as tl
 
 from v4 import quant
+
+from .launch import target_programs
 
 ROPE_DIM = 64
 FP8_GROUP = 64  # nope dims per UE8M0 scale
@@ -178,14 +212,21 @@ def _kv_tile(kv_ptr, kv16_ptr, rows, valid, stride_kv, stride_kv16,
 
 
 @triton.jit
-def _attend_list(q, m_i, l_i, acc, idx_ptr, K, kv_ptr, kv16_ptr, stride_kv, stride_kv16, scale_log2,
+def _round_bf16(x):
+    """fp32 -> the nearest-even bf16 value, still in fp32 (the interpreter's own cast truncates)."""
+    b = x.to(tl.int32, bitcast=True)
+    return ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _attend_list(q, m_i, l_i, acc, idx_ptr, lo, hi, kv_ptr, kv16_ptr, stride_kv, stride_kv16, scale_log2,
                  D: tl.constexpr, BLOCK_K: tl.constexpr, NOPE: tl.constexpr, FP8: tl.constexpr,
                  NATIVE_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
                  PREC: tl.constexpr):
-    """Fold the KV rows named by idx_ptr[0:K] (-1 = skip) into the online-softmax state."""
-    for k0 in range(0, K, BLOCK_K):
+    """Fold the KV rows named by idx_ptr[lo:hi] (-1 = skip) into the online-softmax state."""
+    for k0 in range(lo, hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        idx = tl.load(idx_ptr + offs_k, mask=offs_k < K, other=-1)
+        idx = tl.load(idx_ptr + offs_k, mask=offs_k < hi, other=-1)
         valid = idx >= 0
         if tl.max(valid.to(tl.int32), axis=0) > 0:
             kv = _kv_tile(kv_ptr, kv16_ptr, tl.where(valid, idx, 0), valid, stride_kv, stride_kv16,
@@ -200,9 +241,7 @@ def _attend_list(q, m_i, l_i, acc, idx_ptr, K, kv_ptr, kv16_ptr, stride_kv, stri
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if EMULATE:  # interpreter: round as the GPU cast does, keep fp32 for the product
                 if DOT_DTYPE == tl.bfloat16:
-                    pb = p.to(tl.int32, bitcast=True)
-                    pb = (pb + 0x7FFF + ((pb >> 16) & 1)) & -65536  # fp32 -> bf16, nearest even
-                    p = pb.to(tl.float32, bitcast=True)
+                    p = _round_bf16(p)
                 else:
                     p = p.to(DOT_DTYPE).to(tl.float32)
             else:
@@ -216,15 +255,17 @@ def _attend_list(q, m_i, l_i, acc, idx_ptr, K, kv_ptr, kv16_ptr, stride_kv, stri
 def _sparse_mqa_sink_kernel(
     q_ptr, o_ptr, sink_ptr,
     w_ptr, w16_ptr, widx_ptr, c_ptr, c16_ptr, cidx_ptr,
-    H, Kw, Kc, scale_log2,
+    pm_ptr, pl_ptr, pacc_ptr,
+    H, Kw, Kc, chunks_per_split, scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_w, stride_w16, stride_widx, stride_c, stride_c16, stride_cidx,
     D: tl.constexpr, NOPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     FP8: tl.constexpr, NATIVE_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
-    PREC: tl.constexpr, ROUND_BF16_OUT: tl.constexpr,
+    PREC: tl.constexpr, ROUND_BF16_OUT: tl.constexpr, SPLIT: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    split = tl.program_id(2)
     hmask = offs_h < H
     offs_d = tl.arange(0, D)
 
@@ -233,21 +274,75 @@ def _sparse_mqa_sink_kernel(
     if EMULATE:
         q = q.to(tl.float32)
 
-    # the sink as the running-softmax start: m = sink, l = e^{sink - m} = 1, acc = 0 (zero value)
+    # the sink as the running-softmax start: m = sink, l = e^{sink - m} = 1, acc = 0 (zero value).
+    # Only split 0 owns the sink; the others start empty (sink -> -inf: l = 0, and m = -1e30 stays
+    # finite so that exp2(m_old - m_new) never meets -inf - -inf)
     sink = tl.load(sink_ptr + offs_h, mask=hmask, other=0.0).to(tl.float32) * 1.4426950408889634
+    sink = tl.where(split == 0, sink, float("-inf"))
     m_i = tl.maximum(sink, -1.0e30)
     l_i = tl.exp2(sink - m_i)
     acc = tl.zeros((BLOCK_H, D), dtype=tl.float32)
 
-    m_i, l_i, acc = _attend_list(q, m_i, l_i, acc, widx_ptr + t * stride_widx, Kw, w_ptr, w16_ptr, stride_w, stride_w16,
+    # This split's chunks [c0, c1) of the window list's chunks followed by the compressed list's:
+    # counting chunks per list (not indices of the concatenation) keeps every chunk inside one
+    # list even when Kw is not a multiple of BLOCK_K
+    nw = tl.cdiv(Kw, BLOCK_K)
+    c0 = split * chunks_per_split
+    c1 = c0 + chunks_per_split
+    m_i, l_i, acc = _attend_list(q, m_i, l_i, acc, widx_ptr + t * stride_widx,
+                                 c0 * BLOCK_K, tl.minimum(c1 * BLOCK_K, Kw),
+                                 w_ptr, w16_ptr, stride_w, stride_w16,
                                  scale_log2, D, BLOCK_K, NOPE, FP8, NATIVE_FP8, DOT_DTYPE, EMULATE, PREC)
-    m_i, l_i, acc = _attend_list(q, m_i, l_i, acc, cidx_ptr + t * stride_cidx, Kc, c_ptr, c16_ptr, stride_c, stride_c16,
+    m_i, l_i, acc = _attend_list(q, m_i, l_i, acc, cidx_ptr + t * stride_cidx,
+                                 tl.maximum(c0 - nw, 0) * BLOCK_K, tl.minimum(tl.maximum(c1 - nw, 0) * BLOCK_K, Kc),
+                                 c_ptr, c16_ptr, stride_c, stride_c16,
                                  scale_log2, D, BLOCK_K, NOPE, FP8, NATIVE_FP8, DOT_DTYPE, EMULATE, PREC)
 
-    o = acc / l_i[:, None]
-    if ROUND_BF16_OUT:  # interpreter: its fp32 -> bf16 cast truncates; round to nearest even first
-        ob = o.to(tl.int32, bitcast=True)
-        o = ((ob + 0x7FFF + ((ob >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    if SPLIT:  # unnormalised partial state, merged by _combine_splits_kernel
+        row = (t * tl.num_programs(2) + split) * H + offs_h  # scratch [T, NSPLIT, H(, D)]
+        tl.store(pm_ptr + row, m_i, mask=hmask)
+        tl.store(pl_ptr + row, l_i, mask=hmask)
+        # a split that met no valid index (l = 0: not split 0, which holds the sink) has acc = 0:
+        # its acc is neither stored nor read back, so the -1 padding of a captured step's HCA list
+        # (sized to the cache capacity) costs the partial state no bytes
+        tl.store(pacc_ptr + row[:, None] * D + offs_d[None, :], acc, mask=(hmask & (l_i > 0))[:, None])
+    else:
+        o = acc / l_i[:, None]
+        if ROUND_BF16_OUT:  # interpreter: its fp32 -> bf16 cast truncates; round to nearest even first
+            o = _round_bf16(o)
+        tl.store(o_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
+                 o.to(o_ptr.dtype.element_ty), mask=hmask[:, None])
+
+
+@triton.jit
+def _combine_splits_kernel(
+    o_ptr, pm_ptr, pl_ptr, pacc_ptr, H, NSPLIT, stride_ot, stride_oh,
+    D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, ROUND_BF16_OUT: tl.constexpr,
+):
+    """o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, M = max_s m_s, for one [BLOCK_H, BLOCK_D]
+    tile of one token. M is tracked as a running max (one pass over the splits); every m_s >= -1e30
+    is finite, so no -inf - -inf. Split 0 carries the sink, so l > 0 for any finite sink."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    hmask = offs_h < H
+    m = tl.full((BLOCK_H,), -1.0e30, tl.float32)
+    l = tl.zeros((BLOCK_H,), tl.float32)
+    o = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
+    for s in range(NSPLIT):
+        row = (t * NSPLIT + s) * H + offs_h
+        m_s = tl.load(pm_ptr + row, mask=hmask, other=-1.0e30)
+        l_s = tl.load(pl_ptr + row, mask=hmask, other=1.0)  # 1: padded heads divide by 1, not 0
+        a_s = tl.load(pacc_ptr + row[:, None] * D + offs_d[None, :], mask=(hmask & (l_s > 0))[:, None], other=0.0)
+        m_new = tl.maximum(m, m_s)
+        alpha = tl.exp2(m - m_new)
+        beta = tl.exp2(m_s - m_new)
+        l = l * alpha + l_s * beta
+        o = o * alpha[:, None] + a_s * beta[:, None]
+        m = m_new
+    o = o / l[:, None]
+    if ROUND_BF16_OUT:
+        o = _round_bf16(o)
     tl.store(o_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
              o.to(o_ptr.dtype.element_ty), mask=hmask[:, None])
 
@@ -259,9 +354,9 @@ def _sparse_mqa_sink_kernel(
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def _interpreting() -> bool:
-    # triton.jit picks the interpreter when the kernel is decorated (TRITON_INTERPRET at import)
-    return type(_sparse_mqa_sink_kernel).__name__ == "InterpretedFunction"
+# triton.jit picks the interpreter when the kernel is decorated (TRITON_INTERPRET at import); read
+# once here so that tests may wrap the kernel objects to record their launch grids
+_INTERPRETING = type(_sparse_mqa_sink_kernel).__name__ == "InterpretedFunction"
 
 
 def _check_common(q, window_idx, comp_idx, sink):
@@ -302,39 +397,79 @@ def _blocks(H: int, d: int, fp32: bool, fp8: bool, block_h, block_k, num_warps):
     return block_h or bh, block_k or bk, num_warps or nw
 
 
+def _num_splits(T: int, head_blocks: int, chunks: int, min_chunks: int, device: torch.device) -> int:
+    """How many splits of each (token, head block)'s index list, from static sizes only (no tensor
+    contents, no sync: the same for every call of one shape, so CUDA-graph safe)."""
+    # enough programs to fill the machine; none beyond what the tokens already give (prefill, big
+    # decode batches: fill <= 1), and none shorter than min_chunks
+    fill = target_programs(device) // (T * head_blocks)
+    return max(1, min(fill, chunks // min_chunks))
+
+
 def _launch(q, w_rows, w16, widx, c_rows, c16, cidx, sink, scale, fp8, nope, dot_dtype,
-            block_h, block_k, num_warps, native_fp8):
+            block_h, block_k, num_warps, native_fp8, splits):
     T, H, d = q.shape
     out = torch.empty((T, H, d), dtype=q.dtype, device=q.device)
     if T == 0 or H == 0:
         return out
+    if splits is not None and (not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"splits must be a positive int or None, got {splits!r}")
     block_h, block_k, num_warps = _blocks(H, d, dot_dtype == torch.float32, fp8, block_h, block_k, num_warps)
-    emulate = _interpreting() and dot_dtype != torch.float32
+    emulate = _INTERPRETING and dot_dtype != torch.float32
+    round_out = _INTERPRETING and q.dtype == torch.bfloat16
     Kw, Kc = widx.shape[1], cidx.shape[1]
     sink = sink.to(torch.float32).contiguous()
-    grid = (T, triton.cdiv(H, block_h))
-    _sparse_mqa_sink_kernel[grid](
+    head_blocks = triton.cdiv(H, block_h)
+    chunks = triton.cdiv(Kw, block_k) + triton.cdiv(Kc, block_k)  # per list: no chunk spans both
+    if splits is None:
+        # a split's partial state (BLOCK_H x d fp32, written, then read back by the combine) should
+        # weigh no more than the KV rows the split gathers, or splitting adds more bytes than it spreads
+        kv_row = row_bytes(d) if fp8 else d * w_rows.element_size()
+        min_chunks = triton.cdiv(triton.cdiv(block_h * d * 4, kv_row), block_k)
+        splits = _num_splits(T, head_blocks, chunks, min_chunks, q.device)
+        per_split = max(1, triton.cdiv(chunks, splits))
+        splits = max(1, triton.cdiv(chunks, per_split))  # drop splits the rounding left empty
+    else:  # forced (tests, benchmark): kept as given, even where some splits get no chunk at all
+        per_split = max(1, triton.cdiv(chunks, splits))
+    if splits == 1:
+        per_split = max(1, chunks)
+        pm = pl = pacc = out  # unused: the kernel writes the output itself
+    else:
+        pm = torch.empty((T, splits, H), dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+        pacc = torch.empty((T, splits, H, d), dtype=torch.float32, device=q.device)
+    _sparse_mqa_sink_kernel[(T, head_blocks, splits)](
         q, out, sink,
         w_rows, w16, widx, c_rows, c16, cidx,
-        H, Kw, Kc, float(scale) * _LOG2E,
+        pm, pl, pacc,
+        H, Kw, Kc, per_split, float(scale) * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         w_rows.stride(0), w16.stride(0), widx.stride(0), c_rows.stride(0), c16.stride(0), cidx.stride(0),
         D=d, NOPE=nope, BLOCK_H=block_h, BLOCK_K=block_k, FP8=fp8, NATIVE_FP8=native_fp8,
         DOT_DTYPE=_TL[dot_dtype], EMULATE=emulate, PREC="ieee" if dot_dtype == torch.float32 else "tf32",
-        ROUND_BF16_OUT=_interpreting() and q.dtype == torch.bfloat16,
+        ROUND_BF16_OUT=round_out, SPLIT=splits > 1,
         num_warps=num_warps,
     )
+    if splits > 1:
+        # its own, smaller tiles: one token's merge is a short stream over splits x H x d floats,
+        # spread over several programs so that a batch-1 merge is not two programs long
+        bh, bd = min(triton.next_power_of_2(H), 16), min(d, 128)
+        _combine_splits_kernel[(T, triton.cdiv(H, bh), d // bd)](
+            out, pm, pl, pacc, H, splits, out.stride(0), out.stride(1),
+            D=d, BLOCK_H=bh, BLOCK_D=bd, ROUND_BF16_OUT=round_out, num_warps=4,
+        )
     return out
 
 
 def attention(q: torch.Tensor, window_kv: torch.Tensor, window_idx: torch.Tensor,
               comp_kv: torch.Tensor | None, comp_idx: torch.Tensor | None,
               sink: torch.Tensor, scale: float, *, block_h: int | None = None, block_k: int | None = None,
-              num_warps: int | None = None) -> torch.Tensor:
+              num_warps: int | None = None, splits: int | None = None) -> torch.Tensor:
     """`ReferenceOps.attention` (without `chunk`) as one Triton kernel; see the module docstring.
 
     q: [T, H, d]; window_kv: [Nw, d]; window_idx: [T, Kw] int32; comp_kv: [Nc, d] or None;
     comp_idx: [T, Kc] int32 or None (Kc may be 0); sink: [H] fp32. Output [T, H, d] in q's dtype.
+    splits: split-KV programs per (token, head block); None chooses from the shapes (module docstring).
     """
     _check_common(q, window_idx, comp_idx, sink)
     d = q.shape[2]
@@ -354,7 +489,7 @@ def attention(q: torch.Tensor, window_kv: torch.Tensor, window_idx: torch.Tensor
     # 16-bit products only when everything is that one 16-bit type; otherwise exact fp32 products
     dot_dtype = q.dtype if len(dtypes) == 1 else torch.float32
     return _launch(q, w, w, _idx(window_idx), c, c, cidx, sink, scale, False, 0, dot_dtype,
-                   block_h, block_k, num_warps, False)
+                   block_h, block_k, num_warps, False, splits)
 
 
 def _native_fp8_default(device: torch.device) -> bool:
@@ -367,7 +502,7 @@ def attention_fp8kv(q: torch.Tensor, window_packed: torch.Tensor, window_idx: to
                     comp_packed: torch.Tensor | None, comp_idx: torch.Tensor | None,
                     sink: torch.Tensor, scale: float, d: int, *, block_h: int | None = None,
                     block_k: int | None = None, num_warps: int | None = None,
-                    native_fp8: bool | None = None) -> torch.Tensor:
+                    native_fp8: bool | None = None, splits: int | None = None) -> torch.Tensor:
     """`attention` over FP8-packed KV rows (`pack_fp8_kv` layout), dequantised in the kernel.
 
     Equals `attention(q, unpack_fp8_kv(window_packed, d), ..., unpack_fp8_kv(comp_packed, d), ...)`.
@@ -391,4 +526,4 @@ def attention_fp8kv(q: torch.Tensor, window_packed: torch.Tensor, window_idx: to
     if native_fp8 is None:
         native_fp8 = _native_fp8_default(q.device)
     return _launch(q, w, w.view(torch.bfloat16), _idx(window_idx), c, c.view(torch.bfloat16), cidx, sink, scale,
-                   True, nope, dot_dtype, block_h, block_k, num_warps, native_fp8)
+                   True, nope, dot_dtype, block_h, block_k, num_warps, native_fp8, splits)
