@@ -10,7 +10,8 @@ its inputs to the working dtype, as in a real run.
 Boundary shapes: token counts 1, 3, 4, 5, 127, 128, 129; compressor windows that close exactly
 at the step's last token, one token after, and a step that starts mid-window; an empty
 compressed pool; an indexer top-k larger than the pool; -1 indices in every index input;
-several sequences in one packed call. Index outputs (indexer top-k, MoE expert ids) are scored
+several sequences in one packed call; the compressor's decode form (`DecodeRows`, one token per
+sequence, the layout a captured decode step passes). Index outputs (indexer top-k, MoE expert ids) are scored
 by set overlap; a pick counts as matched when its true (float64) score ties the true cut.
 """
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backends.reference.ops import CompressSpec, ReferenceOps, acc
+from backends.reference.ops import CompressSpec, DecodeRows, ReferenceOps, acc
 from . import metrics as M
 from . import profiles as P
 
@@ -181,6 +182,21 @@ def _cases_compress(g, mode):
                           ("raw", spec), ("acc", 1 + _randn(g, c, std=0.1)), ("acc", _inv_freq()), ("acc", state_kv),
                           ("acc", state_score), ("D", torch.zeros(slots * nb, bs, c, dtype=torch.float64)), ("raw", table),
                           ("raw", packed)], {}, "compress")
+        # decode form (DecodeRows, what a captured decode step passes): one token per sequence, the
+        # first window closing, a sequence's first token, a later window closing, mid-window
+        k = 2 if overlap else 1
+        pos = [m - 1, 0, 5 * m + m - 1, 3 * m + 1]
+        slots = len(pos)
+        nb = -(-(max(pos) // m + 1) // bs)
+        table = torch.arange(slots * nb, dtype=torch.int32).view(slots, nb).flip(1).contiguous()
+        spec = CompressSpec(m, HD, overlap, quant["overlap" if overlap else "plain"], ROPE, 1e-6)
+        yield (f"m={m},decode rows at {pos}",
+               [("acc", _randn(g, slots, k * HD)), ("acc", _randn(g, slots, k * HD)), ("acc", _randn(g, m, k * HD, std=0.1)),
+                ("raw", spec), ("acc", 1 + _randn(g, HD, std=0.1)), ("acc", _inv_freq()),
+                ("acc", _randn(g, slots, k * m, k * HD)), ("acc", _randn(g, slots, k * m, k * HD)),
+                ("D", torch.zeros(slots * nb, bs, HD, dtype=torch.float64)), ("raw", table),
+                ("rows", DecodeRows(torch.tensor([2, 0, 3, 1]), torch.tensor([pos[2], pos[0], pos[3], pos[1]])))],
+               {}, "compress")
 
 
 def _cases_indexer_topk(g, mode):
@@ -281,6 +297,9 @@ def _prepare(sides: _Sides, args):
                 m13, m2 = sides.ops.prepare_experts(*[[x.float() for x in part] for part in v], sides.dt)
                 truth.append((t13[0], t2[0]))
                 mine.append((m13[0], m2[0]))
+        elif role == "rows":  # DecodeRows: the layout lives on each side's device
+            truth.append(v)
+            mine.append(DecodeRows(v.slots.to(sides.dev), v.positions.to(sides.dev)))
         elif role == "raw" and isinstance(v, torch.Tensor):
             truth.append(v.clone())
             mine.append(v.clone().to(sides.dev))
@@ -384,6 +403,8 @@ def _max_pos(op: str, args) -> int:
     if op == "rope":
         return int(args[1].max())
     if op == "compress":
+        if isinstance(args[10], DecodeRows):
+            return int(args[10].positions.max()) + 1
         return max(s + n for _, s, n, _ in args[10])
     if op == "indexer_topk":
         return int(args[5].max())

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from backends.reference.ops import CompressSpec
+from backends.reference.ops import CompressSpec, DecodeRows
 from . import quant
 from .cache import KVCache
 from .config import CSA, SLIDING, ModelConfig, yarn_inv_freq
@@ -58,11 +58,48 @@ class StepBatch:
         self.last_token = torch.tensor([o + n - 1 for o, n in zip(self.offsets[:-1], self.lens)], device=dev)
         self._memo = {}
 
+    graph_safe = False  # the host knows this layout (Python ints); see DecodeBatch for the other kind
+
     def memo(self, key, build):
         """Index tensors that depend only on the batch layout are built once per step, not per layer."""
         if key not in self._memo:
             self._memo[key] = build()
         return self._memo[key]
+
+    def max_visible(self, ratio: int) -> int:
+        """Most compressed entries (at `ratio`) any token of this step may see: (last position + 1) // ratio."""
+        return max(((s + n) // ratio for _, s, n, _ in self.seqs), default=0)
+
+
+class DecodeBatch:
+    """One decode token per sequence, with the layout held in device tensors: the batch of a decode
+    step that is captured once as a CUDA graph and replayed with other slots and positions.
+
+    Everything the model derives from it is computed on the device, and every shape depends only on
+    the batch size B and on `max_len` (the cache's max_seq_len), never on the positions: no host
+    read, no data-dependent shape, so the same kernels with the same launch grids serve every replay.
+    The caller does the host-side bookkeeping the model does for a StepBatch: checking token ids,
+    reserving cache blocks before the step, advancing `cache.seq_len` after it (`v4.graphs`).
+    Rows past the real batch (padding up to a captured size) point at a scratch cache slot.
+    """
+
+    graph_safe = True
+
+    def __init__(self, slots: torch.Tensor, positions: torch.Tensor, max_len: int):
+        B = slots.shape[0]
+        dev = slots.device
+        self.device, self.num_tokens, self.max_len = dev, B, max_len
+        self.tok_slot, self.positions = slots, positions
+        self.tok_start = positions  # each sequence's new tokens start (and end) at its position
+        self.tok_row = self.tok_off = self.last_token = torch.arange(B, device=dev)
+        self.cu_seqlens = torch.arange(B + 1, dtype=torch.int32, device=dev)
+        self.seqs = DecodeRows(slots, positions)
+        self._memo = {}
+
+    memo = StepBatch.memo
+
+    def max_visible(self, ratio: int) -> int:
+        return self.max_len // ratio
 
 
 class Transformer:
@@ -178,7 +215,7 @@ class Transformer:
         return KVCache(self.cfg, max_slots, max_seq_len, self.dtype, self.device, block_size)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, ids: torch.Tensor, batch: StepBatch, cache: KVCache, logits: str = "all",
+    def forward(self, ids: torch.Tensor, batch: StepBatch | DecodeBatch, cache: KVCache, logits: str = "all",
                 mtp_ids: torch.Tensor | None = None):
         """One step. ids: [T] packed token ids (batch layout). Returns (logits, mtp_logits or None).
 
@@ -188,12 +225,13 @@ class Transformer:
         """
         cfg = self.cfg
         ids = ids.to(self.device)
-        lo, hi = (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0)
-        if lo < 0 or hi >= cfg.vocab_size:
-            bad = hi if hi >= cfg.vocab_size else lo
-            raise InputError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}) of model '{cfg.name}'")
-        for slot, start, n, _ in batch.seqs:
-            cache.reserve(slot, start + n)
+        if not batch.graph_safe:  # a DecodeBatch's caller does this bookkeeping on the host
+            lo, hi = (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0)
+            if lo < 0 or hi >= cfg.vocab_size:
+                bad = hi if hi >= cfg.vocab_size else lo
+                raise InputError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}) of model '{cfg.name}'")
+            for slot, start, n, _ in batch.seqs:
+                cache.reserve(slot, start + n)
         X = self.embed[ids].unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
         for b in self.blocks:
             X = self._block(b, X, ids, batch, cache)
@@ -201,8 +239,9 @@ class Transformer:
         mtp_out = None
         if mtp_ids is not None and self.mtp:
             mtp_out = self._mtp(self.mtp[0], X, mtp_ids.to(self.device), batch, cache, logits)
-        for slot, start, n, _ in batch.seqs:
-            cache.seq_len[slot] = start + n
+        if not batch.graph_safe:
+            for slot, start, n, _ in batch.seqs:
+                cache.seq_len[slot] = start + n
         return out, mtp_out
 
     def _head(self, X, hc, norm, batch, which):
@@ -287,7 +326,8 @@ class Transformer:
                        cache.tables[b.ratio], inv_freq)
         w = self._lin(x.to(self.acc), b.idx.weights_proj, False) * (Di ** -0.5 * Hi ** -0.5)
         table = cache.tables[b.ratio]
-        topk = ops.indexer_topk(iq, w, lc.index_pool, table.table, batch.tok_slot, batch.positions, b.ratio, cfg.index_topk)
+        topk = ops.indexer_topk(iq, w, lc.index_pool, table.table, batch.tok_slot, batch.positions, b.ratio,
+                                cfg.index_topk, max_visible=batch.max_visible(b.ratio))
         if self.hook is not None:
             # The scores of the picks let parity treat entries tied at the top-k cut as interchangeable.
             keys = lc.index_pool.view(-1, Di)[self._entry_slots(topk, batch.tok_slot, table).long().clamp(min=0)]
@@ -303,9 +343,9 @@ class Transformer:
                                  pool, table.table, batch.seqs)
 
     @classmethod
-    def _hca_slots(cls, batch: StepBatch, ratio: int, table) -> torch.Tensor:
+    def _hca_slots(cls, batch: StepBatch | DecodeBatch, ratio: int, table) -> torch.Tensor:
         nvis = (batch.positions + 1) // ratio
-        width = int(nvis.max()) if batch.num_tokens else 0
+        width = batch.max_visible(ratio) if batch.num_tokens else 0
         j = torch.arange(width, device=batch.device)
         return cls._entry_slots(torch.where(j[None, :] < nvis[:, None], j[None, :], -1), batch.tok_slot, table)
 
@@ -335,8 +375,10 @@ class Transformer:
         return torch.where(p >= 0, idx, -1).to(torch.int32)
 
     @staticmethod
-    def _write_ring(kv, ring, batch: StepBatch, W: int):
+    def _write_ring(kv, ring, batch: StepBatch | DecodeBatch, W: int):
         def rows():
+            if batch.graph_safe:  # one token per sequence: every token stays (and no mask, no host read)
+                return slice(None), batch.tok_slot * W + batch.positions % W
             end = batch.tok_start + batch.cu_seqlens[1:].long()[batch.tok_row] - batch.tok_off  # end per token
             keep = batch.positions >= end - W  # only the last W tokens of each sequence stay
             return keep, batch.tok_slot[keep] * W + batch.positions[keep] % W

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from backends.reference.ops import DecodeRows, compress_rows_on_host
 from v4 import quant
 
 from .kernels import launch
@@ -127,6 +128,9 @@ class AscendOps:
         return self._kernel("attention").attention(q, window_kv, window_idx, comp_kv, comp_idx, sink, scale)
 
     def compress(self, kv, score, ape, spec, norm_weight, inv_freq, state_kv, state_score, pool, block_table, seqs):
+        if isinstance(seqs, DecodeRows):  # the kernel plans on the host; no graph capture on this backend
+            return compress_rows_on_host(self.compress, kv, score, ape, spec, norm_weight, inv_freq, state_kv,
+                                         state_score, pool, block_table, seqs)
         return self._kernel("compress").compress(kv, score, ape, spec, norm_weight, inv_freq, state_kv, state_score,
                                                  pool, block_table, seqs)
 
@@ -202,14 +206,16 @@ class AscendOps:
         return out
 
     # ------------------------------------------------------------------ indexer
-    def indexer_topk(self, q, weights, k_pool, block_table, tok_slot, positions, ratio: int, topk: int):
+    def indexer_topk(self, q, weights, k_pool, block_table, tok_slot, positions, ratio: int, topk: int,
+                     max_visible: int | None = None):
         T, H, D = q.shape
         fits = (q.dtype in (torch.bfloat16, torch.float16) and self.chip.generation in ("A2", "A3")
                 and H <= _LI_MAX_HEADS and D == _LI_HEAD_DIM and topk <= _LI_MAX_SPARSE
                 and k_pool.shape[1] % 16 == 0 and k_pool.shape[1] <= 1024 and k_pool.dtype == q.dtype)
         if not fits or T == 0:
             self._took("indexer_topk", "triton-ascend:indexer")
-            return self._kernel("indexer").indexer_topk(q, weights, k_pool, block_table, tok_slot, positions, ratio, topk)
+            return self._kernel("indexer").indexer_topk(q, weights, k_pool, block_table, tok_slot, positions, ratio, topk,
+                                                        max_visible=max_visible)
         # V4 lets query t see entries s < (t + 1) // ratio. sparse_mode 3 is right-down causal over
         # one row's keys, so each query is its own TND row (Sq = 1) whose key length is exactly
         # its visible count: then the causal mask admits all Sk keys and nothing else.

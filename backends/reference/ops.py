@@ -59,6 +59,37 @@ class CompressSpec:
     eps: float
 
 
+@dataclass
+class DecodeRows:
+    """`compress`'s batch layout for a decode step kept on the device: row b of kv / score is the
+    one new token of sequence `slots[b]`, at position `positions[b]`.
+
+    The list form of `seqs` ([(slot, start, n, offset), ...]) is read on the host; this form is what
+    a captured decode step (CUDA graph) hands over, since its layout changes from replay to replay
+    without the host seeing it. Rows may repeat a slot only if that slot is scratch (padding rows).
+    """
+
+    slots: torch.Tensor  # [B] int
+    positions: torch.Tensor  # [B] int
+
+    def as_list(self) -> list:
+        """The equivalent list form (reads the device: for backends that plan on the host)."""
+        return [(s, p, 1, b) for b, (s, p) in enumerate(zip(self.slots.tolist(), self.positions.tolist()))]
+
+
+def compress_rows_on_host(compress, kv, score, ape, spec, norm_weight, inv_freq, state_kv, state_score,
+                          pool, block_table, rows: DecodeRows) -> torch.Tensor:
+    """A `DecodeRows` step through a list-form `compress` (which plans on the host): the layout is
+    read back, and the entries come back in the DecodeRows form ([B, c], zeros where none closed)."""
+    seqs = rows.as_list()
+    entries = compress(kv, score, ape, spec, norm_weight, inv_freq, state_kv, state_score, pool, block_table, seqs)
+    out = pool.new_zeros((len(seqs), spec.dim))
+    closed = [b for b, (_, pos, _, _) in enumerate(seqs) if (pos + 1) % spec.ratio == 0]
+    if closed:
+        out[closed] = entries
+    return out
+
+
 class ReferenceOps:
     name = "reference"
 
@@ -173,7 +204,7 @@ class ReferenceOps:
                  norm_weight: torch.Tensor, inv_freq: torch.Tensor,
                  state_kv: torch.Tensor, state_score: torch.Tensor,
                  pool: torch.Tensor, block_table: torch.Tensor,
-                 seqs: list) -> torch.Tensor:
+                 seqs) -> torch.Tensor:
         """Fold new tokens into per-sequence compressor state; emit every entry whose window closed.
 
         kv, score: [T, k*c] projections of the packed new tokens (k = 2 if overlap else 1), in acc dtype.
@@ -182,9 +213,13 @@ class ReferenceOps:
           window's tokens so far (overlap: rows [m, 2m) hold them and rows [0, m) the previous,
           complete window, whose first channel half feeds the next entry).
         pool: [blocks, block_size, c] entry pool; block_table: [slots, max_blocks] int32.
-        seqs: per batch row (slot, start_pos, n_new, token_offset).
-        Returns the new entries packed in batch order [E, c] (for inspection; the pool is updated).
+        seqs: per batch row (slot, start_pos, n_new, token_offset), or a `DecodeRows` (one token per row).
+        Returns the new entries packed in batch order [E, c] (for inspection; the pool is updated);
+        for `DecodeRows` [B, c] instead: row b is the entry row b closed, zeros where none closed.
         """
+        if isinstance(seqs, DecodeRows):
+            return compress_rows_on_host(self.compress, kv, score, ape, spec, norm_weight, inv_freq, state_kv,
+                                         state_score, pool, block_table, seqs)
         m, c = spec.ratio, spec.dim
         cur = m if spec.overlap else 0  # first state row of the current window
         bs = pool.shape[1]
@@ -241,18 +276,23 @@ class ReferenceOps:
     # ------------------------------------------------------------------ indexer
     def indexer_topk(self, q: torch.Tensor, weights: torch.Tensor, k_pool: torch.Tensor,
                      block_table: torch.Tensor, tok_slot: torch.Tensor, positions: torch.Tensor,
-                     ratio: int, topk: int) -> torch.Tensor:
+                     ratio: int, topk: int, max_visible: int | None = None) -> torch.Tensor:
         """Top-k compressed entries per query by `sum_h w_h relu(q_h . k_s)`.
 
         q: [T, H, d]; weights: [T, H] (already scaled); k_pool: [blocks, block, d]; tok_slot: [T]
         cache slot of each token; positions: [T]. Entry s is visible to the query at position t
-        iff s < (t + 1) // ratio. Returns int32 [T, topk] logical entry ids, -1 where fewer exist.
+        iff s < (t + 1) // ratio. Returns int32 [T, topk] logical entry ids, best first, -1 where
+        fewer exist. max_visible: the caller's host-side bound on (t + 1) // ratio, which lets a
+        kernel size its work without reading positions back (a decode step captured in a CUDA
+        graph passes the cache's capacity); here it is only checked.
         """
         T = q.shape[0]
         out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
         if T == 0:
             return out
         nvis = (positions + 1) // ratio  # [T]
+        if max_visible is not None and int(nvis.max()) > max_visible:
+            raise ValueError(f"indexer_topk: a query sees {int(nvis.max())} entries, more than max_visible={max_visible}")
         bs = k_pool.shape[1]
         a = acc(q.dtype)
         flat = k_pool.view(-1, k_pool.shape[-1])

@@ -217,7 +217,8 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, k_pool: torch.Tensor,
 
 
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, k_pool: torch.Tensor, block_table: torch.Tensor,
-                 tok_slot: torch.Tensor, positions: torch.Tensor, ratio: int, topk: int) -> torch.Tensor:
+                 tok_slot: torch.Tensor, positions: torch.Tensor, ratio: int, topk: int,
+                 max_visible: int | None = None) -> torch.Tensor:
     """`ReferenceOps.indexer_topk` on Ascend: scoring kernel + torch top-k (module docstring).
 
     q: [T, H, d]; weights: [T, H] (already scaled); k_pool: [blocks, block, d]; block_table:
@@ -235,7 +236,8 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, k_pool: torch.Tensor, b
     if T == 0 or topk == 0:
         return out
     nvis = torch.div(positions + 1, ratio, rounding_mode="floor").to(torch.int32)
-    s_max = int(nvis.max())
+    # the caller's host-side bound spares a device -> host read of the visible counts
+    s_max = int(nvis.max()) if max_visible is None else max_visible
     if s_max == 0:
         return out
     scores = indexer_scores(q, weights, k_pool, block_table, tok_slot, nvis, s_max)

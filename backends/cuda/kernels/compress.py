@@ -36,6 +36,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from backends.reference.ops import DecodeRows
+
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _QUANT = {"none": 0, "fp8": 1, "fp4": 2}
 _FP8_BLOCK, _FP4_BLOCK = 64, 32
@@ -161,20 +163,14 @@ def _block_fake_quant(x, NB: tl.constexpr, BLK: tl.constexpr, valid, QMAX: tl.co
 
 
 @triton.jit
-def _compress_finish_kernel(pooled_ptr, out_ptr, pool_ptr, bt_ptr, ent_ptr, seq_ptr, nw_ptr, inv_ptr,
-                            c, R, NOPE, bs, eps, hscale, s_pb, s_pr, s_pc, s_bt,
-                            M: tl.constexpr, QUANT: tl.constexpr, BLOCK_C: tl.constexpr, LOG2C: tl.constexpr,
-                            OUT: tl.constexpr, FACC: tl.constexpr, IS64: tl.constexpr,
-                            LIBDEVICE: tl.constexpr, RNE_BF16: tl.constexpr):
-    e = tl.program_id(0)
-    b = tl.load(ent_ptr + e)
-    slot = tl.load(seq_ptr + b * 5 + 0)
-    w = tl.load(seq_ptr + b * 5 + 1) + e - tl.load(seq_ptr + b * 5 + 4)  # global window index
-    cols = tl.arange(0, BLOCK_C)
-    cm = cols < c
-
+def _finish_row(x, cols, cm, w, c, R, NOPE, eps, hscale, nw_ptr, inv_ptr,
+                M: tl.constexpr, QUANT: tl.constexpr, BLOCK_C: tl.constexpr, LOG2C: tl.constexpr,
+                OUT: tl.constexpr, FACC: tl.constexpr, IS64: tl.constexpr,
+                LIBDEVICE: tl.constexpr, RNE_BF16: tl.constexpr):
+    """One pooled entry row [BLOCK_C] (accumulator dtype) of window w -> the pool row (dtype OUT):
+    cast to the pool dtype, RMSNorm, RoPE at position w * M, exact-mode fake quant."""
     # RMSNorm of the entry cast to the pool dtype (as the reference: rms_norm(pooled.to(out_dtype)))
-    x = _to(tl.load(pooled_ptr + e.to(tl.int64) * c + cols, mask=cm, other=0.0), OUT, RNE_BF16).to(FACC)
+    x = _to(x, OUT, RNE_BF16).to(FACC)
     if IS64:
         r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / c + eps)
     else:
@@ -209,19 +205,144 @@ def _compress_finish_kernel(pooled_ptr, out_ptr, pool_ptr, bt_ptr, ent_ptr, seq_
             h = tl.reshape(tl.permute(tl.join(a + bb, a - bb), (0, 2, 1)), [BLOCK_C])
         h = _to(h * hscale, OUT, RNE_BF16).to(tl.float32)
         y = _block_fake_quant(h, BLOCK_C // 32, 32, cols < c, 6.0, 6.0 * 2.0**-126, 0, 1).to(OUT)
+    return y
 
+
+@triton.jit
+def _compress_finish_kernel(pooled_ptr, out_ptr, pool_ptr, bt_ptr, ent_ptr, seq_ptr, nw_ptr, inv_ptr,
+                            c, R, NOPE, bs, eps, hscale, s_pb, s_pr, s_pc, s_bt,
+                            M: tl.constexpr, QUANT: tl.constexpr, BLOCK_C: tl.constexpr, LOG2C: tl.constexpr,
+                            OUT: tl.constexpr, FACC: tl.constexpr, IS64: tl.constexpr,
+                            LIBDEVICE: tl.constexpr, RNE_BF16: tl.constexpr):
+    e = tl.program_id(0)
+    b = tl.load(ent_ptr + e)
+    slot = tl.load(seq_ptr + b * 5 + 0)
+    w = tl.load(seq_ptr + b * 5 + 1) + e - tl.load(seq_ptr + b * 5 + 4)  # global window index
+    cols = tl.arange(0, BLOCK_C)
+    cm = cols < c
+    x = tl.load(pooled_ptr + e.to(tl.int64) * c + cols, mask=cm, other=0.0)
+    y = _finish_row(x, cols, cm, w, c, R, NOPE, eps, hscale, nw_ptr, inv_ptr,
+                    M, QUANT, BLOCK_C, LOG2C, OUT, FACC, IS64, LIBDEVICE, RNE_BF16)
     blk = tl.load(bt_ptr + slot * s_bt + w // bs).to(tl.int64)
     dst = pool_ptr + blk * s_pb + (w % bs).to(tl.int64) * s_pr + cols * s_pc
     tl.store(dst, y, mask=cm)
     tl.store(out_ptr + e.to(tl.int64) * c + cols, y, mask=cm)
 
 
+@triton.jit
+def _compress_decode_kernel(kv_ptr, z_ptr, ape_ptr, skv_ptr, sz_ptr, slot_ptr, pos_ptr,
+                            out_ptr, pool_ptr, bt_ptr, nw_ptr, inv_ptr,
+                            c, R, NOPE, bs, eps, hscale,
+                            s_kvt, s_kvc, s_zt, s_zc, s_ar, s_ac,
+                            s_skv_s, s_skv_r, s_skv_c, s_sz_s, s_sz_r, s_sz_c, s_pb, s_pr, s_pc, s_bt,
+                            M: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_R: tl.constexpr,
+                            QUANT: tl.constexpr, BLOCK_C: tl.constexpr, LOG2C: tl.constexpr,
+                            OUT: tl.constexpr, ACC: tl.constexpr, FACC: tl.constexpr, IS64: tl.constexpr,
+                            LIBDEVICE: tl.constexpr, RNE_BF16: tl.constexpr):
+    """One decode token of sequence row b: fold it into the state and, when it closes its window,
+    pool + finish the entry into the pool. Everything is decided on the device from (slot, position)."""
+    b = tl.program_id(0)
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    pos = tl.load(pos_ptr + b)
+    have = pos % M  # tokens of this window already in the state (rows CUR + [0, have))
+    w = pos // M
+    close = have == M - 1
+    CUR: tl.constexpr = M if OVERLAP else 0
+    KH: tl.constexpr = 2 if OVERLAP else 1
+    cols = tl.arange(0, BLOCK_C)
+    cm = cols < c
+    srow_kv = skv_ptr + slot * s_skv_s
+    srow_z = sz_ptr + slot * s_sz_s
+
+    # this token's kv and score (+ ape at its row in the window), per channel half
+    tok_kv0 = tl.load(kv_ptr + b * s_kvt + cols * s_kvc, mask=cm, other=0.0).to(ACC)
+    tok_z0 = (tl.load(z_ptr + b * s_zt + cols * s_zc, mask=cm, other=0.0).to(ACC)
+              + tl.load(ape_ptr + have * s_ar + cols * s_ac, mask=cm, other=0.0).to(ACC))
+    if OVERLAP:
+        tok_kv1 = tl.load(kv_ptr + b * s_kvt + (c + cols) * s_kvc, mask=cm, other=0.0).to(ACC)
+        tok_z1 = (tl.load(z_ptr + b * s_zt + (c + cols) * s_zc, mask=cm, other=0.0).to(ACC)
+                  + tl.load(ape_ptr + have * s_ar + (c + cols) * s_ac, mask=cm, other=0.0).to(ACC))
+    else:
+        tok_kv1 = tok_kv0
+        tok_z1 = tok_z0
+
+    if close:
+        # Entry w pools, per channel, the candidate rows r of [previous window, first half | this
+        # window, second half] (overlap) or of this window: state rows, and this token as the last.
+        run_max = tl.full([BLOCK_C], float("-inf"), ACC)
+        run_sum = tl.zeros([BLOCK_C], ACC)
+        acc = tl.zeros([BLOCK_C], ACC)
+        for r0 in range(0, KH * M, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            in_cur = r >= CUR  # rows of this window (the rest: the previous window, overlap only)
+            row = tl.where(in_cur, r - CUR, r)
+            half = tl.where(in_cur, KH - 1, 0)
+            # window -1 does not exist: the previous window's candidates get zero weight at w == 0
+            ok = (r < KH * M) & (in_cur | ((r * 0 + w) > 0))  # (a vector: the interpreter widens scalar | vector to int)
+            from_state = ok & ((r < CUR) | (row != M - 1))
+            st_row = tl.where(in_cur, CUR + row, row).to(tl.int64)
+            ch = (half * c)[:, None] + cols[None, :]
+            smask = from_state[:, None] & cm[None, :]
+            x = tl.load(srow_kv + st_row[:, None] * s_skv_r + ch * s_skv_c, mask=smask, other=0.0).to(ACC)
+            z = tl.load(srow_z + st_row[:, None] * s_sz_r + ch * s_sz_c, mask=smask, other=0.0).to(ACC)
+            is_tok = (ok & in_cur & (row == M - 1))[:, None]
+            x = tl.where(is_tok, tok_kv1[None, :], x)
+            z = tl.where(is_tok, tok_z1[None, :], tl.where(smask, z, float("-inf")))
+            new_max = tl.maximum(run_max, tl.max(z, axis=0))
+            safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+            alpha = tl.exp(run_max - safe)
+            p = tl.exp(z - safe[None, :])
+            acc = acc * alpha + tl.sum(p * x, axis=0)
+            run_sum = run_sum * alpha + tl.sum(p, axis=0)
+            run_max = new_max
+        y = _finish_row(acc / run_sum, cols, cm, w, c, R, NOPE, eps, hscale, nw_ptr, inv_ptr,
+                        M, QUANT, BLOCK_C, LOG2C, OUT, FACC, IS64, LIBDEVICE, RNE_BF16)
+        blk = tl.load(bt_ptr + slot * s_bt + w // bs).to(tl.int64)
+        tl.store(pool_ptr + blk * s_pb + (w % bs).to(tl.int64) * s_pr + cols * s_pc, y, mask=cm)
+        tl.store(out_ptr + b.to(tl.int64) * c + cols, y, mask=cm)
+        if OVERLAP:
+            # this (now complete) window becomes the previous one, rows [0, M): rows of the state
+            # that the pooling above also read, so every thread must be done reading first
+            tl.debug_barrier()
+            for r0 in range(0, M, BLOCK_R):
+                r = r0 + tl.arange(0, BLOCK_R)
+                for hh in tl.static_range(2):
+                    ch = hh * c + cols
+                    m2 = ((r < M - 1)[:, None]) & cm[None, :]
+                    src_kv = tl.load(srow_kv + (CUR + r).to(tl.int64)[:, None] * s_skv_r + ch[None, :] * s_skv_c,
+                                     mask=m2, other=0.0)
+                    src_z = tl.load(srow_z + (CUR + r).to(tl.int64)[:, None] * s_sz_r + ch[None, :] * s_sz_c,
+                                    mask=m2, other=0.0)
+                    last = (r == M - 1)[:, None]
+                    if hh == 0:
+                        src_kv = tl.where(last, tok_kv0[None, :].to(src_kv.dtype), src_kv)
+                        src_z = tl.where(last, tok_z0[None, :].to(src_z.dtype), src_z)
+                    else:
+                        src_kv = tl.where(last, tok_kv1[None, :].to(src_kv.dtype), src_kv)
+                        src_z = tl.where(last, tok_z1[None, :].to(src_z.dtype), src_z)
+                    dmask = (r < M)[:, None] & cm[None, :]
+                    tl.store(srow_kv + r.to(tl.int64)[:, None] * s_skv_r + ch[None, :] * s_skv_c, src_kv, mask=dmask)
+                    tl.store(srow_z + r.to(tl.int64)[:, None] * s_sz_r + ch[None, :] * s_sz_c, src_z, mask=dmask)
+    else:
+        # the window stays open: the token joins the state at row CUR + have (both halves)
+        dst = (CUR + have).to(tl.int64)
+        tl.store(srow_kv + dst * s_skv_r + cols * s_skv_c, tok_kv0, mask=cm)
+        tl.store(srow_z + dst * s_sz_r + cols * s_sz_c, tok_z0, mask=cm)
+        if OVERLAP:
+            tl.store(srow_kv + dst * s_skv_r + (c + cols) * s_skv_c, tok_kv1, mask=cm)
+            tl.store(srow_z + dst * s_sz_r + (c + cols) * s_sz_c, tok_z1, mask=cm)
+        tl.store(out_ptr + b.to(tl.int64) * c + cols, tl.zeros([BLOCK_C], OUT), mask=cm)
+
+
 # ---------------------------------------------------------------------------------------- wrapper
 def compress(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, spec, norm_weight: torch.Tensor,
              inv_freq: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
-             pool: torch.Tensor, block_table: torch.Tensor, seqs: list) -> torch.Tensor:
+             pool: torch.Tensor, block_table: torch.Tensor, seqs) -> torch.Tensor:
     """Same contract as `ReferenceOps.compress` (see its docstring): updates state and pool in place,
-    returns the emitted entries [E, c] in batch order."""
+    returns the emitted entries [E, c] in batch order ([B, c] for a `DecodeRows` layout)."""
+    if isinstance(seqs, DecodeRows):
+        return compress_decode(kv, score, ape, spec, norm_weight, inv_freq, state_kv, state_score, pool,
+                               block_table, seqs)
     m, c = spec.ratio, spec.dim
     quant = _QUANT.get(spec.quant)
     if quant is None:
@@ -301,16 +422,34 @@ def compress(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, spec, nor
     return out
 
 
-def _emit(kv, score, ape, spec, quant, norm_weight, inv_freq, state_kv, state_score, pool, block_table,
-          seq_d, ent_d, E):
-    m, c = spec.ratio, spec.dim
+def _finish_consts(spec, quant, kv, pool, inv_freq) -> tuple[dict, int]:
+    """Launch constants of `_finish_row` (and its scalar arguments) for this compressor and dtypes."""
+    c = spec.dim
     R = 2 * inv_freq.numel()
     if R > c or (c - R) % 2:
         raise ValueError(f"compress: rope dims {R} must fit in c={c} with an even nope part")
-    interp = _interpreting()
-    a = _acc(kv.dtype)
     if kv.dtype not in _TL or pool.dtype not in _TL:
         raise TypeError(f"compress: unsupported dtypes kv {kv.dtype}, pool {pool.dtype}")
+    BC = triton.next_power_of_2(c)
+    if quant == 1:
+        BC = max(BC, _FP8_BLOCK)
+    elif quant == 2 and (BC != c or c < _FP4_BLOCK):
+        raise ValueError(f"compress: fp4 mode needs a power-of-two dim >= {_FP4_BLOCK}, got {c}")
+    interp = _interpreting()
+    fa = _acc(pool.dtype)
+    scalars = dict(c=c, R=R, NOPE=c - spec.rope_dim, bs=pool.shape[1], eps=float(spec.eps), hscale=float(c) ** -0.5)
+    consts = dict(M=spec.ratio, QUANT=quant, BLOCK_C=BC, LOG2C=BC.bit_length() - 1, OUT=_TL[pool.dtype],
+                  FACC=_TL[fa], IS64=fa == torch.float64,
+                  LIBDEVICE=(not interp) and kv.device.type == "cuda", RNE_BF16=interp and pool.dtype == torch.bfloat16)
+    return {**scalars, **consts}, BC
+
+
+def _emit(kv, score, ape, spec, quant, norm_weight, inv_freq, state_kv, state_score, pool, block_table,
+          seq_d, ent_d, E):
+    m, c = spec.ratio, spec.dim
+    args, BC = _finish_consts(spec, quant, kv, pool, inv_freq)
+    interp = _interpreting()
+    a = _acc(kv.dtype)
     KM = 2 * m if spec.overlap else m
 
     pooled = torch.empty(E, c, dtype=a, device=kv.device)
@@ -326,19 +465,44 @@ def _emit(kv, score, ape, spec, quant, norm_weight, inv_freq, state_kv, state_sc
     )
 
     out = torch.empty(E, c, dtype=pool.dtype, device=kv.device)
-    BC = triton.next_power_of_2(c)
-    if quant == 1:
-        BC = max(BC, _FP8_BLOCK)
-    elif quant == 2 and (BC != c or c < _FP4_BLOCK):
-        raise ValueError(f"compress: fp4 mode needs a power-of-two dim >= {_FP4_BLOCK}, got {c}")
-    fa = _acc(pool.dtype)
     _compress_finish_kernel[(E,)](
         pooled, out, pool, block_table, ent_d, seq_d, norm_weight.contiguous(), inv_freq.contiguous(),
-        c, R, c - spec.rope_dim, pool.shape[1], float(spec.eps), float(c) ** -0.5,
-        pool.stride(0), pool.stride(1), pool.stride(2), block_table.stride(0),
-        M=m, QUANT=quant, BLOCK_C=BC, LOG2C=BC.bit_length() - 1, OUT=_TL[pool.dtype], FACC=_TL[fa],
-        IS64=fa == torch.float64,
-        LIBDEVICE=(not interp) and kv.device.type == "cuda", RNE_BF16=interp and pool.dtype == torch.bfloat16,
-        num_warps=4 if BC <= 512 else 8,
+        s_pb=pool.stride(0), s_pr=pool.stride(1), s_pc=pool.stride(2), s_bt=block_table.stride(0),
+        num_warps=4 if BC <= 512 else 8, **args,
+    )
+    return out
+
+
+def compress_decode(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, spec, norm_weight: torch.Tensor,
+                    inv_freq: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
+                    pool: torch.Tensor, block_table: torch.Tensor, rows) -> torch.Tensor:
+    """`compress` for a `DecodeRows` layout (one token per row, slots and positions on the device):
+    one launch of one program per row, no host bookkeeping, so a CUDA graph can capture it.
+
+    Returns [B, c] in the pool dtype: row b is the entry row b closed, zeros where its window stays open.
+    """
+    quant = _QUANT.get(spec.quant)
+    if quant is None:
+        raise ValueError(f"compress: unknown quant mode {spec.quant!r}")
+    B, c = kv.shape[0], spec.dim
+    if rows.slots.shape[0] != B or rows.positions.shape[0] != B:
+        raise ValueError(f"compress: {B} token rows but {rows.slots.shape[0]} slots / {rows.positions.shape[0]} positions")
+    out = torch.empty(B, c, dtype=pool.dtype, device=kv.device)
+    if B == 0:
+        return out
+    args, BC = _finish_consts(spec, quant, kv, pool, inv_freq)
+    a = _acc(kv.dtype)
+    KM = 2 * spec.ratio if spec.overlap else spec.ratio
+    # the candidate tile is [BLOCK_R, BLOCK_C] twice (kv and score): bounded for register use
+    BLOCK_R = max(1, min(triton.next_power_of_2(KM), 8192 // BC))
+    _compress_decode_kernel[(B,)](
+        kv, score, ape, state_kv, state_score, rows.slots, rows.positions,
+        out, pool, block_table, norm_weight.contiguous(), inv_freq.contiguous(),
+        s_kvt=kv.stride(0), s_kvc=kv.stride(1), s_zt=score.stride(0), s_zc=score.stride(1),
+        s_ar=ape.stride(0), s_ac=ape.stride(1),
+        s_skv_s=state_kv.stride(0), s_skv_r=state_kv.stride(1), s_skv_c=state_kv.stride(2),
+        s_sz_s=state_score.stride(0), s_sz_r=state_score.stride(1), s_sz_c=state_score.stride(2),
+        s_pb=pool.stride(0), s_pr=pool.stride(1), s_pc=pool.stride(2), s_bt=block_table.stride(0),
+        OVERLAP=bool(spec.overlap), BLOCK_R=BLOCK_R, ACC=_TL[a], num_warps=4 if BC <= 256 else 8, **args,
     )
     return out

@@ -35,7 +35,7 @@ Kernel map:
 - `_act_quant_kernel`   standalone FP8 fake-quant (`act_quant_fp8`), same numerics as the prologue.
 
 MoE routing glue (torch, on the device, no host sync): argsort of the flat expert ids (stable) gives
-the sorted (token, slot) pairs, bincount the rows per expert, and a searchsorted over the cumulative
+the sorted (token, slot) pairs, a scatter-add counts the rows per expert, and a searchsorted over the cumulative
 row-tile counts maps program t to (expert, first row, row end); the grid is the host-side bound
 min(P, cdiv(P, BM) + min(E, P)) and surplus programs exit at once. The shared expert runs through
 the same two kernels as one expert over all tokens with no routing weight. Per-pair rows + a
@@ -693,7 +693,9 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13, 
     # (token, slot) pairs grouped by expert: sorted row r holds pair order[r]
     flat = ids.reshape(-1).long()
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=E)[:E]
+    # (bincount on CUDA reads the largest id back to size its output: a host sync, which a CUDA
+    # graph capture forbids; a scatter-add into E counters is the same count without it)
+    counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     tok = (order // k).to(torch.int32)
     rw = weights.reshape(-1)[order].to(torch.float32)
     pos = torch.empty(P, dtype=torch.long, device=x.device)
