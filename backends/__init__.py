@@ -148,6 +148,7 @@ def get_ops(name: str = "auto", device: str | None = None, allow_fallback: bool 
                 f"to run those ops with the reference backend"
             )
         ref = importlib.import_module("backends.reference").make_ops(native.device)
+        native.capturable = False  # reference ops read the batch layout on the host: no graph capture
         for op in missing:
             setattr(native, op, getattr(ref, op))
         if any(op in missing for op in WEIGHT_OPS):

@@ -43,6 +43,10 @@ def _model_args(p):
     p.add_argument("--device", help="torch device, e.g. cpu, cuda:0")
     p.add_argument("--mode", choices=["plain", "exact"], help="numerics mode (default: the config's, plain)")
     p.add_argument("--seed-weights", type=int, default=0, help="seed of the random weights used with --config (default 0)")
+    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"],
+                   help="greedy continuation as captured CUDA graphs where the backend can capture (default: "
+                        "runtime.cuda_graphs, auto = the cuda backend on a GPU; on = also the emulated path without "
+                        "one); each bundle's options.decode says how it decoded")
 
 
 def _prompt_args(p, required: bool):
@@ -136,7 +140,7 @@ def _plan(a, backend: str, dtype: str | None, mode: str | None):
     config = a.config if (a.config or a.checkpoint) else (suite.config if suite else None)
     if config is None and a.checkpoint is None:
         raise InputError("give --config or --checkpoint (a prompts file names no model)")
-    over = {"backend": backend, "dtype": dtype, "mode": mode, "device": a.device}
+    over = {"backend": backend, "dtype": dtype, "mode": mode, "device": a.device, "cuda_graphs": a.cuda_graphs}
     built = R.build(a.checkpoint, config if not a.checkpoint else None, a.runtime, over, seed=a.seed_weights)
     sopt = suite.options if suite else {}
     opts = R.Options(
@@ -146,6 +150,7 @@ def _plan(a, backend: str, dtype: str | None, mode: str | None):
         prefill_chunk=a.prefill_chunk if a.prefill_chunk is not None else sopt.get("prefill_chunk", built.runtime.prefill_chunk),
         batching=not a.no_batch,
         block_size=built.runtime.block_size,
+        cuda_graphs=built.runtime.cuda_graphs,
     )
     bos = built.cfg.bos_token_id
     prompts = R.suite_prompts(suite, built.tokenizer, bos) if suite else R.load_prompts_file(a.prompts, built.tokenizer, bos)

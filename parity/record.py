@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 from v4.errors import DSV4Error, InputError
+from v4.generate import DECODE_LABEL, graph_mode
+from v4.graphs import DecodeGraphs
 from v4.model import StepBatch
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
@@ -54,6 +56,7 @@ class Options:
     prefill_chunk: int = 0  # 0 = whole prompt (or batch) in one step
     batching: bool = True  # False: every prompt alone, ignoring batch groups
     block_size: int = 64
+    cuda_graphs: str = "off"  # greedy continuation as captured graphs: runtime.cuda_graphs (auto | on | off)
 
     def validate(self):
         if self.greedy_tokens < 0:
@@ -308,13 +311,25 @@ def record(model, prompts: list, opts: Options | None = None) -> tuple[dict, dic
     return tensors, info
 
 
+def decode_mode(opts: Options, model) -> str:
+    """How the greedy continuation decodes (v4.generate.graph_mode). `cuda_graphs: on` means "where the
+    backend can capture": `parity run` passes one setting to every backend, and each bundle's
+    options.decode says how that recording decoded."""
+    if opts.cuda_graphs == "on" and not getattr(model.ops, "capturable", False):
+        return "off"
+    return graph_mode(opts.cuda_graphs, model)
+
+
 def _record_group(model, prompts, group, opts, keep_layers, last_k, N, tensors, hook_order, per_prompt_hooks):
     cfg, dev = model.cfg, model.device
     V = cfg.vocab_size
     seqs = [prompts[i].ids for i in group]
     lens = [len(s) for s in seqs]
-    cache = model.new_cache(len(group), max(lens) + N + 1, opts.block_size)
+    # the greedy continuation decodes the way this runtime serves: captured graphs when it would
+    graphs_mode = decode_mode(opts, model) if N > 1 else "off"
+    cache = model.new_cache(len(group) + (graphs_mode != "off"), max(lens) + N + 1, opts.block_size)
     slots = [cache.alloc() for _ in group]
+    graphs = DecodeGraphs(model, cache, len(group), graphs_mode, buckets=[len(group)]) if graphs_mode != "off" else None
     wanted = [range(0, n) if last_k is None else range(max(0, n - last_k), n) for n in lens]
     logit_rows = [[] for _ in group]
     chunk = opts.prefill_chunk or max(lens)
@@ -369,8 +384,11 @@ def _record_group(model, prompts, group, opts, keep_layers, last_k, N, tensors, 
             g_logits[r].append(cur[r].to("cpu", torch.float32))
         if step == N - 1:
             break
-        batch = StepBatch(slots, [n + step for n in lens], [1] * len(group), dev)
-        cur, _ = model.forward(nxt.to(dev), batch, cache, logits="last")
+        if graphs is not None:  # (a view into the graph's output buffer: copied before the next step)
+            cur = graphs.step(slots, [n + step for n in lens], nxt.tolist()).clone()
+        else:
+            batch = StepBatch(slots, [n + step for n in lens], [1] * len(group), dev)
+            cur, _ = model.forward(nxt.to(dev), batch, cache, logits="last")
     for r, i in enumerate(group):
         tensors[f"prompt.{i}.greedy_ids"] = torch.tensor(g_ids[r], dtype=torch.int64)
         tensors[f"prompt.{i}.greedy_logits"] = torch.stack(g_logits[r]) if g_logits[r] else torch.zeros(0, V)
@@ -436,7 +454,8 @@ def make_meta(built: Built, prompts: list, opts: Options, info: dict, suite: str
         "suite": suite,
         "prompts_file": prompts_file,
         "options": {"greedy_tokens": opts.greedy_tokens, "layers": opts.layers, "logits": opts.logits,
-                    "prefill_chunk": opts.prefill_chunk, "batching": opts.batching, "block_size": opts.block_size},
+                    "prefill_chunk": opts.prefill_chunk, "batching": opts.batching, "block_size": opts.block_size,
+                    "decode": DECODE_LABEL[decode_mode(opts, m)]},
         "greedy_tokens": opts.greedy_tokens,
         "prompts": [{"index": i, "tokens": len(p.ids), "name": p.name, "text": p.text, "batch": p.batch if opts.batching else None}
                     for i, p in enumerate(prompts)],

@@ -1,6 +1,7 @@
 """The whole model on the CUDA backend (Triton kernels; interpreter on CPU when there is no GPU)
 against the reference backend on the same weights."""
 
+import json
 import os
 
 import torch
@@ -37,12 +38,17 @@ def test_prefill_and_decode_match_reference_on_every_layer_type():
     assert rel_err(torch.cat(rows).cpu(), want) < 1e-5
 
 
-def test_parity_run_reference_vs_cuda_passes_the_fp32_profile(capsys):
+def test_parity_run_reference_vs_cuda_passes_the_fp32_profile(capsys, tmp_path):
     from v4 import cli
 
-    # the smoke suite (3 prompts, every hook point, 8 greedy tokens) in one packed batch
-    code = cli.main(["parity", "run", "--config", "tiny", "--backends", "reference:fp64,cuda:fp32"])
+    # the smoke suite (3 prompts, every hook point, 8 greedy tokens) in one packed batch; the cuda
+    # side's greedy continuation goes through the captured-decode path (emulated without a GPU)
+    code = cli.main(["parity", "run", "--config", "tiny", "--backends", "reference:fp64,cuda:fp32",
+                     "--cuda-graphs", "on", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out
     summary = out.split("summary")[-1]
     assert "cuda/float32/plain" in summary and "PASS" in summary and "profile fp32" in summary
+    decode = {json.loads(p.read_text())["backend"]["name"]: json.loads(p.read_text())["options"]["decode"]
+              for p in tmp_path.rglob("bundle.json")}
+    assert decode == {"reference": "eager", "cuda": "cuda graphs" if torch.cuda.is_available() else "graph path, emulated"}

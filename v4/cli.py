@@ -29,16 +29,19 @@ def _add_model_args(p, need_model=True):
     p.add_argument("--mode", choices=["plain", "exact"], help="numerics: plain (the math) or exact (official run-time quantisation)")
     p.add_argument("--ascend-weights", choices=["dequant", "w8a8"],
                    help="Ascend weight form: dequant (FP8/FP4 -> working dtype at load) or w8a8 (int8 weights, per-token int8 activations)")
+    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"],
+                   help="overrides runtime.cuda_graphs: decode as captured CUDA graphs (auto: on for the cuda backend on a GPU; "
+                        "on without a GPU runs the captured path's checks eagerly)")
     p.add_argument("--seed-weights", type=int, default=0, help="seed of the random weights used with --config (default 0)")
 
 
 def _overrides(a):
     return {"backend": a.backend, "device": a.device, "dtype": a.dtype, "mode": a.mode,
-            "ascend_weights": getattr(a, "ascend_weights", None)}
+            "ascend_weights": getattr(a, "ascend_weights", None), "cuda_graphs": getattr(a, "cuda_graphs", None)}
 
 
 def cmd_generate(a) -> int:
-    from .generate import Engine, SamplingParams
+    from .generate import DECODE_LABEL, Engine, SamplingParams
     from .runtime import load
 
     if (a.prompt is None) == (a.ids is None):
@@ -54,7 +57,7 @@ def cmd_generate(a) -> int:
     else:
         ids = L.tokenizer.encode(a.prompt)
     eng = Engine(L.model, max_batch=1, max_seq_len=len(ids) + a.max_new_tokens + 1,
-                 block_size=L.runtime.block_size, prefill_chunk=L.runtime.prefill_chunk)
+                 block_size=L.runtime.block_size, prefill_chunk=L.runtime.prefill_chunk, graphs=L.runtime.cuda_graphs)
     params = SamplingParams(a.temperature, a.top_p, a.top_k, a.seed)
     res = eng.generate([ids], a.max_new_tokens, params)[0]
     text = L.tokenizer.decode(res.output_ids)
@@ -62,6 +65,7 @@ def cmd_generate(a) -> int:
     if a.json:
         print(json.dumps({
             "model": L.cfg.name, "backend": L.model.ops.name, "dtype": L.runtime.dtype, "mode": L.runtime.mode,
+            "decode": DECODE_LABEL[eng.graph_mode],
             "prompt_ids": ids, "generated_ids": res.output_ids, "text": text, "finish_reason": res.finish_reason,
             "timings": {"load_s": load_s, **t},
         }))

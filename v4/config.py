@@ -276,6 +276,7 @@ class RuntimeConfig:
     block_size: int = 64  # entries per page of the compressed / indexer pools
     prefill_chunk: int = 0  # 0 = whole prompt in one step
     ascend_weights: str = "dequant"  # Ascend: "dequant" FP8/FP4 -> working dtype at load, or "w8a8" int8
+    cuda_graphs: str = "auto"  # decode as captured CUDA graphs: auto (on for the cuda backend on a GPU) | on | off
 
     def backend_options(self) -> dict:
         return {"ascend": {"weights": self.ascend_weights}}
@@ -293,6 +294,10 @@ class RuntimeConfig:
                 raise ConfigError(f"{source}: field 'runtime.{k}' must be a positive integer, got {v!r}")
         if self.ascend_weights not in ("dequant", "w8a8"):
             raise ConfigError(f"{source}: field 'runtime.ascend_weights' must be dequant or w8a8, got {self.ascend_weights!r}")
+        if isinstance(self.cuda_graphs, bool):  # YAML 1.1 reads a bare on / off as a boolean
+            self.cuda_graphs = "on" if self.cuda_graphs else "off"
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise ConfigError(f"{source}: field 'runtime.cuda_graphs' must be auto, on or off, got {self.cuda_graphs!r}")
         if isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 0:
             raise ConfigError(f"{source}: field 'runtime.prefill_chunk' must be a non-negative integer, got {self.prefill_chunk!r}")
 

@@ -69,13 +69,44 @@ class Timings:
         return d
 
 
+DECODE_LABEL = {"off": "eager", "cuda": "cuda graphs", "emulate": "graph path, emulated"}
+
+
+def graph_mode(setting: str, model: Transformer) -> str:
+    """runtime.cuda_graphs (auto | on | off) -> how decode runs: "off" (eager), "cuda" (captured CUDA
+    graphs) or "emulate" (the captured path's static buffers and checks, run eagerly: no GPU here)."""
+    capturable = getattr(model.ops, "capturable", False)
+    if setting == "off" or (setting == "auto" and not (capturable and model.device.type == "cuda")):
+        return "off"
+    if setting not in ("auto", "on"):
+        raise InputError(f"runtime.cuda_graphs must be auto, on or off, got {setting!r}")
+    if not capturable:
+        raise InputError(f"runtime.cuda_graphs is on, but backend '{model.ops.name}' cannot capture its decode step "
+                         "(only the cuda backend can); set it to auto or off")
+    return "cuda" if model.device.type == "cuda" else "emulate"
+
+
 class Engine:
+    """Batched generation. graphs: runtime.cuda_graphs (auto | on | off), see `graph_mode`; with
+    graphs, every wave decodes in one persistent cache (max_batch sequences of max_seq_len tokens,
+    plus the padding slot) that the captured steps are bound to."""
+
     def __init__(self, model: Transformer, max_batch: int = 8, max_seq_len: int = 4096, block_size: int = 64,
-                 prefill_chunk: int = 0):
+                 prefill_chunk: int = 0, graphs: str = "off"):
         self.model = model
         self.max_batch, self.max_seq_len, self.block_size = max_batch, max_seq_len, block_size
         self.prefill_chunk = prefill_chunk
         self.timings = Timings()
+        self.graph_mode = graph_mode(graphs, model)
+        self._graphs = None  # DecodeGraphs over the persistent cache, made on first use
+
+    def _decode_graphs(self):
+        if self._graphs is None:
+            from .graphs import DecodeGraphs
+
+            cache = self.model.new_cache(self.max_batch + 1, self.max_seq_len, self.block_size)
+            self._graphs = DecodeGraphs(self.model, cache, self.max_batch, self.graph_mode)
+        return self._graphs
 
     def _check_prompt(self, ids, max_new):
         cfg = self.model.cfg
@@ -102,10 +133,20 @@ class Engine:
         return results
 
     def _run_wave(self, prompts, max_new, params, gen):
+        if self.graph_mode == "off":
+            cache = self.model.new_cache(len(prompts), max(len(p) for p in prompts) + max_new + 1, self.block_size)
+            return self._wave(cache, [cache.alloc() for _ in prompts], prompts, max_new, params, gen)
+        graphs = self._decode_graphs()
+        slots = [graphs.cache.alloc() for _ in prompts]
+        try:
+            return self._wave(graphs.cache, slots, prompts, max_new, params, gen, graphs)
+        finally:
+            for s in slots:
+                graphs.cache.release(s)
+
+    def _wave(self, cache, slots, prompts, max_new, params, gen, graphs=None):
         m = self.model
         dev = m.device
-        cache = m.new_cache(len(prompts), max(len(p) for p in prompts) + max_new + 1, self.block_size)
-        slots = [cache.alloc() for _ in prompts]
         results = [Result(list(map(int, p))) for p in prompts]
         # prefill (chunked when prefill_chunk > 0): every sequence advances in the same packed steps
         t0 = time.perf_counter()
@@ -143,10 +184,13 @@ class Engine:
             if not still:
                 break
             active = [i for i, _ in still]
-            ids = torch.tensor([t for _, t in still], device=dev)
             starts = [len(prompts[i]) + len(results[i].output_ids) - 1 for i in active]
-            batch = StepBatch([slots[i] for i in active], starts, [1] * len(active), dev)
-            logits, _ = m.forward(ids, batch, cache, logits="last")
+            if graphs is not None:
+                logits = graphs.step([slots[i] for i in active], starts, [t for _, t in still])
+            else:
+                ids = torch.tensor([t for _, t in still], device=dev)
+                batch = StepBatch([slots[i] for i in active], starts, [1] * len(active), dev)
+                logits, _ = m.forward(ids, batch, cache, logits="last")
             self.timings.decode_steps += 1
             self.timings.decode_tokens += len(active)
             nxt = sample(logits, params, gen)

@@ -25,6 +25,9 @@ IMPLEMENTED: tuple[str, ...] = (
 
 class CudaOps:
     name = "cuda"
+    # every op is graph-safe for a `DecodeBatch` step (no host reads, shapes from shapes only), so
+    # v4.graphs may capture the decode step as a CUDA graph
+    capturable = True
 
     def __init__(self, device="cuda"):
         self.device = torch.device(device)

@@ -1,0 +1,291 @@
+"""Graph-captured decode (v4/graphs.py, `DecodeBatch`) without a GPU.
+
+A CUDA graph replays the kernels recorded at capture with the launch parameters recorded at
+capture; only the contents of its buffers change. So a decode step may be captured only if
+(1) nothing in it reads device data on the host and (2) every op and kernel launch is the same
+whatever the batch layout is. Both are checked here on CPU, with the cuda backend's kernels in
+Triton's interpreter: (1) with HostSyncGuard (itself tested against ops known to sync), (2) by
+recording every aten op and every Triton launch (grid and scalar arguments) of two steps with
+different slots, positions and tokens and requiring the two traces to be equal. Then the numbers:
+the static decode path equals the eager one (reference backend in fp64, bit for bit up to fp64
+rounding; cuda backend vs eager cuda and vs reference), padding rows leave real sequences alone,
+and the engine with graphs on gives the same tokens as with graphs off.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import backends  # noqa: E402
+from tests.conftest import rel_err  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from v4.config import ConfigError, build_runtime, load_config_file  # noqa: E402
+from v4.errors import InputError  # noqa: E402
+from v4.generate import Engine, graph_mode  # noqa: E402
+from v4.graphs import DecodeGraphs, GraphCaptureError, HostSyncGuard, default_buckets  # noqa: E402
+from v4.model import DecodeBatch, StepBatch, Transformer  # noqa: E402
+from v4.runtime import random_weights  # noqa: E402
+
+GPU = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config_file("tiny")[0]
+
+
+def _model(cfg, backend, dtype=torch.float32, seed=4):
+    return Transformer(cfg, random_weights(cfg, seed), backends.get_ops(backend), dtype)
+
+
+@pytest.fixture(scope="module")
+def cuda_model(cfg):
+    return _model(cfg, "cuda")
+
+
+# ---------------------------------------------------------------- the guard itself
+
+
+@pytest.mark.parametrize("bad", [
+    lambda t: t.sum().item(),
+    lambda t: int(t.max()),
+    lambda t: bool(t.any()),
+    lambda t: t.nonzero(),
+    lambda t: t[t > 0],
+    lambda t: t.masked_select(t > 0),
+    lambda t: torch.bincount(t.long().abs()),
+    lambda t: torch.repeat_interleave(t.long().abs()),
+    lambda t: t.unique(),
+    lambda t: torch.equal(t, t),
+])
+def test_guard_rejects_what_a_capture_cannot_hold(bad):
+    t = torch.tensor([3, -1, 2, 0])
+    with pytest.raises(GraphCaptureError):
+        with HostSyncGuard():
+            bad(t)
+
+
+def test_guard_lets_device_side_indexing_through():
+    t = torch.arange(10.0)
+    with HostSyncGuard():
+        i = torch.tensor([1, 3]).long()
+        t[i] = t[i] * 2 + 1
+        y = torch.where(t > 4, t, -1.0).sort().values
+        torch.repeat_interleave(torch.arange(3), torch.tensor([1, 2, 1]), output_size=4)
+    assert t[1] == 3 and t[3] == 7 and y.shape == (10,)
+
+
+def test_guard_catches_the_eager_step(cfg):
+    # the StepBatch path checks token ids on the host: exactly what the captured path must not do
+    m = _model(cfg, "reference")
+    cache = m.new_cache(1, 32)
+    slot = cache.alloc()
+    with pytest.raises(GraphCaptureError):
+        with HostSyncGuard():
+            m.forward(torch.tensor([5, 6]), StepBatch([slot], [0], [2], m.device), cache)
+
+
+# ---------------------------------------------------------------- static path == eager path
+
+
+def _prefill(m, cache, prompts):
+    slots = [cache.alloc() for _ in prompts]
+    ids = torch.cat([torch.tensor(p) for p in prompts])
+    m.forward(ids, StepBatch(slots, [0] * len(prompts), [len(p) for p in prompts], m.device), cache, logits="none")
+    return slots
+
+
+PROMPTS = [[0] + list(range(7, 7 + n)) for n in (14, 2, 30)]  # positions 15 / 3 / 31: windows and entries close next
+
+
+def test_decode_batch_equals_step_batch_on_the_reference_backend(cfg):
+    # fp64 reference: the static layout (HCA lists padded to the cache capacity, ring rows without a
+    # mask, compressor rows from the device, padding rows on a scratch slot) changes nothing
+    m = _model(cfg, "reference", torch.float64)
+    a, b = m.new_cache(4, 48), m.new_cache(4, 48)
+    sa, sb = _prefill(m, a, PROMPTS), _prefill(m, b, PROMPTS)
+    scratch = b.alloc()
+    pos = [len(p) for p in PROMPTS]
+    g = torch.Generator().manual_seed(0)
+    for step in range(6):
+        order = [2, 0, 1] if step % 2 else [0, 1, 2]
+        ids = torch.randint(3, cfg.vocab_size, (3,), generator=g)
+        want, _ = m.forward(ids, StepBatch([sa[i] for i in order], [pos[i] for i in order], [1] * 3, m.device), a, "last")
+        for i in order:
+            b.reserve(sb[i], pos[i] + 1)
+        slots = torch.tensor([sb[i] for i in order] + [scratch])
+        positions = torch.tensor([pos[i] for i in order] + [0])
+        got, _ = m.forward(torch.cat([ids, torch.tensor([0])]), DecodeBatch(slots, positions, b.max_seq_len), b, "last")
+        assert rel_err(got[:3], want) < 1e-12, step
+        for i in order:
+            b.seq_len[sb[i]] = pos[i] + 1
+            pos[i] += 1
+    for la, lb in zip(a.layers, b.layers):
+        s = torch.tensor(sa)
+        assert torch.allclose(la.ring[s], lb.ring[torch.tensor(sb)], rtol=0, atol=1e-12)
+        if la.state_kv is not None:
+            assert torch.allclose(la.state_kv[s], lb.state_kv[torch.tensor(sb)], rtol=0, atol=1e-12)
+
+
+def _eager_steps(m, prompts, steps, g_seed=1):
+    cache = m.new_cache(len(prompts), 64)
+    slots = _prefill(m, cache, prompts)
+    pos = [len(p) for p in prompts]
+    g = torch.Generator().manual_seed(g_seed)
+    out = []
+    for n in steps:  # n: how many of the sequences take part in this step (the first n)
+        ids = torch.randint(3, m.cfg.vocab_size, (n,), generator=g)
+        lg, _ = m.forward(ids, StepBatch(slots[:n], pos[:n], [1] * n, m.device), cache, "last")
+        out.append((ids.tolist(), lg.cpu()))
+        for i in range(n):
+            pos[i] += 1
+    return out
+
+
+def test_graph_steps_match_eager_steps_on_the_cuda_backend(cuda_model):
+    # 3 sequences, then 2, then 1 (buckets 4, 2, 1), across window and compressor boundaries
+    m = cuda_model
+    steps = [3, 3, 2, 2, 1]
+    want = _eager_steps(m, PROMPTS, steps)
+    cache = m.new_cache(5, 64)
+    graphs = DecodeGraphs(m, cache, max_batch=4)
+    assert graphs.mode == ("cuda" if GPU else "emulate") and graphs.buckets == [1, 2, 4]
+    slots = _prefill(m, cache, PROMPTS)
+    pos = [len(p) for p in PROMPTS]
+    for n, (ids, lg) in zip(steps, want):
+        got = graphs.step(slots[:n], pos[:n], ids)
+        assert got.shape == lg.shape and rel_err(got.cpu(), lg) < 1e-5
+        for i in range(n):
+            assert cache.seq_len[slots[i]] == pos[i] + 1
+            pos[i] += 1
+    assert sorted(graphs._graphs) == [1, 2, 4]
+
+
+class _Trace(TorchDispatchMode):
+    """Every aten op (name, tensor shapes / dtypes, other arguments) dispatched inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        def desc(x):
+            if isinstance(x, torch.Tensor):
+                return ("T", tuple(x.shape), x.dtype)
+            if isinstance(x, (torch.UntypedStorage, torch.TypedStorage)):
+                return ("S", x.nbytes())
+            if isinstance(x, (list, tuple)):
+                return tuple(desc(v) for v in x)
+            return x if isinstance(x, (int, float, bool, str, type(None), torch.dtype, torch.device)) else type(x).__name__
+        self.ops.append((str(func), desc(args), desc(sorted((kwargs or {}).items()))))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(GPU, reason="records launches of Triton's interpreter (CPU only)")
+def test_two_layouts_give_the_same_ops_and_launches(cuda_model, monkeypatch):
+    """What a replay assumes: the step's op sequence and every kernel's grid and scalar arguments
+    do not depend on slots, positions or tokens."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches = []
+    real_run = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        g = grid(kwargs) if callable(grid) else grid
+        scal = [a for a in list(args) + sorted(kwargs.items()) if not isinstance(a, torch.Tensor)
+                and not (isinstance(a, tuple) and isinstance(a[1], torch.Tensor))]
+        launches.append((self.fn.__name__, tuple(g), repr(scal)))
+        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    m = cuda_model
+    cache = m.new_cache(4, 64)
+    graphs = DecodeGraphs(m, cache, max_batch=2, buckets=[2])
+    slots = _prefill(m, cache, PROMPTS[:2])
+    traces = []
+    for ids, pos in (([11, 12], [15, 3]), ([300, 7], [16, 4])):  # second: entries close, the window wraps
+        for s, p in zip(slots, pos):
+            cache.reserve(s, p + 1)
+        graphs._buf[:, :2] = torch.tensor([ids, slots, pos])
+        launches.clear()
+        with _Trace() as t:
+            graphs._forward(2)
+        traces.append((t.ops, list(launches)))
+    assert len(traces[0][1]) > 20 and traces[0][0] == traces[1][0] and traces[0][1] == traces[1][1]
+
+
+def test_engine_with_graphs_gives_the_tokens_of_the_eager_engine(cuda_model):
+    # 3 prompts with max_batch 2: two waves through one persistent cache (slots released, reused)
+    prompts = [[0, 9, 8, 7], [0] + list(range(20, 33)), [0, 44, 45]]
+    off = Engine(cuda_model, max_batch=2, max_seq_len=40, graphs="off").generate(prompts, 4)
+    eng = Engine(cuda_model, max_batch=2, max_seq_len=40, graphs="on")
+    assert eng.graph_mode == ("cuda" if GPU else "emulate")
+    on = eng.generate(prompts, 4)
+    assert [r.output_ids for r in on] == [r.output_ids for r in off]
+    in_use = [s for s, u in enumerate(eng._graphs.cache.in_use) if u]
+    assert in_use == [eng._graphs.scratch]  # the waves' slots went back; only the padding slot stays taken
+
+
+# ---------------------------------------------------------------- choices and errors
+
+
+def test_graph_mode_choices(cfg, cuda_model):
+    ref = _model(cfg, "reference")
+    assert graph_mode("auto", ref) == "off" and graph_mode("off", cuda_model) == "off"
+    assert graph_mode("auto", cuda_model) == ("cuda" if GPU else "off")  # auto never emulates
+    assert graph_mode("on", cuda_model) == ("cuda" if GPU else "emulate")
+    with pytest.raises(InputError, match="only the cuda backend"):
+        graph_mode("on", ref)
+    with pytest.raises(InputError, match="does not support graph-captured decode"):
+        DecodeGraphs(ref, ref.new_cache(2, 16), 1)
+    fb = backends.get_ops("cuda", allow_fallback=True)
+    assert fb.capturable  # nothing filled from reference: still capturable
+
+
+def test_runtime_field_accepts_yaml_booleans():
+    assert build_runtime({"cuda_graphs": False}).cuda_graphs == "off"
+    assert build_runtime({"cuda_graphs": True}).cuda_graphs == "on"
+    with pytest.raises(ConfigError, match="runtime.cuda_graphs"):
+        build_runtime({"cuda_graphs": "sometimes"})
+
+
+def test_step_refuses_bad_layouts(cuda_model):
+    m = cuda_model
+    cache = m.new_cache(3, 32)
+    graphs = DecodeGraphs(m, cache, max_batch=2)
+    assert default_buckets(2) == [1, 2] and default_buckets(20) == [1, 2, 4, 8, 16, 20]
+    a = cache.alloc()
+    with pytest.raises(InputError, match="exceeds the largest captured batch"):
+        graphs.step([a, a + 1, a + 2], [1, 1, 1], [5, 5, 5])
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        graphs.step([a], [1], [m.cfg.vocab_size])
+    with pytest.raises(InputError, match="distinct"):
+        graphs.step([a, a], [1, 1], [5, 5])
+    with pytest.raises(InputError, match="distinct"):
+        graphs.step([graphs.scratch], [1], [5])
+    m.hook = lambda name, t: None
+    try:
+        with pytest.raises(InputError, match="hooks"):
+            graphs.step([a], [1], [5])
+    finally:
+        m.hook = None
+    with pytest.raises(InputError, match="exceeds the cache's max_seq_len"):
+        graphs.step([a], [32], [5])
+
+
+def test_cli_generate_with_graphs_on(capsys):
+    import json
+
+    from v4 import cli
+
+    args = ["generate", "--config", "tiny", "--backend", "cuda", "--ids", "0,5,6,7", "--max-new-tokens", "4", "--json"]
+    assert cli.main(args + ["--cuda-graphs", "on"]) == 0
+    on = json.loads(capsys.readouterr().out)
+    assert cli.main(args + ["--cuda-graphs", "off"]) == 0
+    off = json.loads(capsys.readouterr().out)
+    assert on["decode"] == ("cuda graphs" if GPU else "graph path, emulated") and off["decode"] == "eager"
+    assert on["generated_ids"] == off["generated_ids"] and len(on["generated_ids"]) == 4

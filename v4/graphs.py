@@ -1,0 +1,194 @@
+"""Decode steps replayed from captured graphs (CUDA graphs on NVIDIA GPUs).
+
+A V4 decode step launches a few hundred small kernels; at small batch sizes the host's launch
+overhead, not the GPU, sets the pace. `DecodeGraphs` captures the whole decode step once per batch
+size ("bucket") as a CUDA graph and replays it, so a step costs one graph launch.
+
+What makes the step capturable is `v4.model.DecodeBatch`: the batch layout (slots, positions, token
+ids) lives in static device buffers that the host overwrites before each replay, and nothing in the
+step reads device data back or sizes a tensor from it (index widths come from the cache's capacity).
+The host-side bookkeeping a StepBatch step does inside `Transformer.forward` happens here instead:
+token ids are checked, cache blocks reserved before the replay and `cache.seq_len` advanced after it.
+
+Buckets: 1, 2, 4, 8, then multiples of 8 up to `max_batch`. A step of n sequences runs the smallest
+bucket >= n; the rows past n are padding on a scratch cache slot that no sequence owns (position 0,
+token 0), so they write only that slot's ring row and compressor state and are never read.
+
+Modes:
+- "cuda": one `torch.cuda.CUDAGraph` per bucket, captured on first use after a warm-up run (which
+  compiles the Triton kernels) with every row on the scratch slot; all buckets share one memory pool.
+- "emulate": where there is no GPU (the cuda backend in Triton's interpreter on CPU). Nothing is
+  captured: each step runs the same DecodeBatch forward on the same static buffers, under
+  `HostSyncGuard`, which raises on every op that a capture would reject (a device -> host read, an
+  output shaped by tensor contents). That is how CI checks the captured path without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .errors import InputError
+from .model import DecodeBatch
+
+aten = torch.ops.aten
+
+# Ops that read device memory on the host or size their output from tensor contents: a CUDA graph
+# capture fails on them ("operation not permitted when stream is capturing"), or worse, bakes the
+# value seen at capture time into every replay.
+_HOST_READS = {
+    aten._local_scalar_dense: "reads a tensor element on the host (.item(), int(t), bool(t), if t)",
+    aten.nonzero: "sizes its output from tensor contents",
+    aten.masked_select: "sizes its output from tensor contents",
+    aten._unique2: "sizes its output from tensor contents",
+    aten.unique_dim: "sizes its output from tensor contents",
+    aten.unique_consecutive: "sizes its output from tensor contents",
+    aten.bincount: "reads the largest value on the host to size its output",
+    aten.equal: "returns a host bool",
+    aten.is_nonzero: "returns a host bool",
+}
+
+
+class GraphCaptureError(RuntimeError):
+    """An op in a decode step that a graph capture cannot hold."""
+
+
+class HostSyncGuard(TorchDispatchMode):
+    """Raise on every op that a CUDA graph capture would reject (see `_HOST_READS`), on any device.
+
+    On a GPU the capture itself refuses such ops; on CPU nothing would, so the emulated mode and the
+    tests run the decode step under this guard. Boolean-mask indexing and
+    `repeat_interleave(repeats_tensor)` without `output_size` count too (they call nonzero / a sum
+    read-back internally, below the dispatcher where this mode cannot see).
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        why = _HOST_READS.get(func.overloadpacket) or _HOST_READS.get(func)
+        if why is None and func.overloadpacket in (aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_):
+            idx = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            if any(t is not None and t.dtype == torch.bool for t in idx):
+                why = "indexes with a boolean mask (a nonzero inside)"
+        if why is None and func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
+            why = "sums its repeats on the host to size its output"
+        if why is not None:
+            raise GraphCaptureError(f"{func} {why}: a captured decode step cannot contain it")
+        return func(*args, **kwargs)
+
+
+def default_buckets(max_batch: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(8, max_batch, 8))
+    return sorted(set(sizes) | {max_batch})
+
+
+class DecodeGraphs:
+    """Decode steps of `model` over one persistent `cache`, one captured graph per bucket.
+
+    The cache must keep one slot free for the padding rows (size it max_batch + 1 slots); the
+    object takes that slot at construction and holds it for its lifetime.
+    """
+
+    def __init__(self, model, cache, max_batch: int, mode: str = "auto", buckets: list[int] | None = None):
+        if not getattr(model.ops, "capturable", False):
+            raise InputError(f"backend '{model.ops.name}' does not support graph-captured decode "
+                             "(set runtime.cuda_graphs: off, or use the cuda backend)")
+        dev = model.device
+        if mode == "auto":
+            mode = "cuda" if dev.type == "cuda" else "emulate"
+        if mode not in ("cuda", "emulate"):
+            raise InputError(f"graph mode must be auto, cuda or emulate, got {mode!r}")
+        if mode == "cuda" and dev.type != "cuda":
+            raise InputError(f"CUDA graphs need the model on a CUDA device, it is on {dev}")
+        self.model, self.cache, self.mode = model, cache, mode
+        self.buckets = sorted(buckets or default_buckets(max_batch))
+        if self.buckets[-1] < max_batch or self.buckets[0] < 1:
+            raise InputError(f"graph buckets {self.buckets} must be >= 1 and reach max_batch={max_batch}")
+        self.scratch = cache.alloc()
+        cache.reserve(self.scratch, 1)
+        B = self.buckets[-1]
+        # rows: token ids, cache slots, positions; overwritten in place before every replay
+        self._buf = torch.zeros(3, B, dtype=torch.long, device=dev)
+        self._pad()
+        self._graphs: dict[int, tuple] = {}
+        self._pool = None
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+    def bucket(self, n: int) -> int:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        raise InputError(f"a decode step of {n} sequences exceeds the largest captured batch {self.max_batch}; "
+                         "raise runtime.max_batch")
+
+    def _pad(self, start: int = 0):
+        self._buf[0, start:] = 0
+        self._buf[1, start:] = self.scratch
+        self._buf[2, start:] = 0
+
+    def _forward(self, B: int) -> torch.Tensor:
+        batch = DecodeBatch(self._buf[1, :B], self._buf[2, :B], self.cache.max_seq_len)
+        logits, _ = self.model.forward(self._buf[0, :B], batch, self.cache, logits="last")
+        return logits
+
+    def _capture(self, B: int) -> None:
+        """Warm up (Triton compiles) and capture bucket B with every row on the scratch slot."""
+        self._pad()
+        if self.mode == "emulate":
+            with HostSyncGuard():
+                self._forward(B)
+            self._graphs[B] = (None, None)
+            return
+        side = torch.cuda.Stream(self.model.device)
+        side.wait_stream(torch.cuda.current_stream(self.model.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(B)
+        torch.cuda.current_stream(self.model.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._forward(B)
+        self._graphs[B] = (graph, logits)
+
+    def capture_all(self) -> None:
+        """Capture every bucket now, largest first (they share one memory pool)."""
+        for B in reversed(self.buckets):
+            if B not in self._graphs:
+                self._capture(B)
+
+    def step(self, slots: list[int], positions: list[int], ids: list[int]) -> torch.Tensor:
+        """One decode token for each sequence: sequence i (cache slot slots[i]) gets token ids[i] at
+        position positions[i]. Returns logits [n, vocab] (a view into the graph's output buffer:
+        valid until the next step)."""
+        n = len(slots)
+        if not n == len(positions) == len(ids) or n == 0:
+            raise InputError(f"decode step: {n} slots, {len(positions)} positions, {len(ids)} token ids; give one of each per sequence (at least one)")
+        if self.model.hook is not None:
+            raise InputError("a captured decode step records no hooks; detach model.hook (or set runtime.cuda_graphs: off)")
+        V = self.model.cfg.vocab_size
+        for t in ids:
+            if not 0 <= int(t) < V:
+                raise InputError(f"token id {t} is outside the vocabulary [0, {V}) of model '{self.model.cfg.name}'")
+        if len(set(slots)) != n or self.scratch in slots:
+            raise InputError(f"decode step: cache slots {slots} must be distinct sequences' slots")
+        B = self.bucket(n)
+        if B not in self._graphs:
+            self._capture(B)
+        for s, p in zip(slots, positions):
+            self.cache.reserve(s, p + 1)
+        self._buf[:, :n].copy_(torch.tensor([list(ids), list(slots), list(positions)], dtype=torch.long),
+                               non_blocking=False)
+        self._pad(n)
+        graph, logits = self._graphs[B]
+        if graph is None:
+            with HostSyncGuard():
+                logits = self._forward(B)
+        else:
+            graph.replay()
+        for s, p in zip(slots, positions):
+            self.cache.seq_len[s] = p + 1
+        return logits[:n]
