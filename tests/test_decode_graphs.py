@@ -147,9 +147,10 @@ def _eager_steps(m, prompts, steps, g_seed=1):
 
 
 def test_graph_steps_match_eager_steps_on_the_cuda_backend(cuda_model):
-    # 3 sequences, then 2, then 1 (buckets 4, 2, 1), across window and compressor boundaries
+    # 3 sequences, then 2, then 1 (buckets 4, 2, 1); the first step closes the window (position 15)
+    # and entries of every compressor (positions 3, 15, 31)
     m = cuda_model
-    steps = [3, 3, 2, 2, 1]
+    steps = [3, 2, 1]
     want = _eager_steps(m, PROMPTS, steps)
     cache = m.new_cache(5, 64)
     graphs = DecodeGraphs(m, cache, max_batch=4)
@@ -220,11 +221,11 @@ def test_two_layouts_give_the_same_ops_and_launches(cuda_model, monkeypatch):
 
 def test_engine_with_graphs_gives_the_tokens_of_the_eager_engine(cuda_model):
     # 3 prompts with max_batch 2: two waves through one persistent cache (slots released, reused)
-    prompts = [[0, 9, 8, 7], [0] + list(range(20, 33)), [0, 44, 45]]
-    off = Engine(cuda_model, max_batch=2, max_seq_len=40, graphs="off").generate(prompts, 4)
+    prompts = [[0, 9, 8, 7], [0] + list(range(20, 34)), [0, 44, 45]]
+    off = Engine(cuda_model, max_batch=2, max_seq_len=40, graphs="off").generate(prompts, 3)
     eng = Engine(cuda_model, max_batch=2, max_seq_len=40, graphs="on")
     assert eng.graph_mode == ("cuda" if GPU else "emulate")
-    on = eng.generate(prompts, 4)
+    on = eng.generate(prompts, 3)
     assert [r.output_ids for r in on] == [r.output_ids for r in off]
     in_use = [s for s, u in enumerate(eng._graphs.cache.in_use) if u]
     assert in_use == [eng._graphs.scratch]  # the waves' slots went back; only the padding slot stays taken
