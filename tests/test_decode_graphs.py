@@ -61,6 +61,7 @@ def cuda_model(cfg):
     lambda t: torch.repeat_interleave(t.long().abs()),
     lambda t: t.unique(),
     lambda t: torch.equal(t, t),
+    lambda t: t.tolist(),
 ])
 def test_guard_rejects_what_a_capture_cannot_hold(bad):
     t = torch.tensor([3, -1, 2, 0])

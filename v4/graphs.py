@@ -44,13 +44,19 @@ _HOST_READS = {
     aten.unique_dim: "sizes its output from tensor contents",
     aten.unique_consecutive: "sizes its output from tensor contents",
     aten.bincount: "reads the largest value on the host to size its output",
+    aten._unique: "sizes its output from tensor contents",
     aten.equal: "returns a host bool",
     aten.is_nonzero: "returns a host bool",
+    aten.allclose: "returns a host bool",
 }
 
 
 class GraphCaptureError(RuntimeError):
     """An op in a decode step that a graph capture cannot hold."""
+
+
+def _refuse_tolist(*_args, **_kwargs):
+    raise GraphCaptureError("Tensor.tolist() reads tensor contents on the host: a captured decode step cannot contain it")
 
 
 class HostSyncGuard(TorchDispatchMode):
@@ -59,8 +65,18 @@ class HostSyncGuard(TorchDispatchMode):
     On a GPU the capture itself refuses such ops; on CPU nothing would, so the emulated mode and the
     tests run the decode step under this guard. Boolean-mask indexing and
     `repeat_interleave(repeats_tensor)` without `output_size` count too (they call nonzero / a sum
-    read-back internally, below the dispatcher where this mode cannot see).
+    read-back internally, below the dispatcher where this mode cannot see), and so does
+    `Tensor.tolist()`, which reads a CPU tensor without dispatching any op.
     """
+
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+        torch.Tensor.tolist = _refuse_tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -53,6 +53,17 @@ def _interpreting() -> bool:
 
 # ---------------------------------------------------------------------------------------- kernels
 @triton.jit
+def _softmax_pool_step(run_max, run_sum, acc, x, z):
+    """Fold candidate rows x [R, C] with scores z [R, C] (-inf = no candidate) into the per-channel
+    online softmax (run_max, run_sum, acc [C]); a channel with no candidate yet stays at zero weight."""
+    new_max = tl.maximum(run_max, tl.max(z, axis=0))
+    safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+    alpha = tl.exp(run_max - safe)
+    p = tl.exp(z - safe[None, :])
+    return new_max, run_sum * alpha + tl.sum(p, axis=0), acc * alpha + tl.sum(p * x, axis=0)
+
+
+@triton.jit
 def _compress_pool_kernel(kv_ptr, z_ptr, ape_ptr, skv_ptr, sz_ptr, pooled_ptr, ent_ptr, seq_ptr,
                           c, s_kvt, s_kvc, s_zt, s_zc, s_ar, s_ac,
                           s_skv_s, s_skv_r, s_skv_c, s_sz_s, s_sz_r, s_sz_c,
@@ -98,14 +109,7 @@ def _compress_pool_kernel(kv_ptr, z_ptr, ape_ptr, skv_ptr, sz_ptr, pooled_ptr, e
                + tl.load(ape_ptr + row[:, None] * s_ar + cols * s_ac, mask=tmask, other=0.0).to(ACC))
         x = tl.where(smask, x_s.to(ACC), x_t.to(ACC))
         z = tl.where(smask, z_s.to(ACC), tl.where(tmask, z_t, float("-inf")))
-        # online softmax over the candidate rows, per channel
-        new_max = tl.maximum(run_max, tl.max(z, axis=0))
-        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-        alpha = tl.exp(run_max - safe)
-        p = tl.exp(z - safe[None, :])
-        acc = acc * alpha + tl.sum(p * x, axis=0)
-        run_sum = run_sum * alpha + tl.sum(p, axis=0)
-        run_max = new_max
+        run_max, run_sum, acc = _softmax_pool_step(run_max, run_sum, acc, x, z)
     tl.store(pooled_ptr + e.to(tl.int64) * c + ch, acc / run_sum, mask=cmask)
 
 
@@ -288,13 +292,7 @@ def _compress_decode_kernel(kv_ptr, z_ptr, ape_ptr, skv_ptr, sz_ptr, slot_ptr, p
             is_tok = (ok & in_cur & (row == M - 1))[:, None]
             x = tl.where(is_tok, tok_kv1[None, :], x)
             z = tl.where(is_tok, tok_z1[None, :], tl.where(smask, z, float("-inf")))
-            new_max = tl.maximum(run_max, tl.max(z, axis=0))
-            safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-            alpha = tl.exp(run_max - safe)
-            p = tl.exp(z - safe[None, :])
-            acc = acc * alpha + tl.sum(p * x, axis=0)
-            run_sum = run_sum * alpha + tl.sum(p, axis=0)
-            run_max = new_max
+            run_max, run_sum, acc = _softmax_pool_step(run_max, run_sum, acc, x, z)
         y = _finish_row(acc / run_sum, cols, cm, w, c, R, NOPE, eps, hscale, nw_ptr, inv_ptr,
                         M, QUANT, BLOCK_C, LOG2C, OUT, FACC, IS64, LIBDEVICE, RNE_BF16)
         blk = tl.load(bt_ptr + slot * s_bt + w // bs).to(tl.int64)
