@@ -164,8 +164,13 @@ class DecodeGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._forward(B)
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._forward(B)
+        except RuntimeError as e:  # a host read or sync inside the step: CUDA refuses it mid-capture
+            raise GraphCaptureError(f"capturing the decode step of batch {B} as a CUDA graph failed ({e}); "
+                                    "set runtime.cuda_graphs: off (--cuda-graphs off) to decode eagerly, and report "
+                                    "this with the backend's op list (`dsv4 backends`)") from e
         self._graphs[B] = (graph, logits)
 
     def capture_all(self) -> None:
