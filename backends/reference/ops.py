@@ -291,14 +291,14 @@ class ReferenceOps:
         if T == 0:
             return out
         nvis = (positions + 1) // ratio  # [T]
-        if max_visible is not None and int(nvis.max()) > max_visible:
-            raise ValueError(f"indexer_topk: a query sees {int(nvis.max())} entries, more than max_visible={max_visible}")
         bs = k_pool.shape[1]
         a = acc(q.dtype)
         flat = k_pool.view(-1, k_pool.shape[-1])
         for slot in tok_slot.unique().tolist():
             rows = (tok_slot == slot).nonzero().squeeze(1)
             n_ent = int(nvis[rows].max())
+            if max_visible is not None and n_ent > max_visible:
+                raise ValueError(f"indexer_topk: a query sees {n_ent} entries, more than max_visible={max_visible}")
             if n_ent == 0:
                 continue
             ent = torch.arange(n_ent, device=q.device)
