@@ -2,8 +2,9 @@
 
 A backend declares its name, device type, whether it can run here (and if not, a sentence that
 says what to install), the ops it implements and the dtypes / numerics modes it supports.
-`get_ops` hands the model an object with every op of the op set; ops a backend lacks are filled
-from `reference` only when the runtime allows fallback, and the filled ops are reported.
+`get_ops` hands the model an object with every op of the op set (the contract: `v4.ops.Ops`); ops
+a backend lacks are filled from `reference` only when the runtime allows fallback, and the filled
+ops are reported.
 
 Kernel packages are imported only when their backend is probed or selected, so importing
 `v4` or `backends` needs neither triton nor torch_npu.
@@ -17,22 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from v4.errors import BackendUnavailable
-
-# The op set of design.md, in the order a block uses them.
-OP_NAMES = (
-    "rms_norm",
-    "rope",
-    "hc_pre",
-    "hc_post",
-    "hc_head",
-    "compress",
-    "indexer_topk",
-    "attention",
-    "moe_gate",
-    "moe_experts",
-    "linear",
-    "grouped_out_proj",
-)
+from v4.ops import OP_NAMES  # the op set; its contract (types, signatures) is v4.ops. Also read as backends.OP_NAMES
 
 # Ops that consume prepared weights. A backend's weight form is its own, so these ops and the
 # prepare hooks come from one backend together: if any is filled from reference, all are.
@@ -58,7 +44,9 @@ class BackendInfo:
 
 @dataclass
 class _Entry:
-    module: str  # package that defines `probe() -> BackendInfo` and `make_ops(device) -> ops`
+    # package that defines `probe() -> BackendInfo` and `make_ops(device) -> ops`, and optionally
+    # `readiness_report() -> str` (what a real run of it needs on this machine; `dsv4 backends` prints it)
+    module: str
     probe: Callable | None = None
 
 
@@ -161,6 +149,21 @@ def get_ops(name: str = "auto", device: str | None = None, allow_fallback: bool 
 
 def matrix() -> list[BackendInfo]:
     return [probe(n) for n in _REGISTRY]
+
+
+def readiness_reports() -> list[str]:
+    """Each registered backend's own readiness report, in registry order; a backend without one (or
+    whose package cannot be imported here: `format_matrix` already says why) adds nothing."""
+    reports = []
+    for entry in _REGISTRY.values():
+        try:
+            mod = importlib.import_module(entry.module)
+        except Exception:  # noqa: BLE001 - probe() reports the import failure
+            continue
+        report = getattr(mod, "readiness_report", None)
+        if report is not None:
+            reports.append(report())
+    return reports
 
 
 def format_matrix(infos: list[BackendInfo] | None = None) -> str:

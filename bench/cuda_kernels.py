@@ -481,7 +481,7 @@ def cases_compress(ctx: Ctx):
     fp8), indexer keys (ratio 4, overlapping, fp4); pool in bf16, state and inputs in fp32. Then
     each in its decode form (`DecodeRows`, the CUDA-graph path) for every decode batch size."""
     K, sh, dev = ctx.K, ctx.sh, ctx.dev
-    from backends.reference.ops import CompressSpec, DecodeRows
+    from v4.ops import CompressSpec, DecodeRows
     from v4.config import ModelConfig, yarn_inv_freq
 
     rope = 64

@@ -1,4 +1,6 @@
-"""`dsv4 parity record | compare | run | ops` (wired into `v4.cli` through `add_parser`).
+"""`dsv4 parity record | compare | run | ops | verify` (wired into `v4.cli` through `add_parser`).
+
+This module does not import `v4.cli` (the core CLI imports it): run it as `dsv4 parity ...`.
 
 Exit codes: 0 pass, 1 fail (some hook point, the logits or the greedy continuation disagree
 beyond the profile), 2 not comparable / unusable input (different weights, config or prompts,
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -296,8 +297,3 @@ def cmd_verify(a) -> int:
 
     return verify.run(a.golden, a.backend, a.dtype, a.checkpoint, a.device, a.runtime, a.profile, a.out, a.report, a.skip_ops)
 
-
-def main(argv=None) -> int:  # pragma: no cover - `python -m parity.cli ...` convenience
-    from v4.cli import main as dsv4_main
-
-    return dsv4_main(["parity", *(argv if argv is not None else sys.argv[1:])])

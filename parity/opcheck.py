@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backends.reference.ops import CompressSpec, DecodeRows, ReferenceOps, acc
+from backends.reference.ops import ReferenceOps
+from v4.ops import CompressSpec, DecodeRows, acc
 from . import metrics as M
 from . import profiles as P
 

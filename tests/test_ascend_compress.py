@@ -25,7 +25,8 @@ import torch  # noqa: E402
 
 from backends.ascend.kernels import compress as ck  # noqa: E402
 from backends.ascend.kernels import launch  # noqa: E402
-from backends.reference.ops import CompressSpec, ReferenceOps  # noqa: E402
+from backends.reference.ops import ReferenceOps  # noqa: E402
+from v4.ops import CompressSpec  # noqa: E402
 
 torch.set_num_threads(1)
 

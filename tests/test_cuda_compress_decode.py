@@ -16,9 +16,9 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from backends.cuda.kernels.compress import compress  # noqa: E402
-from backends.reference.ops import DecodeRows  # noqa: E402
 from tests.kernel_cases import REF  # noqa: E402
 from tests.test_cuda_indexer_compress import _assert_entries, _compress_inputs, _spec  # noqa: E402
+from v4.ops import DecodeRows  # noqa: E402
 
 torch.set_num_threads(1)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

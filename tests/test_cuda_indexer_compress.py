@@ -23,8 +23,8 @@ if not torch.cuda.is_available():
 
 from backends.cuda.kernels.compress import compress  # noqa: E402
 from backends.cuda.kernels.indexer import indexer_topk  # noqa: E402
-from backends.reference.ops import CompressSpec  # noqa: E402
 from tests.kernel_cases import REF, entry_scores64, gen, indexer_case, random_table  # noqa: E402
+from v4.ops import CompressSpec  # noqa: E402
 
 torch.set_num_threads(1)
 

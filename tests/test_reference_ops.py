@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from backends.reference.ops import CompressSpec, ReferenceOps
+from backends.reference.ops import ReferenceOps
+from v4.ops import CompressSpec
 
 ops = ReferenceOps("cpu")
 D64 = torch.float64

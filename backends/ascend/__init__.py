@@ -108,6 +108,11 @@ def format_readiness(checks: list[Check] | None = None) -> str:
     return "\n".join(lines)
 
 
+def readiness_report() -> str:
+    """This backend's entry in `backends.readiness_reports()` (printed by `dsv4 backends`)."""
+    return format_readiness()
+
+
 def _real_reason() -> str | None:
     """None when a real Ascend run can start here, else the first blocking sentence."""
     if not _installed("torch_npu"):

@@ -35,8 +35,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from backends.reference.ops import DecodeRows, compress_rows_on_host
+from backends.reference.ops import compress_rows_on_host
 from v4 import quant
+from v4.ops import DecodeRows, acc
 
 from .kernels import launch
 
@@ -50,10 +51,6 @@ WEIGHT_FORMATS = ("dequant", "w8a8")
 _LI_MAX_HEADS = 64
 _LI_HEAD_DIM = 128
 _LI_MAX_SPARSE = 2048
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass
@@ -275,7 +272,7 @@ class AscendOps:
                     act_quant: bool = False):
         if act_quant:
             raise ValueError("FP8 activation quantisation (exact mode) does not exist on A2/A3; run the Ascend backend in plain mode")
-        a = _acc(x.dtype)
+        a = acc(x.dtype)
         T, k = ids.shape
         E = w13.w.shape[0]
         flat = ids.reshape(-1).long()

@@ -12,16 +12,12 @@ addressed through per-sequence block tables.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from v4 import quant
-
-
-def acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# the op contract's types and precision rule (read from here too by code not yet switched to v4.ops)
+from v4.ops import CompressSpec, DecodeRows, acc
 
 
 def _sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -45,36 +41,6 @@ def _sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # `.to` of a tensor already in `dtype` still costs a dispatch; decode makes hundreds per token
     return x if x.dtype == dtype else x.to(dtype)
-
-
-@dataclass
-class CompressSpec:
-    """Static description of one compressor instance."""
-
-    ratio: int  # m: tokens per entry
-    dim: int  # c: entry width
-    overlap: bool  # CSA-style: entry w pools windows w-1 (first half) and w (second half)
-    quant: str  # "none" | "fp8" (main, nope dims) | "fp4" (indexer: Hadamard + FP4)
-    rope_dim: int
-    eps: float
-
-
-@dataclass
-class DecodeRows:
-    """`compress`'s batch layout for a decode step kept on the device: row b of kv / score is the
-    one new token of sequence `slots[b]`, at position `positions[b]`.
-
-    The list form of `seqs` ([(slot, start, n, offset), ...]) is read on the host; this form is what
-    a captured decode step (CUDA graph) hands over, since its layout changes from replay to replay
-    without the host seeing it. Rows may repeat a slot only if that slot is scratch (padding rows).
-    """
-
-    slots: torch.Tensor  # [B] int
-    positions: torch.Tensor  # [B] int
-
-    def as_list(self) -> list:
-        """The equivalent list form (reads the device: for backends that plan on the host)."""
-        return [(s, p, 1, b) for b, (s, p) in enumerate(zip(self.slots.tolist(), self.positions.tolist()))]
 
 
 def compress_rows_on_host(compress, kv, score, ape, spec, norm_weight, inv_freq, state_kv, state_score,

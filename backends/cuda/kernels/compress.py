@@ -36,15 +36,12 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from backends.reference.ops import DecodeRows
+from v4.ops import DecodeRows
+from v4.ops import acc as acc_dtype  # the accumulation dtype; `acc` in the kernels is the accumulator
 
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _QUANT = {"none": 0, "fp8": 1, "fp4": 2}
 _FP8_BLOCK, _FP4_BLOCK = 64, 32
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _interpreting() -> bool:
@@ -434,7 +431,7 @@ def _finish_consts(spec, quant, kv, pool, inv_freq) -> tuple[dict, int]:
     elif quant == 2 and (BC != c or c < _FP4_BLOCK):
         raise ValueError(f"compress: fp4 mode needs a power-of-two dim >= {_FP4_BLOCK}, got {c}")
     interp = _interpreting()
-    fa = _acc(pool.dtype)
+    fa = acc_dtype(pool.dtype)
     scalars = dict(c=c, R=R, NOPE=c - spec.rope_dim, bs=pool.shape[1], eps=float(spec.eps), hscale=float(c) ** -0.5)
     consts = dict(M=spec.ratio, QUANT=quant, BLOCK_C=BC, LOG2C=BC.bit_length() - 1, OUT=_TL[pool.dtype],
                   FACC=_TL[fa], IS64=fa == torch.float64,
@@ -447,7 +444,7 @@ def _emit(kv, score, ape, spec, quant, norm_weight, inv_freq, state_kv, state_sc
     m, c = spec.ratio, spec.dim
     args, BC = _finish_consts(spec, quant, kv, pool, inv_freq)
     interp = _interpreting()
-    a = _acc(kv.dtype)
+    a = acc_dtype(kv.dtype)
     KM = 2 * m if spec.overlap else m
 
     pooled = torch.empty(E, c, dtype=a, device=kv.device)
@@ -489,7 +486,7 @@ def compress_decode(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, sp
     if B == 0:
         return out
     args, BC = _finish_consts(spec, quant, kv, pool, inv_freq)
-    a = _acc(kv.dtype)
+    a = acc_dtype(kv.dtype)
     KM = 2 * spec.ratio if spec.overlap else spec.ratio
     # the candidate tile is [BLOCK_R, BLOCK_C] twice (kv and score): bounded for register use
     BLOCK_R = max(1, min(triton.next_power_of_2(KM), 8192 // BC))

@@ -58,11 +58,9 @@ import torch
 import triton
 import triton.language as tl
 
+from v4.ops import acc as acc_dtype  # the accumulation dtype; `acc` in the kernels is the accumulator
+
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _interpreting() -> bool:
@@ -232,7 +230,7 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, k_pool: torch.Tensor,
                    tok_slot: torch.Tensor, nvis: torch.Tensor, s_max: int) -> torch.Tensor:
     """Score matrix [T, s_max] in the accumulator dtype; -inf where s >= nvis[t]."""
     T = q.shape[0]
-    out = torch.empty(T, s_max, dtype=_acc(q.dtype), device=q.device)
+    out = torch.empty(T, s_max, dtype=acc_dtype(q.dtype), device=q.device)
     if T == 0 or s_max == 0:
         return out
     _launch_scores(out, q, weights, k_pool, block_table, tok_slot, nvis, fill=True)
@@ -286,7 +284,7 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, k_pool: torch.Tensor, b
         idx = scores.topk(k, dim=-1).indices  # the -inf columns past nvis sort last
         out[:, :k] = torch.where(idx < nvis[:, None], idx, -1).to(torch.int32)
         return out
-    scores = torch.empty(T, s_max, dtype=_acc(q.dtype), device=q.device)
+    scores = torch.empty(T, s_max, dtype=acc_dtype(q.dtype), device=q.device)
     _launch_scores(scores, q, weights, k_pool, block_table, tok_slot, nvis, fill=False)
     _launch_topk(scores, nvis, out)
     return out
