@@ -5,10 +5,12 @@ input ids, logits, a greedy continuation and the tensors at the model's hook poi
 deliberately perturbed backend through exactly the code path `dsv4 parity record` uses.
 
 How prompts run: the prompts of one batch group (the `batch` key of a prompt; each prompt without
-one is its own group) are prefilled together in one packed engine step per prefill chunk (a
-`StepBatch` with one slot per prompt), then decoded greedily together, one packed step per
-token. Hooks fire during the prefill only; they see packed `[T, ...]` tensors, which are split
-back per prompt by the batch offsets (compressed entries: by the number each sequence emitted).
+one is its own group) go through the engine (`v4.engine.LLM`) together: the step budget holds
+every prompt of the group, so they are prefilled in one packed step per prefill chunk, then
+decoded greedily, one packed step per token (a prompt that finishes its prefill early starts
+decoding in the same steps as the others' chunks). Hooks keep the prompt tokens only; they see
+packed `[T, ...]` tensors, which are split back per prompt by the batch offsets (compressed
+entries: by the number each sequence emitted).
 A batched recording therefore holds the same per-prompt tensors as recording each prompt alone,
 up to the rounding of differently shaped matmuls.
 """
@@ -26,10 +28,9 @@ from pathlib import Path
 
 import torch
 
+from v4.config import RuntimeConfig
+from v4.engine import DECODE_LABEL, LLM, SamplingParams, graph_mode
 from v4.errors import DSV4Error, InputError
-from v4.generate import DECODE_LABEL, graph_mode
-from v4.graphs import DecodeGraphs
-from v4.model import StepBatch
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 TOKEN_LO, TOKEN_HI = 3, 259  # generated prompts use byte-level ids: valid for every vocab >= 259
@@ -312,7 +313,7 @@ def record(model, prompts: list, opts: Options | None = None) -> tuple[dict, dic
 
 
 def decode_mode(opts: Options, model) -> str:
-    """How the greedy continuation decodes (v4.generate.graph_mode). `cuda_graphs: on` means "where the
+    """How the greedy continuation decodes (v4.engine.graph_mode). `cuda_graphs: on` means "where the
     backend can capture": `parity run` passes one setting to every backend, and each bundle's
     options.decode says how that recording decoded."""
     if opts.cuda_graphs == "on" and not getattr(model.ops, "capturable", False):
@@ -321,19 +322,21 @@ def decode_mode(opts: Options, model) -> str:
 
 
 def _record_group(model, prompts, group, opts, keep_layers, last_k, N, tensors, hook_order, per_prompt_hooks):
-    cfg, dev = model.cfg, model.device
-    V = cfg.vocab_size
+    cfg = model.cfg
     seqs = [prompts[i].ids for i in group]
     lens = [len(s) for s in seqs]
     # the greedy continuation decodes the way this runtime serves: captured graphs when it would
-    graphs_mode = decode_mode(opts, model) if N > 1 else "off"
-    cache = model.new_cache(len(group) + (graphs_mode != "off"), max(lens) + N + 1, opts.block_size)
-    slots = [cache.alloc() for _ in group]
-    graphs = DecodeGraphs(model, cache, len(group), graphs_mode, buckets=[len(group)]) if graphs_mode != "off" else None
+    graphs = "on" if N > 1 and decode_mode(opts, model) != "off" else "off"
+    rt = RuntimeConfig(max_num_seqs=len(group), max_num_batched_tokens=sum(lens), max_model_len=max(lens) + N + 2,
+                       block_size=opts.block_size, prefill_chunk=opts.prefill_chunk)
+    llm = LLM(model, rt, graphs=graphs, buckets=[len(group)], logits="all")
+    # at least one token, so that the prompt is computed when greedy_tokens is 0 (the token is dropped)
+    params = SamplingParams(temperature=0.0, max_tokens=max(N, 1), ignore_eos=True)
+    rid = {llm.add_request(s, params): r for r, s in enumerate(seqs)}
     wanted = [range(0, n) if last_k is None else range(max(0, n - last_k), n) for n in lens]
     logit_rows = [[] for _ in group]
-    chunk = opts.prefill_chunk or max(lens)
-    done = [0] * len(group)
+    g_ids = [[] for _ in group]
+    g_logits = [[] for _ in group]
     step_hooks: list = []
 
     def hook(name: str, t: torch.Tensor):
@@ -341,63 +344,44 @@ def _record_group(model, prompts, group, opts, keep_layers, last_k, N, tensors, 
         if layer in keep_layers:
             step_hooks.append((name, t.detach().to("cpu", _hook_dtype(t), copy=True)))
 
-    last_logits = [None] * len(group)
-    while any(d < n for d, n in zip(done, lens)):
-        rows = [r for r in range(len(group)) if done[r] < lens[r]]
-        step_lens = [min(chunk, lens[r] - done[r]) for r in rows]
-        starts = [done[r] for r in rows]
-        ids = torch.tensor([t for r, n in zip(rows, step_lens) for t in seqs[r][done[r]:done[r] + n]], device=dev)
-        batch = StepBatch([slots[r] for r in rows], starts, step_lens, dev)
-        # Logits for the whole step when any position in it is kept; the last position of every
-        # prompt is always kept (it starts the greedy continuation).
-        need = any(wanted[r].start < s + n for r, s, n in zip(rows, starts, step_lens))
+    model.hook = hook if keep_layers else None
+    while llm.has_unfinished():
         step_hooks.clear()
-        model.hook = hook if keep_layers else None
-        logits, _ = model.forward(ids, batch, cache, logits="all" if need else "none")
-        model.hook = None
+        outputs = llm.step()
+        rec = llm.last_step
+        rows = [rid[i] for i, _, _ in rec.scheduled]
+        starts = [s for _, s, _ in rec.scheduled]
+        step_lens = [n for _, _, n in rec.scheduled]
         for name, _ in step_hooks:
             if name not in hook_order:
                 hook_order.append(name)
-        _split_hooks(cfg, step_hooks, rows, starts, step_lens, batch.offsets, group, per_prompt_hooks)
+        prompt_rows = [j for j, (r, s) in enumerate(zip(rows, starts)) if s < lens[r]]  # decode rows are not kept
+        _split_hooks(cfg, step_hooks, rows, starts, step_lens, rec.offsets + [rec.logits.shape[0]], group,
+                     per_prompt_hooks, keep=prompt_rows)
         for j, (r, s, n) in enumerate(zip(rows, starts, step_lens)):
-            if need:
-                o = batch.offsets[j]
-                for pos in range(s, s + n):
-                    if pos in wanted[r]:
-                        logit_rows[r].append(logits[o + pos - s])
-                if s + n == lens[r]:
-                    last_logits[r] = logits[o + n - 1]
-            done[r] += n
+            o = rec.offsets[j]
+            logit_rows[r] += [rec.logits[o + pos - s] for pos in range(s, min(s + n, lens[r])) if pos in wanted[r]]
+        for out in outputs:
+            r = rid[out.request_id]
+            j = rows.index(r)
+            g_ids[r] += out.new_token_ids
+            g_logits[r].append(rec.logits[rec.offsets[j] + step_lens[j] - 1].to("cpu", torch.float32))
+        if all(llm.sequence(i).num_computed >= lens[r] for i, r in rid.items()):
+            model.hook = None  # every prompt is in: the greedy continuation records no hooks
     for r, i in enumerate(group):
         pos = list(wanted[r])
         tensors[f"prompt.{i}.input_ids"] = torch.tensor(seqs[r], dtype=torch.int64)
         tensors[f"prompt.{i}.logit_positions"] = torch.tensor(pos, dtype=torch.int64)
         tensors[f"prompt.{i}.logits"] = torch.stack(logit_rows[r]).to("cpu", torch.float32)
-    # greedy continuation: N tokens, no stop at EOS (both sides must run the same number of steps)
-    g_ids = [[] for _ in group]
-    g_logits = [[] for _ in group]
-    cur = torch.stack(last_logits)
-    for step in range(N):
-        nxt = cur.argmax(-1)
-        for r in range(len(group)):
-            g_ids[r].append(int(nxt[r]))
-            g_logits[r].append(cur[r].to("cpu", torch.float32))
-        if step == N - 1:
-            break
-        if graphs is not None:  # (a view into the graph's output buffer: copied before the next step)
-            cur = graphs.step(slots, [n + step for n in lens], nxt.tolist()).clone()
-        else:
-            batch = StepBatch(slots, [n + step for n in lens], [1] * len(group), dev)
-            cur, _ = model.forward(nxt.to(dev), batch, cache, logits="last")
-    for r, i in enumerate(group):
-        tensors[f"prompt.{i}.greedy_ids"] = torch.tensor(g_ids[r], dtype=torch.int64)
-        tensors[f"prompt.{i}.greedy_logits"] = torch.stack(g_logits[r]) if g_logits[r] else torch.zeros(0, V)
+        tensors[f"prompt.{i}.greedy_ids"] = torch.tensor(g_ids[r][:N], dtype=torch.int64)
+        tensors[f"prompt.{i}.greedy_logits"] = torch.stack(g_logits[r][:N]) if N else torch.zeros(0, cfg.vocab_size)
 
 
-def _split_hooks(cfg, step_hooks, rows, starts, step_lens, offsets, group, per_prompt_hooks):
-    """Packed hook tensors -> per-prompt pieces. Token-major tensors split by the batch offsets;
-    compressed entries (emitted per sequence in batch order) by the count each sequence emitted:
-    a sequence at start s with n new tokens closes (s + n) // m - s // m windows of ratio m."""
+def _split_hooks(cfg, step_hooks, rows, starts, step_lens, offsets, group, per_prompt_hooks, keep=None):
+    """Packed hook tensors -> per-prompt pieces of the batch rows in `keep` (default all).
+    Token-major tensors split by the batch offsets; compressed entries (emitted per sequence in
+    batch order) by the count each sequence emitted: a sequence at start s with n new tokens closes
+    (s + n) // m - s // m windows of ratio m."""
     for name, t in step_hooks:
         if name.endswith(".attn.compressed"):
             m = cfg.layer_ratio(int(name.split(".")[1]))
@@ -410,8 +394,8 @@ def _split_hooks(cfg, step_hooks, rows, starts, step_lens, offsets, group, per_p
                 bounds.append(bounds[-1] + c)
         else:
             bounds = offsets
-        for j, r in enumerate(rows):
-            per_prompt_hooks[group[r]].setdefault(name, []).append(t[bounds[j]:bounds[j + 1]])
+        for j in (range(len(rows)) if keep is None else keep):
+            per_prompt_hooks[group[rows[j]]].setdefault(name, []).append(t[bounds[j]:bounds[j + 1]])
 
 
 def record_bundle(built: Built, prompts: list, opts: Options | None = None, suite: str | None = None,

@@ -35,3 +35,12 @@ def no_triton_interpreter(monkeypatch):
 def _no_backend_env(monkeypatch):
     """DSV4_BACKEND overrides every selection; a value left in the shell must not steer the tests."""
     monkeypatch.delenv("DSV4_BACKEND", raising=False)
+
+
+def run_step(model, ids, cache, slots, starts, lens, logits="all", **kw):
+    """One model step over a StepBatch, with the cache bookkeeping the engine's runner does."""
+    from v4.batch import StepBatch
+
+    batch = StepBatch(slots, starts, lens, model.device)
+    cache.reserve_step(batch)
+    return model.forward(ids, batch, cache, logits, **kw)

@@ -11,10 +11,10 @@ import torch  # noqa: E402
 
 import backends  # noqa: E402
 from backends import ascend  # noqa: E402
-from tests.conftest import rel_err  # noqa: E402
+from tests.conftest import rel_err, run_step  # noqa: E402
 from v4 import cli  # noqa: E402
 from v4.config import load_config_file  # noqa: E402
-from v4.model import StepBatch, Transformer  # noqa: E402
+from v4.model import Transformer  # noqa: E402
 from v4.runtime import random_weights  # noqa: E402
 
 
@@ -39,9 +39,9 @@ def test_prefill_and_decode_match_reference_on_every_layer_type(emulate):
     assert rel_err(asc.logits(ids), want) < 1e-5
     cache = asc.new_cache(1, 64)
     slot = cache.alloc()
-    rows = [asc.forward(ids[:33], StepBatch([slot], [0], [33], asc.device), cache)[0]]
+    rows = [run_step(asc, ids[:33], cache, [slot], [0], [33])[0]]
     for t in range(33, 41):
-        rows.append(asc.forward(ids[t:t + 1], StepBatch([slot], [t], [1], asc.device), cache)[0])
+        rows.append(run_step(asc, ids[t:t + 1], cache, [slot], [t], [1])[0])
     assert rel_err(torch.cat(rows), want) < 1e-5
 
 

@@ -220,7 +220,7 @@ def _assert_one_line_error(code, err, *needles):
         (["--config", "tiny", "--prompt", "hi", "--ids", "5,6"], ["--prompt", "--ids"]),
         (["--config", "tiny"], ["--prompt", "--ids"]),
         (["--config", "tiny", "--ids", "5", "--temperature", "-1"], ["temperature"]),
-        (["--config", "tiny", "--ids", "5", "--max-new-tokens", "-2"], ["max-new-tokens"]),
+        (["--config", "tiny", "--ids", "5", "--max-new-tokens", "-2"], ["--max-tokens must be"]),
         (["--config", "no-such-model", "--ids", "5"], ["no-such-model", "tiny"]),
     ],
 )
@@ -237,9 +237,9 @@ def test_missing_checkpoint_dir(capsys, tmp_path):
 
 def test_bad_runtime_file(capsys, tmp_path):
     rt = tmp_path / "rt.yaml"
-    rt.write_text("runtime:\n  backend: reference\n  max_batch: 0\n")
+    rt.write_text("runtime:\n  backend: reference\n  max_num_seqs: 0\n")
     code, _, err = run(capsys, "info", "--config", "tiny", "--runtime", str(rt))
-    _assert_one_line_error(code, err, "max_batch")
+    _assert_one_line_error(code, err, "max_num_seqs")
 
 
 def test_env_backend_beats_cli_and_unavailable_is_an_error(capsys, monkeypatch):
@@ -277,3 +277,22 @@ def test_console_script_error_exit_code(tmp_path):
                        capture_output=True, text=True, env=env, cwd=REPO, timeout=180)
     _assert_one_line_error(r.returncode, r.stderr, "nope", "config.json")
     assert r.stdout == ""
+
+
+def test_generate_several_prompts_through_the_engine(capsys, tiny_model):
+    code, out, err = run(capsys, "generate", "--config", "tiny", "--json", "--prompt", "ab", "--prompt", "xyz!",
+                         "--max-new-tokens", "5", "--ignore-eos", "--logprobs", "2")
+    assert code == 0, err
+    objs = [json.loads(line) for line in out.strip().splitlines()]
+    assert [o["prompt_ids"] for o in objs] == [[0, 100, 101], [0, 123, 124, 125, 36]]
+    for o in objs:
+        assert o["generated_ids"] == greedy_by_recompute(tiny_model, o["prompt_ids"], 5)
+        assert [x["token_id"] for x in o["logprobs"]] == o["generated_ids"]
+        assert all(len(x["top"]) == 2 and x["top"][0][1] >= x["logprob"] for x in o["logprobs"])
+
+
+def test_generate_stop_string_is_cut_from_the_text(capsys, tiny_model):
+    full = _generate_json(capsys, "--prompt", "hi", "--max-new-tokens", "12", "--ignore-eos")["text"]
+    stop = full[2:4]
+    d = _generate_json(capsys, "--prompt", "hi", "--max-new-tokens", "12", "--ignore-eos", "--stop", stop)
+    assert d["text"] == full[:full.index(stop)] and d["finish_reason"] == "stop"

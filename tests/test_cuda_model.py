@@ -10,9 +10,9 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import backends  # noqa: E402
-from tests.conftest import rel_err  # noqa: E402
+from tests.conftest import rel_err, run_step  # noqa: E402
 from v4.config import load_config_file  # noqa: E402
-from v4.model import StepBatch, Transformer  # noqa: E402
+from v4.model import Transformer  # noqa: E402
 from v4.runtime import random_weights  # noqa: E402
 
 
@@ -32,9 +32,9 @@ def test_prefill_and_decode_match_reference_on_every_layer_type():
     assert rel_err(cuda.logits(ids).cpu(), want) < 1e-5
     cache = cuda.new_cache(1, 64)
     slot = cache.alloc()
-    rows = [cuda.forward(ids[:33], StepBatch([slot], [0], [33], cuda.device), cache)[0]]
+    rows = [run_step(cuda, ids[:33], cache, [slot], [0], [33])[0]]
     for t in range(33, 41):
-        rows.append(cuda.forward(ids[t:t + 1], StepBatch([slot], [t], [1], cuda.device), cache)[0])
+        rows.append(run_step(cuda, ids[t:t + 1], cache, [slot], [t], [1])[0])
     assert rel_err(torch.cat(rows).cpu(), want) < 1e-5
 
 

@@ -21,13 +21,13 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import backends  # noqa: E402
-from tests.conftest import rel_err  # noqa: E402
+from tests.conftest import rel_err, run_step  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from v4.config import ConfigError, build_runtime, load_config_file  # noqa: E402
+from v4.config import ConfigError, RuntimeConfig, build_runtime, load_config_file  # noqa: E402
+from v4.engine import LLM, SamplingParams, graph_mode  # noqa: E402
 from v4.errors import InputError  # noqa: E402
-from v4.generate import Engine, graph_mode  # noqa: E402
 from v4.graphs import DecodeGraphs, GraphCaptureError, HostSyncGuard, default_buckets  # noqa: E402
-from v4.model import DecodeBatch, StepBatch, Transformer  # noqa: E402
+from v4.model import DecodeBatch, Transformer  # noqa: E402
 from v4.runtime import random_weights  # noqa: E402
 
 GPU = torch.cuda.is_available()
@@ -81,13 +81,13 @@ def test_guard_lets_device_side_indexing_through():
 
 
 def test_guard_catches_the_eager_step(cfg):
-    # the StepBatch path checks token ids on the host: exactly what the captured path must not do
+    # the StepBatch path plans on the host (boolean masks, repeat_interleave): what a capture must not hold
     m = _model(cfg, "reference")
     cache = m.new_cache(1, 32)
     slot = cache.alloc()
     with pytest.raises(GraphCaptureError):
         with HostSyncGuard():
-            m.forward(torch.tensor([5, 6]), StepBatch([slot], [0], [2], m.device), cache)
+            run_step(m, torch.tensor([5, 6]), cache, [slot], [0], [2])
 
 
 # ---------------------------------------------------------------- static path == eager path
@@ -96,7 +96,7 @@ def test_guard_catches_the_eager_step(cfg):
 def _prefill(m, cache, prompts):
     slots = [cache.alloc() for _ in prompts]
     ids = torch.cat([torch.tensor(p) for p in prompts])
-    m.forward(ids, StepBatch(slots, [0] * len(prompts), [len(p) for p in prompts], m.device), cache, logits="none")
+    run_step(m, ids, cache, slots, [0] * len(prompts), [len(p) for p in prompts], logits="none")
     return slots
 
 
@@ -115,7 +115,7 @@ def test_decode_batch_equals_step_batch_on_the_reference_backend(cfg):
     for step in range(6):
         order = [2, 0, 1] if step % 2 else [0, 1, 2]
         ids = torch.randint(3, cfg.vocab_size, (3,), generator=g)
-        want, _ = m.forward(ids, StepBatch([sa[i] for i in order], [pos[i] for i in order], [1] * 3, m.device), a, "last")
+        want, _ = run_step(m, ids, a, [sa[i] for i in order], [pos[i] for i in order], [1] * 3, "last")
         for i in order:
             b.reserve(sb[i], pos[i] + 1)
         slots = torch.tensor([sb[i] for i in order] + [scratch])
@@ -140,7 +140,7 @@ def _eager_steps(m, prompts, steps, g_seed=1):
     out = []
     for n in steps:  # n: how many of the sequences take part in this step (the first n)
         ids = torch.randint(3, m.cfg.vocab_size, (n,), generator=g)
-        lg, _ = m.forward(ids, StepBatch(slots[:n], pos[:n], [1] * n, m.device), cache, "last")
+        lg, _ = run_step(m, ids, cache, slots[:n], pos[:n], [1] * n, "last")
         out.append((ids.tolist(), lg.cpu()))
         for i in range(n):
             pos[i] += 1
@@ -221,15 +221,23 @@ def test_two_layouts_give_the_same_ops_and_launches(cuda_model, monkeypatch):
 
 
 def test_engine_with_graphs_gives_the_tokens_of_the_eager_engine(cuda_model):
-    # 3 prompts with max_batch 2: two waves through one persistent cache (slots released, reused)
+    # 3 prompts, 2 sequences at once: the third joins when the first leaves, in the same persistent cache;
+    # decode-only steps replay the graphs (buckets 1 and 2), mixed steps run eagerly
     prompts = [[0, 9, 8, 7], [0] + list(range(20, 34)), [0, 44, 45]]
-    off = Engine(cuda_model, max_batch=2, max_seq_len=40, graphs="off").generate(prompts, 3)
-    eng = Engine(cuda_model, max_batch=2, max_seq_len=40, graphs="on")
-    assert eng.graph_mode == ("cuda" if GPU else "emulate")
-    on = eng.generate(prompts, 3)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (2, 5, 6)]
+    rt = RuntimeConfig(max_num_seqs=2, max_model_len=40)
+    off = LLM(cuda_model, rt, graphs="off").generate(prompts, params)
+    llm = LLM(cuda_model, rt, graphs="on")
+    assert llm.graph_mode == ("cuda" if GPU else "emulate")
+    replays = []
+    step = llm.runner.graphs.step
+    llm.runner.graphs.step = lambda *a: replays.append(len(a[0])) or step(*a)
+    on = llm.generate(prompts, params)
     assert [r.output_ids for r in on] == [r.output_ids for r in off]
-    in_use = [s for s, u in enumerate(eng._graphs.cache.in_use) if u]
-    assert in_use == [eng._graphs.scratch]  # the waves' slots went back; only the padding slot stays taken
+    assert set(replays) == {1, 2}
+    cache = llm.runner.cache
+    assert [s for s, u in enumerate(cache.in_use) if u] == [llm.runner.graphs.scratch]  # only the padding slot
+    assert llm.kv_cache_usage() == 0.0
 
 
 # ---------------------------------------------------------------- choices and errors

@@ -4,8 +4,8 @@ the logits of one full prefill, across window (16) and compressor (4 and 16) bou
 import pytest
 import torch
 
-from tests.conftest import rel_err
-from v4.model import StepBatch
+from tests.conftest import rel_err, run_step
+
 from v4.runtime import load
 
 S = 100
@@ -43,7 +43,7 @@ def run_steps(model, ids, plan):
     slot = cache.alloc()
     out, pos = [], 0
     for n in plan:
-        o, _ = model.forward(ids[pos:pos + n], StepBatch([slot], [pos], [n], model.device), cache)
+        o, _ = run_step(model, ids[pos:pos + n], cache, [slot], [pos], [n])
         out.append(o)
         pos += n
     return torch.cat(out)
@@ -67,7 +67,7 @@ def test_mixed_length_batch_equals_each_alone(model):
     seqs = [torch.randint(3, 500, (n,), generator=g) for n in lens]
     cache = model.new_cache(len(lens), 128)
     slots = [cache.alloc() for _ in lens]
-    got, _ = model.forward(torch.cat(seqs), StepBatch(slots, [0] * len(lens), lens, model.device), cache)
+    got, _ = run_step(model, torch.cat(seqs), cache, slots, [0] * len(lens), lens)
     agree(model, got, torch.cat([model.logits(s) for s in seqs]))
 
 
@@ -78,11 +78,11 @@ def test_batched_decode_of_different_lengths(model):
     seqs = [torch.randint(3, 500, (n + 12,), generator=g) for n in lens]
     cache = model.new_cache(3, 128)
     slots = [cache.alloc() for _ in lens]
-    model.forward(torch.cat([s[:n] for s, n in zip(seqs, lens)]), StepBatch(slots, [0] * 3, lens, model.device), cache, "none")
+    run_step(model, torch.cat([s[:n] for s, n in zip(seqs, lens)]), cache, slots, [0] * 3, lens, "none")
     rows = []
     for k in range(12):
         ids = torch.stack([s[n + k] for s, n in zip(seqs, lens)])
-        o, _ = model.forward(ids, StepBatch(slots, [n + k for n in lens], [1] * 3, model.device), cache)
+        o, _ = run_step(model, ids, cache, slots, [n + k for n in lens], [1] * 3)
         rows.append(o)
     got = torch.stack(rows, 1)  # [3, 12, V]
     for b, (s, n) in enumerate(zip(seqs, lens)):
@@ -96,6 +96,6 @@ def test_mtp_incremental_equals_full(model, ids):
     slot = cache.alloc()
     rows = []
     for pos, n in [(0, 10)] + [(p, 1) for p in range(10, S)]:
-        _, m = model.forward(ids[pos:pos + n], StepBatch([slot], [pos], [n], model.device), cache, mtp_ids=nxt[pos:pos + n])
+        _, m = run_step(model, ids[pos:pos + n], cache, [slot], [pos], [n], mtp_ids=nxt[pos:pos + n])
         rows.append(m)
     agree(model, torch.cat(rows), full_mtp)

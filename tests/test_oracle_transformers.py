@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import backends
-from tests.conftest import rel_err
+from tests.conftest import rel_err, run_step
 from tests.hf_oracle import build
-from v4.model import StepBatch, Transformer
+from v4.model import Transformer
 from v4.weights import load_checkpoint
 
 LENGTHS = [1, 3, 4, 5, 16, 17, 64, 130]
@@ -43,7 +43,7 @@ def test_mixed_batch_matches_transformers(pair):
     seqs = [torch.randint(0, ours.cfg.vocab_size, (n,), generator=g) for n in (5, 129, 1, 40)]
     cache = ours.new_cache(len(seqs), 160)
     slots = [cache.alloc() for _ in seqs]
-    got, _ = ours.forward(torch.cat(seqs), StepBatch(slots, [0] * 4, [len(s) for s in seqs], ours.device), cache)
+    got, _ = run_step(ours, torch.cat(seqs), cache, slots, [0] * 4, [len(s) for s in seqs])
     off = 0
     for s in seqs:
         with torch.no_grad():

@@ -146,8 +146,8 @@ def test_selection_precedence_config_cli_env():
     assert build_runtime(cfg, None, env={"DSV4_BACKEND": "ascend"}).backend == "ascend"
     assert build_runtime({}, None, env={}).backend == "auto"  # the documented default
     # other fields: CLI overrides the file, the file overrides the defaults
-    rt = build_runtime({"dtype": "bfloat16", "max_batch": 3}, {"dtype": "float64", "mode": None}, env={})
-    assert (rt.dtype, rt.mode, rt.max_batch) == ("float64", "plain", 3)
+    rt = build_runtime({"dtype": "bfloat16", "max_num_seqs": 3}, {"dtype": "float64", "mode": None}, env={})
+    assert (rt.dtype, rt.mode, rt.max_num_seqs) == ("float64", "plain", 3)
 
 
 def test_selection_reads_process_environment(monkeypatch):
@@ -161,8 +161,9 @@ def test_selection_reads_process_environment(monkeypatch):
 
 @pytest.mark.parametrize(
     "field,value",
-    [("dtype", "int8"), ("mode", "fast"), ("max_batch", 0), ("max_seq_len", -5), ("block_size", 0),
-     ("prefill_chunk", -1), ("max_batch", True), ("backend", "gpu")],
+    [("dtype", "int8"), ("mode", "fast"), ("max_num_seqs", 0), ("max_model_len", -5), ("block_size", 0),
+     ("prefill_chunk", -1), ("max_num_seqs", True), ("max_num_batched_tokens", 0), ("kv_cache_memory", "lots"),
+     ("kv_cache_memory", -1), ("backend", "gpu")],
 )
 def test_invalid_runtime_field_names_the_field(field, value):
     with pytest.raises(ConfigError) as ei:
@@ -170,6 +171,18 @@ def test_invalid_runtime_field_names_the_field(field, value):
     assert field in str(ei.value)
     with pytest.raises(ConfigError, match=field):
         RuntimeConfig.from_dict({field: value})
+
+
+@pytest.mark.parametrize("old,new", [("max_batch", "max_num_seqs"), ("max_seq_len", "max_model_len")])
+def test_renamed_runtime_fields_say_the_new_name(old, new):
+    with pytest.raises(ConfigError, match=f"'runtime.{old}' is now 'runtime.{new}'"):
+        build_runtime({old: 8}, env={})
+
+
+@pytest.mark.parametrize("value,nbytes", [(4096, 4096), ("512MiB", 512 * 2**20), ("2GB", 2 * 10**9),
+                                          ("1.5GiB", 3 * 2**29), ("100 kib", 102400)])
+def test_kv_cache_memory_takes_bytes_or_units(value, nbytes):
+    assert build_runtime({"kv_cache_memory": value}, env={}).kv_cache_bytes == nbytes
 
 
 def test_unknown_runtime_key_is_named():

@@ -20,12 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .batch import DecodeBatch, StepBatch
 from .config import CSA, HCA, SLIDING, ModelConfig
-from .errors import InputError
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .errors import ConfigError, InputError
+from .ops import acc
 
 
 class BlockTable:
@@ -37,6 +35,14 @@ class BlockTable:
         self.table = torch.zeros(max_slots, self.max_blocks_per_seq, dtype=torch.int32, device=device)
         self.owned: list[list[int]] = [[] for _ in range(max_slots)]
         self.free = list(range(num_blocks - 1, -1, -1))
+
+    def missing(self, slot: int, n_entries: int) -> int:
+        """Blocks `slot` still lacks to hold `n_entries` entries."""
+        return max(0, math.ceil(n_entries / self.block_size) - len(self.owned[slot]))
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self.free)
 
     def ensure(self, slot: int, n_entries: int) -> None:
         need = math.ceil(n_entries / self.block_size)
@@ -68,16 +74,22 @@ class LayerCache:
 
 
 class KVCache:
-    """Decode state of `max_slots` sequences of up to `max_seq_len` tokens each."""
+    """Decode state of `max_slots` sequences of up to `max_seq_len` tokens each.
+
+    num_blocks: blocks per compression ratio of the paged pools; by default enough for every slot
+    to reach max_seq_len at once (nothing can run out). The engine passes fewer when a byte budget
+    (runtime.kv_cache_memory) sizes the pools, and then preempts when they run out.
+    """
 
     def __init__(self, cfg: ModelConfig, max_slots: int, max_seq_len: int, dtype: torch.dtype,
-                 device="cpu", block_size: int = 64, num_layers: int | None = None):
+                 device="cpu", block_size: int = 64, num_layers: int | None = None,
+                 num_blocks: dict[int, int] | None = None):
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         self.max_slots, self.max_seq_len, self.block_size = max_slots, max_seq_len, block_size
         self.seq_len = [0] * max_slots
         self.in_use = [False] * max_slots
         W, D, Di = cfg.sliding_window, cfg.head_dim, cfg.index_head_dim
-        a = _acc(dtype)
+        a = acc(dtype)
         n_layers = num_layers if num_layers is not None else cfg.num_hidden_layers + cfg.num_nextn_predict_layers
         self.tables: dict[int, BlockTable] = {}
         self.layers: list[LayerCache] = []
@@ -88,6 +100,8 @@ class KVCache:
                 if m not in self.tables:
                     max_e = max_seq_len // m
                     blocks = max_slots * max(1, math.ceil(max_e / block_size))
+                    if num_blocks is not None:
+                        blocks = num_blocks[m]
                     self.tables[m] = BlockTable(m, block_size, blocks, max_slots, max_e, self.device)
                 nb = self.tables[m].num_blocks
                 k = 2 if kind == CSA else 1
@@ -99,8 +113,13 @@ class KVCache:
                     lc.index_state_kv = torch.zeros(max_slots, 2 * m, 2 * Di, dtype=a, device=self.device)
                     lc.index_state_score = torch.zeros_like(lc.index_state_kv)
             self.layers.append(lc)
+        self.geometry = CacheGeometry.of(cfg, dtype, block_size, n_layers)
 
     # ------------------------------------------------------------------ slots
+    @property
+    def num_free_slots(self) -> int:
+        return self.in_use.count(False)
+
     def alloc(self) -> int:
         for s in range(self.max_slots):
             if not self.in_use[s]:
@@ -111,7 +130,7 @@ class KVCache:
                         if t is not None:
                             t[s].zero_()
                 return s
-        raise InputError(f"all {self.max_slots} cache slots are in use; raise runtime.max_batch")
+        raise InputError(f"all {self.max_slots} cache slots are in use; raise runtime.max_num_seqs")
 
     def release(self, slot: int) -> None:
         self.in_use[slot] = False
@@ -119,12 +138,27 @@ class KVCache:
         for t in self.tables.values():
             t.release(slot)
 
+    def missing_blocks(self, slot: int, new_len: int) -> dict[int, int]:
+        """Blocks per ratio that `slot` still lacks to grow to `new_len` tokens."""
+        return {m: t.missing(slot, new_len // m) for m, t in self.tables.items()}
+
+    def can_reserve(self, slot: int, new_len: int) -> bool:
+        return all(n <= len(self.tables[m].free) for m, n in self.missing_blocks(slot, new_len).items())
+
     def reserve(self, slot: int, new_len: int) -> None:
         """Make room for a sequence growing to `new_len` tokens."""
         if new_len > self.max_seq_len:
-            raise InputError(f"sequence of {new_len} tokens exceeds the cache's max_seq_len={self.max_seq_len}; raise runtime.max_seq_len")
+            raise InputError(f"sequence of {new_len} tokens exceeds the cache's max_seq_len={self.max_seq_len}; raise runtime.max_model_len")
         for m, t in self.tables.items():
             t.ensure(slot, new_len // m)
+
+    def reserve_step(self, batch: StepBatch) -> None:
+        """The host-side bookkeeping of one StepBatch step, done by whoever runs the model (the engine's
+        runner, or a test driving `Transformer.forward` directly): room for every sequence's new tokens,
+        and its new length."""
+        for slot, start, n, _ in batch.seqs:
+            self.reserve(slot, start + n)
+            self.seq_len[slot] = start + n
 
     # ------------------------------------------------------------------ sizes
     def bytes_used(self) -> int:
@@ -134,6 +168,61 @@ class KVCache:
                 if t is not None:
                     total += t.numel() * t.element_size()
         return total
+
+    def usage(self, reserved_slots: int = 0) -> float:
+        """Share of the cache's bytes held by live sequences (slots and pool blocks), in [0, 1].
+        `reserved_slots`: slots held by the runner itself (the graph scratch slot), not counted."""
+        g = self.geometry
+        held = (sum(self.in_use) - reserved_slots) * g.slot_bytes
+        held += sum(t.num_used * g.block_bytes[m] for m, t in self.tables.items())
+        return held / self.bytes_used()
+
+
+@dataclass
+class CacheGeometry:
+    """Bytes of one sequence slot (window rings + compressor states, fixed per sequence) and of one
+    pool block per compression ratio (compressed entries + indexer keys of every layer at that ratio)."""
+
+    slot_bytes: int
+    block_bytes: dict[int, int]
+    block_size: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, dtype: torch.dtype, block_size: int, num_layers: int) -> "CacheGeometry":
+        e, a = torch.empty(0, dtype=dtype).element_size(), torch.empty(0, dtype=acc(dtype)).element_size()
+        W, D, Di = cfg.sliding_window, cfg.head_dim, cfg.index_head_dim
+        slot, blocks = 0, {}
+        for i in range(num_layers):
+            kind, m = cfg.layer_type(i), cfg.layer_ratio(i)
+            slot += W * D * e
+            if kind == SLIDING:
+                continue
+            k = 2 if kind == CSA else 1
+            slot += 2 * (k * m) * (k * D) * a
+            blocks[m] = blocks.get(m, 0) + block_size * D * e
+            if kind == CSA:
+                slot += 2 * (2 * m) * (2 * Di) * a
+                blocks[m] += block_size * Di * e
+        return cls(slot, blocks, block_size)
+
+    def tokens_per_block(self, ratio: int) -> int:
+        return ratio * self.block_size
+
+    def pool_bytes_per_token(self) -> float:
+        return sum(b / self.tokens_per_block(m) for m, b in self.block_bytes.items())
+
+    def blocks_for_tokens(self, tokens: int) -> dict[int, int]:
+        """Blocks per ratio for pools that hold `tokens` context tokens in all."""
+        return {m: max(1, tokens // self.tokens_per_block(m)) for m in self.block_bytes}
+
+    def blocks_for_budget(self, budget: int, slots: int, source: str = "runtime.kv_cache_memory") -> dict[int, int]:
+        """Blocks per ratio that fit in `budget` bytes once `slots` sequence slots are paid for."""
+        fixed = slots * self.slot_bytes
+        if budget <= fixed:
+            raise ConfigError(f"{source}={budget} bytes does not even hold the fixed state of {slots} sequence slots "
+                              f"({fixed} bytes: window rings and compressor states); raise it or lower runtime.max_num_seqs")
+        per_token = self.pool_bytes_per_token()
+        return self.blocks_for_tokens(int((budget - fixed) // per_token) if per_token else 0)
 
 
 def cache_bytes_per_token(cfg: ModelConfig, entry_bytes: int | None = None, index_bytes: int | None = None,
@@ -156,3 +245,73 @@ def cache_bytes_per_token(cfg: ModelConfig, entry_bytes: int | None = None, inde
     ring = cfg.num_hidden_layers * cfg.sliding_window * E
     return {"entry_bytes": E, "index_bytes": I, "per_layer": per_type, "layers": counts,
             "per_token_total": total, "window_ring_bytes": ring}
+
+
+# ---------------------------------------------------------------------------- step layout
+def window_rows(batch: StepBatch | DecodeBatch, num_slots: int, W: int) -> torch.Tensor:
+    """Rows of cat([ring.view(-1, D), new kv]) holding each query's window {t-W+1 .. t}: older
+    tokens from the ring (`num_slots` slots of W rows), this step's from the new kv; -1 before
+    position 0. [T, W] int32, the same for every layer."""
+    p = batch.positions[:, None] - torch.arange(W, device=batch.device)[None, :]  # [T, W]
+    fresh = p >= batch.tok_start[:, None]
+    from_new = num_slots * W + batch.tok_off[:, None] + (p - batch.tok_start[:, None])
+    from_ring = batch.tok_slot[:, None] * W + p.remainder(W)
+    idx = torch.where(fresh, from_new, from_ring)
+    return torch.where(p >= 0, idx, -1).to(torch.int32)
+
+
+def ring_rows(batch: StepBatch | DecodeBatch, W: int):
+    """(which new tokens stay in the ring, the ring rows they go to): the last W of each sequence."""
+    if batch.graph_safe:  # one token per sequence: every token stays (and no mask, no host read)
+        return slice(None), batch.tok_slot * W + batch.positions % W
+    end = batch.tok_start + batch.cu_seqlens[1:].long()[batch.tok_row] - batch.tok_off  # [T] end of its sequence
+    keep = batch.positions >= end - W
+    return keep, batch.tok_slot[keep] * W + batch.positions[keep] % W
+
+
+def entry_rows(logical: torch.Tensor, tok_slot: torch.Tensor, table) -> torch.Tensor:
+    """Logical entry ids [T, K] (-1 = none) -> rows of the flattened pool (int32, -1 kept)."""
+    bs = table.block_size
+    j = logical.long().clamp(min=0)
+    phys = table.table[tok_slot[:, None], j // bs].long() * bs + j % bs
+    return torch.where(logical >= 0, phys, -1).to(torch.int32)
+
+
+def visible_entry_rows(batch: StepBatch | DecodeBatch, ratio: int, table) -> torch.Tensor:
+    """Pool rows of every complete entry each query may see (HCA attends to all of them):
+    [T, max_visible] int32, -1 past a query's (position + 1) // ratio entries."""
+    nvis = (batch.positions + 1) // ratio
+    width = batch.max_visible(ratio) if batch.num_tokens else 0
+    j = torch.arange(width, device=batch.device)
+    return entry_rows(torch.where(j[None, :] < nvis[:, None], j[None, :], -1), batch.tok_slot, table)
+
+
+class StepLayout:
+    """Where the tokens of one step read and write in the cache, built once per step (before the
+    first layer) and read by every layer: window rows, ring rows, and per compression ratio the
+    block table, the `max_visible` bound and, for HCA ratios, the rows of every visible entry."""
+
+    def __init__(self, batch: StepBatch | DecodeBatch, cache: KVCache):
+        W = cache.cfg.sliding_window
+        self.batch = batch
+        self.window_idx = window_rows(batch, cache.max_slots, W)  # [T, W]
+        self.ring_keep, self.ring_at = ring_rows(batch, W)
+        self.tables = cache.tables
+        self.max_visible = {m: batch.max_visible(m) for m in cache.tables}
+        hca = {lc_ratio for lc_ratio, lc in zip(_ratios(cache), cache.layers) if lc.kind == HCA}
+        self.hca_rows = {m: visible_entry_rows(batch, m, cache.tables[m]) for m in hca}  # [T, max_visible]
+
+    def entry_rows(self, logical: torch.Tensor, ratio: int) -> torch.Tensor:
+        """Indexer picks [T, K] at `ratio` -> pool rows."""
+        return entry_rows(logical, self.batch.tok_slot, self.tables[ratio])
+
+    def window(self, kv: torch.Tensor, ring: torch.Tensor):
+        """(keys of every window row: ring then this step's kv, their indices [T, W])."""
+        return torch.cat([ring.view(-1, ring.shape[-1]), kv.to(ring.dtype)]), self.window_idx
+
+    def write_ring(self, kv: torch.Tensor, ring: torch.Tensor) -> None:
+        ring.view(-1, ring.shape[-1])[self.ring_at] = kv[self.ring_keep].to(ring.dtype)
+
+
+def _ratios(cache: KVCache) -> list[int]:
+    return [cache.cfg.layer_ratio(i) for i in range(len(cache.layers))]

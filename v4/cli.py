@@ -35,45 +35,73 @@ def _add_model_args(p, need_model=True):
     p.add_argument("--seed-weights", type=int, default=0, help="seed of the random weights used with --config (default 0)")
 
 
+def _add_engine_args(p):
+    g = p.add_argument_group("engine (runtime fields, vLLM's flag names)")
+    g.add_argument("--max-num-seqs", type=int, help="overrides runtime.max_num_seqs: sequences running at once")
+    g.add_argument("--max-num-batched-tokens", type=int, help="overrides runtime.max_num_batched_tokens: tokens per step")
+    g.add_argument("--max-model-len", type=int, help="overrides runtime.max_model_len: prompt + generated tokens of one request")
+    g.add_argument("--kv-cache-memory", help="overrides runtime.kv_cache_memory: the cache's byte budget, e.g. 2GiB")
+    g.add_argument("--block-size", type=int, help="overrides runtime.block_size: entries per page of the compressed pools")
+
+
 def _overrides(a):
-    return {"backend": a.backend, "device": a.device, "dtype": a.dtype, "mode": a.mode,
-            "ascend_weights": getattr(a, "ascend_weights", None), "cuda_graphs": getattr(a, "cuda_graphs", None)}
+    keys = ("backend", "device", "dtype", "mode", "ascend_weights", "cuda_graphs", "max_num_seqs",
+            "max_num_batched_tokens", "max_model_len", "kv_cache_memory", "block_size")
+    return {k: getattr(a, k, None) for k in keys}
 
 
 def cmd_generate(a) -> int:
-    from .generate import DECODE_LABEL, Engine, SamplingParams
+    import dataclasses
+
+    from .engine import DECODE_LABEL, LLM, SamplingParams
     from .runtime import load
 
     if (a.prompt is None) == (a.ids is None):
-        raise InputError("give exactly one of --prompt TEXT or --ids 1,2,3")
+        raise InputError("give exactly one of --prompt TEXT (repeatable) or --ids 1,2,3")
     t0 = time.perf_counter()
     L = load(a.checkpoint, a.config, a.runtime, _overrides(a), seed=a.seed_weights, progress=not a.json)
     load_s = time.perf_counter() - t0
     if a.ids is not None:
         try:
-            ids = [int(x) for x in a.ids.split(",") if x.strip() != ""]
+            prompts = [[int(x) for x in a.ids.split(",") if x.strip() != ""]]
         except ValueError:
             raise InputError(f"--ids must be comma-separated integers, got {a.ids!r}") from None
     else:
-        ids = L.tokenizer.encode(a.prompt)
-    eng = Engine(L.model, max_batch=1, max_seq_len=len(ids) + a.max_new_tokens + 1,
-                 block_size=L.runtime.block_size, prefill_chunk=L.runtime.prefill_chunk, graphs=L.runtime.cuda_graphs)
-    params = SamplingParams(a.temperature, a.top_p, a.top_k, a.seed)
-    res = eng.generate([ids], a.max_new_tokens, params)[0]
-    text = L.tokenizer.decode(res.output_ids)
-    t = eng.timings.as_dict()
-    if a.json:
-        print(json.dumps({
-            "model": L.cfg.name, "backend": L.model.ops.name, "dtype": L.runtime.dtype, "mode": L.runtime.mode,
-            "decode": DECODE_LABEL[eng.graph_mode],
-            "prompt_ids": ids, "generated_ids": res.output_ids, "text": text, "finish_reason": res.finish_reason,
-            "timings": {"load_s": load_s, **t},
-        }))
-    else:
-        print(text)
-        print(f"[{L.cfg.name} on {L.model.ops.name}/{L.runtime.dtype}/{L.runtime.mode}: {len(ids)} prompt tokens, "
-              f"{len(res.output_ids)} generated ({res.finish_reason}); load {load_s:.2f}s, prefill {t['prefill_s']:.3f}s, "
-              f"decode {t['decode_tok_per_s'] or 0:.1f} tok/s]", file=sys.stderr)
+        prompts = [L.tokenizer.encode(p) for p in a.prompt]
+    params = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p, seed=a.seed,
+                            max_tokens=a.max_new_tokens, min_tokens=a.min_tokens, stop=a.stop or [],
+                            stop_token_ids=a.stop_token_ids or [], ignore_eos=a.ignore_eos, logprobs=a.logprobs)
+    try:
+        params.validate(L.cfg.vocab_size)
+    except InputError as e:  # the messages start with the parameter's name: give the flag's instead
+        name, rest = str(e).split(" ", 1)
+        raise InputError(f"--{name.replace('_', '-')} {rest}") from None
+    # the cache is sized for the work at hand: no more sequence slots than prompts
+    rt = dataclasses.replace(L.runtime, max_num_seqs=min(L.runtime.max_num_seqs, len(prompts)))
+    llm = LLM(L.model, rt, L.tokenizer)
+    t1 = time.perf_counter()
+    results = llm.generate(prompts, params)
+    run_s = time.perf_counter() - t1
+    t = llm.stats.as_dict()
+    for ids, res in zip(prompts, results):
+        if a.json:
+            print(json.dumps({
+                "model": L.cfg.name, "backend": L.model.ops.name, "dtype": L.runtime.dtype, "mode": L.runtime.mode,
+                "decode": DECODE_LABEL[llm.graph_mode],
+                "prompt_ids": ids, "generated_ids": res.output_ids, "text": res.text, "finish_reason": res.finish_reason,
+                "logprobs": [dataclasses.asdict(x) for x in res.logprobs] if res.logprobs is not None else None,
+                "timings": {"load_s": load_s, "run_s": run_s, **t},
+            }))
+        else:
+            print(res.text)
+    if not a.json:
+        print(llm.runner.cache_summary, file=sys.stderr)
+        n_out = sum(len(r.output_ids) for r in results)
+        reasons = ", ".join(sorted({r.finish_reason for r in results}))
+        print(f"[{L.cfg.name} on {L.model.ops.name}/{L.runtime.dtype}/{L.runtime.mode}: {len(prompts)} prompt(s), "
+              f"{sum(map(len, prompts))} prompt tokens, {n_out} generated ({reasons}); load {load_s:.2f}s, "
+              f"prefill {t['prefill_s']:.3f}s, decode {t['decode_tok_per_s'] or 0:.1f} tok/s, "
+              f"{t['num_preemptions']} preemptions]", file=sys.stderr)
     return 0
 
 
@@ -155,11 +183,10 @@ def cmd_backends(a) -> int:
     if a.json:
         print(json.dumps([{**i.__dict__, "ops": sorted(i.ops)} for i in backends.matrix()], indent=1))
     else:
-        from backends.ascend import format_readiness
-
         print(backends.format_matrix())
-        print()
-        print(format_readiness())
+        for report in backends.readiness_reports():
+            print()
+            print(report)
     return 0
 
 
@@ -171,13 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text or ids")
     _add_model_args(g)
-    g.add_argument("--prompt", help="prompt text (tokenised with the checkpoint's tokenizer.json, or bytes)")
+    _add_engine_args(g)
+    g.add_argument("--prompt", action="append", help="prompt text (tokenised with the checkpoint's tokenizer.json, or "
+                   "bytes); repeat it to run several prompts through the engine together")
     g.add_argument("--ids", help="prompt as comma-separated token ids")
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=32)
+    g.add_argument("--min-tokens", type=int, default=0, help="no EOS or stop before this many tokens")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.add_argument("--stop", action="append", help="stop string (repeatable): matched on the text, not printed")
+    g.add_argument("--stop-token-ids", type=lambda v: [int(x) for x in v.split(",") if x.strip()],
+                   help="comma-separated token ids that end generation")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    g.add_argument("--logprobs", type=int, default=None, help="with --json: the chosen token's logprob and the top N")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(fn=cmd_generate)
 

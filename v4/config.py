@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 
 SLIDING, CSA, HCA = "sliding", "csa", "hca"
 CSA_RATIO = 4  # the overlapping compressor with the lightning indexer; any other ratio > 0 is HCA
@@ -92,6 +92,14 @@ class ModelConfig:
     @property
     def layer_types(self) -> list[str]:
         return [self.layer_type(i) for i in range(self.num_hidden_layers)]
+
+    def check_token_ids(self, ids, what: str = "prompt") -> None:
+        """One sentence naming the first id outside the vocabulary, or an empty prompt."""
+        if len(ids) == 0:
+            raise InputError(f"empty {what}: give at least one token")
+        bad = next((int(t) for t in ids if not 0 <= int(t) < self.vocab_size), None)
+        if bad is not None:
+            raise InputError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size}) of model '{self.name}'")
 
     def is_hash_layer(self, layer: int) -> bool:
         return layer < self.num_hash_layers
@@ -271,12 +279,21 @@ class RuntimeConfig:
     dtype: str = "float32"
     mode: str = "plain"
     allow_fallback: bool = False  # fill ops a backend lacks from `reference` (said aloud)
-    max_batch: int = 8
-    max_seq_len: int = 4096
+    # engine (vLLM's names): continuous batching under one token budget per step
+    max_num_seqs: int = 8  # sequences running at once (cache slots)
+    max_num_batched_tokens: int = 2048  # tokens per step: decode tokens + prompt chunks
+    max_model_len: int = 4096  # prompt + generated tokens of one sequence
+    kv_cache_memory: int | str | None = None  # byte budget of the cache ("2GiB"); None: room for every slot
     block_size: int = 64  # entries per page of the compressed / indexer pools
-    prefill_chunk: int = 0  # 0 = whole prompt in one step
+    prefill_chunk: int = 0  # most prompt tokens of one sequence per step (vLLM's long_prefill_token_threshold); 0 = no cap
     ascend_weights: str = "dequant"  # Ascend: "dequant" FP8/FP4 -> working dtype at load, or "w8a8" int8
     cuda_graphs: str = "auto"  # decode as captured CUDA graphs: auto (on for the cuda backend on a GPU) | on | off
+
+    RENAMED = {"max_batch": "max_num_seqs", "max_seq_len": "max_model_len"}
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        return parse_bytes(self.kv_cache_memory, "runtime.kv_cache_memory")
 
     def backend_options(self) -> dict:
         return {"ascend": {"weights": self.ascend_weights}}
@@ -288,7 +305,7 @@ class RuntimeConfig:
             raise ConfigError(f"{source}: field 'runtime.dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.mode not in MODES:
             raise ConfigError(f"{source}: field 'runtime.mode' must be plain or exact, got {self.mode!r}")
-        for k in ("max_batch", "max_seq_len", "block_size"):
+        for k in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"{source}: field 'runtime.{k}' must be a positive integer, got {v!r}")
@@ -300,16 +317,42 @@ class RuntimeConfig:
             raise ConfigError(f"{source}: field 'runtime.cuda_graphs' must be auto, on or off, got {self.cuda_graphs!r}")
         if isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 0:
             raise ConfigError(f"{source}: field 'runtime.prefill_chunk' must be a non-negative integer, got {self.prefill_chunk!r}")
+        try:
+            self.kv_cache_bytes
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "runtime") -> "RuntimeConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        for old, new in cls.RENAMED.items():
+            if old in d:
+                raise ConfigError(f"{source}: field 'runtime.{old}' is now 'runtime.{new}' (vLLM's name); rename it")
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown runtime field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
         rc = cls(**d)
         rc.validate(source)
         return rc
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value, field: str) -> int | None:
+    """None, a positive int of bytes, or a string like "512MiB" / "2GB" / "1.5GiB" -> bytes."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        import re
+
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
+        if m and m.group(2).lower() in _UNITS:
+            value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"field '{field}' must be a positive number of bytes (e.g. 2147483648 or \"2GiB\"), got {value!r}")
+    return value
 
 
 def resolve_config_path(name_or_path: str) -> Path:

@@ -11,95 +11,23 @@ compressed entries) -> `_moe`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable
 
 import torch
 
-from backends.reference.ops import CompressSpec, DecodeRows
 from . import quant
-from .cache import KVCache
+from .batch import DecodeBatch, StepBatch
+from .cache import KVCache, StepLayout
 from .config import CSA, SLIDING, ModelConfig, yarn_inv_freq
 from .errors import CheckpointError, InputError
+from .ops import CompressSpec, acc
+
+__all__ = ["Transformer", "StepBatch", "DecodeBatch", "FP8_LINEARS"]
 
 # Linears that the official checkpoint stores in FP8 (or FP4 for routed experts): in exact mode
 # their activations are quantised to FP8 first, as the official inference code does.
 FP8_LINEARS = ("wq_a", "wq_b", "wkv", "wo_b", "e_proj", "h_proj")
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-@dataclass
-class StepBatch:
-    """Packed tokens of one engine step: sequence b contributes lens[b] tokens from starts[b] on."""
-
-    slots: list[int]
-    starts: list[int]
-    lens: list[int]
-    device: torch.device
-
-    def __post_init__(self):
-        self.offsets = [0]
-        for n in self.lens:
-            self.offsets.append(self.offsets[-1] + n)
-        self.num_tokens = self.offsets[-1]
-        dev = self.device
-        self.cu_seqlens = torch.tensor(self.offsets, dtype=torch.int32, device=dev)
-        rep = torch.tensor(self.lens, device=dev)
-        self.tok_row = torch.repeat_interleave(torch.arange(len(self.lens), device=dev), rep)
-        self.tok_slot = torch.tensor(self.slots, device=dev)[self.tok_row]
-        self.tok_start = torch.tensor(self.starts, device=dev)[self.tok_row]
-        self.tok_off = torch.tensor(self.offsets[:-1], device=dev)[self.tok_row]
-        self.positions = self.tok_start + torch.arange(self.num_tokens, device=dev) - self.tok_off
-        self.seqs = list(zip(self.slots, self.starts, self.lens, self.offsets[:-1]))
-        self.last_token = torch.tensor([o + n - 1 for o, n in zip(self.offsets[:-1], self.lens)], device=dev)
-        self._memo = {}
-
-    graph_safe = False  # the host knows this layout (Python ints); see DecodeBatch for the other kind
-
-    def memo(self, key, build):
-        """Index tensors that depend only on the batch layout are built once per step, not per layer."""
-        if key not in self._memo:
-            self._memo[key] = build()
-        return self._memo[key]
-
-    def max_visible(self, ratio: int) -> int:
-        """Most compressed entries (at `ratio`) any token of this step may see: (last position + 1) // ratio."""
-        return max(((s + n) // ratio for _, s, n, _ in self.seqs), default=0)
-
-
-class DecodeBatch:
-    """One decode token per sequence, with the layout held in device tensors: the batch of a decode
-    step that is captured once as a CUDA graph and replayed with other slots and positions.
-
-    Everything the model derives from it is computed on the device, and every shape depends only on
-    the batch size B and on `max_len` (the cache's max_seq_len), never on the positions: no host
-    read, no data-dependent shape, so the same kernels with the same launch grids serve every replay.
-    The caller does the host-side bookkeeping the model does for a StepBatch: checking token ids,
-    reserving cache blocks before the step, advancing `cache.seq_len` after it (`v4.graphs`).
-    Rows past the real batch (padding up to a captured size) point at a scratch cache slot.
-    """
-
-    graph_safe = True
-
-    def __init__(self, slots: torch.Tensor, positions: torch.Tensor, max_len: int):
-        B = slots.shape[0]
-        dev = slots.device
-        self.device, self.num_tokens, self.max_len = dev, B, max_len
-        self.tok_slot, self.positions = slots, positions
-        self.tok_start = positions  # each sequence's new tokens start (and end) at its position
-        self.tok_row = self.tok_off = self.last_token = torch.arange(B, device=dev)
-        self.cu_seqlens = torch.arange(B + 1, dtype=torch.int32, device=dev)
-        self.seqs = DecodeRows(slots, positions)
-        self._memo = {}
-
-    memo = StepBatch.memo
-
-    def max_visible(self, ratio: int) -> int:
-        return self.max_len // ratio
 
 
 class Transformer:
@@ -109,7 +37,7 @@ class Transformer:
         if mode not in ("plain", "exact"):
             raise InputError(f"numerics mode must be 'plain' or 'exact', got {mode!r}")
         self.cfg, self.ops, self.dtype, self.mode = cfg, ops, dtype, mode
-        self.acc = _acc(dtype)
+        self.acc = acc(dtype)
         self.device = ops.device
         self.exact = mode == "exact"
         self.hook: Callable[[str, torch.Tensor], None] | None = None
@@ -217,31 +145,24 @@ class Transformer:
     # ------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor, batch: StepBatch | DecodeBatch, cache: KVCache, logits: str = "all",
                 mtp_ids: torch.Tensor | None = None):
-        """One step. ids: [T] packed token ids (batch layout). Returns (logits, mtp_logits or None).
+        """One step, pure compute. ids: [T] packed token ids (batch layout). Returns (logits, mtp_logits or None).
 
         logits="all": [T, vocab]; "last": one row per sequence; "none": None (prefill chunks).
         mtp_ids: [T] the token that follows each position; when given, MTP block 0 runs too and
         its logits (for the token after that) come back in the same layout.
+        The caller has checked the ids and made room in the cache (`KVCache.reserve_step`; the
+        engine's runner does both).
         """
         cfg = self.cfg
         ids = ids.to(self.device)
-        if not batch.graph_safe:  # a DecodeBatch's caller does this bookkeeping on the host
-            lo, hi = (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0)
-            if lo < 0 or hi >= cfg.vocab_size:
-                bad = hi if hi >= cfg.vocab_size else lo
-                raise InputError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}) of model '{cfg.name}'")
-            for slot, start, n, _ in batch.seqs:
-                cache.reserve(slot, start + n)
-        X = self.embed[ids].unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()
+        layout = StepLayout(batch, cache)
+        X = self.embed[ids].unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()  # [T, hc, D]
         for b in self.blocks:
-            X = self._block(b, X, ids, batch, cache)
+            X = self._block(b, X, ids, layout, cache)
         out = self._head(X, self.hc_head, self.norm, batch, logits)
         mtp_out = None
         if mtp_ids is not None and self.mtp:
-            mtp_out = self._mtp(self.mtp[0], X, mtp_ids.to(self.device), batch, cache, logits)
-        if not batch.graph_safe:
-            for slot, start, n, _ in batch.seqs:
-                cache.seq_len[slot] = start + n
+            mtp_out = self._mtp(self.mtp[0], X, mtp_ids.to(self.device), layout, cache, logits)
         return out, mtp_out
 
     def _head(self, X, hc, norm, batch, which):
@@ -253,21 +174,21 @@ class Transformer:
         h = self.ops.rms_norm(h, norm, self.cfg.rms_norm_eps)
         return self.ops.linear(h.to(self.acc), self.head)
 
-    def _mtp(self, b, X, next_ids, batch, cache, which):
+    def _mtp(self, b, X, next_ids, layout, cache, which):
         """MTP block: embed the next token, mix with the main stack's streams, one block, own head."""
         ops, cfg = self.ops, self.cfg
         e = ops.rms_norm(self.embed[next_ids], b.enorm, cfg.rms_norm_eps)
         h = ops.rms_norm(X, b.hnorm, cfg.rms_norm_eps)
         X0 = self._lin(e, b.e_proj, True).unsqueeze(1) + self._lin(h, b.h_proj, True)
-        X1 = self._block(b, X0, next_ids, batch, cache)
-        return self._head(X1, b.hc_head, b.norm, batch, which)
+        X1 = self._block(b, X0, next_ids, layout, cache)
+        return self._head(X1, b.hc_head, b.norm, layout.batch, which)
 
-    def _block(self, b, X, ids, batch, cache):
+    def _block(self, b, X, ids, layout, cache):
         ops, cfg = self.ops, self.cfg
         self._record(f"{b.name}.input", X)
         u, post, comb = ops.hc_pre(X, *b.hc_attn, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
         x = ops.rms_norm(u, b.attn_norm, cfg.rms_norm_eps)
-        y = self._attention(b, x, batch, cache)
+        y = self._attention(b, x, layout, cache)
         X = ops.hc_post(y, X, post, comb)
         u, post, comb = ops.hc_pre(X, *b.hc_ffn, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
         x = ops.rms_norm(u, b.ffn_norm, cfg.rms_norm_eps)
@@ -277,17 +198,18 @@ class Transformer:
         return X
 
     # ------------------------------------------------------------------ attention
-    def _attention(self, b, x, batch: StepBatch, cache: KVCache):
+    def _attention(self, b, x, layout: StepLayout, cache: KVCache):
         ops, cfg = self.ops, self.cfg
         T, H, D = x.shape[0], cfg.num_attention_heads, cfg.head_dim
+        batch = layout.batch
         pos, inv_freq = batch.positions, self.inv_freq[b.rope]
         lc = cache.layers[b.layer]
 
-        c_q = ops.rms_norm(self._lin(x, b.wq_a, True), b.q_norm, cfg.rms_norm_eps)
+        c_q = ops.rms_norm(self._lin(x, b.wq_a, True), b.q_norm, cfg.rms_norm_eps)  # [T, q_lora]
         q = self._lin(c_q, b.wq_b, True).view(T, H, D)
-        q = ops.rope(ops.rms_norm(q, None, cfg.rms_norm_eps), pos, inv_freq)
+        q = ops.rope(ops.rms_norm(q, None, cfg.rms_norm_eps), pos, inv_freq)  # [T, H, D]
         kv = ops.rms_norm(self._lin(x, b.wkv, True), b.kv_norm, cfg.rms_norm_eps)
-        kv = ops.rope(kv, pos, inv_freq)
+        kv = ops.rope(kv, pos, inv_freq)  # [T, D]: one shared key/value head
         if self.exact:
             kv = quant.kv_fake_quant_fp8(kv, cfg.qk_rope_head_dim)
         self._record(f"{b.name}.attn.q", q)
@@ -295,42 +217,40 @@ class Transformer:
 
         comp_kv, comp_idx = None, None
         if b.kind == CSA:
-            topk = self._indexer(b, x, c_q, batch, cache)
+            topk = self._indexer(b, x, c_q, layout, cache)  # [T, index_topk] logical entry ids
             self._record(f"{b.name}.attn.indexer_topk", topk)
         if b.kind != SLIDING:
-            entries = self._compress(b.comp, x, batch, lc.pool, lc.state_kv, lc.state_score, cache.tables[b.ratio], inv_freq)
+            table = layout.tables[b.ratio]
+            entries = self._compress(b.comp, x, batch, lc.pool, lc.state_kv, lc.state_score, table, inv_freq)
             self._record(f"{b.name}.attn.compressed", entries)
-            table = cache.tables[b.ratio]
-            if b.kind == CSA:
-                comp_idx = self._entry_slots(topk, batch.tok_slot, table)
-            else:  # HCA: every complete entry the query may see (the same for every HCA layer)
-                comp_idx = batch.memo(("hca_idx", b.ratio), lambda: self._hca_slots(batch, b.ratio, table))
+            # CSA: the indexer's picks; HCA: every complete entry the query may see
+            comp_idx = layout.entry_rows(topk, b.ratio) if b.kind == CSA else layout.hca_rows[b.ratio]
             comp_kv = lc.pool.view(-1, D)
 
-        window_kv, window_idx = self._window(kv, lc.ring, batch, cfg.sliding_window)
-        o = ops.attention(q, window_kv, window_idx, comp_kv, comp_idx, b.sink, D ** -0.5)
-        self._write_ring(kv, lc.ring, batch, cfg.sliding_window)
+        window_kv, window_idx = layout.window(kv, lc.ring)  # [S*W + T, D], [T, W]
+        o = ops.attention(q, window_kv, window_idx, comp_kv, comp_idx, b.sink, D ** -0.5)  # [T, H, D]
+        layout.write_ring(kv, lc.ring)
         self._record(f"{b.name}.attn.output", o)
         o = ops.rope(o, pos, inv_freq, inverse=True)
         return ops.grouped_out_proj(o.reshape(T, H * D), b.wo_a, b.wo_b, cfg.o_groups, act_quant=self.exact)
 
-    def _indexer(self, b, x, c_q, batch, cache):
+    def _indexer(self, b, x, c_q, layout: StepLayout, cache: KVCache):
         """Lightning indexer of a CSA layer: top-k compressed entries per query (logical ids, -1 padded)."""
         ops, cfg = self.ops, self.cfg
         T, Hi, Di = x.shape[0], cfg.index_n_heads, cfg.index_head_dim
+        batch = layout.batch
         lc, inv_freq = cache.layers[b.layer], self.inv_freq["compress"]
-        iq = ops.rope(self._lin(c_q, b.idx.wq_b, True).view(T, Hi, Di), batch.positions, inv_freq)
+        iq = ops.rope(self._lin(c_q, b.idx.wq_b, True).view(T, Hi, Di), batch.positions, inv_freq)  # [T, Hi, Di]
         if self.exact:
             iq = quant.fp4_fake_quant(quant.hadamard(iq))
-        self._compress(b.idx, x, batch, lc.index_pool, lc.index_state_kv, lc.index_state_score,
-                       cache.tables[b.ratio], inv_freq)
-        w = self._lin(x.to(self.acc), b.idx.weights_proj, False) * (Di ** -0.5 * Hi ** -0.5)
-        table = cache.tables[b.ratio]
+        table = layout.tables[b.ratio]
+        self._compress(b.idx, x, batch, lc.index_pool, lc.index_state_kv, lc.index_state_score, table, inv_freq)
+        w = self._lin(x.to(self.acc), b.idx.weights_proj, False) * (Di ** -0.5 * Hi ** -0.5)  # [T, Hi]
         topk = ops.indexer_topk(iq, w, lc.index_pool, table.table, batch.tok_slot, batch.positions, b.ratio,
-                                cfg.index_topk, max_visible=batch.max_visible(b.ratio))
+                                cfg.index_topk, max_visible=layout.max_visible[b.ratio])
         if self.hook is not None:
             # The scores of the picks let parity treat entries tied at the top-k cut as interchangeable.
-            keys = lc.index_pool.view(-1, Di)[self._entry_slots(topk, batch.tok_slot, table).long().clamp(min=0)]
+            keys = lc.index_pool.view(-1, Di)[layout.entry_rows(topk, b.ratio).long().clamp(min=0)]
             s = (torch.relu(torch.einsum("thd,tkd->thk", iq.to(self.acc), keys.to(self.acc))) * w.unsqueeze(-1)).sum(1)
             self._record(f"{b.name}.attn.indexer_scores", s.masked_fill(topk < 0, float("-inf")))
         return topk
@@ -341,50 +261,6 @@ class Transformer:
         score = self.ops.linear(xa, c.wgate)
         return self.ops.compress(kv, score, c.ape, c.spec, c.norm, inv_freq, state_kv, state_score,
                                  pool, table.table, batch.seqs)
-
-    @classmethod
-    def _hca_slots(cls, batch: StepBatch | DecodeBatch, ratio: int, table) -> torch.Tensor:
-        nvis = (batch.positions + 1) // ratio
-        width = batch.max_visible(ratio) if batch.num_tokens else 0
-        j = torch.arange(width, device=batch.device)
-        return cls._entry_slots(torch.where(j[None, :] < nvis[:, None], j[None, :], -1), batch.tok_slot, table)
-
-    @staticmethod
-    def _entry_slots(logical: torch.Tensor, tok_slot: torch.Tensor, table) -> torch.Tensor:
-        """Logical entry ids [T, K] (-1 = none) -> rows of the flattened pool (int32, -1 kept)."""
-        bs = table.block_size
-        j = logical.long().clamp(min=0)
-        phys = table.table[tok_slot[:, None], j // bs].long() * bs + j % bs
-        return torch.where(logical >= 0, phys, -1).to(torch.int32)
-
-    @staticmethod
-    def _window(kv, ring, batch: StepBatch, W: int):
-        """Key rows of each query's window {t-W+1 .. t}: older tokens from the ring, this step's from kv."""
-        S, _, D = ring.shape
-        idx = batch.memo("window_idx", lambda: Transformer._window_idx(batch, S, W))
-        return torch.cat([ring.view(-1, D), kv.to(ring.dtype)]), idx
-
-    @staticmethod
-    def _window_idx(batch: StepBatch, S: int, W: int) -> torch.Tensor:
-        """Rows of cat([ring.view(-1, D), new kv]) per query, -1 before position 0 (same for every layer)."""
-        p = batch.positions[:, None] - torch.arange(W, device=batch.device)[None, :]  # [T, W]
-        fresh = p >= batch.tok_start[:, None]
-        from_new = S * W + batch.tok_off[:, None] + (p - batch.tok_start[:, None])
-        from_ring = batch.tok_slot[:, None] * W + p.remainder(W)
-        idx = torch.where(fresh, from_new, from_ring)
-        return torch.where(p >= 0, idx, -1).to(torch.int32)
-
-    @staticmethod
-    def _write_ring(kv, ring, batch: StepBatch | DecodeBatch, W: int):
-        def rows():
-            if batch.graph_safe:  # one token per sequence: every token stays (and no mask, no host read)
-                return slice(None), batch.tok_slot * W + batch.positions % W
-            end = batch.tok_start + batch.cu_seqlens[1:].long()[batch.tok_row] - batch.tok_off  # end per token
-            keep = batch.positions >= end - W  # only the last W tokens of each sequence stay
-            return keep, batch.tok_slot[keep] * W + batch.positions[keep] % W
-
-        keep, at = batch.memo("ring_rows", rows)
-        ring.view(-1, ring.shape[-1])[at] = kv[keep].to(ring.dtype)
 
     # ------------------------------------------------------------------ MoE
     def _moe(self, b, x, ids):
@@ -404,8 +280,10 @@ class Transformer:
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).view(-1)
         if ids.numel() == 0:
             raise InputError("empty prompt: give at least one token")
+        self.cfg.check_token_ids(ids.tolist())
         cache = self.new_cache(1, max(ids.numel(), 1))
         slot = cache.alloc()
         batch = StepBatch([slot], [0], [ids.numel()], self.device)
+        cache.reserve_step(batch)
         out, mtp = self.forward(ids, batch, cache, "all", mtp_next_ids)
         return out if mtp_next_ids is None else (out, mtp)

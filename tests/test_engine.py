@@ -1,0 +1,344 @@
+"""The continuous-batching engine (v4/engine), on `tiny` with the reference backend in float64.
+
+The expected tokens come from outside the engine: an argmax chain computed by running the whole
+growing sequence from scratch at every step (`Transformer.logits`, one fresh prefill per token,
+never the decode path of the cache), or a request run alone. fp64 keeps near-ties from blurring
+"same tokens"; logits are compared with a 1e-9 relative bound (batch composition changes only
+the rounding of differently shaped matmuls).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.conftest import rel_err
+from v4.config import RuntimeConfig
+from v4.engine import LLM, SamplingParams
+from v4.errors import ConfigError, InputError
+from v4.tokenizer import ByteTokenizer
+
+
+@pytest.fixture(scope="module")
+def model():
+    from v4.runtime import load
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("DSV4_BACKEND", raising=False)
+        return load(config="tiny", overrides={"backend": "reference", "dtype": "float64"}, progress=False).model
+
+
+def recompute_chain(model, ids, n, banned_until=None):
+    """Greedy tokens by full recomputation; banned_until=(k, tokens): those tokens may not come
+    before the k-th output token (what min_tokens does to EOS and stop ids)."""
+    seq, out = list(ids), []
+    for _ in range(n):
+        row = model.logits(seq)[-1].clone()
+        if banned_until and len(out) < banned_until[0]:
+            row[list(banned_until[1])] = float("-inf")
+        out.append(int(row.argmax()))
+        seq.append(out[-1])
+    return out
+
+
+def rt(**kw) -> RuntimeConfig:
+    base = dict(max_num_seqs=4, max_model_len=96, block_size=4, max_num_batched_tokens=64)
+    base.update(kw)
+    return RuntimeConfig(**base)
+
+
+GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
+# lengths around tiny's features: window 16, CSA ratio 4, HCA ratio 16
+LENGTHS = [1, 3, 15, 16, 17, 31, 33, 47]
+
+
+def prompt(n, salt=0):
+    return [(7 * i + 13 * salt + 3) % 500 + 3 for i in range(n)]
+
+
+def run(llm, arrivals, params=GREEDY):
+    """arrivals: {step index: [prompt, ...]}: requests join while others run. Returns, per prompt in
+    arrival order, (tokens, the logits row each token was sampled from) and the step count."""
+    llm.logits_mode = "all"
+    order, got, step = [], {}, 0
+    pending = dict(arrivals)
+    while pending or llm.has_unfinished():
+        for p in pending.pop(step, []):
+            rid = llm.add_request(p, params)
+            order.append(rid)
+            got[rid] = ([], [])
+        outs = llm.step()
+        rec = llm.last_step
+        for out in outs:
+            j = [i for i, _, _ in rec.scheduled].index(out.request_id)
+            got[out.request_id][0].extend(out.new_token_ids)
+            got[out.request_id][1].append(rec.logits[rec.offsets[j] + rec.scheduled[j][2] - 1])
+        step += 1
+    return [got[r] for r in order]
+
+
+@pytest.fixture(scope="module")
+def alone(model):
+    """Each prompt run alone through the engine, after checking it against full recomputation."""
+    res = {}
+    for n in LENGTHS:
+        toks, rows = run(LLM(model, rt()), {0: [prompt(n)]})[0]
+        assert toks == recompute_chain(model, prompt(n), 6), n
+        res[n] = (toks, rows)
+    return res
+
+
+def assert_same(got, want):
+    assert got[0] == want[0]
+    assert len(got[1]) == len(want[1])
+    for a, b in zip(got[1], want[1]):
+        assert rel_err(a, b) < 1e-9
+
+
+def test_staggered_arrivals_get_what_they_get_alone(model, alone):
+    # requests join at steps 0, 1, 3, 4, 6 while earlier ones decode (and finish, and leave)
+    arrivals = {0: [prompt(17), prompt(1)], 1: [prompt(33)], 3: [prompt(3), prompt(47)], 4: [prompt(16)],
+                6: [prompt(15), prompt(31)]}
+    lens = [17, 1, 33, 3, 47, 16, 15, 31]
+    llm = LLM(model, rt())
+    results = run(llm, arrivals)
+    for n, got in zip(lens, results):
+        assert_same(got, alone[n])
+    assert llm.kv_cache_usage() == 0.0
+
+
+def test_steps_mix_decode_tokens_and_prompt_chunks(model, alone):
+    # a budget of 6 tokens: the 47-token prompt is chunked while the short ones decode beside it
+    llm = LLM(model, rt(max_num_batched_tokens=6))
+    seen_mixed = []
+    orig = llm.runner.run
+
+    def spy(step, logits="last"):
+        kinds = {s.start >= s.seq.num_prompt_tokens for s in step}
+        seen_mixed.append(kinds == {True, False})
+        assert sum(s.num_tokens for s in step) <= 6
+        return orig(step, logits)
+
+    llm.runner.run = spy
+    results = run(llm, {0: [prompt(3), prompt(1)], 2: [prompt(47)]})
+    for n, got in zip([3, 1, 47], results):
+        assert_same(got, alone[n])
+    assert any(seen_mixed)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 5, 16])
+def test_chunked_prefill_equals_one_whole_prefill(model, alone, chunk):
+    llm = LLM(model, rt(prefill_chunk=chunk))
+    results = run(llm, {0: [prompt(47), prompt(33)], 1: [prompt(17)]})
+    for n, got in zip([47, 33, 17], results):
+        assert_same(got, alone[n])
+
+
+def test_preempted_sequences_recompute_to_the_same_tokens(model):
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    prompts = [prompt(n, salt=1) for n in (31, 17, 40, 9)]
+    want = [recompute_chain(model, p, 24) for p in prompts]
+    geo = LLM(model, rt()).runner.cache.geometry
+    # pools for 80 tokens of context: four sequences of up to 64 tokens cannot all fit
+    budget = 4 * geo.slot_bytes + math.ceil(geo.pool_bytes_per_token() * 80)
+    llm = LLM(model, rt(kv_cache_memory=budget, max_model_len=64, max_num_batched_tokens=16))
+    assert llm.runner.cache.tables[4].num_blocks == 80 // 16
+    got = [c.output_ids for c in llm.generate(prompts, params)]
+    assert llm.stats.num_preemptions > 0
+    assert got == want
+    assert llm.kv_cache_usage() == 0.0
+
+
+def test_preemption_takes_the_most_recently_admitted(model):
+    geo = LLM(model, rt()).runner.cache.geometry
+    # pools for 128 tokens of context: 8 blocks of 16 tokens at ratio 4, 2 blocks of 64 at ratio 16
+    budget = 3 * geo.slot_bytes + math.ceil(geo.pool_bytes_per_token() * 128)
+    llm = LLM(model, rt(kv_cache_memory=budget, max_num_seqs=3))
+    assert {m: t.num_blocks for m, t in llm.runner.cache.tables.items()} == {4: 8, 16: 2}
+    a = llm.add_request(prompt(16), SamplingParams(max_tokens=70, ignore_eos=True))
+    llm.step()
+    b = llm.add_request(prompt(16, 1), SamplingParams(max_tokens=70, ignore_eos=True))
+    llm.step()
+    assert [s.id for s in llm.scheduler.running] == [a, b]
+    while llm.stats.num_preemptions == 0:  # both grow until a block is missing
+        llm.step()
+    assert [s.id for s in llm.scheduler.running] == [a]
+    assert llm.sequence(b).status.value == "preempted" and llm.sequence(b).slot is None
+    assert llm.sequence(b).num_computed == 0 and list(llm.scheduler.waiting)[0].id == b
+    want = [recompute_chain(model, prompt(16, s), 70) for s in (0, 1)]
+    while llm.has_unfinished():
+        llm.step()
+    assert [llm.sequence(r).output_ids for r in (a, b)] == want
+
+
+def test_abort_frees_every_block(model):
+    llm = LLM(model, rt())
+    ids = [llm.add_request(prompt(n), SamplingParams(max_tokens=20, ignore_eos=True)) for n in (47, 33, 5)]
+    llm.step()
+    llm.step()
+    assert llm.kv_cache_usage() > 0
+    late = llm.add_request(prompt(20), SamplingParams(max_tokens=20))  # still waiting
+    assert all(llm.abort(i) for i in ids + [late])
+    assert not llm.abort(ids[0])  # already finished
+    assert llm.kv_cache_usage() == 0.0
+    cache = llm.runner.cache
+    assert all(len(t.free) == t.num_blocks for t in cache.tables.values()) and not any(cache.in_use)
+    outs = llm.step()
+    assert sorted(o.request_id for o in outs) == sorted(ids + [late])
+    assert all(o.finished and o.finish_reason == "abort" for o in outs)
+    assert not llm.has_unfinished()
+
+
+def test_usage_is_the_share_of_bytes_held(model):
+    llm = LLM(model, rt(max_num_batched_tokens=64))
+    llm.add_request(prompt(40), SamplingParams(max_tokens=2))
+    llm.step()  # the 40 prompt tokens are in the cache
+    cache, geo = llm.runner.cache, llm.runner.cache.geometry
+    # 40 tokens: ratio 4 -> 10 entries -> 3 blocks of 4; ratio 16 -> 2 entries -> 1 block
+    held = geo.slot_bytes + 3 * geo.block_bytes[4] + 1 * geo.block_bytes[16]
+    assert llm.kv_cache_usage() == pytest.approx(held / cache.bytes_used(), rel=1e-12)
+
+
+@pytest.mark.parametrize("others", [[], [3], [40, 7], [1, 16, 33]])
+def test_seeded_sampling_is_the_same_whatever_shares_the_step(model, others):
+    p = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=10, ignore_eos=True)
+    mine = prompt(20, 5)
+    llm = LLM(model, rt())
+    for i, n in enumerate(others):
+        llm.add_request(prompt(n, i), SamplingParams(temperature=0.8, seed=i, max_tokens=7, ignore_eos=True))
+    rid = llm.add_request(mine, p)
+    got = []
+    while llm.has_unfinished():
+        got += [t for o in llm.step() if o.request_id == rid for t in o.new_token_ids]
+    want = LLM(model, rt()).generate([mine], p)[0].output_ids
+    assert got == want
+    other_seed = LLM(model, rt()).generate([mine], SamplingParams(**{**p.__dict__, "seed": 99}))[0].output_ids
+    assert other_seed != want  # sampled, not greedy: another seed draws other tokens
+
+
+def test_stop_token_ids_and_max_tokens(model):
+    p = prompt(17)
+    chain = recompute_chain(model, p, 10)
+    llm = LLM(model, rt())
+    stop_id = chain[4]
+    first = chain.index(stop_id)
+    res = llm.generate([p, p], [SamplingParams(max_tokens=10, stop_token_ids=[stop_id], ignore_eos=True),
+                                SamplingParams(max_tokens=7, ignore_eos=True)])
+    assert res[0].output_ids == chain[:first + 1] and res[0].finish_reason == "stop"
+    assert res[1].output_ids == chain[:7] and res[1].finish_reason == "length"
+
+
+def test_eos_ignore_eos_and_min_tokens(model, monkeypatch):
+    p = prompt(33)
+    chain = recompute_chain(model, p, 10)
+    eos = chain[2]
+    first = chain.index(eos)
+    monkeypatch.setattr(model.cfg, "eos_token_id", eos)
+    llm = LLM(model, rt())
+    stop, ignored, held = llm.generate([p, p, p], [SamplingParams(max_tokens=10), SamplingParams(max_tokens=10, ignore_eos=True),
+                                                   SamplingParams(max_tokens=10, min_tokens=5)])
+    assert stop.output_ids == chain[:first + 1] and stop.finish_reason == "stop"
+    assert ignored.output_ids == chain and ignored.finish_reason == "length"
+    # min_tokens: EOS may not be drawn before the 5th token, so the chain goes another way
+    want = recompute_chain(model, p, 10, banned_until=(5, [eos]))
+    if eos in want[5:]:
+        want = want[:want.index(eos, 5) + 1]
+    assert held.output_ids == want
+    assert eos not in held.output_ids[:5]
+
+
+def test_stop_strings_cut_the_text_and_are_not_emitted(model):
+    tok = ByteTokenizer(model.cfg.vocab_size)
+    p = tok.encode("stop strings")
+    chain = recompute_chain(model, p, 16)
+    full = tok.decode(chain)
+    assert len(full) >= 6, "the chain must decode to some text for this test"
+    stop = full[3:5]
+    cut = full.index(stop)
+    # the token that completes the stop string ends the output (tokens up to it are kept, as vLLM)
+    k = next(k for k in range(1, 17) if stop in tok.decode(chain[:k]))
+    llm = LLM(model, rt(), tokenizer=tok)
+    rid = llm.add_request(p, SamplingParams(max_tokens=16, stop=[stop, "never-there"], ignore_eos=True))
+    streamed, outs = "", []
+    while llm.has_unfinished():
+        for o in llm.step():
+            streamed += o.new_text
+            outs.append(o)
+    assert streamed == full[:cut]
+    assert outs[-1].finished and outs[-1].finish_reason == "stop"
+    assert [t for o in outs for t in o.new_token_ids] == chain[:k]
+    assert llm.sequence(rid).text == full[:cut]
+    # without the stop string the whole text streams out
+    res = LLM(model, rt(), tokenizer=tok).generate([p], SamplingParams(max_tokens=16, ignore_eos=True))[0]
+    assert res.text == full
+
+
+def test_logprobs_are_log_softmax_of_the_logits_parity_records(model):
+    from parity.record import Options, Prompt, record
+
+    prompts = [prompt(17), prompt(5, 3)]
+    tensors, _ = record(model, [Prompt(p) for p in prompts], Options(greedy_tokens=5, layers="none"))
+    res = LLM(model, rt()).generate(prompts, SamplingParams(max_tokens=5, ignore_eos=True, logprobs=3))
+    for i, r in enumerate(res):
+        lp = torch.log_softmax(tensors[f"prompt.{i}.greedy_logits"].double(), -1)
+        assert r.output_ids == tensors[f"prompt.{i}.greedy_ids"].tolist()
+        for k, x in enumerate(r.logprobs):
+            assert x.token_id == r.output_ids[k]
+            assert x.logprob == pytest.approx(float(lp[k, x.token_id]), abs=1e-5)  # the bundle keeps float32
+            top = lp[k].topk(3)
+            assert [t for t, _ in x.top] == top.indices.tolist()
+            assert [v for _, v in x.top] == pytest.approx(top.values.tolist(), abs=1e-5)
+
+
+def test_refused_requests_say_why_and_the_engine_keeps_serving(model):
+    llm = LLM(model, rt(max_model_len=40))
+    ok = llm.add_request(prompt(10), SamplingParams(max_tokens=5, ignore_eos=True))
+    llm.step()
+    cases = [
+        (prompt(30), SamplingParams(max_tokens=20), "maximum context length is 40 tokens, but the request needs 50"),
+        ([], SamplingParams(), "empty prompt"),
+        ([5, 512], SamplingParams(), "token id 512 is outside the vocabulary"),
+        ([5], SamplingParams(temperature=-1), "temperature must be >= 0"),
+        ([5], SamplingParams(stop=["x"]), "stop strings need a tokenizer"),
+    ]
+    for ids, params, msg in cases:
+        with pytest.raises(InputError, match=msg):
+            llm.add_request(ids, params)
+    while llm.has_unfinished():
+        llm.step()
+    assert len(llm.sequence(ok).output_ids) == 5
+    assert llm.kv_cache_usage() == 0.0
+
+
+def test_a_request_larger_than_the_whole_cache_is_refused(model):
+    geo = LLM(model, rt()).runner.cache.geometry
+    budget = 2 * geo.slot_bytes + math.ceil(geo.pool_bytes_per_token() * 32)  # 2 ratio-4 blocks: 32 tokens
+    llm = LLM(model, rt(kv_cache_memory=budget, max_num_seqs=2))
+    with pytest.raises(InputError, match="needs 3 blocks of the ratio-4 pool, which holds 2 in all"):
+        llm.add_request(prompt(40), SamplingParams(max_tokens=8))
+    assert llm.generate([prompt(20)], SamplingParams(max_tokens=4, ignore_eos=True))[0].finish_reason == "length"
+
+
+def test_a_budget_below_the_fixed_state_is_a_config_error(model):
+    with pytest.raises(ConfigError, match="kv_cache_memory=1000 bytes does not even hold"):
+        LLM(model, rt(kv_cache_memory=1000))
+
+
+def test_max_num_seqs_caps_the_running_set(model):
+    llm = LLM(model, rt(max_num_seqs=2))
+    for n in (5, 6, 7):
+        llm.add_request(prompt(n), SamplingParams(max_tokens=3, ignore_eos=True))
+    llm.step()
+    assert len(llm.scheduler.running) == 2 and len(llm.scheduler.waiting) == 1
+    while llm.has_unfinished():
+        llm.step()
+        assert len(llm.scheduler.running) <= 2
+
+
+def test_zero_max_tokens_finishes_without_running(model):
+    llm = LLM(model, rt())
+    res = llm.generate([[5, 6], [7]], SamplingParams(max_tokens=0))
+    assert [r.output_ids for r in res] == [[], []] and {r.finish_reason for r in res} == {"length"}
+    assert llm.stats.steps == 0

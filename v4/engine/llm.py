@@ -1,0 +1,267 @@
+"""LLM: the engine's front. Requests join with `add_request` and leave when they finish or are
+aborted; every `step()` schedules one packed model step and reports only what is new.
+
+    llm = LLM(model, runtime, tokenizer)
+    rid = llm.add_request(prompt_ids, SamplingParams(max_tokens=32))
+    while llm.has_unfinished():
+        for out in llm.step(): ...   # RequestOutput(request_id, new_token_ids, new_text, logprobs, finished, ...)
+
+`generate(prompts, params)` is that loop, for offline use (`dsv4 generate`, parity, the benches).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import RuntimeConfig
+from ..errors import InputError
+from ..model import Transformer
+from .block_manager import BlockManager
+from .runner import ModelRunner
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .scheduler import ScheduledSeq, Scheduler
+from .sequence import FinishReason, RequestOutput, Sequence, SequenceStatus, TokenLogprobs
+
+
+@dataclass
+class Completion:
+    """A finished request, as `generate` returns it."""
+
+    request_id: int
+    prompt_ids: list[int]
+    output_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass
+class EngineStats:
+    """Counters since start-up (vLLM's metric names in brackets)."""
+
+    prompt_tokens: int = 0  # [vllm:prompt_tokens_total] prompt tokens of requests whose prefill completed
+    generation_tokens: int = 0  # [vllm:generation_tokens_total]
+    num_preemptions: int = 0  # [vllm:num_preemptions_total]
+    steps: int = 0
+    prefill_s: float = 0.0  # wall time of steps that computed prompt tokens
+    decode_s: float = 0.0  # wall time of decode-only steps
+    prefill_tokens: int = 0  # tokens computed in the former (recomputation included)
+    decode_tokens: int = 0  # tokens computed in the latter
+    decode_steps: int = 0
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["prefill_tok_per_s"] = self.prefill_tokens / self.prefill_s if self.prefill_s else None
+        d["decode_tok_per_s"] = self.decode_tokens / self.decode_s if self.decode_s else None
+        return d
+
+
+@dataclass
+class StepRecord:
+    """What the last step ran, for callers that look inside (parity record): the scheduled
+    (request id, first position, token count) in batch order, and the logits it returned."""
+
+    scheduled: list[tuple[int, int, int]]
+    logits: torch.Tensor
+    offsets: list[int] = field(default_factory=list)  # batch row of each scheduled sequence's first token
+
+
+class LLM:
+    def __init__(self, model: Transformer, runtime: RuntimeConfig | None = None, tokenizer=None, *,
+                 graphs: str | None = None, buckets: list[int] | None = None, logits: str = "last"):
+        """runtime: max_num_seqs, max_num_batched_tokens, max_model_len, kv_cache_memory, block_size,
+        prefill_chunk and cuda_graphs (`graphs` overrides the last). logits="all" keeps every
+        position's logits in `last_step` (parity); "last" computes only the rows that sample."""
+        rt = runtime or RuntimeConfig()
+        self.model, self.runtime, self.tokenizer = model, rt, tokenizer
+        self.runner = ModelRunner(model, rt, graphs, buckets)
+        self.blocks = BlockManager(self.runner.cache, self.runner.reserved_slots)
+        self.scheduler = Scheduler(self.blocks, rt.max_num_seqs, rt.max_num_batched_tokens, rt.prefill_chunk)
+        self.sampler = Sampler(model.cfg.eos_token_id)
+        self.logits_mode = logits
+        self.stats = EngineStats()
+        self.last_step: StepRecord | None = None
+        self._ids = itertools.count()
+        self._seqs: dict[int, Sequence] = {}
+        self._pending: list[RequestOutput] = []  # finished outside a step (max_tokens=0, abort)
+
+    @property
+    def graph_mode(self) -> str:
+        return self.runner.graph_mode
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt_ids, params: SamplingParams | None = None) -> int:
+        """Queue a request; returns its id. A request that can never run is refused here with one
+        sentence (InputError), and the engine goes on serving the others."""
+        params = params or SamplingParams()
+        cfg, rt = self.model.cfg, self.runtime
+        prompt_ids = [int(t) for t in prompt_ids]
+        cfg.check_token_ids(prompt_ids)
+        params.validate(cfg.vocab_size)
+        if params.stop and self.tokenizer is None:
+            raise InputError("stop strings need a tokenizer to match the text; give the engine one, or use stop_token_ids")
+        need = len(prompt_ids) + params.max_tokens
+        if need > rt.max_model_len:
+            raise InputError(f"This model's maximum context length is {rt.max_model_len} tokens, but the request needs {need} "
+                             f"({len(prompt_ids)} in the prompt, {params.max_tokens} in max_tokens); shorten the prompt or "
+                             "lower max_tokens")
+        why = self.blocks.fits_at_all(need)
+        if why:
+            raise InputError(f"a request of {need} tokens (prompt + max_tokens) {why}")
+        seq = Sequence(next(self._ids), prompt_ids, params)
+        self._seqs[seq.id] = seq
+        if params.max_tokens == 0:
+            self._finish(seq, FinishReason.LENGTH)
+            self._pending.append(RequestOutput(seq.id, [], "", [] if params.logprobs is not None else None, True, "length"))
+        else:
+            self.scheduler.add(seq)
+        return seq.id
+
+    def abort(self, request_id: int) -> bool:
+        """Stop a request now and give its memory back; its last output (finish_reason "abort")
+        comes with the next step. False if it had already finished."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.is_finished:
+            return False
+        self._finish(seq, FinishReason.ABORT)
+        self._pending.append(RequestOutput(seq.id, [], "", None, True, "abort"))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    def sequence(self, request_id: int) -> Sequence:
+        return self._seqs[request_id]
+
+    def kv_cache_usage(self) -> float:
+        return self.blocks.usage()
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        step = self.scheduler.schedule()
+        self.stats.num_preemptions = self.scheduler.num_preemptions
+        if not step:
+            if self.scheduler.running or self.scheduler.waiting and not outputs:
+                raise RuntimeError(f"the scheduler placed nothing with {len(self.scheduler.waiting)} waiting and "
+                                   f"{len(self.scheduler.running)} running sequences (an engine bug)")
+            return outputs
+        t0 = time.perf_counter()
+        now = time.monotonic()
+        for s in step:
+            if s.seq.first_scheduled_time is None:
+                s.seq.first_scheduled_time = now
+        logits = self.runner.run(step, self.logits_mode)
+        last = logits
+        if self.logits_mode == "all" and self.runner.last_batch is not None:
+            last = logits[self.runner.last_batch.last_token]
+        sampling = [b for b, s in enumerate(step) if s.samples]
+        tokens, logprobs = self.sampler(last[sampling], [step[b].seq for b in sampling]) if sampling else ([], [])
+        self._account(step, time.perf_counter() - t0)
+        offsets = self.runner.last_batch.offsets[:-1] if self.runner.last_batch is not None else list(range(len(step)))
+        self.last_step = StepRecord([(s.seq.id, s.start, s.num_tokens) for s in step], logits, offsets)
+        for s in step:
+            s.seq.num_computed = s.start + s.num_tokens
+        for b, tok, lp in zip(sampling, tokens, logprobs):
+            outputs.append(self._append(step[b].seq, tok, lp))
+        return outputs
+
+    def _account(self, step: list[ScheduledSeq], seconds: float) -> None:
+        st = self.stats
+        st.steps += 1
+        n = sum(s.num_tokens for s in step)
+        if any(s.start < s.seq.num_prompt_tokens for s in step):
+            st.prefill_s += seconds
+            st.prefill_tokens += n
+        else:
+            st.decode_s += seconds
+            st.decode_tokens += n
+            st.decode_steps += 1
+
+    def _append(self, seq: Sequence, token: int, lp: TokenLogprobs | None) -> RequestOutput:
+        p = seq.params
+        if not seq.output_ids:
+            seq.first_token_time = time.monotonic()
+            self.stats.prompt_tokens += seq.num_prompt_tokens
+        self.stats.generation_tokens += 1
+        seq.output_ids.append(token)
+        reason = None
+        if len(seq.output_ids) > p.min_tokens or p.min_tokens == 0:
+            if token == self.sampler.eos and not p.ignore_eos or token in p.stop_token_ids:
+                reason = FinishReason.STOP
+        new_text = ""
+        if self.tokenizer is not None:
+            new_text, hit = self._detokenize(seq, stop_allowed=len(seq.output_ids) >= p.min_tokens)
+            reason = reason or (FinishReason.STOP if hit else None)
+        if reason is None and len(seq.output_ids) >= p.max_tokens:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            self._finish(seq, reason)
+            new_text += self._flush_text(seq)
+        return RequestOutput(seq.id, [token], new_text, [lp] if lp is not None else None, reason is not None,
+                             reason.value if reason else None)
+
+    # ------------------------------------------------------------------ text and stop strings
+    def _detokenize(self, seq: Sequence, stop_allowed: bool) -> tuple[str, bool]:
+        """New text to emit, and whether a stop string ended the output. The text is cut before the
+        stop string; the tail that could still grow into one (or into a whole UTF-8 character) is
+        held back until it cannot."""
+        text = self.tokenizer.decode(seq.output_ids)
+        stops = seq.params.stop
+        if stops and stop_allowed:
+            hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+            if hits:
+                seq.text = text[:min(hits)]
+                return "", True
+        seq.text = text
+        hold = max((len(s) for s in stops), default=1) - 1
+        safe = len(text) - hold
+        while safe > 0 and text[safe - 1] == "\ufffd":  # a character whose bytes have not all come yet
+            safe -= 1
+        if safe <= seq.emitted_chars:
+            return "", False
+        new, seq.emitted_chars = text[seq.emitted_chars:safe], safe
+        return new, False
+
+    def _flush_text(self, seq: Sequence) -> str:
+        new, seq.emitted_chars = seq.text[seq.emitted_chars:], len(seq.text)
+        return new
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.finish(seq)
+        seq.finish_reason = reason
+
+    # ------------------------------------------------------------------ offline
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool = False) -> list[Completion]:
+        """Run every prompt to completion (continuous batching) and return them in prompt order."""
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise InputError(f"{len(prompts)} prompts but {len(plist)} sampling parameter sets; give one, or one per prompt")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        lps: dict[int, list] = {i: [] for i in ids}
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="requests", unit="req")
+        while self.has_unfinished():
+            for out in self.step():
+                if out.logprobs:
+                    lps[out.request_id].extend(out.logprobs)
+                if out.finished and bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        done = []
+        for i in ids:
+            seq = self._seqs.pop(i)
+            text = seq.text if self.tokenizer is not None else ""
+            done.append(Completion(i, seq.prompt_ids, seq.output_ids, text, seq.finish_reason.value,
+                                   lps[i] if seq.params.logprobs is not None else None))
+        return done

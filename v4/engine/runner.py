@@ -1,0 +1,99 @@
+"""ModelRunner: turns a scheduled step into one model call over the engine's persistent cache.
+
+It owns the cache (sized once, at start-up), the decode graphs and the host-side bookkeeping
+that `Transformer.forward` no longer does: room in the cache for the step's tokens (reserved by
+the scheduler through the BlockManager) and each slot's new length. A step made only of decode
+tokens replays a captured graph when graphs are on; anything else (prompt chunks, mixed steps,
+or a step with parity hooks attached) runs eagerly as one packed StepBatch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..batch import StepBatch
+from ..cache import CacheGeometry, KVCache
+from ..config import RuntimeConfig
+from ..errors import InputError
+from ..model import Transformer
+from .scheduler import ScheduledSeq
+
+log = logging.getLogger("dsv4")
+
+DECODE_LABEL = {"off": "eager", "cuda": "cuda graphs", "emulate": "graph path, emulated"}
+
+
+def graph_mode(setting: str, model: Transformer) -> str:
+    """runtime.cuda_graphs (auto | on | off) -> how decode runs: "off" (eager), "cuda" (captured CUDA
+    graphs) or "emulate" (the captured path's static buffers and checks, run eagerly: no GPU here)."""
+    capturable = getattr(model.ops, "capturable", False)
+    if setting == "off" or (setting == "auto" and not (capturable and model.device.type == "cuda")):
+        return "off"
+    if setting not in ("auto", "on"):
+        raise InputError(f"runtime.cuda_graphs must be auto, on or off, got {setting!r}")
+    if not capturable:
+        raise InputError(f"runtime.cuda_graphs is on, but backend '{model.ops.name}' cannot capture its decode step "
+                         "(only the cuda backend can); set it to auto or off")
+    return "cuda" if model.device.type == "cuda" else "emulate"
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, rt: RuntimeConfig, graphs: str | None = None, buckets: list[int] | None = None):
+        self.model = model
+        self.graph_mode = graph_mode(rt.cuda_graphs if graphs is None else graphs, model)
+        extra = 1 if self.graph_mode != "off" else 0  # the graphs' padding rows run on a scratch slot
+        self.cache = self._allocate_cache(rt, extra)
+        self.graphs = None
+        if self.graph_mode != "off":
+            from ..graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, self.cache, rt.max_num_seqs, self.graph_mode, buckets=buckets)
+        self.reserved_slots = extra
+
+    def _allocate_cache(self, rt: RuntimeConfig, extra_slots: int) -> KVCache:
+        m = self.model
+        slots = rt.max_num_seqs + extra_slots
+        n_layers = m.cfg.num_hidden_layers + m.cfg.num_nextn_predict_layers
+        geo = CacheGeometry.of(m.cfg, m.dtype, rt.block_size, n_layers)
+        budget = rt.kv_cache_bytes
+        num_blocks = geo.blocks_for_budget(budget, slots) if budget is not None else None
+        cache = KVCache(m.cfg, slots, rt.max_model_len, m.dtype, m.device, rt.block_size, num_blocks=num_blocks)
+        tokens = min((t.num_blocks * geo.tokens_per_block(r) for r, t in cache.tables.items()),
+                     default=slots * rt.max_model_len)
+        self.capacity_tokens = min(tokens, slots * rt.max_model_len)
+        self.cache_summary = (
+            f"KV cache: {cache.bytes_used() / 2**20:.1f} MiB ({cache.bytes_used()} bytes) on {m.device}: "
+            f"{self.capacity_tokens} tokens of context, {min(rt.max_num_seqs, self.capacity_tokens // rt.max_model_len)} "
+            f"sequences of max_model_len={rt.max_model_len} at once (max_num_seqs={rt.max_num_seqs}; "
+            f"{geo.slot_bytes} bytes per sequence slot, block_size={rt.block_size})")
+        log.info(self.cache_summary)
+        return cache
+
+    @torch.no_grad()
+    def run(self, step: list[ScheduledSeq], logits: str = "last") -> torch.Tensor:
+        """One model step. Returns logits: one row per scheduled sequence ("last") or per token ("all")."""
+        decode_only = all(s.num_tokens == 1 for s in step)
+        if self.graphs is not None and decode_only:
+            return self._replay(step)
+        batch = StepBatch([s.seq.slot for s in step], [s.start for s in step], [s.num_tokens for s in step],
+                          self.model.device)
+        ids = torch.tensor([t for s in step for t in s.seq.token_ids(s.start, s.num_tokens)], device=self.model.device)
+        for s in step:  # blocks were reserved by the scheduler; the slot's length moves on
+            self.cache.seq_len[s.seq.slot] = s.start + s.num_tokens
+        self.last_batch = batch
+        out, _ = self.model.forward(ids, batch, self.cache, logits=logits)
+        return out
+
+    def _replay(self, step: list[ScheduledSeq]) -> torch.Tensor:
+        """A decode-only step from the captured graphs. A captured step records no hooks: parity's
+        hooks (attached for prompts) are detached for it."""
+        hook, self.model.hook = self.model.hook, None
+        try:
+            logits = self.graphs.step([s.seq.slot for s in step], [s.start for s in step],
+                                      [s.seq.token_ids(s.start, 1)[0] for s in step])
+        finally:
+            self.model.hook = hook
+        self.last_batch = None
+        return logits.clone()  # a view into the graph's output buffer, overwritten by the next replay
