@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import torch
 
 from backends.reference.ops import ReferenceOps
-from v4.model import StepBatch, Transformer
+from v4.batch import StepBatch
+from v4.cache import entry_rows, visible_entry_rows, window_rows
 
 REF = ReferenceOps("cpu")
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
@@ -160,7 +161,7 @@ def layer_inputs(batch: StepBatch, ring_slots: int, kind: str, d: int, dtype, se
     g, r = gen(seed)
     T = batch.num_tokens
     window_kv = r(ring_slots * W + T, d).to(dtype)
-    window_idx = Transformer._window_idx(batch, ring_slots, W)
+    window_idx = window_rows(batch, ring_slots, W)
     comp_kv, comp_idx = None, None
     if kind == "sliding0":
         comp_kv, comp_idx = r(4, d).to(dtype), torch.zeros(T, 0, dtype=torch.int32)
@@ -169,9 +170,9 @@ def layer_inputs(batch: StepBatch, ring_slots: int, kind: str, d: int, dtype, se
         table = paged_table(max(batch.slots) + 1, n_ent, bs, g)
         comp_kv = r(table.num_rows, d).to(dtype)
         if kind == "hca":
-            comp_idx = Transformer._hca_slots(batch, ratio, table)
+            comp_idx = visible_entry_rows(batch, ratio, table)
         else:
-            comp_idx = Transformer._entry_slots(csa_logical(batch, ratio, topk, g, scatter), batch.tok_slot, table)
+            comp_idx = entry_rows(csa_logical(batch, ratio, topk, g, scatter), batch.tok_slot, table)
     return window_kv, window_idx, comp_kv, comp_idx
 
 

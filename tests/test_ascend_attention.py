@@ -2,8 +2,8 @@
 
 The Triton-Ascend source runs in upstream Triton's interpreter on CPU tensors (TRITON_INTERPRET=1,
 set before triton is imported). Ground truth: ReferenceOps("cpu").attention in fp64 on the same
-(already rounded) inputs. Index lists come from the model's own helpers (`Transformer._window_idx`,
-`_hca_slots`, `_entry_slots`) over packed step batches, so the kernel sees the layouts the model
+(already rounded) inputs. Index lists come from the model's own step-layout helpers (`v4.cache.window_rows`,
+`visible_entry_rows`, `entry_rows`) over packed step batches, so the kernel sees the layouts the model
 hands it: -1 before position 0, just-closed windows, empty / smaller-than-top-k compressed pools,
 mixed prefill + decode batches, scattered paged pools.
 """

@@ -3,7 +3,7 @@
 Without a GPU the Triton kernel runs in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1,
 set here before triton is imported); with one it runs on it. Ground truth: ReferenceOps("cpu")
 .attention in fp64 on the same (already rounded) inputs. Index lists are built with the model's
-own helpers (`Transformer._window_idx`, `_hca_slots`, `_entry_slots`) over packed step batches,
+own step-layout helpers (`v4.cache.window_rows`, `visible_entry_rows`, `entry_rows`) over packed step batches,
 so the kernel sees exactly the layouts the model hands it: -1 before position 0, full 128-row
 windows, empty / smaller-than-top-k compressed pools, mixed prefill + decode batches, paged pools.
 """

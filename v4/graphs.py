@@ -7,11 +7,12 @@ size ("bucket") as a CUDA graph and replays it, so a step costs one graph launch
 What makes the step capturable is `v4.model.DecodeBatch`: the batch layout (slots, positions, token
 ids) lives in static device buffers that the host overwrites before each replay, and nothing in the
 step reads device data back or sizes a tensor from it (index widths come from the cache's capacity).
-The host-side bookkeeping a StepBatch step does inside `Transformer.forward` happens here instead:
-token ids are checked, cache blocks reserved before the replay and `cache.seq_len` advanced after it.
+`Transformer.forward` is pure compute, so the host-side bookkeeping happens here: token ids are
+checked, cache blocks reserved before the replay and `cache.seq_len` advanced after it. The engine's
+runner (`v4/engine/runner.py`) calls `step` for every step made only of decode tokens.
 
-Buckets: 1, 2, 4, 8, then multiples of 8 up to `max_batch`. A step of n sequences runs the smallest
-bucket >= n; the rows past n are padding on a scratch cache slot that no sequence owns (position 0,
+Buckets: 1, 2, 4, 8, then multiples of 8 up to `max_batch` (the engine's max_num_seqs). A step of n
+sequences runs the smallest bucket >= n; the rows past n are padding on a scratch cache slot that no sequence owns (position 0,
 token 0), so they write only that slot's ring row and compressor state and are never read.
 
 Modes:
@@ -29,7 +30,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import InputError
-from .model import DecodeBatch
+from .batch import DecodeBatch
 
 aten = torch.ops.aten
 
@@ -137,7 +138,7 @@ class DecodeGraphs:
             if b >= n:
                 return b
         raise InputError(f"a decode step of {n} sequences exceeds the largest captured batch {self.max_batch}; "
-                         "raise runtime.max_batch")
+                         "raise runtime.max_num_seqs")
 
     def _pad(self, start: int = 0):
         self._buf[0, start:] = 0
