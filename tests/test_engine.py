@@ -43,6 +43,12 @@ def recompute_chain(model, ids, n, banned_until=None):
     return out
 
 
+def fixed_bytes(geo, slots: int) -> int:
+    """What a byte budget pays before pool tokens: each slot's ring and compressor state, and one
+    partly filled block per ratio."""
+    return slots * (geo.slot_bytes + sum(geo.block_bytes.values()))
+
+
 def rt(**kw) -> RuntimeConfig:
     base = dict(max_num_seqs=4, max_model_len=96, block_size=4, max_num_batched_tokens=64)
     base.update(kw)
@@ -145,10 +151,10 @@ def test_preempted_sequences_recompute_to_the_same_tokens(model):
     prompts = [prompt(n, salt=1) for n in (31, 17, 40, 9)]
     want = [recompute_chain(model, p, 24) for p in prompts]
     geo = LLM(model, rt()).runner.cache.geometry
-    # pools for 80 tokens of context: four sequences of up to 64 tokens cannot all fit
-    budget = 4 * geo.slot_bytes + math.ceil(geo.pool_bytes_per_token() * 80)
+    # pools for 80 tokens of context (+ a last block per slot): four sequences of up to 64 tokens cannot all fit
+    budget = fixed_bytes(geo, 4) + math.ceil(geo.pool_bytes_per_token() * 80)
     llm = LLM(model, rt(kv_cache_memory=budget, max_model_len=64, max_num_batched_tokens=16))
-    assert llm.runner.cache.tables[4].num_blocks == 80 // 16
+    assert {m: t.num_blocks for m, t in llm.runner.cache.tables.items()} == {4: 80 // 16 + 4, 16: 80 // 64 + 4}
     got = [c.output_ids for c in llm.generate(prompts, params)]
     assert llm.stats.num_preemptions > 0
     assert got == want
@@ -157,11 +163,12 @@ def test_preempted_sequences_recompute_to_the_same_tokens(model):
 
 def test_preemption_takes_the_most_recently_admitted(model):
     geo = LLM(model, rt()).runner.cache.geometry
-    # pools for 128 tokens of context: 8 blocks of 16 tokens at ratio 4, 2 blocks of 64 at ratio 16
-    budget = 3 * geo.slot_bytes + math.ceil(geo.pool_bytes_per_token() * 128)
+    # pools for 128 tokens of context: 8 blocks of 16 tokens at ratio 4, 2 blocks of 64 at ratio 16,
+    # plus a last block per slot; sequences of 94 and 86 tokens need 6 + 6 blocks at ratio 4
+    budget = fixed_bytes(geo, 3) + math.ceil(geo.pool_bytes_per_token() * 128)
     llm = LLM(model, rt(kv_cache_memory=budget, max_num_seqs=3))
-    assert {m: t.num_blocks for m, t in llm.runner.cache.tables.items()} == {4: 8, 16: 2}
-    a = llm.add_request(prompt(16), SamplingParams(max_tokens=70, ignore_eos=True))
+    assert {m: t.num_blocks for m, t in llm.runner.cache.tables.items()} == {4: 8 + 3, 16: 2 + 3}
+    a = llm.add_request(prompt(16), SamplingParams(max_tokens=78, ignore_eos=True))
     llm.step()
     b = llm.add_request(prompt(16, 1), SamplingParams(max_tokens=70, ignore_eos=True))
     llm.step()
@@ -171,7 +178,7 @@ def test_preemption_takes_the_most_recently_admitted(model):
     assert [s.id for s in llm.scheduler.running] == [a]
     assert llm.sequence(b).status.value == "preempted" and llm.sequence(b).slot is None
     assert llm.sequence(b).num_computed == 0 and list(llm.scheduler.waiting)[0].id == b
-    want = [recompute_chain(model, prompt(16, s), 70) for s in (0, 1)]
+    want = [recompute_chain(model, prompt(16, s), n) for s, n in ((0, 78), (1, 70))]
     while llm.has_unfinished():
         llm.step()
     assert [llm.sequence(r).output_ids for r in (a, b)] == want
@@ -321,10 +328,10 @@ def test_refused_requests_say_why_and_the_engine_keeps_serving(model):
 
 def test_a_request_larger_than_the_whole_cache_is_refused(model):
     geo = LLM(model, rt()).runner.cache.geometry
-    budget = 2 * geo.slot_bytes + math.ceil(geo.pool_bytes_per_token() * 32)  # 2 ratio-4 blocks: 32 tokens
+    budget = fixed_bytes(geo, 2) + math.ceil(geo.pool_bytes_per_token() * 32)  # 2 + 2 ratio-4 blocks of 16 tokens
     llm = LLM(model, rt(kv_cache_memory=budget, max_num_seqs=2))
-    with pytest.raises(InputError, match="needs 3 blocks of the ratio-4 pool, which holds 2 in all"):
-        llm.add_request(prompt(40), SamplingParams(max_tokens=8))
+    with pytest.raises(InputError, match="needs 5 blocks of the ratio-4 pool, which holds 4 in all"):
+        llm.add_request(prompt(60), SamplingParams(max_tokens=8))  # 68 tokens: 17 entries
     assert llm.generate([prompt(20)], SamplingParams(max_tokens=4, ignore_eos=True))[0].finish_reason == "length"
 
 

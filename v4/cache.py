@@ -211,40 +211,22 @@ class CacheGeometry:
     def pool_bytes_per_token(self) -> float:
         return sum(b / self.tokens_per_block(m) for m, b in self.block_bytes.items())
 
-    def blocks_for_tokens(self, tokens: int) -> dict[int, int]:
-        """Blocks per ratio for pools that hold `tokens` context tokens in all."""
-        return {m: max(1, tokens // self.tokens_per_block(m)) for m in self.block_bytes}
+    def blocks_for_tokens(self, tokens: int, slots: int = 0) -> dict[int, int]:
+        """Blocks per ratio for pools that hold `tokens` context tokens in all, plus one partly
+        filled last block per sequence slot (at ratio 128 and 64 entries a block, one block spans
+        8192 tokens: without it, short sequences would run out of blocks long before of memory)."""
+        return {m: max(1, tokens // self.tokens_per_block(m) + slots) for m in self.block_bytes}
 
     def blocks_for_budget(self, budget: int, slots: int, source: str = "runtime.kv_cache_memory") -> dict[int, int]:
-        """Blocks per ratio that fit in `budget` bytes once `slots` sequence slots are paid for."""
-        fixed = slots * self.slot_bytes
+        """Blocks per ratio that fit in `budget` bytes once `slots` sequence slots (and their
+        partly filled last blocks) are paid for."""
+        fixed = slots * (self.slot_bytes + sum(self.block_bytes.values()))
         if budget <= fixed:
             raise ConfigError(f"{source}={budget} bytes does not even hold the fixed state of {slots} sequence slots "
-                              f"({fixed} bytes: window rings and compressor states); raise it or lower runtime.max_num_seqs")
+                              f"({fixed} bytes: window rings, compressor states and one pool block per ratio each); "
+                              "raise it or lower runtime.max_num_seqs")
         per_token = self.pool_bytes_per_token()
-        return self.blocks_for_tokens(int((budget - fixed) // per_token) if per_token else 0)
-
-
-def cache_bytes_per_token(cfg: ModelConfig, entry_bytes: int | None = None, index_bytes: int | None = None,
-                          elem_bytes: int = 2) -> dict:
-    """Cache bytes per context token by the spec §6 formula, for the layout given.
-
-    Per CSA layer (E + I)/4, per HCA layer E/m, sliding layers 0; plus a fixed W * E ring per
-    layer. E and I default to what this cache stores: head_dim and index_head_dim elements of
-    `elem_bytes` each.
-    """
-    E = entry_bytes if entry_bytes is not None else cfg.head_dim * elem_bytes
-    I = index_bytes if index_bytes is not None else cfg.index_head_dim * elem_bytes
-    per_type = {SLIDING: 0.0, CSA: 0.0, HCA: 0.0}
-    counts = {SLIDING: 0, CSA: 0, HCA: 0}
-    for i in range(cfg.num_hidden_layers):
-        kind, m = cfg.layer_type(i), cfg.layer_ratio(i)
-        counts[kind] += 1
-        per_type[kind] = 0.0 if kind == SLIDING else ((E + I) / m if kind == CSA else E / m)
-    total = sum(per_type[k] * counts[k] for k in counts)
-    ring = cfg.num_hidden_layers * cfg.sliding_window * E
-    return {"entry_bytes": E, "index_bytes": I, "per_layer": per_type, "layers": counts,
-            "per_token_total": total, "window_ring_bytes": ring}
+        return self.blocks_for_tokens(int((budget - fixed) // per_token) if per_token else 0, slots)
 
 
 # ---------------------------------------------------------------------------- step layout

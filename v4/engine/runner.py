@@ -51,6 +51,7 @@ class ModelRunner:
 
             self.graphs = DecodeGraphs(model, self.cache, rt.max_num_seqs, self.graph_mode, buckets=buckets)
         self.reserved_slots = extra
+        self.last_batch: StepBatch | None = None  # the last eager step's layout (None after a graph replay)
 
     def _allocate_cache(self, rt: RuntimeConfig, extra_slots: int) -> KVCache:
         m = self.model
@@ -61,8 +62,8 @@ class ModelRunner:
         num_blocks = geo.blocks_for_budget(budget, slots) if budget is not None else None
         cache = KVCache(m.cfg, slots, rt.max_model_len, m.dtype, m.device, rt.block_size, num_blocks=num_blocks)
         tokens = min((t.num_blocks * geo.tokens_per_block(r) for r, t in cache.tables.items()),
-                     default=slots * rt.max_model_len)
-        self.capacity_tokens = min(tokens, slots * rt.max_model_len)
+                     default=rt.max_num_seqs * rt.max_model_len)
+        self.capacity_tokens = min(tokens, rt.max_num_seqs * rt.max_model_len)
         self.cache_summary = (
             f"KV cache: {cache.bytes_used() / 2**20:.1f} MiB ({cache.bytes_used()} bytes) on {m.device}: "
             f"{self.capacity_tokens} tokens of context, {min(rt.max_num_seqs, self.capacity_tokens // rt.max_model_len)} "
