@@ -229,6 +229,28 @@ class CacheGeometry:
         return self.blocks_for_tokens(int((budget - fixed) // per_token) if per_token else 0, slots)
 
 
+def cache_bytes_per_token(cfg: ModelConfig, entry_bytes: int | None = None, index_bytes: int | None = None,
+                          elem_bytes: int = 2) -> dict:
+    """Cache bytes per context token by the spec §6 formula, for the layout given.
+
+    Per CSA layer (E + I)/4, per HCA layer E/m, sliding layers 0; plus a fixed W * E ring per
+    layer. E and I default to what this cache stores: head_dim and index_head_dim elements of
+    `elem_bytes` each.
+    """
+    E = entry_bytes if entry_bytes is not None else cfg.head_dim * elem_bytes
+    I = index_bytes if index_bytes is not None else cfg.index_head_dim * elem_bytes
+    per_type = {SLIDING: 0.0, CSA: 0.0, HCA: 0.0}
+    counts = {SLIDING: 0, CSA: 0, HCA: 0}
+    for i in range(cfg.num_hidden_layers):
+        kind, m = cfg.layer_type(i), cfg.layer_ratio(i)
+        counts[kind] += 1
+        per_type[kind] = 0.0 if kind == SLIDING else ((E + I) / m if kind == CSA else E / m)
+    total = sum(per_type[k] * counts[k] for k in counts)
+    ring = cfg.num_hidden_layers * cfg.sliding_window * E
+    return {"entry_bytes": E, "index_bytes": I, "per_layer": per_type, "layers": counts,
+            "per_token_total": total, "window_ring_bytes": ring}
+
+
 # ---------------------------------------------------------------------------- step layout
 def window_rows(batch: StepBatch | DecodeBatch, num_slots: int, W: int) -> torch.Tensor:
     """Rows of cat([ring.view(-1, D), new kv]) holding each query's window {t-W+1 .. t}: older

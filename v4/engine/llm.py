@@ -209,24 +209,33 @@ class LLM:
     # ------------------------------------------------------------------ text and stop strings
     def _detokenize(self, seq: Sequence, stop_allowed: bool) -> tuple[str, bool]:
         """New text to emit, and whether a stop string ended the output. The text is cut before the
-        stop string; the tail that could still grow into one (or into a whole UTF-8 character) is
-        held back until it cannot."""
-        text = self.tokenizer.decode(seq.output_ids)
+        stop string; the tail that could still grow into one is held back until it cannot."""
+        before = len(seq.text)
+        seq.text += self._text_delta(seq)
         stops = seq.params.stop
         if stops and stop_allowed:
-            hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+            look = max(0, before - max(len(x) for x in stops) + 1)  # a new stop string ends in the new text
+            hits = [i for i in (seq.text.find(x, look) for x in stops) if i >= 0]
             if hits:
-                seq.text = text[:min(hits)]
+                seq.text = seq.text[:min(hits)]
                 return "", True
-        seq.text = text
-        hold = max((len(s) for s in stops), default=1) - 1
-        safe = len(text) - hold
-        while safe > 0 and text[safe - 1] == "\ufffd":  # a character whose bytes have not all come yet
-            safe -= 1
+        safe = len(seq.text) - (max((len(x) for x in stops), default=1) - 1)
         if safe <= seq.emitted_chars:
             return "", False
-        new, seq.emitted_chars = text[seq.emitted_chars:safe], safe
+        new, seq.emitted_chars = seq.text[seq.emitted_chars:safe], safe
         return new, False
+
+    def _text_delta(self, seq: Sequence) -> str:
+        """Text the newest token adds. Decoding only from a few tokens back keeps this O(1) per token
+        (a tokenizer may merge or space a token by its neighbours); a tail that decodes to U+FFFD
+        is a character whose bytes have not all come yet, and waits."""
+        ids, tok = seq.output_ids, self.tokenizer
+        old = tok.decode(ids[seq.prefix_offset:seq.read_offset])
+        new = tok.decode(ids[seq.prefix_offset:])
+        if len(new) <= len(old) or new.endswith("\ufffd"):
+            return ""
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+        return new[len(old):]
 
     def _flush_text(self, seq: Sequence) -> str:
         new, seq.emitted_chars = seq.text[seq.emitted_chars:], len(seq.text)

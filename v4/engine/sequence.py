@@ -41,6 +41,7 @@ class Sequence:
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.text = ""  # detokenised output, cut before a stop string (when the engine has a tokenizer)
         self.emitted_chars = 0  # how much of `text` the step outputs have carried so far
+        self.prefix_offset = self.read_offset = 0  # incremental detokenisation: output_ids[prefix:read] is decoded
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
