@@ -381,3 +381,59 @@ def test_token_budget_serves_running_first_then_waiting_in_order(model):
     ]
     llm.step()
     assert plans[-1] == [(a, 8, 1), (b, 9, 1), (d, 0, 3)]  # ... and d takes its slot
+
+
+def _byte_level_bpe(path, vocab_size):
+    """A GPT-2-style byte-level BPE tokenizer.json: ids 3..258 are the 256 byte symbols, the rest
+    multi-byte tokens (words with a leading space, multi-byte UTF-8 characters, fragments), so
+    decoding depends on neighbours and partial characters occur."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    byte_sym = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda ch: ord(ch))
+    vocab = {"<s>": 0, "</s>": 1, "<pad>": 2}
+    for ch in byte_sym:
+        vocab[ch] = len(vocab)
+    words = [" the", " cat", " é", "ü", "日本", " naïve", "ing", " 🙂", "ab", " x"]
+    enc = {b: c for b, c in zip(range(256), [c for _, c in sorted(
+        ((b, c) for b, c in _gpt2_bytes().items()), key=lambda t: t[0])])}
+    i = 0
+    while len(vocab) < vocab_size:
+        w = "".join(enc[b] for b in (words[i % len(words)] + str(i // len(words))).encode())
+        vocab.setdefault(w, len(vocab))
+        i += 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(path))
+    return path
+
+
+def _gpt2_bytes():
+    """byte -> printable symbol of the byte-level alphabet (GPT-2's table, by its published rule)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    out, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + n)
+            n += 1
+    return out
+
+
+def test_streamed_text_is_the_decoded_output_with_a_real_tokenizer(model, tmp_path):
+    from v4.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(_byte_level_bpe(tmp_path / "tokenizer.json", model.cfg.vocab_size), bos=0)
+    llm = LLM(model, rt(), tokenizer=tok)
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=40, ignore_eos=True)
+    ids = [llm.add_request(prompt(n, 7), params) for n in (5, 12)]
+    streamed = {i: "" for i in ids}
+    tokens = {i: [] for i in ids}
+    while llm.has_unfinished():
+        for o in llm.step():
+            streamed[o.request_id] += o.new_text
+            tokens[o.request_id] += o.new_token_ids
+    for i in ids:
+        assert streamed[i] == tok.decode(tokens[i])
+        assert any(t > 258 for t in tokens[i])  # multi-byte tokens were drawn

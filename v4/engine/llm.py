@@ -191,10 +191,10 @@ class LLM:
         self.stats.generation_tokens += 1
         seq.output_ids.append(token)
         reason = None
-        if len(seq.output_ids) > p.min_tokens or p.min_tokens == 0:
+        if len(seq.output_ids) > p.min_tokens:  # (the sampler kept EOS and stop ids out until then)
             if token == self.sampler.eos and not p.ignore_eos or token in p.stop_token_ids:
                 reason = FinishReason.STOP
-        new_text = ""
+        new_text, hit = "", False
         if self.tokenizer is not None:
             new_text, hit = self._detokenize(seq, stop_allowed=len(seq.output_ids) >= p.min_tokens)
             reason = reason or (FinishReason.STOP if hit else None)
@@ -202,6 +202,8 @@ class LLM:
             reason = FinishReason.LENGTH
         if reason is not None:
             self._finish(seq, reason)
+            if self.tokenizer is not None and not hit:
+                seq.text += self._text_delta(seq, final=True)  # bytes of an unfinished character, as U+FFFD
             new_text += self._flush_text(seq)
         return RequestOutput(seq.id, [token], new_text, [lp] if lp is not None else None, reason is not None,
                              reason.value if reason else None)
@@ -225,14 +227,14 @@ class LLM:
         new, seq.emitted_chars = seq.text[seq.emitted_chars:safe], safe
         return new, False
 
-    def _text_delta(self, seq: Sequence) -> str:
+    def _text_delta(self, seq: Sequence, final: bool = False) -> str:
         """Text the newest token adds. Decoding only from a few tokens back keeps this O(1) per token
         (a tokenizer may merge or space a token by its neighbours); a tail that decodes to U+FFFD
-        is a character whose bytes have not all come yet, and waits."""
+        is a character whose bytes have not all come yet, and waits (unless this is the last token)."""
         ids, tok = seq.output_ids, self.tokenizer
         old = tok.decode(ids[seq.prefix_offset:seq.read_offset])
         new = tok.decode(ids[seq.prefix_offset:])
-        if len(new) <= len(old) or new.endswith("\ufffd"):
+        if len(new) <= len(old) or (new.endswith("\ufffd") and not final):
             return ""
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
         return new[len(old):]
