@@ -11,10 +11,11 @@ For every kernel of `backends/cuda/kernels/` at V4-Flash shapes (spec performanc
      `torch.cuda.get_device_name`, gets 4.8 TB/s) and the speedup over the reference; targets are
      printed beside the figures with PASS / MISS (decode attention and indexer >= 70% of HBM BW,
      bf16 MoE grouped GEMM at prefill >= 50% of bf16 peak; the others are spec §7's goals);
-  3. decodes configs/small.yaml as a whole model on the reference backend, on the cuda backend
-     launching every kernel from Python, and on the cuda backend replaying captured CUDA graphs
-     (v4.graphs), on the same GPU (prefill, then single-token steps fed the same tokens), and prints
-     tokens/s and the ratios to the reference (target: graphs >= 5x).
+  3. decodes configs/small.yaml as a whole model through the engine (one v4.engine.LLM per variant):
+     on the reference backend, on the cuda backend launching every kernel from Python, and on the
+     cuda backend replaying captured CUDA graphs (graphs="on", v4.graphs), on the same GPU (prefill,
+     then single-token steps fed the same tokens), and prints tokens/s and the ratios to the
+     reference (target: graphs >= 5x).
 
     python bench/cuda_kernels.py                          # everything (needs a GPU)
     python bench/cuda_kernels.py --only attention,indexer --batches 1,128 --contexts 8192,131072
@@ -845,14 +846,23 @@ def fmt_row(r: dict, smoke: bool) -> str:
 
 # =================================================================================== whole model
 def model_bench(ctx: Ctx) -> dict:
-    """Whole-model decode, same device, same weights: the reference backend, the cuda backend launching
-    every kernel from Python ("cuda eager"), and the cuda backend replaying one captured CUDA graph
-    per step ("cuda graphs", v4.graphs.DecodeGraphs; emulated in --smoke without a GPU)."""
+    """Whole-model decode, same device, same weights, each run through the engine (one `v4.engine.LLM`
+    per variant over the same prompts): the reference backend, the cuda backend launching every
+    kernel from Python ("cuda eager", graphs="off"), and the cuda backend replaying one captured CUDA
+    graph per decode step ("cuda graphs", graphs="on" with one bucket of the batch size; emulated in
+    --smoke without a GPU).
+
+    Per batch size B: B requests of `--model-context` prompt tokens go into each LLM (max_num_seqs=B,
+    a token budget of B x context, so the prefill is one packed step), then the variants take
+    decode steps in turn (`LLM.step()`, rotating who goes first). Every variant is fed the
+    reference's greedy tokens: after each step the token a variant picked is counted against the
+    reference's pick and then replaced by it (the request's last output id), so one near-tie does
+    not make the rest of the run disagree and the last step's logits stay comparable."""
     a = ctx.args
     from v4 import runtime
+    from v4.config import RuntimeConfig
+    from v4.engine import LLM, SamplingParams
     from v4.errors import BackendUnavailable
-    from v4.graphs import DecodeGraphs
-    from v4.model import StepBatch
 
     cfg_name = a.model_config or ("tiny" if ctx.smoke else "small")
     dev = str(ctx.dev)
@@ -881,60 +891,70 @@ def model_bench(ctx: Ctx) -> dict:
     graphs_ok = getattr(loaded["cuda"].model.ops, "capturable", False)
     if not graphs_ok:
         res["notes"].append("the cuda run has reference ops filled in, which cannot be captured: no 'cuda graphs' column")
-    res["graph_mode"] = ("cuda" if ctx.gpu else "emulate") if graphs_ok else None
+    res["graph_mode"] = None
     cfg = loaded["reference"].cfg
     ctx_len, steps, warm = a.model_context, a.model_steps, a.model_warmup
     batches = [int(b) for b in a.model_batches.split(",")] if a.model_batches else ([1, 2] if ctx.smoke else [1, 8])
     res.update(context=ctx_len, steps=steps, warmup=warm, dtype=loaded["cuda"].runtime.dtype)
-    variants = [("ref", "reference", False), ("cuda", "cuda", False)] + ([("graphs", "cuda", True)] if graphs_ok else [])
+    variants = [("ref", "reference", "off"), ("cuda", "cuda", "off")] + ([("graphs", "cuda", "on")] if graphs_ok else [])
 
-    def step(s, toks, pos, B):
+    def rows_of(s) -> list[int]:
+        """Batch row of each of the variant's requests (in s.rids order) in the last step's logits."""
+        order = [rid for rid, _, _ in s.llm.last_step.scheduled]
+        return [order.index(r) for r in s.rids]
+
+    def step(s):
+        """One engine step; returns (logits [B, V] in request order, greedy picks in request order, seconds)."""
         sync(ctx)
         t0 = time.perf_counter()
-        if s.graphs is not None:
-            out = s.graphs.step(s.slots, [pos] * B, toks)
-        else:
-            batch = StepBatch(s.slots, [pos] * B, [1] * B, s.m.device)
-            out, _ = s.m.forward(torch.tensor(toks), batch, s.cache, logits="last")
-        nl = out.argmax(-1).tolist()  # the greedy pick is part of a decode step (and syncs)
-        return out, nl, time.perf_counter() - t0
+        outs = s.llm.step()  # the sampler's greedy pick and its .tolist() are in the step (and sync)
+        sync(ctx)
+        dt = time.perf_counter() - t0
+        picked = {o.request_id: o.new_token_ids[0] for o in outs if o.new_token_ids}
+        if sorted(picked) != sorted(s.rids):
+            raise RuntimeError(f"an engine step gave tokens for requests {sorted(picked)}, expected {sorted(s.rids)}")
+        return s.llm.last_step.logits[rows_of(s)], [picked[r] for r in s.rids], dt
+
+    def force(s, toks):
+        """Feed the reference's tokens: replace each request's last pick before the next step."""
+        for r, t in zip(s.rids, toks):
+            s.llm.sequence(r).output_ids[-1] = t
 
     g = torch.Generator().manual_seed(a.seed)
     with torch.inference_mode():
         for B in batches:
-            ids = torch.randint(2, cfg.vocab_size, (B, ctx_len), generator=g)
+            ids = torch.randint(2, cfg.vocab_size, (B, ctx_len), generator=g).tolist()
+            params = SamplingParams(max_tokens=warm + steps + 1, ignore_eos=True)  # prefill's token + one per step
             st = {}
-            for key, backend, use_graphs in variants:
+            for key, backend, graphs in variants:
                 m = loaded[backend].model
-                max_len = ctx_len + warm + steps + 2
-                cache = m.new_cache(B + 1 if use_graphs else B, max_len)
-                graphs = DecodeGraphs(m, cache, B, buckets=[B]) if use_graphs else None
-                slots = [cache.alloc() for _ in range(B)]
-                sync(ctx)
-                t0 = time.perf_counter()
-                pb = StepBatch(slots, [0] * B, [ctx_len] * B, m.device)
-                out, _ = m.forward(ids.reshape(-1).to(m.device), pb, cache, logits="last")
-                sync(ctx)
-                prefill_s = time.perf_counter() - t0
-                capture_s = 0.0
-                if graphs is not None:
+                rt = RuntimeConfig(max_num_seqs=B, max_num_batched_tokens=B * ctx_len,
+                                   max_model_len=ctx_len + warm + steps + 2)
+                llm = LLM(m, rt, graphs=graphs, buckets=[B] if graphs == "on" else None)
+                if graphs == "on":
+                    res["graph_mode"] = llm.runner.graph_mode
+                s = SimpleNamespace(llm=llm, rids=[llm.add_request(p, params) for p in ids], times=[])
+                first, picks, s.prefill_s = step(s)  # the whole prefill is one packed step
+                s.first = (first, picks)
+                s.capture_s = 0.0
+                if llm.runner.graphs is not None:
                     t0 = time.perf_counter()
-                    graphs.capture_all()  # warm-up (Triton JIT) + capture, outside the timed steps
+                    llm.runner.graphs.capture_all()  # warm-up (Triton JIT) + capture, outside the timed steps
                     sync(ctx)
-                    capture_s = time.perf_counter() - t0
-                st[key] = SimpleNamespace(m=m, cache=cache, graphs=graphs, slots=slots, prefill_s=prefill_s,
-                                          capture_s=capture_s, first=out, times=[], outs=None)
-            toks = st["ref"].first.argmax(-1).tolist()
+                    s.capture_s = time.perf_counter() - t0
+                st[key] = s
+            toks = st["ref"].first[1]
+            for key, s in st.items():
+                force(s, toks)
             agree = {k: 0 for k in st if k != "ref"}
             last = {}
             for i in range(warm + steps):
-                pos = ctx_len + i
                 keys = list(st)
                 keys = keys[i % len(keys):] + keys[:i % len(keys)]  # rotate who goes first
                 outs = {}
                 for key in keys:
                     s = st[key]
-                    o, nl, dt = step(s, toks, pos, B)
+                    o, nl, dt = step(s)
                     outs[key] = (o.double().cpu() if i == warm + steps - 1 else None, nl)
                     if i >= warm:
                         s.times.append(dt)
@@ -942,16 +962,22 @@ def model_bench(ctx: Ctx) -> dict:
                     if i >= warm:
                         agree[k] += sum(x == y for x, y in zip(outs[k][1], outs["ref"][1]))
                 toks = outs["ref"][1]  # every variant is fed the reference's greedy tokens
-                if i == warm + steps - 1:
+                if i < warm + steps - 1:
+                    for key, s in st.items():
+                        force(s, toks)
+                else:
                     orf = outs["ref"][0]
                     last = {k: float((outs[k][0] - orf).abs().max()) for k in agree}
                     last["scale"] = float(orf.abs().max())
             row = {"batch": B, "context": ctx_len}
             for key, s in st.items():
+                if s.llm.has_unfinished():
+                    res["notes"].append(f"batch {B}, {key}: requests still unfinished after the timed steps (a bench bug)")
                 med = statistics.median(s.times)
                 row[f"{key}_ms"] = med * 1e3
                 row[f"{key}_tok_s"] = B / med
                 row[f"{key}_prefill_s"] = s.prefill_s
+                row[f"{key}_preemptions"] = s.llm.stats.num_preemptions
             if "graphs" in st:
                 row["graphs_capture_s"] = st["graphs"].capture_s
             for k in agree:
@@ -971,7 +997,7 @@ def report_model(ctx: Ctx, res: dict) -> None:
     log("")
     log(f"whole-model decode: config '{res['config']}', {res['dtype']}, device {res['device']}, prefill "
         f"{res['context']} tokens per sequence, then {res['steps']} timed single-token steps after {res['warmup']} "
-        f"warm-up (median ms/step, wall clock incl. the host's step bookkeeping and the greedy pick; 'graphs' = "
+        f"warm-up (median ms/step of LLM.step(), wall clock incl. scheduling, the host's step bookkeeping and the greedy pick; 'graphs' = "
         f"the cuda backend replaying captured CUDA graphs"
         + (", emulated here: no GPU, so the same static-buffer path runs eagerly under HostSyncGuard" if res.get("graph_mode") == "emulate" else "")
         + "; ratios are against the reference backend on the same device, agreement = greedy picks equal to the reference's)")

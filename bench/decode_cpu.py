@@ -4,10 +4,12 @@ One run builds transformers' model for a config (random weights, fp32, via tests
 loads the same checkpoint into our Transformer (reference ops, fp32, plain mode), and for each
 context length:
 
-  * prefills a random prompt in both (ours: fresh KVCache, logits="last", chunked; transformers:
-    a DynamicCache, prompt fed in chunks through `cache=`),
+  * prefills a random prompt in both (ours: through the engine, a fresh `v4.engine.LLM` with one
+    sequence slot and one greedy request, one engine step per `--ours-chunk` prompt tokens;
+    transformers: a DynamicCache, prompt fed in chunks through `cache=`),
   * runs `--warmup` untimed and `--steps` timed single-token greedy decode steps (batch 1) in both,
-    alternating ours / transformers step by step so a noisy shared CPU hits both alike,
+    alternating ours / transformers step by step so a noisy shared CPU hits both alike (ours: one
+    `LLM.step()`, scheduling and sampling included),
   * checks the two agree: the greedy token of every decode step and the logits of the last one.
 
 Both implementations are fed the same tokens (our greedy choices), so one near-tie cannot make the
@@ -93,33 +95,49 @@ def _chunk_note(who: str, done: int, total: int, dt: float) -> None:
 
 # ---------------------------------------------------------------------------------- ours
 class OursRunner:
-    def __init__(self, model, ctx: int, extra: int, chunk: int):
-        from v4.model import StepBatch
+    """Our model through the engine: an `LLM` with one sequence slot (max_num_seqs=1), one greedy
+    request of the prompt. `prefill` steps the engine until the prompt is computed (one step per
+    chunk: max_num_batched_tokens = prefill_chunk = `chunk`) and returns its last logits; `step`
+    is one engine step: it decodes the token the engine sampled last and samples the next."""
 
-        self.m, self.StepBatch, self.chunk = model, StepBatch, chunk
-        self.cache = model.new_cache(1, ctx + extra + 1)
-        self.slot = self.cache.alloc()
-        self.pos = 0
+    def __init__(self, model, ctx: int, extra: int, chunk: int):
+        from v4.config import RuntimeConfig
+        from v4.engine import LLM, SamplingParams
+
+        budget = chunk or ctx
+        rt = RuntimeConfig(max_num_seqs=1, max_num_batched_tokens=budget, prefill_chunk=chunk,
+                           max_model_len=ctx + extra + 1)
+        self.llm, self.chunk, self.extra = LLM(model, rt), chunk, extra
+        self.params = SamplingParams(max_tokens=extra + 1, ignore_eos=True)  # the prefill's token + one per step
+        self.rid = None
+
+    def _logits(self) -> torch.Tensor:
+        return self.llm.last_step.logits[0]
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        out = None
         n = ids.numel()
-        step = self.chunk or n
-        for s in range(0, n, step):
+        self.rid = self.llm.add_request(ids.tolist(), self.params)
+        seq = self.llm.sequence(self.rid)
+        for _ in range(n + 1):  # one step per chunk; the last one samples the first token
             t0 = time.perf_counter()
-            part = ids[s:s + step]
-            last = s + step >= n
-            batch = self.StepBatch([self.slot], [self.pos], [part.numel()], self.m.device)
-            out, _ = self.m.forward(part, batch, self.cache, logits="last" if last else "none")
-            self.pos += part.numel()
-            _chunk_note("ours", s + part.numel(), n, time.perf_counter() - t0)
-        return out[0]
+            outs = self.llm.step()
+            _chunk_note("ours", seq.num_computed, n, time.perf_counter() - t0)
+            if outs:
+                break
+        else:
+            raise RuntimeError(f"the engine did not finish a {n}-token prefill in {n + 1} steps")
+        return self._logits()
 
     def step(self, tok: int) -> torch.Tensor:
-        batch = self.StepBatch([self.slot], [self.pos], [1], self.m.device)
-        out, _ = self.m.forward(torch.tensor([tok]), batch, self.cache, logits="last")
-        self.pos += 1
-        return out[0]
+        seq = self.llm.sequence(self.rid)
+        if seq.is_finished or not seq.output_ids or seq.output_ids[-1] != tok:
+            raise RuntimeError(f"decode step for token {tok}, but the engine's request is "
+                               f"{'finished' if seq.is_finished else f'at token {seq.output_ids[-1:]}'} "
+                               "(it decodes its own greedy picks: feed it those)")
+        outs = self.llm.step()
+        if len(outs) != 1 or len(outs[0].new_token_ids) != 1:
+            raise RuntimeError(f"one decode step gave {outs!r}, expected one new token")
+        return self._logits()
 
 
 # ---------------------------------------------------------------------------------- transformers
