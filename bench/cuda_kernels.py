@@ -917,8 +917,8 @@ def model_bench(ctx: Ctx) -> dict:
 
     def force(s, toks):
         """Feed the reference's tokens: replace each request's last pick before the next step."""
-        for r, t in zip(s.rids, toks):
-            s.llm.sequence(r).output_ids[-1] = t
+        for seq, t in zip(s.seqs, toks):
+            seq.output_ids[-1] = t
 
     g = torch.Generator().manual_seed(a.seed)
     with torch.inference_mode():
@@ -934,6 +934,7 @@ def model_bench(ctx: Ctx) -> dict:
                 if graphs == "on":
                     res["graph_mode"] = llm.runner.graph_mode
                 s = SimpleNamespace(llm=llm, rids=[llm.add_request(p, params) for p in ids], times=[])
+                s.seqs = [llm.sequence(r) for r in s.rids]  # (the engine lets go of a request once it finishes)
                 first, picks, s.prefill_s = step(s)  # the whole prefill is one packed step
                 s.first = (first, picks)
                 s.capture_s = 0.0

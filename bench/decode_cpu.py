@@ -117,7 +117,7 @@ class OursRunner:
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         n = ids.numel()
         self.rid = self.llm.add_request(ids.tolist(), self.params)
-        seq = self.llm.sequence(self.rid)
+        self.seq = seq = self.llm.sequence(self.rid)  # (the engine lets go of a request once it finishes)
         for _ in range(n + 1):  # one step per chunk; the last one samples the first token
             t0 = time.perf_counter()
             outs = self.llm.step()
@@ -129,7 +129,7 @@ class OursRunner:
         return self._logits()
 
     def step(self, tok: int) -> torch.Tensor:
-        seq = self.llm.sequence(self.rid)
+        seq = self.seq
         if seq.is_finished or not seq.output_ids or seq.output_ids[-1] != tok:
             raise RuntimeError(f"decode step for token {tok}, but the engine's request is "
                                f"{'finished' if seq.is_finished else f'at token {seq.output_ids[-1:]}'} "

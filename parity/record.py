@@ -333,6 +333,7 @@ def _record_group(model, prompts, group, opts, keep_layers, last_k, N, tensors, 
     # at least one token, so that the prompt is computed when greedy_tokens is 0 (the token is dropped)
     params = SamplingParams(temperature=0.0, max_tokens=max(N, 1), ignore_eos=True)
     rid = {llm.add_request(s, params): r for r, s in enumerate(seqs)}
+    running = {i: llm.sequence(i) for i in rid}
     wanted = [range(0, n) if last_k is None else range(max(0, n - last_k), n) for n in lens]
     logit_rows = [[] for _ in group]
     g_ids = [[] for _ in group]
@@ -366,7 +367,7 @@ def _record_group(model, prompts, group, opts, keep_layers, last_k, N, tensors, 
             j = rows.index(r)
             g_ids[r] += out.new_token_ids
             g_logits[r].append(rec.logits[rec.offsets[j] + step_lens[j] - 1].to("cpu", torch.float32))
-        if all(llm.sequence(i).num_computed >= lens[r] for i, r in rid.items()):
+        if all(running[i].num_computed >= lens[r] for i, r in rid.items()):
             model.hook = None  # every prompt is in: the greedy continuation records no hooks
     for r, i in enumerate(group):
         pos = list(wanted[r])

@@ -173,6 +173,7 @@ def test_preemption_takes_the_most_recently_admitted(model):
     b = llm.add_request(prompt(16, 1), SamplingParams(max_tokens=70, ignore_eos=True))
     llm.step()
     assert [s.id for s in llm.scheduler.running] == [a, b]
+    seq_a, seq_b = llm.sequence(a), llm.sequence(b)
     while llm.stats.num_preemptions == 0:  # both grow until a block is missing
         llm.step()
     assert [s.id for s in llm.scheduler.running] == [a]
@@ -181,7 +182,7 @@ def test_preemption_takes_the_most_recently_admitted(model):
     want = [recompute_chain(model, prompt(16, s), n) for s, n in ((0, 78), (1, 70))]
     while llm.has_unfinished():
         llm.step()
-    assert [llm.sequence(r).output_ids for r in (a, b)] == want
+    assert [seq_a.output_ids, seq_b.output_ids] == want
 
 
 def test_abort_frees_every_block(model):
@@ -275,6 +276,7 @@ def test_stop_strings_cut_the_text_and_are_not_emitted(model):
     k = next(k for k in range(1, 17) if stop in tok.decode(chain[:k]))
     llm = LLM(model, rt(), tokenizer=tok)
     rid = llm.add_request(p, SamplingParams(max_tokens=16, stop=[stop, "never-there"], ignore_eos=True))
+    seq = llm.sequence(rid)
     streamed, outs = "", []
     while llm.has_unfinished():
         for o in llm.step():
@@ -283,7 +285,9 @@ def test_stop_strings_cut_the_text_and_are_not_emitted(model):
     assert streamed == full[:cut]
     assert outs[-1].finished and outs[-1].finish_reason == "stop"
     assert [t for o in outs for t in o.new_token_ids] == chain[:k]
-    assert llm.sequence(rid).text == full[:cut]
+    assert seq.text == full[:cut]
+    with pytest.raises(KeyError):  # a finished request is let go of
+        llm.sequence(rid)
     # without the stop string the whole text streams out
     res = LLM(model, rt(), tokenizer=tok).generate([p], SamplingParams(max_tokens=16, ignore_eos=True))[0]
     assert res.text == full
@@ -308,7 +312,7 @@ def test_logprobs_are_log_softmax_of_the_logits_parity_records(model):
 
 def test_refused_requests_say_why_and_the_engine_keeps_serving(model):
     llm = LLM(model, rt(max_model_len=40))
-    ok = llm.add_request(prompt(10), SamplingParams(max_tokens=5, ignore_eos=True))
+    ok = llm.sequence(llm.add_request(prompt(10), SamplingParams(max_tokens=5, ignore_eos=True)))
     llm.step()
     cases = [
         (prompt(30), SamplingParams(max_tokens=20), "maximum context length is 40 tokens, but the request needs 50"),
@@ -322,7 +326,7 @@ def test_refused_requests_say_why_and_the_engine_keeps_serving(model):
             llm.add_request(ids, params)
     while llm.has_unfinished():
         llm.step()
-    assert len(llm.sequence(ok).output_ids) == 5
+    assert len(ok.output_ids) == 5
     assert llm.kv_cache_usage() == 0.0
 
 
@@ -437,3 +441,11 @@ def test_streamed_text_is_the_decoded_output_with_a_real_tokenizer(model, tmp_pa
     for i in ids:
         assert streamed[i] == tok.decode(tokens[i])
         assert any(t > 258 for t in tokens[i])  # multi-byte tokens were drawn
+
+
+def test_generate_is_all_or_nothing(model):
+    llm = LLM(model, rt())
+    with pytest.raises(InputError, match="^prompt 2: token id 600"):
+        llm.generate([prompt(5), prompt(6), [600]], SamplingParams(max_tokens=3))
+    assert not llm.has_unfinished() and llm.kv_cache_usage() == 0.0
+    assert llm.generate([prompt(5)], SamplingParams(max_tokens=3, ignore_eos=True))[0].finish_reason == "length"

@@ -299,6 +299,8 @@ class StepLayout:
         W = cache.cfg.sliding_window
         self.batch = batch
         self.window_idx = window_rows(batch, cache.max_slots, W)  # [T, W]
+        if not batch.graph_safe:  # columns past the longest sequence are -1 in every row: not worth a gather
+            self.window_idx = self.window_idx[:, :min(W, max((s + n for _, s, n, _ in batch.seqs), default=0))]
         self.ring_keep, self.ring_at = ring_rows(batch, W)
         self.tables = cache.tables
         self.max_visible = {m: batch.max_visible(m) for m in cache.tables}
@@ -308,6 +310,11 @@ class StepLayout:
     def entry_rows(self, logical: torch.Tensor, ratio: int) -> torch.Tensor:
         """Indexer picks [T, K] at `ratio` -> pool rows."""
         return entry_rows(logical, self.batch.tok_slot, self.tables[ratio])
+
+    def picked_rows(self, topk: torch.Tensor, ratio: int) -> torch.Tensor:
+        """The indexer's picks [T, K] -> pool rows [T, min(K, max_visible)]: no query sees more than
+        max_visible entries, so the columns past it are -1 in every row (short contexts)."""
+        return self.entry_rows(topk[:, :self.max_visible[ratio]], ratio)
 
     def window(self, kv: torch.Tensor, ring: torch.Tensor):
         """(keys of every window row: ring then this step's kv, their indices [T, W])."""

@@ -80,7 +80,7 @@ def cmd_generate(a) -> int:
     rt = dataclasses.replace(L.runtime, max_num_seqs=min(L.runtime.max_num_seqs, len(prompts)))
     llm = LLM(L.model, rt, L.tokenizer)
     t1 = time.perf_counter()
-    results = llm.generate(prompts, params)
+    results = llm.generate(prompts, params, progress=not a.json and len(prompts) > 1)
     run_s = time.perf_counter() - t1
     t = llm.stats.as_dict()
     for ids, res in zip(prompts, results):

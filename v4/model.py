@@ -224,7 +224,7 @@ class Transformer:
             entries = self._compress(b.comp, x, batch, lc.pool, lc.state_kv, lc.state_score, table, inv_freq)
             self._record(f"{b.name}.attn.compressed", entries)
             # CSA: the indexer's picks; HCA: every complete entry the query may see
-            comp_idx = layout.entry_rows(topk, b.ratio) if b.kind == CSA else layout.hca_rows[b.ratio]
+            comp_idx = layout.picked_rows(topk, b.ratio) if b.kind == CSA else layout.hca_rows[b.ratio]
             comp_kv = lc.pool.view(-1, D)
 
         window_kv, window_idx = layout.window(kv, lc.ring)  # [S*W + T, D], [T, W]

@@ -98,6 +98,9 @@ class LLM:
     def add_request(self, prompt_ids, params: SamplingParams | None = None) -> int:
         """Queue a request; returns its id. A request that can never run is refused here with one
         sentence (InputError), and the engine goes on serving the others."""
+        return self._add(prompt_ids, params).id
+
+    def _add(self, prompt_ids, params: SamplingParams | None) -> Sequence:
         params = params or SamplingParams()
         cfg, rt = self.model.cfg, self.runtime
         prompt_ids = [int(t) for t in prompt_ids]
@@ -120,7 +123,7 @@ class LLM:
             self._pending.append(RequestOutput(seq.id, [], "", [] if params.logprobs is not None else None, True, "length"))
         else:
             self.scheduler.add(seq)
-        return seq.id
+        return seq
 
     def abort(self, request_id: int) -> bool:
         """Stop a request now and give its memory back; its last output (finish_reason "abort")
@@ -136,6 +139,7 @@ class LLM:
         return self.scheduler.has_unfinished() or bool(self._pending)
 
     def sequence(self, request_id: int) -> Sequence:
+        """A request that has not finished yet (the engine lets go of finished ones)."""
         return self._seqs[request_id]
 
     def kv_cache_usage(self) -> float:
@@ -246,6 +250,7 @@ class LLM:
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.finish(seq)
         seq.finish_reason = reason
+        del self._seqs[seq.id]  # its last RequestOutput carries what the caller still needs
 
     # ------------------------------------------------------------------ offline
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
@@ -254,13 +259,23 @@ class LLM:
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise InputError(f"{len(prompts)} prompts but {len(plist)} sampling parameter sets; give one, or one per prompt")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
-        lps: dict[int, list] = {i: [] for i in ids}
+        seqs: list[Sequence] = []
+        try:
+            for p, sp in zip(prompts, plist):
+                seqs.append(self._add(p, sp))
+        except InputError as e:  # all or nothing: take back the prompts queued before the refused one
+            for s in seqs:
+                if not s.is_finished:
+                    self._finish(s, FinishReason.ABORT)
+            mine = {s.id for s in seqs}
+            self._pending = [o for o in self._pending if o.request_id not in mine]
+            raise InputError(f"prompt {len(seqs)}: {e}" if len(prompts) > 1 else str(e)) from None
+        lps: dict[int, list] = {s.id: [] for s in seqs}
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(ids), desc="requests", unit="req")
+            bar = tqdm(total=len(seqs), desc="requests", unit="req")
         while self.has_unfinished():
             for out in self.step():
                 if out.logprobs:
@@ -269,10 +284,5 @@ class LLM:
                     bar.update(1)
         if bar is not None:
             bar.close()
-        done = []
-        for i in ids:
-            seq = self._seqs.pop(i)
-            text = seq.text if self.tokenizer is not None else ""
-            done.append(Completion(i, seq.prompt_ids, seq.output_ids, text, seq.finish_reason.value,
-                                   lps[i] if seq.params.logprobs is not None else None))
-        return done
+        return [Completion(s.id, s.prompt_ids, s.output_ids, s.text, s.finish_reason.value,
+                           lps[s.id] if s.params.logprobs is not None else None) for s in seqs]

@@ -63,7 +63,9 @@ class Sequence:
         P = len(self.prompt_ids)
         if start + n <= P:
             return self.prompt_ids[start:start + n]
-        return (self.prompt_ids + self.output_ids)[start:start + n]
+        if start >= P:
+            return self.output_ids[start - P:start - P + n]
+        return self.prompt_ids[start:] + self.output_ids[:start + n - P]
 
     @property
     def is_finished(self) -> bool:
