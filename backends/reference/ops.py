@@ -190,8 +190,15 @@ class ReferenceOps:
         cur = m if spec.overlap else 0  # first state row of the current window
         bs = pool.shape[1]
         emitted = []
+        # Tokens whose window stays open only join their sequence's state (most decode tokens): one
+        # indexed write for all of them. Sequences that close a window go through the loop below.
+        joining = [(slot, start % m + j, off + j) for slot, start, n, off in seqs if start % m + n < m for j in range(n)]
+        if joining:
+            slot_t, row_t, tok_t = torch.tensor(joining, device=kv.device).unbind(1)
+            state_kv[slot_t, cur + row_t] = kv[tok_t]
+            state_score[slot_t, cur + row_t] = score[tok_t] + ape[row_t].to(score.dtype)
         for slot, start, n, off in seqs:
-            if n == 0:
+            if start % m + n < m:  # (n == 0 included) done above: no window closes
                 continue
             pos = torch.arange(start, start + n, device=kv.device)
             z_new = score[off:off + n] + ape[pos % m].to(score.dtype)
@@ -252,30 +259,32 @@ class ReferenceOps:
         kernel size its work without reading positions back (a decode step captured in a CUDA
         graph passes the cache's capacity); here it is only checked.
         """
-        T = q.shape[0]
+        T, d = q.shape[0], q.shape[-1]
         out = torch.full((T, topk), -1, dtype=torch.int32, device=q.device)
-        if T == 0:
-            return out
         nvis = (positions + 1) // ratio  # [T]
+        most = int(nvis.max()) if T else 0
+        if max_visible is not None and most > max_visible:
+            raise ValueError(f"indexer_topk: a query sees {most} entries, more than max_visible={max_visible}")
+        if most == 0:
+            return out
         bs = k_pool.shape[1]
         a = acc(q.dtype)
-        flat = k_pool.view(-1, k_pool.shape[-1])
-        for slot in tok_slot.unique().tolist():
-            rows = (tok_slot == slot).nonzero().squeeze(1)
-            n_ent = int(nvis[rows].max())
-            if max_visible is not None and n_ent > max_visible:
-                raise ValueError(f"indexer_topk: a query sees {n_ent} entries, more than max_visible={max_visible}")
-            if n_ent == 0:
+        flat = k_pool.view(-1, d)
+        step = max(1, (1 << 22) // (most * d))  # queries per chunk: their keys [t, S, d] stay within 4M elements
+        for s in range(0, T, step):
+            e = min(T, s + step)
+            S = int(nvis[s:e].max())
+            if S == 0:
                 continue
-            ent = torch.arange(n_ent, device=q.device)
-            keys = flat[block_table[slot, ent // bs].long() * bs + ent % bs].to(a)  # [S, d]
-            scores = torch.relu(torch.einsum("thd,sd->ths", q[rows].to(a), keys))
-            scores = (scores * weights[rows].to(a).unsqueeze(-1)).sum(1)  # [t, S]
-            scores = scores.masked_fill(ent[None, :] >= nvis[rows, None], float("-inf"))
-            k = min(topk, n_ent)
+            ent = torch.arange(S, device=q.device)
+            # each query's own sequence's keys, through its block table (rows past its visible count are masked)
+            keys = flat[block_table[tok_slot[s:e, None], ent // bs].long() * bs + ent % bs].to(a)  # [t, S, d]
+            scores = torch.relu(torch.einsum("thd,tsd->ths", q[s:e].to(a), keys))
+            scores = (scores * weights[s:e].to(a).unsqueeze(-1)).sum(1)  # [t, S]
+            scores = scores.masked_fill(ent[None, :] >= nvis[s:e, None], float("-inf"))
+            k = min(topk, S)
             idx = scores.topk(k, dim=-1).indices
-            idx = torch.where(idx < nvis[rows, None], idx, torch.full_like(idx, -1))
-            out[rows, :k] = idx.to(torch.int32)
+            out[s:e, :k] = torch.where(idx < nvis[s:e, None], idx, -1).to(torch.int32)
         return out
 
     # ------------------------------------------------------------------ attention
