@@ -114,6 +114,7 @@ class KVCache:
                     lc.index_state_score = torch.zeros_like(lc.index_state_kv)
             self.layers.append(lc)
         self.geometry = CacheGeometry.of(cfg, dtype, block_size, n_layers)
+        self.hca_ratios = {cfg.layer_ratio(i) for i, lc in enumerate(self.layers) if lc.kind == HCA}
 
     # ------------------------------------------------------------------ slots
     @property
@@ -304,8 +305,7 @@ class StepLayout:
         self.ring_keep, self.ring_at = ring_rows(batch, W)
         self.tables = cache.tables
         self.max_visible = {m: batch.max_visible(m) for m in cache.tables}
-        hca = {lc_ratio for lc_ratio, lc in zip(_ratios(cache), cache.layers) if lc.kind == HCA}
-        self.hca_rows = {m: visible_entry_rows(batch, m, cache.tables[m]) for m in hca}  # [T, max_visible]
+        self.hca_rows = {m: visible_entry_rows(batch, m, cache.tables[m]) for m in cache.hca_ratios}  # [T, max_visible]
 
     def entry_rows(self, logical: torch.Tensor, ratio: int) -> torch.Tensor:
         """Indexer picks [T, K] at `ratio` -> pool rows."""
@@ -323,6 +323,3 @@ class StepLayout:
     def write_ring(self, kv: torch.Tensor, ring: torch.Tensor) -> None:
         ring.view(-1, ring.shape[-1])[self.ring_at] = kv[self.ring_keep].to(ring.dtype)
 
-
-def _ratios(cache: KVCache) -> list[int]:
-    return [cache.cfg.layer_ratio(i) for i in range(len(cache.layers))]
