@@ -111,8 +111,8 @@ class LLM:
         need = len(prompt_ids) + params.max_tokens
         if need > rt.max_model_len:
             raise InputError(f"This model's maximum context length is {rt.max_model_len} tokens, but the request needs {need} "
-                             f"({len(prompt_ids)} in the prompt, {params.max_tokens} in max_tokens); shorten the prompt or "
-                             "lower max_tokens")
+                             f"({len(prompt_ids)} in the prompt, {params.max_tokens} in max_tokens); shorten the prompt, lower "
+                             "max_tokens or raise runtime.max_model_len")
         why = self.blocks.fits_at_all(need)
         if why:
             raise InputError(f"a request of {need} tokens (prompt + max_tokens) {why}")
