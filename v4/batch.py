@@ -28,7 +28,8 @@ class StepBatch:
         self.cu_seqlens = torch.tensor(self.offsets, dtype=torch.int32, device=dev)
         rep = torch.tensor(self.lens, device=dev)
         self.tok_row = torch.repeat_interleave(torch.arange(len(self.lens), device=dev), rep)  # [T] sequence of each token
-        self.tok_slot = torch.tensor(self.slots, device=dev)[self.tok_row]  # [T]
+        self.row_slot = torch.tensor(self.slots, device=dev)  # [B] cache slot of each sequence
+        self.tok_slot = self.row_slot[self.tok_row]  # [T]
         self.tok_start = torch.tensor(self.starts, device=dev)[self.tok_row]  # [T] first new position of its sequence
         self.tok_off = torch.tensor(self.offsets[:-1], device=dev)[self.tok_row]  # [T] its sequence's first row
         self.positions = self.tok_start + torch.arange(self.num_tokens, device=dev) - self.tok_off  # [T]
@@ -56,7 +57,8 @@ class DecodeBatch:
         B = slots.shape[0]
         dev = slots.device
         self.device, self.num_tokens, self.max_len = dev, B, max_len
-        self.tok_slot, self.positions = slots, positions
+        self.tok_slot = self.row_slot = slots
+        self.positions = positions
         self.tok_start = positions  # each sequence's new tokens start (and end) at its position
         self.tok_row = self.tok_off = self.last_token = torch.arange(B, device=dev)
         self.cu_seqlens = torch.arange(B + 1, dtype=torch.int32, device=dev)

@@ -253,14 +253,15 @@ def cache_bytes_per_token(cfg: ModelConfig, entry_bytes: int | None = None, inde
 
 
 # ---------------------------------------------------------------------------- step layout
-def window_rows(batch: StepBatch | DecodeBatch, num_slots: int, W: int) -> torch.Tensor:
-    """Rows of cat([ring.view(-1, D), new kv]) holding each query's window {t-W+1 .. t}: older
-    tokens from the ring (`num_slots` slots of W rows), this step's from the new kv; -1 before
-    position 0. [T, W] int32, the same for every layer."""
+def window_rows(batch: StepBatch | DecodeBatch, num_rings: int, W: int) -> torch.Tensor:
+    """Rows of cat([the step's rings, new kv]) holding each query's window {t-W+1 .. t}: older
+    tokens from the ring of its sequence (batch row b's ring is rows [b*W, (b+1)*W); `num_rings`
+    rings of W rows come first), this step's from the new kv; -1 before position 0. [T, W] int32,
+    the same for every layer."""
     p = batch.positions[:, None] - torch.arange(W, device=batch.device)[None, :]  # [T, W]
     fresh = p >= batch.tok_start[:, None]
-    from_new = num_slots * W + batch.tok_off[:, None] + (p - batch.tok_start[:, None])
-    from_ring = batch.tok_slot[:, None] * W + p.remainder(W)
+    from_new = num_rings * W + batch.tok_off[:, None] + (p - batch.tok_start[:, None])
+    from_ring = batch.tok_row[:, None] * W + p.remainder(W)
     idx = torch.where(fresh, from_new, from_ring)
     return torch.where(p >= 0, idx, -1).to(torch.int32)
 
@@ -299,7 +300,7 @@ class StepLayout:
     def __init__(self, batch: StepBatch | DecodeBatch, cache: KVCache):
         W = cache.cfg.sliding_window
         self.batch = batch
-        self.window_idx = window_rows(batch, cache.max_slots, W)  # [T, W]
+        self.window_idx = window_rows(batch, batch.row_slot.shape[0], W)  # [T, W]
         if not batch.graph_safe:  # columns past the longest sequence are -1 in every row: not worth a gather
             self.window_idx = self.window_idx[:, :min(W, max((s + n for _, s, n, _ in batch.seqs), default=0))]
         self.ring_keep, self.ring_at = ring_rows(batch, W)
@@ -317,8 +318,9 @@ class StepLayout:
         return self.entry_rows(topk[:, :self.max_visible[ratio]], ratio)
 
     def window(self, kv: torch.Tensor, ring: torch.Tensor):
-        """(keys of every window row: ring then this step's kv, their indices [T, W])."""
-        return torch.cat([ring.view(-1, ring.shape[-1]), kv.to(ring.dtype)]), self.window_idx
+        """(keys of every window row: the step's rings [B*W, D] then its new kv [T, D]; their indices [T, W])."""
+        # the rings of this step's sequences only: a gather of B rings, not a copy of every slot's
+        return torch.cat([ring[self.batch.row_slot].view(-1, ring.shape[-1]), kv.to(ring.dtype)]), self.window_idx
 
     def write_ring(self, kv: torch.Tensor, ring: torch.Tensor) -> None:
         ring.view(-1, ring.shape[-1])[self.ring_at] = kv[self.ring_keep].to(ring.dtype)
