@@ -1,4 +1,4 @@
-"""`dsv4` command line: init, info, backends, generate."""
+"""`dsv4` command line: init, info, backends, generate, serve (and parity)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ USAGE_EXAMPLES = """examples:
   dsv4 init --config tiny --out /tmp/tiny-ckpt --quant fp8
   dsv4 info --config v4-flash
   dsv4 backends
+  dsv4 serve --config tiny --port 8000
 """
 
 
@@ -237,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_parity = None
     if add_parity is not None:
         add_parity(sub)
+
+    from .serve.server import add_parser as add_serve  # stdlib only: fastapi is imported when `serve` runs
+
+    add_serve(sub, _add_model_args, _add_engine_args, _overrides)
 
     b = sub.add_parser("backends", help="backends x ops x availability")
     b.add_argument("--json", action="store_true")

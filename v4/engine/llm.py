@@ -189,9 +189,11 @@ class LLM:
 
     def _append(self, seq: Sequence, token: int, lp: TokenLogprobs | None) -> RequestOutput:
         p = seq.params
+        queue_s = None
         if not seq.output_ids:
             seq.first_token_time = time.monotonic()
             self.stats.prompt_tokens += seq.num_prompt_tokens
+            queue_s = seq.first_scheduled_time - seq.arrival_time
         self.stats.generation_tokens += 1
         seq.output_ids.append(token)
         reason = None
@@ -210,7 +212,7 @@ class LLM:
                 seq.text += self._text_delta(seq, final=True)  # bytes of an unfinished character, as U+FFFD
             new_text += self._flush_text(seq)
         return RequestOutput(seq.id, [token], new_text, [lp] if lp is not None else None, reason is not None,
-                             reason.value if reason else None)
+                             reason.value if reason else None, queue_s)
 
     # ------------------------------------------------------------------ text and stop strings
     def _detokenize(self, seq: Sequence, stop_allowed: bool) -> tuple[str, bool]:

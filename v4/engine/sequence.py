@@ -95,3 +95,4 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None
     finished: bool
     finish_reason: str | None
+    queue_s: float | None = None  # on a request's first token: seconds from add_request to first scheduled
