@@ -90,6 +90,7 @@ class OpenAIServing:
         finally:
             if not stream.finished:
                 self.ctx.engine.abort(stream.request_id)
+                m.finished("abort")
 
     async def collect(self, stream: RequestStream, raw: Request) -> list[RequestOutput]:
         """Every output of a non-streamed request; aborts it if the client disconnects meanwhile."""
