@@ -273,3 +273,16 @@ def test_backends_take_the_contract_signatures(backend, monkeypatch):
         assert all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in extra), \
             f"{cls.__name__}.{op}: parameters beyond the contract need defaults: {[p.name for p in extra]}"
     assert cls.name == backend
+
+
+def test_the_core_never_imports_the_serve_extra():
+    """fastapi, uvicorn, prometheus_client and jinja2 are the `serve` extra: only `dsv4 serve`
+    (and a Jinja chat template) may load them. Checked in a fresh interpreter, after building the CLI."""
+    import subprocess
+    import sys
+
+    code = ("import sys, v4, v4.engine, v4.chat, v4.cli, v4.runtime, parity; v4.cli.build_parser(); "
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'prometheus_client', 'jinja2', 'starlette') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -42,9 +42,10 @@ def serve(a, overrides: dict) -> int:
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.uvicorn_log_level,
                             timeout_graceful_shutdown=a.shutdown_timeout, timeout_keep_alive=5)
     server = uvicorn.Server(config)
-    # uvicorn re-raises a caught SIGTERM once it has shut down; with a handler of ours installed
-    # that re-raise is a no-op, so a graceful stop exits 0 instead of dying by the signal
-    signal.signal(signal.SIGTERM, lambda *_: None)
+    # uvicorn re-raises a caught SIGTERM / SIGINT once it has shut down; with handlers of ours in
+    # place that re-raise is a no-op, so a graceful stop exits 0 instead of dying by the signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run()
     return 0
 
