@@ -197,6 +197,37 @@ def test_indexer_score_is_weighted_relu_sum():
     assert got[0].tolist() == [0, 2, 1]
 
 
+
+@pytest.mark.parametrize("other_len", [0, 40, 144])
+def test_indexer_ties_go_to_the_lowest_ids_whatever_shares_the_step(other_len):
+    """Scores tie exactly where relu zeroes every head. The picks are the lowest tied ids, and they
+    do not move when a longer sequence in the same step widens the score rows (a request's tokens
+    must not depend on what else shares its step)."""
+    d, ratio = 2, 4
+    pool = torch.zeros(2, 64, d, dtype=D64)
+    pool[0, :, 0] = torch.arange(1, 65, dtype=D64)  # slot 0 (block 0): keys (s + 1, 0)
+    pool[1, :, 0] = 1.0  # slot 1 (block 1): another sequence's keys
+    pool[0, 5, 1] = 3.0  # entry 5 is the only one the second head scores above 0
+    table = torch.tensor([[0], [1]], dtype=torch.int32)
+    q = torch.tensor([[[-1.0, 0.0], [0.0, 1.0]]], dtype=D64)  # head 0 sees -(s + 1) -> relu 0; head 1 sees entry 5
+    w = torch.ones(1, 2, dtype=D64)
+    positions, slots = [27], [0]  # 7 visible entries: 0..6; entry 5 scores 3, the rest tie at 0
+    if other_len:
+        positions.append(other_len - 1)
+        slots.append(1)
+    n = len(positions)
+    got = ops.indexer_topk(q.expand(n, 2, d).contiguous(), w.expand(n, 2).contiguous(), pool, table,
+                           torch.tensor(slots), torch.tensor(positions), ratio, topk=4)
+    assert got[0].tolist() == [5, 0, 1, 2]
+
+
+def test_moe_gate_ties_go_to_the_lowest_expert():
+    x = torch.zeros(1, 2, dtype=D64)  # every expert scores sqrt(softplus(0)): all tie
+    weight = torch.randn(16, 2, dtype=D64)
+    _, ids = ops.moe_gate(x, weight, torch.zeros(16, dtype=D64), None, None, topk=3, route_scale=1.0)
+    assert ids[0].tolist() == [0, 1, 2]
+
+
 # ---------------------------------------------------------------- MoE
 def test_moe_gate_sqrt_softplus_bias_only_selects():
     x = torch.tensor([[1.0, 0.0]], dtype=D64)

@@ -56,6 +56,16 @@ def compress_rows_on_host(compress, kv, score, ape, spec, norm_weight, inv_freq,
     return out
 
 
+
+def topk_lowest_first(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest values of each row, best first, equal values lowest index first.
+
+    torch.topk leaves the order of ties open, and it changes with the row's width: the indexer's
+    scores tie exactly wherever relu zeroes every head, and the width is the longest sequence in
+    the step, so a request's picks would depend on what else shares its step. A stable sort fixes
+    the rule (the CUDA kernels use the same one)."""
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
+
 class ReferenceOps:
     name = "reference"
 
@@ -283,7 +293,7 @@ class ReferenceOps:
             scores = (scores * weights[s:e].to(a).unsqueeze(-1)).sum(1)  # [t, S]
             scores = scores.masked_fill(ent[None, :] >= nvis[s:e, None], float("-inf"))
             k = min(topk, S)
-            idx = scores.topk(k, dim=-1).indices
+            idx = topk_lowest_first(scores, k)
             out[s:e, :k] = torch.where(idx < nvis[s:e, None], idx, -1).to(torch.int32)
         return out
 
@@ -333,7 +343,7 @@ class ReferenceOps:
         if tid2eid is not None:
             ids = tid2eid[token_ids].long()
         else:
-            ids = (s + bias.to(a)).topk(topk, dim=-1).indices
+            ids = topk_lowest_first(s + bias.to(a), topk)
         g = s.gather(1, ids)
         g = g / g.sum(-1, keepdim=True) * route_scale
         return g, ids.to(torch.int32)
