@@ -294,3 +294,77 @@ def test_grouped_out_proj_is_block_diagonal_then_dense():
     wo_b = torch.randn(Dm, G * R, dtype=D64)
     z = torch.cat([o[:, :per] @ wo_a[:R].t(), o[:, per:] @ wo_a[R:].t()], -1)
     torch.testing.assert_close(ops.grouped_out_proj(o, wo_a, wo_b, G), z @ wo_b.t())
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 16, 2), (5, 16, 2), (16, 8, 3), (40, 4, 2)])
+@pytest.mark.parametrize("act_quant", [False, True])
+def test_moe_experts_grouped_form_equals_one_expert_at_a_time(T, E, k, act_quant, monkeypatch):
+    """The grouped form (padded [E, width, .] buffers, idle experts left out) against the plain loop
+    over experts, on random routing that leaves some experts idle and loads others unevenly."""
+    g = torch.Generator().manual_seed(T * 100 + E)
+    D, I = 16, 8
+    x = torch.randn(T, D, generator=g, dtype=D64)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
+    ids[: T // 2, 0] = 0  # expert 0 busier than the rest
+    w = torch.rand(T, k, generator=g, dtype=D64)
+    w13, w2 = torch.randn(E, 2 * I, D, generator=g, dtype=D64), torch.randn(E, D, I, generator=g, dtype=D64)
+    shared = (torch.randn(2 * I, D, generator=g, dtype=D64), torch.randn(D, I, generator=g, dtype=D64))
+    grouped = ops.moe_experts(x, ids, w, w13, w2, shared, 10.0, act_quant)
+    monkeypatch.setattr(ReferenceOps, "GROUPED_MOE_ELEMENTS", 0)
+    looped = ops.moe_experts(x, ids, w, w13, w2, shared, 10.0, act_quant)
+    torch.testing.assert_close(grouped, looped, rtol=1e-12, atol=1e-12)
+
+
+def _attention_by_the_formula(q, wkv, widx, ckv, cidx, sink, scale):
+    """o_h = sum_s e^{l_hs} v_s / (sum_s e^{l_hs} + e^{sink_h}), one query at a time."""
+    out = torch.zeros_like(q)
+    for t in range(q.shape[0]):
+        rows = [wkv[i] for i in widx[t].tolist() if i >= 0] + [ckv[i] for i in cidx[t].tolist() if i >= 0]
+        if not rows:
+            continue
+        k = torch.stack(rows)  # [K, d]
+        l = scale * q[t] @ k.t()  # [H, K]
+        w = torch.exp(l)
+        out[t] = (w @ k) / (w.sum(-1, keepdim=True) + torch.exp(sink)[:, None])
+    return out
+
+
+# mixed: the first chunk of 64 queries is mostly decode tokens (gathered), the last 6 a prompt's (union)
+@pytest.mark.parametrize("layout,union", [("prompt", True), ("decode", False), ("mixed", True)])
+def test_attention_gathered_and_union_forms_follow_the_formula(layout, union, monkeypatch):
+    """A prompt's queries name overlapping rows (the union form scores them once); decode tokens of
+    different sequences name disjoint rows (the gathered form); both against the formula."""
+    g = torch.Generator().manual_seed({"prompt": 1, "decode": 2, "mixed": 3}[layout])
+    T, H, d, W, Nw, Nc = 70, 3, 8, 48, 4000, 50
+    q = torch.randn(T, H, d, generator=g, dtype=D64)
+    wkv, ckv = torch.randn(Nw, d, generator=g, dtype=D64), torch.randn(Nc, d, generator=g, dtype=D64)
+    sink = torch.randn(H, generator=g, dtype=D64)
+    t = torch.arange(T)[:, None]
+    if layout == "prompt":  # one sequence: query t sees rows t-W+1 .. t, and the entries closed before it
+        widx = t - torch.arange(W)[None, :]
+        cidx = torch.where(torch.arange(4)[None, :] < (t + 1) // 16, torch.arange(4)[None, :], -1)
+    else:  # decode: one token per sequence, each with its own W rows and picks; mixed: half of them a prompt
+        widx = t * W + torch.arange(W)[None, :]
+        if layout == "mixed":
+            widx = torch.where(t < T // 2, widx, 3900 + t - torch.arange(W)[None, :])
+        cidx = torch.stack([torch.randperm(Nc, generator=g)[:4] for _ in range(T)])
+        cidx[::5, 2:] = -1
+    widx, cidx = widx.masked_fill(widx < 0, -1).to(torch.int32), cidx.to(torch.int32)
+    einsums = []
+    real = torch.einsum
+    monkeypatch.setattr(torch, "einsum", lambda *a: einsums.append(a[0]) or real(*a))
+    got = ops.attention(q, wkv, widx, ckv, cidx, sink, 0.3)
+    assert bool(einsums) == union  # which form ran
+    torch.testing.assert_close(got, _attention_by_the_formula(q, wkv, widx, ckv, cidx, sink, 0.3), rtol=1e-12, atol=1e-12)
+
+
+def test_attention_counts_a_row_named_twice_twice():
+    """Both forms keep the gathered semantics: each named row is one term, repeats included."""
+    q = torch.tensor([[[1.0, 0.0]]], dtype=D64)
+    kv = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=D64)
+    idx = torch.tensor([[0, 0, 1]], dtype=torch.int32)
+    sink = torch.tensor([0.0], dtype=D64)
+    got = ops.attention(q, kv, idx, None, None, sink, 1.0)
+    e2, e0 = math.exp(2.0), 1.0  # logits: row 0 -> 2 (twice), row 1 -> 0, sink -> 0
+    want = (2 * e2 * kv[0] + e0 * kv[1]) / (2 * e2 + e0 + 1.0)
+    torch.testing.assert_close(got[0, 0], want, rtol=1e-12, atol=1e-12)
