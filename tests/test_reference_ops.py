@@ -369,3 +369,15 @@ def test_attention_counts_a_row_named_twice_twice():
     e2, e0 = math.exp(2.0), 1.0  # logits: row 0 -> 2 (twice), row 1 -> 0, sink -> 0
     want = (2 * e2 * kv[0] + e0 * kv[1]) / (2 * e2 + e0 + 1.0)
     torch.testing.assert_close(got[0, 0], want, rtol=1e-12, atol=1e-12)
+
+
+def test_attention_chunks_keep_a_prompts_run_apart_from_decode_tokens():
+    """Three decode tokens (each its own ring rows), then a 20-token prompt whose windows slide by one,
+    then one more decode token: the prompt's run is chunked on its own; decode tokens gather together."""
+    from backends.reference.ops import _chunks
+
+    W = 4
+    decode = [[100 + 10 * b + j for j in range(W)] for b in range(3)]
+    prompt = [[200 + t - j if t - j >= 0 else -1 for j in range(W)] for t in range(20)]
+    idx = torch.tensor(decode + prompt + [[900, 901, 902, 903]], dtype=torch.int32)
+    assert _chunks(idx, chunk=8) == [(0, 3), (3, 11), (11, 19), (19, 23), (23, 24)]

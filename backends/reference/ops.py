@@ -57,6 +57,32 @@ def compress_rows_on_host(compress, kv, score, ape, spec, norm_weight, inv_freq,
 
 
 
+def _chunks(window_idx: torch.Tensor, chunk: int, min_run: int = 8) -> list[tuple[int, int]]:
+    """Query ranges [s, e) of at most `chunk` that do not mix a prompt's run of tokens with decode
+    tokens of other sequences, so a prompt's chunk can take the union form. Token t continues token
+    t-1's sequence when its window's second-newest row is t-1's newest (windows slide by one)."""
+    T = window_idx.shape[0]
+    if T == 0:
+        return []
+    if window_idx.shape[1] < 2:
+        return [(s, min(T, s + chunk)) for s in range(0, T, chunk)]
+    cont = ((window_idx[1:, 1] == window_idx[:-1, 0]) & (window_idx[1:, 1] >= 0)).tolist()
+    bounds = [0] + [t + 1 for t, c in enumerate(cont) if not c] + [T]
+    runs = list(zip(bounds[:-1], bounds[1:]))
+    out, short = [], None  # consecutive short runs (decode tokens) are gathered together
+    for s, e in runs:
+        if e - s >= min_run:
+            if short is not None:
+                out += [(x, min(short[1], x + chunk)) for x in range(short[0], short[1], chunk)]
+                short = None
+            out += [(x, min(e, x + chunk)) for x in range(s, e, chunk)]
+        else:
+            short = (short[0] if short else s, e)
+    if short is not None:
+        out += [(x, min(short[1], x + chunk)) for x in range(short[0], short[1], chunk)]
+    return out
+
+
 def topk_lowest_first(x: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest values of each row, best first, equal values lowest index first.
 
@@ -312,8 +338,7 @@ class ReferenceOps:
         a = acc(q.dtype)
         out = torch.empty_like(q)
         sink = _as(sink, a).view(1, H, 1)
-        for s in range(0, T, chunk):
-            e = min(T, s + chunk)
+        for s, e in _chunks(window_idx, chunk):
             parts = [(window_idx[s:e], window_kv)]
             if comp_idx is not None and comp_idx.shape[1] > 0:
                 parts.append((comp_idx[s:e], comp_kv))
