@@ -40,14 +40,16 @@ A chunk is a streamed event with non-empty text, so a token that decodes to no t
 for the first token with text, and ITL then exceeds TPOT. The token counts come from `usage`.
 
 Measured on 2 CPU cores (AVX2), `python bench/serve.py` (small, 32 prompts of 128 tokens, 64 out,
-16 clients, all at t=0; 3 min 15 s for the whole run, checkpoint build included), two runs:
-  dsv4 serve          56.5 / 49.9 output tok/s, TTFT p50 6.1 / 6.8 s, p99 7.4 / 8.1 s, TPOT p50 191 / 215 ms
-  transformers serve  15.4 / 16.1 output tok/s, TTFT p50 61.9 / 57.1 s, p99 64.3 / 61.5 s, TPOT p50 59 / 58 ms
-  ratio 3.66x / 3.10x: MISS of the 5x target. transformers serves one request at a time (~4 s
-  each), so its TTFT is the queue; dsv4 runs 16 at once, but a decode step of 16 costs ~200 ms
-  against transformers' ~58 ms for one. Every request (32 per server per run) got exactly 64 tokens.
-  The machine is shared: other work on the 2 cores skews both columns (transformers' 2 OpenMP
-  threads on one free core fall to a fraction of their speed), so check the header's load average.
+16 clients, all at t=0; about 3.5 min for the whole run), four clean runs of the final code on
+2026-12-04 (nothing else running; the machine's own speed drifted: transformers went 16.7 -> 13.0):
+  dsv4 serve          78.5 / 67.3 / 65.4 / 59.4 output tok/s, TTFT p50 3.5 / 4.2 / 4.6 / 4.1 s
+  transformers serve  16.7 / 13.4 / 13.2 / 13.0 output tok/s, TTFT p50 56 / 70 / 67 / 72 s
+  ratio 4.70x / 5.02x / 4.94x / 4.58x: the 5x target is met in one run of four, so not reliably.
+  transformers serves one request at a time, so its TTFT is the queue. dsv4's TPOT (158-220 ms)
+  is above what the same engine does in process (decode step ~130 ms at 16 sequences): this
+  client's 16 streams and the server's event loop share the 2 cores with the engine's 2 OpenMP
+  threads, and an OpenMP team loses far more than the cycles it gives up (a 30% load on one core
+  cut the in-process engine from 90 to 70 tok/s). Every request got exactly 64 tokens.
 
     python bench/serve.py                                   # both servers, small, 32 prompts
     python bench/serve.py --smoke                           # tiny config, 4 short prompts, < 1 min
