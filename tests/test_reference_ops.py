@@ -380,4 +380,4 @@ def test_attention_chunks_keep_a_prompts_run_apart_from_decode_tokens():
     decode = [[100 + 10 * b + j for j in range(W)] for b in range(3)]
     prompt = [[200 + t - j if t - j >= 0 else -1 for j in range(W)] for t in range(20)]
     idx = torch.tensor(decode + prompt + [[900, 901, 902, 903]], dtype=torch.int32)
-    assert _chunks(idx, chunk=8) == [(0, 3), (3, 11), (11, 19), (19, 23), (23, 24)]
+    assert _chunks(idx, chunk=8) == [(0, 3, False), (3, 11, True), (11, 19, True), (19, 23, True), (23, 24, False)]

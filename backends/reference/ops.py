@@ -57,15 +57,16 @@ def compress_rows_on_host(compress, kv, score, ape, spec, norm_weight, inv_freq,
 
 
 
-def _chunks(window_idx: torch.Tensor, chunk: int, min_run: int = 8) -> list[tuple[int, int]]:
-    """Query ranges [s, e) of at most `chunk` that do not mix a prompt's run of tokens with decode
-    tokens of other sequences, so a prompt's chunk can take the union form. Token t continues token
-    t-1's sequence when its window's second-newest row is t-1's newest (windows slide by one)."""
+def _chunks(window_idx: torch.Tensor, chunk: int, min_run: int = 8) -> list[tuple[int, int, bool]]:
+    """Query ranges (s, e, one sequence's run?) of at most `chunk` that do not mix a prompt's run of
+    tokens with decode tokens of other sequences, so a prompt's chunk can take the union form. Token
+    t continues token t-1's sequence when its window's second-newest row is t-1's newest (windows
+    slide by one)."""
     T = window_idx.shape[0]
     if T == 0:
         return []
     if window_idx.shape[1] < 2:
-        return [(s, min(T, s + chunk)) for s in range(0, T, chunk)]
+        return [(s, min(T, s + chunk), True) for s in range(0, T, chunk)]
     cont = ((window_idx[1:, 1] == window_idx[:-1, 0]) & (window_idx[1:, 1] >= 0)).tolist()
     bounds = [0] + [t + 1 for t, c in enumerate(cont) if not c] + [T]
     runs = list(zip(bounds[:-1], bounds[1:]))
@@ -73,13 +74,13 @@ def _chunks(window_idx: torch.Tensor, chunk: int, min_run: int = 8) -> list[tupl
     for s, e in runs:
         if e - s >= min_run:
             if short is not None:
-                out += [(x, min(short[1], x + chunk)) for x in range(short[0], short[1], chunk)]
+                out += [(x, min(short[1], x + chunk), False) for x in range(short[0], short[1], chunk)]
                 short = None
-            out += [(x, min(e, x + chunk)) for x in range(s, e, chunk)]
+            out += [(x, min(e, x + chunk), True) for x in range(s, e, chunk)]
         else:
             short = (short[0] if short else s, e)
     if short is not None:
-        out += [(x, min(short[1], x + chunk)) for x in range(short[0], short[1], chunk)]
+        out += [(x, min(short[1], x + chunk), False) for x in range(short[0], short[1], chunk)]
     return out
 
 
@@ -338,14 +339,14 @@ class ReferenceOps:
         a = acc(q.dtype)
         out = torch.empty_like(q)
         sink = _as(sink, a).view(1, H, 1)
-        for s, e in _chunks(window_idx, chunk):
+        for s, e, one_run in _chunks(window_idx, chunk):
             parts = [(window_idx[s:e], window_kv)]
             if comp_idx is not None and comp_idx.shape[1] > 0:
                 parts.append((comp_idx[s:e], comp_kv))
-            out[s:e] = self._attend_chunk(q[s:e], parts, sink, scale, a)
+            out[s:e] = self._attend_chunk(q[s:e], parts, sink, scale, a, may_share=one_run)
         return out
 
-    def _attend_chunk(self, q, parts, sink, scale, a):
+    def _attend_chunk(self, q, parts, sink, scale, a, may_share: bool = True):
         """One chunk of queries [t, H, d] over the rows each names in `parts` [(idx [t, K], kv [N, d])].
 
         Queries of one prompt name mostly the same rows (neighbouring windows, shared entries): then
@@ -354,7 +355,7 @@ class ReferenceOps:
         gathering a copy of K rows per query. A chunk of decode tokens from different sequences
         shares nothing, and gathers. Both compute the same sums."""
         keys, named = [], []
-        union = sum(int(torch.unique(idx).numel()) for idx, _ in parts) if q.shape[0] > 1 else None
+        union = sum(int(torch.unique(idx).numel()) for idx, _ in parts) if may_share and q.shape[0] > 1 else None
         if union is not None and 4 * union <= q.shape[0] * sum(idx.shape[1] for idx, _ in parts):  # saves 4x the rows
             for idx, src in parts:
                 rows, inv = torch.unique(idx.clamp(min=0), return_inverse=True)  # rows [U], inv [t, K]

@@ -39,8 +39,8 @@ class EngineDead(DSV4Error):
 class RequestStream:
     """One request's outputs, in step order. `arrival` is when the HTTP request came in (TTFT's start)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, arrival: float):
-        self.loop, self.arrival = loop, arrival
+    def __init__(self, arrival: float):
+        self.arrival = arrival
         self.request_id: int | None = None
         self.finished = False
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
@@ -100,7 +100,7 @@ class AsyncEngine:
         """Queue a request. Raises InputError (refused: it can never run), QueueFull or EngineDead."""
         if not self.alive:
             raise EngineDead(self._dead_message())
-        stream = RequestStream(self._loop, time.monotonic() if arrival is None else arrival)
+        stream = RequestStream(time.monotonic() if arrival is None else arrival)
         done: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put(("add", prompt_ids, params, stream, done))
         answer = asyncio.wrap_future(done)
@@ -118,9 +118,6 @@ class AsyncEngine:
     def abort(self, request_id: int | None) -> None:
         if request_id is not None and self._thread is not None:
             self._commands.put(("abort", request_id))
-
-    def num_unfinished(self) -> int:
-        return len(self._streams)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
