@@ -155,7 +155,7 @@ class Shapes:
 
 FLASH = Shapes(
     heads=64, head_dim=512, topk=512, window=128, csa_ratio=4, hca_ratio=128,
-    batches=[1, 32, 128], contexts=[8192, 32768, 131072], prefill_queries=4096, prefill_context=8192,
+    batches=[1, 32, 128], contexts=[8192, 65536, 1048576], prefill_queries=4096, prefill_context=8192,
     idx_heads=64, idx_dim=128, block_size=64,
     hidden=4096, hc_n=4, prefill_tokens=4096,
     compress_tokens=8192, compress_idx_dim=128,
@@ -192,6 +192,7 @@ class Ctx:
     ref: Any  # ReferenceOps on dev
     flush: torch.Tensor | None = None
     notes: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # (kernel, case, why): cases not run
     moe_weights: Any = None  # built once for moe and moe_fp4
 
 
@@ -380,7 +381,18 @@ def unpack_fp8_into(K, packed: torch.Tensor, dst: torch.Tensor, step: int = 1 <<
     return dst
 
 
+def too_big(ctx: Ctx, kernel: str, label: str, nbytes_: float) -> bool:
+    """Skip (and record) a case whose KV / key pool alone would pass --max-input-gb."""
+    cap = ctx.args.max_input_gb * 1e9
+    if nbytes_ <= cap:
+        return False
+    ctx.skipped.append((kernel, label, f"pool {nbytes_ / 1e9:.0f} GB > --max-input-gb {ctx.args.max_input_gb:g}"))
+    return True
+
+
 def _kfmt(n: int) -> str:
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20}M"
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
@@ -421,6 +433,8 @@ def cases_attention(ctx: Ctx, fp8: bool):
         for B in sh.batches:
             for kind, ratio in (("csa", sh.csa_ratio), ("hca", sh.hca_ratio)):
                 S = L // ratio
+                if too_big(ctx, name, f"{kind} B={B} ctx={_kfmt(L)}", B * S * d * 2 * (1.6 if fp8 else 1)):
+                    continue
                 q = randn(B, H, d, dev=dev)
                 # window: the ring's W rows of each sequence + this step's new row (model: cat([ring, kv]))
                 w_kv = randn(B * W + B, d, dev=dev)
@@ -459,6 +473,8 @@ def cases_indexer(ctx: Ctx):
             S = L // sh.csa_ratio
             per = -(-S // bs)
             nb = B * per + 1
+            if too_big(ctx, "indexer", f"B={B} ctx={_kfmt(L)}", nb * bs * Di * 2):
+                continue
             pool = randn(nb, bs, Di, dev=dev)
             table = torch.randperm(nb, device=dev)[:B * per].view(B, per).to(torch.int32)
             q = randn(B, Hi, Di, dev=dev)
@@ -798,8 +814,18 @@ def run_case(ctx: Ctx, case: Case) -> dict:
     return r
 
 
+def compile_case(ctx: Ctx, case: Case) -> dict:
+    """--compile-only: one run of the CUDA op (compiling what it launches), wall time incl. compile."""
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        case.run_cuda()
+        sync(ctx)
+    return {"kernel": case.kernel, "case": case.label, "phase": case.phase, "bytes": case.bytes, "flops": case.flops,
+            "peak": case.peak, "target": None, "check_ok": None, "check": "compile only", "first_run_s": time.perf_counter() - t0}
+
+
 HDR_GPU = (f"{'kernel':<13} {'case':<40} {'MB':>9} {'GFLOP':>9} {'cuda ms':>9} {'ref ms':>9} {'speedup':>8} "
-           f"{'GB/s':>7} {'%BW':>6} {'TF/s':>7} {'%TF':>6} {'%roof':>6}  {'check':<8} {'error':<27} target")
+           f"{'GB/s':>7} {'%BW':>6} {'%copy':>6} {'TF/s':>7} {'%TF':>6} {'%roof':>6}  {'check':<8} {'error':<27} target")
 HDR_SMOKE = (f"{'kernel':<13} {'case':<40} {'MB':>9} {'GFLOP':>9} {'cuda ms':>9} {'ref ms':>9} {'speedup':>8}  "
              f"{'check':<8} {'error':<27} target (not judged in smoke mode)")
 
@@ -829,7 +855,8 @@ def fmt_row(r: dict, smoke: bool) -> str:
     line = head + f"{ms('cuda_s')} {ms('ref_s')} {sp} "
     if not smoke:
         pct = lambda k: (f"{r[k] * 100:5.1f}%" if k in r else f"{'-':>6}")  # noqa: E731
-        line += f"{num('gbps', '.0f', 7)} {pct('pct_bw')} {num('tflops', '.1f', 7)} {pct('pct_tf')} {pct('pct_roof')} "
+        line += (f"{num('gbps', '.0f', 7)} {pct('pct_bw')} {pct('pct_copy_bw')} {num('tflops', '.1f', 7)} "
+                 f"{pct('pct_tf')} {pct('pct_roof')} ")
     line += f" {chk:<8} {r.get('check', '')[:27]:<27} "
     if r.get("target"):
         if smoke:
@@ -893,6 +920,7 @@ def model_bench(ctx: Ctx) -> dict:
         res["notes"].append("the cuda run has reference ops filled in, which cannot be captured: no 'cuda graphs' column")
     res["graph_mode"] = None
     cfg = loaded["reference"].cfg
+    res["layers"] = cfg.num_hidden_layers
     ctx_len, steps, warm = a.model_context, a.model_steps, a.model_warmup
     batches = [int(b) for b in a.model_batches.split(",")] if a.model_batches else ([1, 2] if ctx.smoke else [1, 8])
     res.update(context=ctx_len, steps=steps, warmup=warm, dtype=loaded["cuda"].runtime.dtype)
@@ -924,7 +952,8 @@ def model_bench(ctx: Ctx) -> dict:
     with torch.inference_mode():
         for B in batches:
             ids = torch.randint(2, cfg.vocab_size, (B, ctx_len), generator=g).tolist()
-            params = SamplingParams(max_tokens=warm + steps + 1, ignore_eos=True)  # prefill's token + one per step
+            # prefill's token + one per step + one profiled step (kernels per step)
+            params = SamplingParams(max_tokens=warm + steps + 2, ignore_eos=True)
             st = {}
             for key, backend, graphs in variants:
                 m = loaded[backend].model
@@ -971,6 +1000,17 @@ def model_bench(ctx: Ctx) -> dict:
                     last = {k: float((outs[k][0] - orf).abs().max()) for k in agree}
                     last["scale"] = float(orf.abs().max())
             row = {"batch": B, "context": ctx_len}
+            if ctx.gpu:
+                force_all = toks
+                for key, s in st.items():
+                    force(s, force_all)
+                    try:
+                        row[f"{key}_kernels"] = kernels_in_step(lambda s=s: step(s))
+                    except Exception as e:  # noqa: BLE001 - the count is a diagnostic, not the benchmark
+                        res["notes"].append(f"kernel count of {key} failed: {type(e).__name__}: {e}")
+            else:
+                for s in st.values():
+                    step(s)
             for key, s in st.items():
                 if s.llm.has_unfinished():
                     res["notes"].append(f"batch {B}, {key}: requests still unfinished after the timed steps (a bench bug)")
@@ -992,6 +1032,21 @@ def model_bench(ctx: Ctx) -> dict:
             if ctx.gpu:
                 torch.cuda.empty_cache()
     return res
+
+
+def kernels_in_step(fn) -> int:
+    """GPU kernels one call of fn launches (torch.profiler / CUPTI; kernels inside a replayed CUDA
+    graph are counted one by one), memcpy / memset excluded."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    n = 0
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and not any(w in e.name.lower() for w in ("memcpy", "memset")):
+            n += 1
+    return n
 
 
 def report_model(ctx: Ctx, res: dict) -> None:
@@ -1016,9 +1071,109 @@ def report_model(ctx: Ctx, res: dict) -> None:
         line += f" | {verdict}"
         if "graphs_capture_s" in r:
             line += f" (capture {r['graphs_capture_s']:.2f}s)"
+        kern = r.get("cuda_kernels")
+        if kern:
+            line += (f" | kernels/step {kern} ({kern / res['layers']:.1f}/layer; graphs {r.get('graphs_kernels', '-')}, "
+                     f"ref {r.get('ref_kernels', '-')}), eager {r['cuda_ms'] * 1e3 / kern:.1f} us/kernel")
         log(line)
     for n in res["notes"]:
         log(f"note: {n}")
+
+
+# =================================================================================== reports
+NOTES = [
+    "bytes = unique bytes the op must move (module docstring); implementation scratch round trips "
+    "(indexer fp32 score matrix, attention split-KV partials, MoE per-pair rows, mHC split-K partials) are not counted",
+    "indexer keys are bf16 in the pool (256 B/entry); the spec's FP8 key layout would be 132 B/entry",
+    "attention_fp8 / moe_fp4 reference = the reference op on the dequantised (bf16-exact) values",
+]
+
+
+def _driver_version() -> str | None:
+    try:
+        import subprocess
+
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def write_reports(args, doc: dict) -> None:
+    if args.json:
+        text = json.dumps(doc, indent=2, default=str)
+        if args.json == "-":
+            if not doc["partial"]:
+                print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(doc))
+
+
+def _pct(v) -> str:
+    return f"{v * 100:.1f}" if isinstance(v, (int, float)) else "-"
+
+
+def _num(v, f: str) -> str:
+    return f"{v:{f}}" if isinstance(v, (int, float)) else "-"
+
+
+def markdown(doc: dict) -> str:
+    """The kernel table and the whole-model table as Markdown (what bench/results/ keeps)."""
+    hw = doc.get("hardware") or {}
+    out = [f"# CUDA backend on {doc['device']}", "",
+           f"`{doc['command']}`", "",
+           f"torch {doc['torch']} (CUDA {doc.get('cuda')}), triton {doc['triton']}, driver {doc.get('driver')}; "
+           f"timing: {doc['timing']['clock']}, median of {doc['timing']['reps']} after {doc['timing']['warmup']} warm-up"
+           + (", L2 flushed before each run" if doc["timing"]["l2_flush"] else "") + "."]
+    if hw:
+        out += ["", f"Roofline: HBM {hw['bw'] / 1e12:.2f} TB/s peak ({hw['table']} datasheet), measured copy "
+                f"{hw.get('copy_bw', 0) / 1e12:.2f} TB/s; bf16 {hw['bf16'] / 1e12:.0f} TF, fp8 {hw['fp8'] / 1e12:.0f} TF, "
+                f"fp32 {hw['fp32'] / 1e12:.0f} TF. %BW = bytes / time / peak HBM, %copy = the same against the "
+                f"measured copy bandwidth, %TF = FLOPs / time / peak of the unit, %roof = max(bytes / BW, FLOPs / peak) / time."]
+    if doc.get("partial"):
+        out += ["", "**Partial: the run was cut short after the rows below.**"]
+    out += ["", "| kernel | case | phase | MB | GFLOP | cuda ms | ref ms | x ref | GB/s | %BW | %copy | TF/s | %TF | %roof | check | target |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in doc["rows"]:
+        if "error" in r:
+            out.append(f"| {r['kernel']} | {r['case']} | {r.get('phase', '')} | | | | | | | | | | | | ERROR | {r['error'][:120]} |")
+            continue
+        chk = {True: "OK", False: "MISMATCH", None: "-"}[r.get("check_ok")] + f" ({r.get('check', '')})"
+        tgt = ""
+        if r.get("target"):
+            tgt = ("PASS " if r.get("target_pass") else "MISS ") + r["target"] if "target_pass" in r else r["target"]
+            if r.get("target_cap") is not None and r["target_cap"] < 0.999:
+                tgt += f"; roofline caps it at {r['target_cap'] * 100:.0f}%"
+        out.append(f"| {r['kernel']} | {r['case']} | {r['phase']} | {_g(r['bytes'] / 1e6)} | {_g(r['flops'] / 1e9)} | "
+                   f"{_num(r.get('cuda_s', 0) * 1e3, '.3f')} | {_num(r['ref_s'] * 1e3, '.3f') if 'ref_s' in r else '-'} | "
+                   f"{_num(r.get('speedup'), '.1f')} | {_num(r.get('gbps'), '.0f')} | {_pct(r.get('pct_bw'))} | "
+                   f"{_pct(r.get('pct_copy_bw'))} | {_num(r.get('tflops'), '.1f')} | {_pct(r.get('pct_tf'))} | "
+                   f"{_pct(r.get('pct_roof'))} | {chk} | {tgt} |")
+    for k, label, why in doc.get("skipped", []):
+        out.append(f"| {k} | {label} | | | | | | | | | | | | | skipped | {why} |")
+    m = doc.get("model")
+    if m and "rows" in m:
+        cols = [k for k in ("cuda", "graphs") if any(f"{k}_ms" in r for r in m["rows"])]
+        out += ["", f"## Whole-model decode: `{m['config']}`, {m['dtype']}, prompt {m['context']} tokens, "
+                f"median of {m['steps']} steps", "",
+                "| batch | ref ms/step | " + " | ".join(f"{k} ms/step | {k} x ref | {k} agree" for k in cols)
+                + " | kernels/step (eager cuda) | kernels/layer | us/kernel |",
+                "|---:|---:|" + "---:|---:|---:|" * len(cols) + "---:|---:|---:|"]
+        for r in m["rows"]:
+            cells = " | ".join(f"{r[k + '_ms']:.2f} | {r[k + '_ratio']:.2f} | {r[k + '_agree']}/{r['agree_of']}" for k in cols)
+            kern = r.get("cuda_kernels")
+            per_layer = f"{kern / m['layers']:.1f}" if kern and m.get("layers") else "-"
+            us = f"{r['cuda_ms'] * 1e3 / kern:.1f}" if kern else "-"
+            out.append(f"| {r['batch']} | {r['ref_ms']:.2f} | {cells} | {kern or '-'} | {per_layer} | {us} |")
+        for n in m.get("notes", []):
+            out.append(f"\nNote: {n}")
+    elif m:
+        out += ["", f"Whole-model decode: ERROR {m.get('error')}"]
+    out += [""] + [f"- {n}" for n in doc.get("notes", [])]
+    return "\n".join(out) + "\n"
 
 
 # =================================================================================== main
@@ -1054,6 +1209,16 @@ def parse_args(argv):
     ap.add_argument("--only", default=None, help="comma-separated kernel names (and/or 'model'); default: all kernels and the model")
     ap.add_argument("--skip-model", action="store_true", help="do not run the whole-model decode")
     ap.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON to PATH ('-' = stdout)")
+    ap.add_argument("--markdown", default=None, metavar="PATH", help="write the tables as Markdown to PATH")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop starting kernel cases after this many seconds (the rest are listed as skipped), "
+                         "keeping --model-reserve-s for the whole-model decode")
+    ap.add_argument("--model-reserve-s", type=float, default=90.0, help="seconds of --budget-s kept for the model (default 90)")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="run each CUDA case once (Triton compiles it into its cache; a fault shows here) without "
+                         "checks, reference or timing: several of these side by side warm the cache for a timed run")
+    ap.add_argument("--max-input-gb", type=float, default=24.0,
+                    help="skip attention / indexer cases whose KV or key pool alone is larger (default 24)")
     ap.add_argument("--batches", default=None, help="decode batch sizes for attention / indexer / hc / gate (default Flash: 1,32,128)")
     ap.add_argument("--contexts", default=None, help="decode contexts for attention / indexer (default Flash: 8192,32768,131072)")
     ap.add_argument("--reps", type=int, default=None, help="timed runs of the CUDA op (median; default 20, smoke 2)")
@@ -1098,7 +1263,7 @@ def main(argv=None) -> int:
     bad = [s for s in only if s not in names]
     if bad:
         ap.error(f"unknown name(s) {', '.join(bad)}; choose from {', '.join(names)}")
-    run_model = "model" in only and not args.skip_model
+    run_model = "model" in only and not args.skip_model and not args.compile_only
     only = [s for s in only if s != "model"]
 
     sh = SMOKE if args.smoke else FLASH
@@ -1140,7 +1305,19 @@ def main(argv=None) -> int:
     log("")
     log(HDR_SMOKE if smoke else HDR_GPU)
     log("-" * len(HDR_SMOKE if smoke else HDR_GPU))
+    doc = {"mode": "smoke" if smoke else "full", "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+           "device": hw_name, "hardware": hw, "torch": torch.__version__, "triton": triton.__version__,
+           "cuda": torch.version.cuda, "driver": _driver_version() if gpu else None, "interpreter": not gpu,
+           "timing": {"reps": args.reps, "warmup": args.warmup, "ref_reps": args.ref_reps,
+                      "ref_warmup": args.ref_warmup, "l2_flush": gpu and ctx.flush is not None,
+                      "clock": "cuda events" if gpu else "wall"},
+           "shapes": {k: v for k, v in vars(sh).items()}, "rows": rows, "skipped": ctx.skipped, "model": None,
+           "notes": NOTES, "partial": True}
+    kernel_deadline = None if args.budget_s is None else t_start + args.budget_s - (args.model_reserve_s if run_model else 0)
     for name in only:
+        if kernel_deadline is not None and time.perf_counter() > kernel_deadline:
+            ctx.skipped.append((name, "all cases", "--budget-s reached"))
+            continue
         if MODULE_OF[name] in broken:
             r = {"kernel": name, "case": "-", "bytes": 0, "flops": 0, "error": f"module does not import: {broken[MODULE_OF[name]]}"}
             rows.append(r)
@@ -1150,6 +1327,9 @@ def main(argv=None) -> int:
         t_k = time.perf_counter()
         gen = KERNELS[name](ctx)
         while True:
+            if kernel_deadline is not None and time.perf_counter() > kernel_deadline:
+                ctx.skipped.append((name, "remaining cases", "--budget-s reached"))
+                break
             try:
                 case = next(gen)
             except StopIteration:
@@ -1162,7 +1342,7 @@ def main(argv=None) -> int:
                 traceback.print_exc()
                 break
             try:
-                r = run_case(ctx, case)
+                r = compile_case(ctx, case) if args.compile_only else run_case(ctx, case)
             except Exception as e:  # noqa: BLE001
                 r = {"kernel": name, "case": case.label, "bytes": case.bytes, "flops": case.flops,
                      "error": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
@@ -1172,6 +1352,7 @@ def main(argv=None) -> int:
                 mismatches += 1
             rows.append(r)
             log(fmt_row(r, smoke))
+            write_reports(args, doc)  # after every case: a run cut short still leaves its figures
             del case
         del gen
         ctx.notes.append(f"{name}: {time.perf_counter() - t_k:.1f}s")
@@ -1183,16 +1364,12 @@ def main(argv=None) -> int:
     ctx.moe_weights = None
     gc.collect()
 
-    notes = [
-        "bytes = unique bytes the op must move (module docstring); implementation scratch round trips "
-        "(indexer fp32 score matrix, attention split-KV partials, MoE per-pair rows, mHC split-K partials) are not counted",
-        "indexer keys are bf16 in the pool (256 B/entry); the spec's FP8 key layout would be 132 B/entry",
-        "attention_fp8 / moe_fp4 reference = the reference op on the dequantised (bf16-exact) values",
-    ]
     if not smoke:
         log("")
-        for n in notes:
+        for n in NOTES:
             log(f"note: {n}")
+    for k, label, why in ctx.skipped:
+        log(f"skipped: {k} {label}: {why}")
     log("")
     log(f"cases: {len(rows)}, checks OK {sum(r.get('check_ok') is True for r in rows)}, MISMATCH {mismatches}, "
         f"errors {errors}; per kernel: {', '.join(ctx.notes)}")
@@ -1210,20 +1387,11 @@ def main(argv=None) -> int:
 
     total = time.perf_counter() - t_start
     log(f"\ntotal wall time {total:.0f}s")
-    if args.json:
-        doc = {"mode": "smoke" if smoke else "full", "device": hw_name, "hardware": hw, "torch": torch.__version__,
-               "triton": triton.__version__, "interpreter": not gpu,
-               "timing": {"reps": args.reps, "warmup": args.warmup, "ref_reps": args.ref_reps,
-                          "ref_warmup": args.ref_warmup, "l2_flush": gpu and ctx.flush is not None,
-                          "clock": "cuda events" if gpu else "wall"},
-               "shapes": {k: v for k, v in vars(sh).items()}, "rows": rows, "model": model_res, "notes": notes,
-               "errors": errors, "mismatches": mismatches, "total_wall_s": total}
-        text = json.dumps(doc, indent=2, default=str)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-            log(f"figures written to {args.json}")
+    doc.update(model=model_res, errors=errors, mismatches=mismatches, total_wall_s=total, partial=False)
+    write_reports(args, doc)
+    for path in (args.json, args.markdown):
+        if path and path != "-":
+            log(f"written: {path}")
     return 1 if errors or (smoke and mismatches) else 0
 
 

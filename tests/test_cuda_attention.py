@@ -25,6 +25,8 @@ from tests.kernel_cases import attention_truth, check_rel, gen, layer_inputs, qs
 from v4 import quant  # noqa: E402
 from v4.model import StepBatch  # noqa: E402
 
+pytestmark = pytest.mark.cuda  # bench/gpu_check.sh runs these natively on a GPU
+
 torch.set_num_threads(1)
 DEV = "cuda" if GPU else "cpu"
 D64 = torch.float64

@@ -20,6 +20,8 @@ from tests.kernel_cases import REF  # noqa: E402
 from tests.test_cuda_indexer_compress import _assert_entries, _compress_inputs, _spec  # noqa: E402
 from v4.ops import DecodeRows  # noqa: E402
 
+pytestmark = pytest.mark.cuda  # bench/gpu_check.sh runs these natively on a GPU
+
 torch.set_num_threads(1)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16

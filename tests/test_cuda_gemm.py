@@ -23,6 +23,8 @@ from backends.cuda.kernels import gemm  # noqa: E402
 from backends.reference.ops import ReferenceOps  # noqa: E402
 from v4 import quant  # noqa: E402
 
+pytestmark = pytest.mark.cuda  # bench/gpu_check.sh runs these natively on a GPU
+
 torch.set_num_threads(1)
 DEV = "cuda" if GPU else "cpu"
 REF = ReferenceOps("cpu")

@@ -26,6 +26,8 @@ from backends.cuda.kernels.indexer import indexer_topk  # noqa: E402
 from tests.kernel_cases import REF, entry_scores64, gen, indexer_case, random_table  # noqa: E402
 from v4.ops import CompressSpec  # noqa: E402
 
+pytestmark = pytest.mark.cuda  # bench/gpu_check.sh runs these natively on a GPU
+
 torch.set_num_threads(1)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

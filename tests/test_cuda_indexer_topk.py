@@ -25,6 +25,8 @@ from tests.kernel_cases import entry_scores64, gen, indexer_case, random_table  
 from tests.test_cuda_indexer_compress import _check_topk  # noqa: E402
 from v4.graphs import GraphCaptureError, HostSyncGuard  # noqa: E402
 
+pytestmark = pytest.mark.cuda  # bench/gpu_check.sh runs these natively on a GPU
+
 torch.set_num_threads(1)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

@@ -4,6 +4,7 @@ against the reference backend on the same weights."""
 import json
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -14,6 +15,8 @@ from tests.conftest import rel_err, run_step  # noqa: E402
 from v4.config import load_config_file  # noqa: E402
 from v4.model import Transformer  # noqa: E402
 from v4.runtime import random_weights  # noqa: E402
+
+pytestmark = pytest.mark.cuda  # bench/gpu_check.sh runs these natively on a GPU
 
 
 def _pair(mode="plain"):

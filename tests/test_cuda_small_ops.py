@@ -19,6 +19,8 @@ from backends.cuda.kernels import gate, mhc, norm_rope  # noqa: E402
 from tests.kernel_cases import REF, check_as_ref, gate_compare, gate_scores64, gate_truth  # noqa: E402
 from tests.kernel_cases import hc_check, hc_params, rng, tie_free  # noqa: E402
 
+pytestmark = pytest.mark.cuda  # bench/gpu_check.sh runs these natively on a GPU
+
 torch.set_num_threads(1)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

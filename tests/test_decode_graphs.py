@@ -30,6 +30,8 @@ from v4.graphs import DecodeGraphs, GraphCaptureError, HostSyncGuard, default_bu
 from v4.model import DecodeBatch, Transformer  # noqa: E402
 from v4.runtime import random_weights  # noqa: E402
 
+pytestmark = pytest.mark.cuda  # bench/gpu_check.sh runs these natively on a GPU
+
 GPU = torch.cuda.is_available()
 
 

@@ -201,8 +201,9 @@ def _finish_row(x, cols, cm, w, c, R, NOPE, eps, hscale, nw_ptr, inv_ptr,
     elif QUANT == 2:  # Hadamard (Sylvester order, scale c^-1/2) + FP4 e2m1 fake quant per 32
         h = y.to(tl.float32)
         for st in tl.static_range(LOG2C):
-            hw: tl.constexpr = 1 << st
-            a, bb = tl.split(tl.permute(tl.reshape(h, [BLOCK_C // (2 * hw), 2, hw]), (0, 2, 1)))
+            # stage width 1 << st, written inline: Triton 3.6 refuses a constexpr local assigned
+            # once per unrolled iteration ("constexpr cannot be reassigned")
+            a, bb = tl.split(tl.permute(tl.reshape(h, [BLOCK_C // (2 << st), 2, 1 << st]), (0, 2, 1)))
             h = tl.reshape(tl.permute(tl.join(a + bb, a - bb), (0, 2, 1)), [BLOCK_C])
         h = _to(h * hscale, OUT, RNE_BF16).to(tl.float32)
         y = _block_fake_quant(h, BLOCK_C // 32, 32, cols < c, 6.0, 6.0 * 2.0**-126, 0, 1).to(OUT)
