@@ -242,6 +242,25 @@ def test_engine_with_graphs_gives_the_tokens_of_the_eager_engine(cuda_model):
     assert llm.kv_cache_usage() == 0.0
 
 
+def test_a_step_with_hooks_attached_runs_eagerly(cuda_model):
+    # parity records hooks on prompts; a one-token prompt's step is decode-shaped, and a replayed graph
+    # would skip its hooks (seen on the H200: the boundaries suite's 1-token prompt recorded none)
+    llm = LLM(cuda_model, RuntimeConfig(max_num_seqs=2, max_model_len=16), graphs="on", buckets=[1, 2])
+    replays, seen = [], []
+    step = llm.runner.graphs.step
+    llm.runner.graphs.step = lambda *a: replays.append(len(a[0])) or step(*a)
+    rid = llm.add_request([7], SamplingParams(max_tokens=3, ignore_eos=True))
+    cuda_model.hook = lambda name, t: seen.append((name, t.shape[0]))
+    try:
+        llm.step()  # the prompt's only token, with hooks attached: eager
+    finally:
+        cuda_model.hook = None
+    assert replays == [] and ("layers.0.input", 1) in seen
+    llm.step()  # its first decode token, no hooks: replayed
+    assert replays == [1]
+    assert llm.sequence(rid).output_ids and len(llm.sequence(rid).output_ids) == 2
+
+
 # ---------------------------------------------------------------- choices and errors
 
 

@@ -76,7 +76,9 @@ class ModelRunner:
     def run(self, step: list[ScheduledSeq], logits: str = "last") -> torch.Tensor:
         """One model step. Returns logits: one row per scheduled sequence ("last") or per token ("all")."""
         decode_only = all(s.num_tokens == 1 for s in step)
-        if self.graphs is not None and decode_only:
+        # parity hooks need the eager step: a replayed graph never calls back into Python (a one-token
+        # prompt's step is decode-shaped, and its hooks would be lost)
+        if self.graphs is not None and decode_only and self.model.hook is None:
             return self._replay(step)
         batch = StepBatch([s.seq.slot for s in step], [s.start for s in step], [s.num_tokens for s in step],
                           self.model.device)
@@ -88,13 +90,8 @@ class ModelRunner:
         return out
 
     def _replay(self, step: list[ScheduledSeq]) -> torch.Tensor:
-        """A decode-only step from the captured graphs. A captured step records no hooks: parity's
-        hooks (attached for prompts) are detached for it."""
-        hook, self.model.hook = self.model.hook, None
-        try:
-            logits = self.graphs.step([s.seq.slot for s in step], [s.start for s in step],
-                                      [s.seq.token_ids(s.start, 1)[0] for s in step])
-        finally:
-            self.model.hook = hook
+        """A decode-only step from the captured graphs (no hooks attached: see run)."""
+        logits = self.graphs.step([s.seq.slot for s in step], [s.start for s in step],
+                                  [s.seq.token_ids(s.start, 1)[0] for s in step])
         self.last_batch = None
         return logits.clone()  # a view into the graph's output buffer, overwritten by the next replay

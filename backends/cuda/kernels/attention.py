@@ -219,35 +219,50 @@ def _round_bf16(x):
 
 
 @triton.jit
+def _fold_chunk(q, m_i, l_i, acc, idx, valid, kv_ptr, kv16_ptr, stride_kv, stride_kv16, scale_log2,
+                D: tl.constexpr, BLOCK_K: tl.constexpr, NOPE: tl.constexpr, FP8: tl.constexpr,
+                NATIVE_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr, PREC: tl.constexpr):
+    """One chunk of BLOCK_K indexed KV rows into the online-softmax state (m_i, l_i, acc)."""
+    kv = _kv_tile(kv_ptr, kv16_ptr, tl.where(valid, idx, 0), valid, stride_kv, stride_kv16,
+                  D, BLOCK_K, NOPE, FP8, NATIVE_FP8).to(DOT_DTYPE)
+    if EMULATE:
+        kv = kv.to(tl.float32)
+    s = tl.dot(q, tl.trans(kv), input_precision=PREC) * scale_log2  # [BLOCK_H, BLOCK_K], log2 units
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if EMULATE:  # interpreter: round as the GPU cast does, keep fp32 for the product
+        if DOT_DTYPE == tl.bfloat16:
+            p = _round_bf16(p)
+        else:
+            p = p.to(DOT_DTYPE).to(tl.float32)
+    else:
+        p = p.to(DOT_DTYPE)
+    acc = acc * alpha[:, None] + tl.dot(p, kv, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attend_list(q, m_i, l_i, acc, idx_ptr, lo, hi, kv_ptr, kv16_ptr, stride_kv, stride_kv16, scale_log2,
                  D: tl.constexpr, BLOCK_K: tl.constexpr, NOPE: tl.constexpr, FP8: tl.constexpr,
                  NATIVE_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
-                 PREC: tl.constexpr):
-    """Fold the KV rows named by idx_ptr[lo:hi] (-1 = skip) into the online-softmax state."""
+                 PREC: tl.constexpr, SKIP_EMPTY: tl.constexpr):
+    """Fold the KV rows named by idx_ptr[lo:hi] (-1 = skip) into the online-softmax state.
+    SKIP_EMPTY: branch around chunks with no valid index (the -1 padding of a captured step's
+    lists); without the branch the loop body is straight-line code that Triton can pipeline."""
     for k0 in range(lo, hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         idx = tl.load(idx_ptr + offs_k, mask=offs_k < hi, other=-1)
         valid = idx >= 0
-        if tl.max(valid.to(tl.int32), axis=0) > 0:
-            kv = _kv_tile(kv_ptr, kv16_ptr, tl.where(valid, idx, 0), valid, stride_kv, stride_kv16,
-                          D, BLOCK_K, NOPE, FP8, NATIVE_FP8).to(DOT_DTYPE)
-            if EMULATE:
-                kv = kv.to(tl.float32)
-            s = tl.dot(q, tl.trans(kv), input_precision=PREC) * scale_log2  # [BLOCK_H, BLOCK_K], log2 units
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if EMULATE:  # interpreter: round as the GPU cast does, keep fp32 for the product
-                if DOT_DTYPE == tl.bfloat16:
-                    p = _round_bf16(p)
-                else:
-                    p = p.to(DOT_DTYPE).to(tl.float32)
-            else:
-                p = p.to(DOT_DTYPE)
-            acc = acc * alpha[:, None] + tl.dot(p, kv, input_precision=PREC)
-            m_i = m_new
+        if SKIP_EMPTY:
+            if tl.max(valid.to(tl.int32), axis=0) > 0:
+                m_i, l_i, acc = _fold_chunk(q, m_i, l_i, acc, idx, valid, kv_ptr, kv16_ptr, stride_kv, stride_kv16,
+                                            scale_log2, D, BLOCK_K, NOPE, FP8, NATIVE_FP8, DOT_DTYPE, EMULATE, PREC)
+        else:
+            m_i, l_i, acc = _fold_chunk(q, m_i, l_i, acc, idx, valid, kv_ptr, kv16_ptr, stride_kv, stride_kv16,
+                                        scale_log2, D, BLOCK_K, NOPE, FP8, NATIVE_FP8, DOT_DTYPE, EMULATE, PREC)
     return m_i, l_i, acc
 
 
@@ -261,7 +276,7 @@ def _sparse_mqa_sink_kernel(
     stride_w, stride_w16, stride_widx, stride_c, stride_c16, stride_cidx,
     D: tl.constexpr, NOPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     FP8: tl.constexpr, NATIVE_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
-    PREC: tl.constexpr, ROUND_BF16_OUT: tl.constexpr, SPLIT: tl.constexpr,
+    PREC: tl.constexpr, ROUND_BF16_OUT: tl.constexpr, SPLIT: tl.constexpr, SKIP_EMPTY: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -292,11 +307,11 @@ def _sparse_mqa_sink_kernel(
     m_i, l_i, acc = _attend_list(q, m_i, l_i, acc, widx_ptr + t * stride_widx,
                                  c0 * BLOCK_K, tl.minimum(c1 * BLOCK_K, Kw),
                                  w_ptr, w16_ptr, stride_w, stride_w16,
-                                 scale_log2, D, BLOCK_K, NOPE, FP8, NATIVE_FP8, DOT_DTYPE, EMULATE, PREC)
+                                 scale_log2, D, BLOCK_K, NOPE, FP8, NATIVE_FP8, DOT_DTYPE, EMULATE, PREC, SKIP_EMPTY)
     m_i, l_i, acc = _attend_list(q, m_i, l_i, acc, cidx_ptr + t * stride_cidx,
                                  tl.maximum(c0 - nw, 0) * BLOCK_K, tl.minimum(tl.maximum(c1 - nw, 0) * BLOCK_K, Kc),
                                  c_ptr, c16_ptr, stride_c, stride_c16,
-                                 scale_log2, D, BLOCK_K, NOPE, FP8, NATIVE_FP8, DOT_DTYPE, EMULATE, PREC)
+                                 scale_log2, D, BLOCK_K, NOPE, FP8, NATIVE_FP8, DOT_DTYPE, EMULATE, PREC, SKIP_EMPTY)
 
     if SPLIT:  # unnormalised partial state, merged by _combine_splits_kernel
         row = (t * tl.num_programs(2) + split) * H + offs_h  # scratch [T, NSPLIT, H(, D)]
@@ -407,7 +422,7 @@ def _num_splits(T: int, head_blocks: int, chunks: int, min_chunks: int, device: 
 
 
 def _launch(q, w_rows, w16, widx, c_rows, c16, cidx, sink, scale, fp8, nope, dot_dtype,
-            block_h, block_k, num_warps, native_fp8, splits):
+            block_h, block_k, num_warps, native_fp8, splits, num_stages=None, skip_empty=True):
     T, H, d = q.shape
     out = torch.empty((T, H, d), dtype=q.dtype, device=q.device)
     if T == 0 or H == 0:
@@ -447,8 +462,8 @@ def _launch(q, w_rows, w16, widx, c_rows, c16, cidx, sink, scale, fp8, nope, dot
         w_rows.stride(0), w16.stride(0), widx.stride(0), c_rows.stride(0), c16.stride(0), cidx.stride(0),
         D=d, NOPE=nope, BLOCK_H=block_h, BLOCK_K=block_k, FP8=fp8, NATIVE_FP8=native_fp8,
         DOT_DTYPE=_TL[dot_dtype], EMULATE=emulate, PREC="ieee" if dot_dtype == torch.float32 else "tf32",
-        ROUND_BF16_OUT=round_out, SPLIT=splits > 1,
-        num_warps=num_warps,
+        ROUND_BF16_OUT=round_out, SPLIT=splits > 1, SKIP_EMPTY=bool(skip_empty),
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
     if splits > 1:
         # its own, smaller tiles: one token's merge is a short stream over splits x H x d floats,
@@ -464,12 +479,14 @@ def _launch(q, w_rows, w16, widx, c_rows, c16, cidx, sink, scale, fp8, nope, dot
 def attention(q: torch.Tensor, window_kv: torch.Tensor, window_idx: torch.Tensor,
               comp_kv: torch.Tensor | None, comp_idx: torch.Tensor | None,
               sink: torch.Tensor, scale: float, *, block_h: int | None = None, block_k: int | None = None,
-              num_warps: int | None = None, splits: int | None = None) -> torch.Tensor:
+              num_warps: int | None = None, splits: int | None = None, num_stages: int | None = None,
+              skip_empty: bool = True) -> torch.Tensor:
     """`ReferenceOps.attention` (without `chunk`) as one Triton kernel; see the module docstring.
 
     q: [T, H, d]; window_kv: [Nw, d]; window_idx: [T, Kw] int32; comp_kv: [Nc, d] or None;
     comp_idx: [T, Kc] int32 or None (Kc may be 0); sink: [H] fp32. Output [T, H, d] in q's dtype.
     splits: split-KV programs per (token, head block); None chooses from the shapes (module docstring).
+    block_h / block_k / num_warps / num_stages / skip_empty: tiling overrides (bench/cuda_tune.py).
     """
     _check_common(q, window_idx, comp_idx, sink)
     d = q.shape[2]
@@ -489,7 +506,7 @@ def attention(q: torch.Tensor, window_kv: torch.Tensor, window_idx: torch.Tensor
     # 16-bit products only when everything is that one 16-bit type; otherwise exact fp32 products
     dot_dtype = q.dtype if len(dtypes) == 1 else torch.float32
     return _launch(q, w, w, _idx(window_idx), c, c, cidx, sink, scale, False, 0, dot_dtype,
-                   block_h, block_k, num_warps, False, splits)
+                   block_h, block_k, num_warps, False, splits, num_stages, skip_empty)
 
 
 def _native_fp8_default(device: torch.device) -> bool:
@@ -502,7 +519,8 @@ def attention_fp8kv(q: torch.Tensor, window_packed: torch.Tensor, window_idx: to
                     comp_packed: torch.Tensor | None, comp_idx: torch.Tensor | None,
                     sink: torch.Tensor, scale: float, d: int, *, block_h: int | None = None,
                     block_k: int | None = None, num_warps: int | None = None,
-                    native_fp8: bool | None = None, splits: int | None = None) -> torch.Tensor:
+                    native_fp8: bool | None = None, splits: int | None = None, num_stages: int | None = None,
+                    skip_empty: bool = True) -> torch.Tensor:
     """`attention` over FP8-packed KV rows (`pack_fp8_kv` layout), dequantised in the kernel.
 
     Equals `attention(q, unpack_fp8_kv(window_packed, d), ..., unpack_fp8_kv(comp_packed, d), ...)`.
@@ -526,4 +544,4 @@ def attention_fp8kv(q: torch.Tensor, window_packed: torch.Tensor, window_idx: to
     if native_fp8 is None:
         native_fp8 = _native_fp8_default(q.device)
     return _launch(q, w, w.view(torch.bfloat16), _idx(window_idx), c, c.view(torch.bfloat16), cidx, sink, scale,
-                   True, nope, dot_dtype, block_h, block_k, num_warps, native_fp8, splits)
+                   True, nope, dot_dtype, block_h, block_k, num_warps, native_fp8, splits, num_stages, skip_empty)

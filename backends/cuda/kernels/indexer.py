@@ -200,6 +200,17 @@ def _score_blocks(dtype: torch.dtype, D: int) -> int:
     return 64 if D <= 128 else 32
 
 
+def score_config(T: int, s_max: int, H: int, D: int, dtype: torch.dtype, interp: bool) -> tuple[int, int, int]:
+    """(BLOCK_N entries per tile, TILES per program, num_warps) of the score kernel (bench/cuda_tune.py
+    swaps this function to time other choices)."""
+    block_n = _score_blocks(dtype, D)
+    n_tiles = triton.cdiv(s_max, block_n)
+    # a program covers TILES tiles: few programs per token when the grid is large anyway (decode
+    # batches over long contexts), one tile per program when the grid would be too small
+    tiles = 1 if (interp or T * n_tiles <= 2048) else (4 if T * n_tiles <= 16384 else 16)
+    return block_n, tiles, 4 if H * D <= 64 * 128 else 8
+
+
 def _launch_scores(out: torch.Tensor, q: torch.Tensor, weights: torch.Tensor, k_pool: torch.Tensor,
                    block_table: torch.Tensor, tok_slot: torch.Tensor, nvis: torch.Tensor, fill: bool) -> None:
     T, H, D = q.shape
@@ -207,11 +218,8 @@ def _launch_scores(out: torch.Tensor, q: torch.Tensor, weights: torch.Tensor, k_
     if q.dtype not in _TL:
         raise TypeError(f"indexer_topk: unsupported q dtype {q.dtype}")
     interp = _interpreting()
-    BLOCK_N = _score_blocks(q.dtype, D)
+    BLOCK_N, TILES, num_warps = score_config(T, s_max, H, D, q.dtype, interp)
     n_tiles = triton.cdiv(s_max, BLOCK_N)
-    # a program covers TILES tiles: few programs per token when the grid is large anyway (decode
-    # batches over long contexts), one tile per program when the grid would be too small
-    TILES = 1 if (interp or T * n_tiles <= 2048) else (4 if T * n_tiles <= 16384 else 16)
     grid = (T, triton.cdiv(n_tiles, TILES))
     upcast = interp and q.dtype == torch.bfloat16
     _indexer_score_kernel[grid](
@@ -222,7 +230,7 @@ def _launch_scores(out: torch.Tensor, q: torch.Tensor, weights: torch.Tensor, k_
         BLOCK_H=max(16, triton.next_power_of_2(H)), BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_N=BLOCK_N, TILES=TILES, IEEE=q.dtype in (torch.float32, torch.float64) or upcast, UPCAST=upcast,
         ACC=_TL[out.dtype], FILL=fill,
-        num_warps=4 if H * D <= 64 * 128 else 8,
+        num_warps=num_warps,
     )
 
 
