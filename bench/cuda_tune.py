@@ -122,7 +122,7 @@ def attention_cases(light: bool = False):
             for bh in (16, 32, 64):
                 for bk in (16, 32, 64):
                     for nw in (4, 8):
-                        variants.append(dict(block_h=bh, block_k=bk, num_warps=nw))
+                        variants.append(dict(block_h=bh, block_k=bk, num_warps=nw, skip_empty=True))
                         for ns in (2, 3):
                             variants.append(dict(block_h=bh, block_k=bk, num_warps=nw, num_stages=ns, skip_empty=False))
             yield (f"attention{'_fp8' if fp8 else ''} {kind} B={B} ctx={_ctx(L)}", fn, variants, nbytes,
@@ -191,7 +191,7 @@ def moe_cases(light: bool = False):
         finally:
             G._tiles = orig
 
-    variants = [{}] + [dict(tiles=(bn, bk, nw, ns)) for bn in (64, 128, 256) for bk in (64, 128)
+    variants = [{}] + [dict(tiles=(bn, bk, nw, ns)) for bn in (64, 128, 256) for bk in (32, 64, 128)
                        for nw in (4, 8) for ns in (3, 4)]
     flops = 2 * 3 * D * I * (T * k + T)
     yield f"moe bf16 T={T} E={E} top{k}", run, variants, E * 3 * D * I * 2, flops, "tf"

@@ -307,9 +307,10 @@ def test_split_kv_minus_one_ranges(dtype):
     for splits in (1, 3, 6, 10):
         out = run(q, wkv, widx, ckv, cidx, sink, 1.0, f"-1 ranges splits={splits}", block_k=16, splits=splits)
         assert (out[2] == 0).all()
-        # the branch-free loop (skip_empty=False) folds the all -1 chunks in as no-ops: same answers
-        out = run(q, wkv, widx, ckv, cidx, sink, 1.0, f"-1 ranges splits={splits} no skip", block_k=16,
-                  splits=splits, skip_empty=False, num_stages=2)
+        # the old per-chunk branch (skip_empty=True) instead of the default trailing -1 trim + branch-free
+        # loop, which folds the inner all -1 chunks in as no-ops: the same answers
+        out = run(q, wkv, widx, ckv, cidx, sink, 1.0, f"-1 ranges splits={splits} skip", block_k=16,
+                  splits=splits, skip_empty=True, num_stages=2)
         assert (out[2] == 0).all()
 
 

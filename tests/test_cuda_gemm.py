@@ -52,6 +52,11 @@ def ref_w(w, dtype):
 # act_quant such a flip upstream can move one FP8 code (MoE: h is quantised again before W2)
 TOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 2e-3}
 TOL_AQ = {torch.float32: 2e-6, torch.bfloat16: 2.5e-2, torch.float16: 1e-2}
+# FP8 x FP8 on a Hopper GPU's tensor cores: the products are exact, but the MMA sums them with a
+# short internal accumulator (~14 bits kept, DeepSeek-V3 report §3.3.2): measured 2.0e-4 on an
+# H200 for fp32 activations at K = 288, where the interpreter (exact fp32 sums) stays at 2e-6
+FP8_MMA_GPU_TOL = 1e-3
+FP8_MMA_ON_GPU = GPU and gemm._fp8_mma_default(torch.empty(0, device=DEV))
 
 
 # ------------------------------------------------------------------------------------ act quant
@@ -128,10 +133,12 @@ def test_linear(fmt, dtype, act_quant, M, N, K):
     y = gemm.linear(x.to(DEV), gemm.prepare_linear(w, dtype, DEV), act_quant)
     assert y.dtype == dtype and y.shape == (M, N)
     want = REF.linear(x, ref_w(w, dtype), act_quant)
-    assert rel(y, want) <= (TOL_AQ if act_quant else TOL)[dtype]
+    fp8_mma = FP8_MMA_ON_GPU and fmt == "fp8" and act_quant
+    tol = (TOL_AQ if act_quant else TOL)[dtype]
+    assert rel(y, want) <= (max(tol, FP8_MMA_GPU_TOL) if fp8_mma else tol)
     if dtype == torch.float32:  # fp64 ground truth of the same (dequantised / fake-quantised) operands
         x64 = quant.act_quant_fp8(x).double() if act_quant else x.double()
-        assert rel(y, REF.linear(x64, ref_w(w, torch.float64))) <= 1e-6
+        assert rel(y, REF.linear(x64, ref_w(w, torch.float64))) <= (FP8_MMA_GPU_TOL if fp8_mma else 1e-6)
 
 
 def test_linear_mixed_dtypes_and_shapes():

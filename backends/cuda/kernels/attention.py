@@ -181,7 +181,7 @@ def _e4m3_to_f32(b, NATIVE_FP8: tl.constexpr):
         normal = (sign | ((em + (120 << 3)) << 20)).to(tl.float32, bitcast=True)
         # subnormal (e == 0): m * 2^-9
         sub = (em & 7).to(tl.float32) * 0.001953125
-        sub = tl.where(sign != 0, -sub, sub)
+        sub = (sub.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)  # keeps -0 (0x80)
         return tl.where(em < 8, sub, normal)
 
 
@@ -250,8 +250,19 @@ def _attend_list(q, m_i, l_i, acc, idx_ptr, lo, hi, kv_ptr, kv16_ptr, stride_kv,
                  NATIVE_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
                  PREC: tl.constexpr, SKIP_EMPTY: tl.constexpr):
     """Fold the KV rows named by idx_ptr[lo:hi] (-1 = skip) into the online-softmax state.
-    SKIP_EMPTY: branch around chunks with no valid index (the -1 padding of a captured step's
-    lists); without the branch the loop body is straight-line code that Triton can pipeline."""
+
+    SKIP_EMPTY: branch around each chunk with no valid index. Otherwise (the default) a first pass
+    over the int32 indices drops the trailing run of -1 (a captured step's lists are padded to the
+    cache's capacity, a short sequence's top-k list to top-k) and the main loop has no branch, so
+    Triton software-pipelines its gathers (measured on an H200: 2-3x faster at V4-Flash decode
+    shapes, bench/cuda_tune.py); -1 entries left inside the range are masked loads, no bytes."""
+    if not SKIP_EMPTY:
+        last = lo - 1
+        for k0 in range(lo, hi, 128):
+            offs = k0 + tl.arange(0, 128)
+            idx = tl.load(idx_ptr + offs, mask=offs < hi, other=-1)
+            last = tl.maximum(last, tl.max(tl.where(idx >= 0, offs, -1), axis=0))
+        hi = last + 1
     for k0 in range(lo, hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         idx = tl.load(idx_ptr + offs_k, mask=offs_k < hi, other=-1)
@@ -399,17 +410,21 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _blocks(H: int, d: int, fp32: bool, fp8: bool, block_h, block_k, num_warps):
-    """Tile defaults: chosen so that sm_90 ptxas reports no register spills (Triton 3.9, checked
-    offline with `triton.compile(..., target=GPUTarget("cuda", 90, 32))`; not yet timed on a GPU)."""
+def _blocks(H: int, d: int, fp32: bool, fp8: bool, block_h, block_k, num_warps, num_stages):
+    """Tile defaults (BLOCK_H, BLOCK_K, num_warps, num_stages). d = 512, 16-bit: the fastest of 55
+    tilings swept on an H200 at V4-Flash decode shapes (bench/cuda_tune.py, bench/results/); the
+    others: no register spills under sm_90 ptxas, not timed on a GPU."""
     # tl.dot needs M, N, K >= 16, hence BLOCK_H >= 16 even for fewer heads (extra rows are masked)
+    ns = None
     if fp32:  # exact fp32 products run on CUDA cores: small tiles
         bh, bk, nw = 16, 16, 4 if d <= 128 else 8
     elif d <= 128:
         bh, bk, nw = max(16, min(triton.next_power_of_2(H), 64)), 32 if fp8 else 64, 4
-    else:  # d = 512: the [BLOCK_H, d] fp32 accumulator bounds BLOCK_H
-        bh, bk, nw = max(16, min(triton.next_power_of_2(H), 32)), 16 if fp8 else 32, 8
-    return block_h or bh, block_k or bk, num_warps or nw
+    elif fp8:  # d = 512, e4m3 rows decoded in registers: 0.495 -> 0.283 ms at B = 128 (CSA, 64K)
+        bh, bk, nw = max(16, min(triton.next_power_of_2(H), 32)), 32, 4
+    else:  # d = 512 bf16: 0.245 -> 0.073 ms at B = 128 (CSA, 64K); 2 stages beat 3
+        bh, bk, nw, ns = max(16, min(triton.next_power_of_2(H), 32)), 64, 4, 2
+    return block_h or bh, block_k or bk, num_warps or nw, num_stages or ns
 
 
 def _num_splits(T: int, head_blocks: int, chunks: int, min_chunks: int, device: torch.device) -> int:
@@ -422,14 +437,15 @@ def _num_splits(T: int, head_blocks: int, chunks: int, min_chunks: int, device: 
 
 
 def _launch(q, w_rows, w16, widx, c_rows, c16, cidx, sink, scale, fp8, nope, dot_dtype,
-            block_h, block_k, num_warps, native_fp8, splits, num_stages=None, skip_empty=True):
+            block_h, block_k, num_warps, native_fp8, splits, num_stages=None, skip_empty=False):
     T, H, d = q.shape
     out = torch.empty((T, H, d), dtype=q.dtype, device=q.device)
     if T == 0 or H == 0:
         return out
     if splits is not None and (not isinstance(splits, int) or splits < 1):
         raise ValueError(f"splits must be a positive int or None, got {splits!r}")
-    block_h, block_k, num_warps = _blocks(H, d, dot_dtype == torch.float32, fp8, block_h, block_k, num_warps)
+    block_h, block_k, num_warps, num_stages = _blocks(H, d, dot_dtype == torch.float32, fp8, block_h, block_k,
+                                                      num_warps, num_stages)
     emulate = _INTERPRETING and dot_dtype != torch.float32
     round_out = _INTERPRETING and q.dtype == torch.bfloat16
     Kw, Kc = widx.shape[1], cidx.shape[1]
@@ -480,7 +496,7 @@ def attention(q: torch.Tensor, window_kv: torch.Tensor, window_idx: torch.Tensor
               comp_kv: torch.Tensor | None, comp_idx: torch.Tensor | None,
               sink: torch.Tensor, scale: float, *, block_h: int | None = None, block_k: int | None = None,
               num_warps: int | None = None, splits: int | None = None, num_stages: int | None = None,
-              skip_empty: bool = True) -> torch.Tensor:
+              skip_empty: bool = False) -> torch.Tensor:
     """`ReferenceOps.attention` (without `chunk`) as one Triton kernel; see the module docstring.
 
     q: [T, H, d]; window_kv: [Nw, d]; window_idx: [T, Kw] int32; comp_kv: [Nc, d] or None;
@@ -520,7 +536,7 @@ def attention_fp8kv(q: torch.Tensor, window_packed: torch.Tensor, window_idx: to
                     sink: torch.Tensor, scale: float, d: int, *, block_h: int | None = None,
                     block_k: int | None = None, num_warps: int | None = None,
                     native_fp8: bool | None = None, splits: int | None = None, num_stages: int | None = None,
-                    skip_empty: bool = True) -> torch.Tensor:
+                    skip_empty: bool = False) -> torch.Tensor:
     """`attention` over FP8-packed KV rows (`pack_fp8_kv` layout), dequantised in the kernel.
 
     Equals `attention(q, unpack_fp8_kv(window_packed, d), ..., unpack_fp8_kv(comp_packed, d), ...)`.

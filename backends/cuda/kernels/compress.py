@@ -136,6 +136,13 @@ def _ceil_log2(a):
 
 
 @triton.jit
+def _with_sign_of(mag, bits):
+    """fp32 mag (>= 0) with the sign bit of the int32 pattern `bits`, so that -0.0 stays -0.0 (Triton
+    3.6 compiles unary minus as 0 - x, which turns -(+0.0) into +0.0; 3.9 and numpy negate)."""
+    return (mag.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _round_grid(v, EMIN: tl.constexpr, MBITS: tl.constexpr):
     """Round float32 v (already clamped to the format's range) to the nearest value with MBITS
     mantissa bits and minimum normal exponent EMIN (subnormals below), ties to even."""
@@ -146,7 +153,7 @@ def _round_grid(v, EMIN: tl.constexpr, MBITS: tl.constexpr):
     frac = y - n.to(tl.float32)  # exact
     n = n + ((frac > 0.5) | ((frac == 0.5) & ((n & 1) == 1))).to(tl.int32)
     r = n.to(tl.float32) * _exp2i(ev - MBITS)
-    return tl.where(v < 0, -r, r)
+    return _with_sign_of(r, bits)
 
 
 @triton.jit

@@ -249,6 +249,13 @@ def _to(x, DT: tl.constexpr, SOFT: tl.constexpr):
 
 
 @triton.jit
+def _with_sign_of(mag, bits):
+    """fp32 mag (>= 0) with the sign bit of the int32 pattern `bits`, so that -0.0 stays -0.0 (Triton
+    3.6 compiles unary minus as 0 - x, which turns -(+0.0) into +0.0; 3.9 and numpy negate)."""
+    return (mag.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _quant_rows(a):
     """a [R, B] fp32 -> (q, s [R]): FP8 fake-quant per row of the tile (v4.quant.act_quant_fp8).
 
@@ -265,11 +272,11 @@ def _quant_rows(a):
     inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
     y = tl.minimum(tl.maximum(a * inv[:, None], -448.0), 448.0)
     u = y.to(tl.int32, bitcast=True)
-    neg = u < 0  # the sign bit (so that -0 and tiny negatives give -0, like the e4m3 cast)
-    u = (u + 0x7FFFF + ((u >> 20) & 1)) & -1048576  # keep 3 mantissa bits, ties to even
     ay = tl.abs(y)
     sub = (ay + 16384.0) - 16384.0  # fp32 ulp at 2^14 is 2^-9 = the e4m3 subnormal step
-    q = tl.where(ay < 0.015625, tl.where(neg, -sub, sub), u.to(tl.float32, bitcast=True))
+    sub = _with_sign_of(sub, u)  # -0 and tiny negatives give -0, like the e4m3 cast
+    u = (u + 0x7FFFF + ((u >> 20) & 1)) & -1048576  # keep 3 mantissa bits, ties to even
+    q = tl.where(ay < 0.015625, sub, u.to(tl.float32, bitcast=True))
     return q, s
 
 
@@ -503,10 +510,15 @@ def _pow2(n: int) -> int:
 
 def _tiles(M: int, N: int, w: CudaWeight, act_quant: bool, soft: bool):
     """(BM, BN, BK, num_warps, num_stages). BK = 128 under act_quant (one quantisation block) and
-    divides 128 for FP8 weights (one scale block per K tile). GPU values are untuned first choices."""
+    divides 128 for FP8 weights (one scale block per K tile). GPU values: untuned first choices, but for
+    16-bit dense prefill (swept on an H200)."""
     if soft:  # interpreter: few, large programs
         return min(128, max(16, _pow2(M))), min(128, max(16, _pow2(N))), 128, 4, 1
     fp32 = w.dtype == torch.float32
+    if M > 64 and not fp32 and not act_quant and w.fmt == "dense":
+        # prefill over 16-bit weights: swept on an H200 (bench/cuda_tune.py), bf16 MoE at T = 4096
+        # went 7.41 -> 5.83 ms with the wider N tile (half the re-reads of the gathered x rows)
+        return 128, 128, 64, 8, 4
     bk = 128 if (act_quant or not fp32) else 32
     if M <= 16:
         bm, bn = 16, 64
