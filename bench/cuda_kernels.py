@@ -1220,7 +1220,7 @@ def parse_args(argv):
     ap.add_argument("--max-input-gb", type=float, default=24.0,
                     help="skip attention / indexer cases whose KV or key pool alone is larger (default 24)")
     ap.add_argument("--batches", default=None, help="decode batch sizes for attention / indexer / hc / gate (default Flash: 1,32,128)")
-    ap.add_argument("--contexts", default=None, help="decode contexts for attention / indexer (default Flash: 8192,32768,131072)")
+    ap.add_argument("--contexts", default=None, help="decode contexts for attention / indexer (default Flash: 8192,65536,1048576)")
     ap.add_argument("--reps", type=int, default=None, help="timed runs of the CUDA op (median; default 20, smoke 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3, smoke 0)")
     ap.add_argument("--ref-reps", type=int, default=None, help="timed runs of the reference op (default 5, smoke 1)")

@@ -71,6 +71,20 @@ def test_cuda_unavailable_says_what_to_install():
     assert "install" in info.reason.lower()
 
 
+def test_cuda_probe_names_the_triton_it_needs(monkeypatch):
+    from backends import cuda
+
+    assert cuda.triton_version_reason("3.6.0") is None and cuda.triton_version_reason("3.9.0") is None
+    assert cuda.triton_version_reason("4.0.1+git1234") is None
+    why = cuda.triton_version_reason("3.2.0")
+    assert why == "triton 3.2.0 is older than the 3.6 the cuda backend's kernels need (pip install 'triton>=3.6')"
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", "3.1.0")
+    info = backends.probe("cuda")
+    assert info.available is False and info.reason.startswith("triton 3.1.0 is older than the 3.6")
+
+
 @pytest.mark.skipif(HAVE_NPU, reason="torch_npu is installed here")
 def test_ascend_unavailable_says_what_to_install():
     info = backends.probe("ascend")

@@ -15,6 +15,24 @@ import os
 from .. import installed as _installed
 
 
+# The oldest Triton the kernels were run with natively (an H200, bench/results/h200-2026-12-04.md);
+# CI runs them in Triton 3.9's interpreter. Older releases lack language features they use.
+MIN_TRITON = (3, 6)
+
+
+def triton_version_reason(version: str) -> str | None:
+    """One sentence when this Triton release is older than the kernels need, else None."""
+    try:
+        have = tuple(int(x) for x in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        return None  # a development build: let it try
+    if have >= MIN_TRITON:
+        return None
+    need = ".".join(map(str, MIN_TRITON))
+    return (f"triton {version} is older than the {need} the cuda backend's kernels need "
+            f"(pip install 'triton>={need}')")
+
+
 def interpreter_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -35,7 +53,12 @@ def probe():
 
     if not _installed("triton"):
         return BackendInfo("cuda", "cuda", False, "triton is not installed (pip install 'dsv4[triton]')", frozenset(), (), ())
-    from .ops import IMPLEMENTED  # imports triton: only once we know it is there
+    import triton
+
+    too_old = triton_version_reason(triton.__version__)
+    if too_old:
+        return BackendInfo("cuda", "cuda", False, too_old, frozenset(), (), ())
+    from .ops import IMPLEMENTED  # imports the kernels: only once we know this triton can build them
     why = _gpu_reason()
     interp = why is not None and interpreter_mode()
     if why is not None and not interp:

@@ -263,8 +263,8 @@ def _quant_rows(a):
     q = x / s clamped to +-448 and rounded to the nearest e4m3 value, ties to even, subnormals kept,
     by integer arithmetic on the fp32 bits (the interpreter's fp8 cast does not round to even).
     """
-    # div_rn: a plain fp32 `/` compiles to the approximate div.full.f32 on NVIDIA GPUs, which can
-    # land one ulp above an exact power of two (amax = 448 * 2^k) and bump the scale
+    # div_rn (as compress.py does): Triton may lower a plain fp32 `/` to an approximate division,
+    # which could land one ulp above an exact power of two (amax = 448 * 2^k) and bump the scale
     amax = tl.div_rn(tl.maximum(tl.max(tl.abs(a), axis=1), 1e-4), 448.0)
     bits = amax.to(tl.int32, bitcast=True)
     e = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
