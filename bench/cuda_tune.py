@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,27 +51,15 @@ _FLUSH = None
 
 
 def timeit(fn, reps: int = 20, warmup: int = 2) -> float:
-    """Median seconds per call: CUDA events, 256 MB memset before each run to flush L2."""
+    """Median seconds per call, timed as bench/cuda_kernels.py times (CUDA events, L2 flushed by a
+    256 MB memset before each run; --smoke: one wall-clock run)."""
     global _FLUSH
-    if DEV.type != "cuda":  # --smoke: wall clock
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    if _FLUSH is None:
+    from cuda_kernels import bench  # bench/ is this script's directory, first on sys.path
+
+    gpu = DEV.type == "cuda"
+    if gpu and _FLUSH is None:
         _FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device=DEV)
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        _FLUSH.zero_()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e-3)
-    return statistics.median(ts)
+    return bench(SimpleNamespace(gpu=gpu, flush=_FLUSH), fn, warmup if gpu else 1, reps if gpu else 1)[0]
 
 
 def _ctx(n: int) -> str:
