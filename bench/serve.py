@@ -40,16 +40,16 @@ A chunk is a streamed event with non-empty text, so a token that decodes to no t
 for the first token with text, and ITL then exceeds TPOT. The token counts come from `usage`.
 
 Measured on 2 CPU cores (AVX2), `python bench/serve.py` (small, 32 prompts of 128 tokens, 64 out,
-16 clients, all at t=0; about 3.5 min for the whole run), four clean runs of the final code on
-2026-12-04 (nothing else running; the machine's own speed drifted: transformers went 16.7 -> 13.0):
-  dsv4 serve          78.5 / 67.3 / 65.4 / 59.4 output tok/s, TTFT p50 3.5 / 4.2 / 4.6 / 4.1 s
-  transformers serve  16.7 / 13.4 / 13.2 / 13.0 output tok/s, TTFT p50 56 / 70 / 67 / 72 s
-  ratio 4.70x / 5.02x / 4.94x / 4.58x: the 5x target is met in one run of four, so not reliably.
-  transformers serves one request at a time, so its TTFT is the queue. dsv4's TPOT (158-220 ms)
-  is above what the same engine does in process (decode step ~130 ms at 16 sequences): this
-  client's 16 streams and the server's event loop share the 2 cores with the engine's 2 OpenMP
-  threads, and an OpenMP team loses far more than the cycles it gives up (a 30% load on one core
-  cut the in-process engine from 90 to 70 tok/s). Every request got exactly 64 tokens.
+16 clients, all at t=0; about 3.5 min for the whole run), four runs of the final code on 2026-12-04
+(the machine's own speed drifts: transformers went 13.8 -> 11.7 -> 13.3):
+  dsv4 serve          69.8 / 86.1 / 72.8 / 95.6 output tok/s, TPOT p50 163 / 142 / 161 / 130 ms,
+                      TTFT p50 5.0 / 3.6 / 4.4 / 2.6 s
+  transformers serve  13.8 / 11.7 / 11.7 / 13.3 output tok/s, TTFT p50 65 / 80 / 80 / 69 s
+  ratio 5.05x / 7.37x / 6.25x / 7.21x: the 5x target is met in every run.
+  transformers serves one request at a time, so its TTFT is the queue. Before the server built its
+  model on the thread that steps it (v4/serve/async_engine.py, EngineThread), four runs gave 4.70x /
+  5.02x / 4.94x / 4.58x with TPOT 158-220 ms: two threads each owning an OpenMP team made libgomp
+  throttle every parallel region. Every request got exactly 64 tokens.
 
     python bench/serve.py                                   # both servers, small, 32 prompts
     python bench/serve.py --smoke                           # tiny config, 4 short prompts, < 1 min

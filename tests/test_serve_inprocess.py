@@ -160,3 +160,42 @@ def test_checkpoint_with_a_jinja_template_uses_it(tmp_path):
         out = httpx.post(srv.url + "/v1/chat/completions", timeout=60,
                          json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).json()
         assert out["usage"]["prompt_tokens"] == len(r["tokens"]) and out["choices"][0]["message"].get("reasoning") is None
+
+
+def test_the_thread_that_built_the_model_runs_its_steps():
+    # torch work must stay on one thread (EngineThread's docstring: a second OpenMP team made decode
+    # ~25% slower): the engine loop runs on the worker that built the model, never on the caller's
+    import asyncio
+    import threading
+
+    from v4.engine import SamplingParams
+    from v4.serve.async_engine import EngineThread
+
+    worker = EngineThread()
+    built_on = {}
+
+    def build():
+        built_on["thread"] = threading.get_ident()
+        L = load(config="tiny", progress=False)
+        return LLM(L.model, L.runtime)
+
+    llm = worker.submit(build).result()
+    stepped_on = set()
+    step = llm.step
+    llm.step = lambda: stepped_on.add(threading.get_ident()) or step()
+
+    async def one_request():
+        engine = AsyncEngine(llm, worker=worker)
+        engine.start(asyncio.get_running_loop())
+        stream = await engine.add([0, 5, 6], SamplingParams(max_tokens=3, ignore_eos=True))
+        outs = [o async for o in stream]
+        engine.shutdown(5.0)
+        return outs
+
+    outs = asyncio.run(one_request())
+    assert sum(len(o.new_token_ids) for o in outs) == 3 and outs[-1].finished
+    assert stepped_on == {built_on["thread"]} and built_on["thread"] != threading.get_ident()
+    failed = worker.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failed.result(5.0)
+    assert worker.submit(lambda: threading.get_ident()).result(5.0) == built_on["thread"]  # the worker lives on

@@ -23,15 +23,19 @@ def serve(a, overrides: dict) -> int:
     from ..engine import LLM
     from ..runtime import load
     from .app import build_app
-    from .async_engine import AsyncEngine
+    from .async_engine import AsyncEngine, EngineThread
     from .metrics import ServerMetrics
     from .openai_serving import ServerContext
 
-    L = load(a.checkpoint, a.config, a.runtime, overrides, seed=a.seed_weights)
-    llm = LLM(L.model, L.runtime, L.tokenizer)
+    def build():
+        L = load(a.checkpoint, a.config, a.runtime, overrides, seed=a.seed_weights)
+        return L, LLM(L.model, L.runtime, L.tokenizer)
+
+    worker = EngineThread()  # builds the model and later steps it: torch runs on one thread (see EngineThread)
+    L, llm = worker.submit(build).result()
     name = a.served_model_name or a.checkpoint or L.cfg.name
     metrics = ServerMetrics(name)
-    engine = AsyncEngine(llm, max_waiting=a.max_waiting, on_step=metrics.on_step)
+    engine = AsyncEngine(llm, max_waiting=a.max_waiting, on_step=metrics.on_step, worker=worker)
     template = load_chat_template(a.checkpoint) if a.checkpoint else None
     bos, eos = _special_token_texts(a.checkpoint)
     ctx = ServerContext(engine, L.tokenizer, name, L.cfg.vocab_size, L.runtime.max_model_len, metrics, template, bos, eos)
