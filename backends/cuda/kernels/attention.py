@@ -105,6 +105,7 @@ import triton.language as tl
 
 from v4 import quant
 
+from .bits import with_sign_of
 from .launch import target_programs
 
 ROPE_DIM = 64
@@ -181,7 +182,7 @@ def _e4m3_to_f32(b, NATIVE_FP8: tl.constexpr):
         normal = (sign | ((em + (120 << 3)) << 20)).to(tl.float32, bitcast=True)
         # subnormal (e == 0): m * 2^-9
         sub = (em & 7).to(tl.float32) * 0.001953125
-        sub = (sub.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)  # keeps -0 (0x80)
+        sub = with_sign_of(sub, sign)  # keeps -0 (0x80)
         return tl.where(em < 8, sub, normal)
 
 

@@ -39,6 +39,8 @@ from triton.language.extra import libdevice
 from v4.ops import DecodeRows
 from v4.ops import acc as acc_dtype  # the accumulation dtype; `acc` in the kernels is the accumulator
 
+from .bits import with_sign_of
+
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _QUANT = {"none": 0, "fp8": 1, "fp4": 2}
 _FP8_BLOCK, _FP4_BLOCK = 64, 32
@@ -136,13 +138,6 @@ def _ceil_log2(a):
 
 
 @triton.jit
-def _with_sign_of(mag, bits):
-    """fp32 mag (>= 0) with the sign bit of the int32 pattern `bits`, so that -0.0 stays -0.0 (Triton
-    3.6 compiles unary minus as 0 - x, which turns -(+0.0) into +0.0; 3.9 and numpy negate)."""
-    return (mag.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _round_grid(v, EMIN: tl.constexpr, MBITS: tl.constexpr):
     """Round float32 v (already clamped to the format's range) to the nearest value with MBITS
     mantissa bits and minimum normal exponent EMIN (subnormals below), ties to even."""
@@ -153,7 +148,7 @@ def _round_grid(v, EMIN: tl.constexpr, MBITS: tl.constexpr):
     frac = y - n.to(tl.float32)  # exact
     n = n + ((frac > 0.5) | ((frac == 0.5) & ((n & 1) == 1))).to(tl.int32)
     r = n.to(tl.float32) * _exp2i(ev - MBITS)
-    return _with_sign_of(r, bits)
+    return with_sign_of(r, bits)
 
 
 @triton.jit

@@ -56,6 +56,8 @@ import triton.language as tl
 
 from v4 import quant
 
+from .bits import with_sign_of
+
 FP8_BLOCK = 128
 FP4_BLOCK = 32
 _FMT = {"dense": 0, "fp8": 1, "fp4": 2}
@@ -249,13 +251,6 @@ def _to(x, DT: tl.constexpr, SOFT: tl.constexpr):
 
 
 @triton.jit
-def _with_sign_of(mag, bits):
-    """fp32 mag (>= 0) with the sign bit of the int32 pattern `bits`, so that -0.0 stays -0.0 (Triton
-    3.6 compiles unary minus as 0 - x, which turns -(+0.0) into +0.0; 3.9 and numpy negate)."""
-    return (mag.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _quant_rows(a):
     """a [R, B] fp32 -> (q, s [R]): FP8 fake-quant per row of the tile (v4.quant.act_quant_fp8).
 
@@ -274,7 +269,7 @@ def _quant_rows(a):
     u = y.to(tl.int32, bitcast=True)
     ay = tl.abs(y)
     sub = (ay + 16384.0) - 16384.0  # fp32 ulp at 2^14 is 2^-9 = the e4m3 subnormal step
-    sub = _with_sign_of(sub, u)  # -0 and tiny negatives give -0, like the e4m3 cast
+    sub = with_sign_of(sub, u)  # -0 and tiny negatives give -0, like the e4m3 cast
     u = (u + 0x7FFFF + ((u >> 20) & 1)) & -1048576  # keep 3 mantissa bits, ties to even
     q = tl.where(ay < 0.015625, sub, u.to(tl.float32, bitcast=True))
     return q, s
