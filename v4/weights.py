@@ -7,7 +7,8 @@ Names are the official HF / demo names without a `model.` prefix (spec §4.1), e
 - `load_checkpoint(path, cfg=None)`: validates all shard headers against `expected_tensors` first
   (names, shapes, dtypes, `.scale` companions; nothing is read before that), then streams the
   shards one tensor at a time. FP8 / FP4 weights come back as `QuantizedWeight`, everything else as
-  a tensor in its stored dtype.
+  a tensor in its stored dtype. With `select` (a rank's `rank_slice`) it reads only that rank's
+  slices of the unsharded checkpoint.
 - `init_checkpoint(cfg, out_dir, quant=...)`: a seeded random-weight checkpoint in the official
   layout, written shard by shard (bf16, fp32, or the official fp8 / fp4 forms).
 - `canonical_name(name)`: the official name of a stored tensor name (aliases that transformers'
@@ -416,7 +417,12 @@ def _check_float(name: str, file: str, dtype: str, allowed=FLOAT_DTYPES, what: s
 
 
 def load_checkpoint(
-    path, cfg: ModelConfig | None = None, progress: bool = True, device: str | torch.device = "cpu"
+    path,
+    cfg: ModelConfig | None = None,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+    select=None,
+    report: dict | None = None,
 ) -> tuple[ModelConfig, dict[str, torch.Tensor | QuantizedWeight]]:
     """Load a safetensors checkpoint directory into {official name: Tensor | QuantizedWeight}.
 
@@ -426,6 +432,15 @@ def load_checkpoint(
     All headers are checked against `expected_tensors(cfg)` before any data is read; then the shards
     are streamed one tensor at a time. Returns the config actually used (MTP dropped when the
     checkpoint has no `mtp.*` tensors) and the weights.
+
+    select: None reads everything. Otherwise a function official name -> WHOLE | SKIP | Slice
+    (`v4.dist.shard`, e.g. `lambda n: rank_slice(n, cfg, place)`): SKIP tensors are not read and
+    not returned; a Slice reads only that part of the stored tensor (`v4.dist.sliced_read`: FP8 /
+    FP4 slices on scale-cell boundaries stay QuantizedWeight, others come back dequantised to
+    float32). The header checks still cover every tensor.
+    report: a dict to fill with bytes_read (stored bytes of the data and scales read, slices
+    counted by their own size), bytes_total (stored bytes of all expected tensors and their scales)
+    and tensors (stored tensors read, scales included).
     """
     root = Path(path)
     if not root.is_dir():
@@ -590,15 +605,25 @@ def load_checkpoint(
                 )
         forms[canon] = form
 
+    # ---- what to read (all of it, or this rank's slices) --------------------------------------
+    from .dist.sliced_read import SKIP, WHOLE, finish, plan_read, read_stored
+
+    plans = {}
+    for canon, spec in specs.items():
+        answer = WHOLE if select is None else select(canon)
+        if answer != SKIP:
+            plans[canon] = plan_read(canon, forms[canon], spec.shape, answer)
+
     # ---- stream the data ---------------------------------------------------------------------
-    by_file: dict[Path, list[tuple[str, str]]] = {}
-    for canon in specs:
+    by_file: dict[Path, list[tuple[str, str, tuple | None]]] = {}
+    for canon, plan in plans.items():
         fpath, stored, _ = found[canon]
-        by_file.setdefault(fpath, []).append((stored, canon))
+        by_file.setdefault(fpath, []).append((stored, canon, plan.data))
         if canon in scales:
             sp, sst, _ = found[scales[canon]]
-            by_file.setdefault(sp, []).append((sst, scales[canon]))
+            by_file.setdefault(sp, []).append((sst, scales[canon], plan.scale))
     total = sum(len(v) for v in by_file.values())
+    bytes_read = 0
 
     from safetensors import safe_open
     from tqdm.auto import tqdm
@@ -617,14 +642,15 @@ def load_checkpoint(
             except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
                 raise CheckpointError(f"{fpath}: cannot open shard ({e.__class__.__name__}: {e}); the shard is corrupt, re-download it") from None
             with handle as fh:
-                for stored, canon in todo:
+                for stored, canon, index in todo:
                     try:
-                        t = fh.get_tensor(stored)
+                        t = read_stored(fh, stored, index)
                     except Exception as e:  # noqa: BLE001
                         raise CheckpointError(
                             f"{fpath}: cannot read tensor {stored} ({e.__class__.__name__}: {e}); the shard is corrupt, re-download it"
                         ) from None
                     raw[canon] = t
+                    bytes_read += t.numel() * t.element_size()
                     pbar.update(1)
             # pair weights with scales as soon as both are in
             for canon in list(raw):
@@ -634,13 +660,16 @@ def load_checkpoint(
                 if form is None:
                     continue
                 if form == "plain":
-                    out[canon] = raw.pop(canon)
+                    out[canon] = finish(form, raw.pop(canon), None, plans[canon])
                 elif scales[canon] in raw:
-                    out[canon] = QuantizedWeight(fmt=form, data=raw.pop(canon), scale=raw.pop(scales[canon]))
+                    out[canon] = finish(form, raw.pop(canon), raw.pop(scales[canon]), plans[canon])
     finally:
         pbar.close()
     assert not raw, f"internal: unpaired tensors {sorted(raw)[:3]}"
-    ordered = {k: out[k] for k in specs}
+    if report is not None:
+        stored_bytes = (found[k][2].end - found[k][2].begin for k in (*specs, *scales.values()))
+        report.update(bytes_read=bytes_read, bytes_total=sum(stored_bytes), tensors=total)
+    ordered = {k: out[k] for k in specs if k in plans}
     return cfg, ordered
 
 
