@@ -88,6 +88,9 @@ class KVCache:
         self.max_slots, self.max_seq_len, self.block_size = max_slots, max_seq_len, block_size
         self.seq_len = [0] * max_slots
         self.in_use = [False] * max_slots
+        # when a list: every alloc / release / reserve is appended, so that the other ranks of a
+        # tensor-parallel group can replay them on their own copy of the cache (v4.dist.step_plan)
+        self.journal: list | None = None
         W, D, Di = cfg.sliding_window, cfg.head_dim, cfg.index_head_dim
         a = acc(dtype)
         n_layers = num_layers if num_layers is not None else cfg.num_hidden_layers + cfg.num_nextn_predict_layers
@@ -130,10 +133,14 @@ class KVCache:
                     for t in (lc.state_kv, lc.state_score, lc.index_state_kv, lc.index_state_score):
                         if t is not None:
                             t[s].zero_()
+                if self.journal is not None:
+                    self.journal.append(("alloc", s))
                 return s
         raise InputError(f"all {self.max_slots} cache slots are in use; raise runtime.max_num_seqs")
 
     def release(self, slot: int) -> None:
+        if self.journal is not None:
+            self.journal.append(("release", slot))
         self.in_use[slot] = False
         self.seq_len[slot] = 0
         for t in self.tables.values():
@@ -150,6 +157,8 @@ class KVCache:
         """Make room for a sequence growing to `new_len` tokens."""
         if new_len > self.max_seq_len:
             raise InputError(f"sequence of {new_len} tokens exceeds the cache's max_seq_len={self.max_seq_len}; raise runtime.max_model_len")
+        if self.journal is not None:
+            self.journal.append(("reserve", slot, new_len))
         for m, t in self.tables.items():
             t.ensure(slot, new_len // m)
 

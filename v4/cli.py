@@ -43,11 +43,22 @@ def _add_engine_args(p):
     g.add_argument("--max-model-len", type=int, help="overrides runtime.max_model_len: prompt + generated tokens of one request")
     g.add_argument("--kv-cache-memory", help="overrides runtime.kv_cache_memory: the cache's byte budget, e.g. 2GiB")
     g.add_argument("--block-size", type=int, help="overrides runtime.block_size: entries per page of the compressed pools")
+    d = p.add_argument_group("multi-device (README \"Multi-device\"; ranks = TP x DP, one process per device)")
+    d.add_argument("-tp", "--tensor-parallel-size", type=int, help="overrides runtime.tensor_parallel_size: query heads, "
+                   "wo_a groups, vocab (and experts' intermediate dim without EP) split over this many ranks")
+    d.add_argument("-dp", "--data-parallel-size", type=int,
+                   help="overrides runtime.data_parallel_size: replicas of attention, each with its own requests and KV cache")
+    d.add_argument("--enable-expert-parallel", action="store_true", default=None,
+                   help="routed experts split over all TP x DP ranks (runtime.enable_expert_parallel)")
+    d.add_argument("--moe-comm", choices=["alltoall", "allgather"], help="overrides runtime.moe_comm: expert dispatch")
+    d.add_argument("--dist-timeout", dest="dist_timeout_s", type=float,
+                   help="overrides runtime.dist_timeout_s: seconds before a silent rank counts as dead")
 
 
 def _overrides(a):
     keys = ("backend", "device", "dtype", "mode", "ascend_weights", "cuda_graphs", "max_num_seqs",
-            "max_num_batched_tokens", "max_model_len", "kv_cache_memory", "block_size")
+            "max_num_batched_tokens", "max_model_len", "kv_cache_memory", "block_size", "tensor_parallel_size",
+            "data_parallel_size", "enable_expert_parallel", "moe_comm", "dist_timeout_s")
     return {k: getattr(a, k, None) for k in keys}
 
 
@@ -60,7 +71,11 @@ def cmd_generate(a) -> int:
     if (a.prompt is None) == (a.ids is None):
         raise InputError("give exactly one of --prompt TEXT (repeatable) or --ids 1,2,3")
     t0 = time.perf_counter()
-    L = load(a.checkpoint, a.config, a.runtime, _overrides(a), seed=a.seed_weights, progress=not a.json)
+    ctx = _start_ranks(a, progress=not a.json)
+    if ctx is not None and ctx.rank != 0:
+        return ctx.follow()
+    L = ctx.loaded if ctx is not None else load(a.checkpoint, a.config, a.runtime, _overrides(a), seed=a.seed_weights,
+                                                progress=not a.json)
     load_s = time.perf_counter() - t0
     if a.ids is not None:
         try:
@@ -79,9 +94,13 @@ def cmd_generate(a) -> int:
         raise InputError(f"--{name.replace('_', '-')} {rest}") from None
     # the cache is sized for the work at hand: no more sequence slots than prompts
     rt = dataclasses.replace(L.runtime, max_num_seqs=min(L.runtime.max_num_seqs, len(prompts)))
-    llm = LLM(L.model, rt, L.tokenizer)
+    llm = LLM(L.model, rt, L.tokenizer) if ctx is None else ctx.engine(rt)
     t1 = time.perf_counter()
-    results = llm.generate(prompts, params, progress=not a.json and len(prompts) > 1)
+    try:
+        results = llm.generate(prompts, params, progress=not a.json and len(prompts) > 1)
+    finally:
+        if ctx is not None:
+            ctx.close(llm)
     run_s = time.perf_counter() - t1
     t = llm.stats.as_dict()
     for ids, res in zip(prompts, results):
@@ -104,6 +123,18 @@ def cmd_generate(a) -> int:
               f"prefill {t['prefill_s']:.3f}s, decode {t['decode_tok_per_s'] or 0:.1f} tok/s, "
               f"{t['num_preemptions']} preemptions]", file=sys.stderr)
     return 0
+
+
+def _start_ranks(a, progress: bool = True):
+    """With tensor_parallel_size x data_parallel_size > 1: join the deployment (spawning the local
+    ranks unless torchrun started them) and return this rank's context; None on one device."""
+    from .dist.launch import LoadArgs, layout_of, start
+    from .runtime import resolve
+
+    _, rt = resolve(a.checkpoint, a.config, a.runtime, _overrides(a))
+    if layout_of(rt).is_single:
+        return None
+    return start(LoadArgs(a.checkpoint, a.config, a.runtime, _overrides(a), a.seed_weights), rt, progress)
 
 
 def cmd_init(a) -> int:

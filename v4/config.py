@@ -288,6 +288,12 @@ class RuntimeConfig:
     prefill_chunk: int = 0  # most prompt tokens of one sequence per step (vLLM's long_prefill_token_threshold); 0 = no cap
     ascend_weights: str = "dequant"  # Ascend: "dequant" FP8/FP4 -> working dtype at load, or "w8a8" int8
     cuda_graphs: str = "auto"  # decode as captured CUDA graphs: auto (on for the cuda backend on a GPU) | on | off
+    # multi-device (v4.dist; vLLM's names): ranks = tensor_parallel_size x data_parallel_size
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # routed experts split over all ranks (EP = TP x DP)
+    moe_comm: str = "alltoall"  # expert-parallel dispatch: alltoall (uneven all_to_all_single) | allgather
+    dist_timeout_s: float = 60.0  # a rank silent this long is dead: the others stop and say which
 
     RENAMED = {"max_batch": "max_num_seqs", "max_seq_len": "max_model_len"}
 
@@ -315,6 +321,18 @@ class RuntimeConfig:
             self.cuda_graphs = "on" if self.cuda_graphs else "off"
         if self.cuda_graphs not in ("auto", "on", "off"):
             raise ConfigError(f"{source}: field 'runtime.cuda_graphs' must be auto, on or off, got {self.cuda_graphs!r}")
+        for k in ("tensor_parallel_size", "data_parallel_size"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{source}: field 'runtime.{k}' must be a positive integer, got {v!r}")
+        if not isinstance(self.enable_expert_parallel, bool):
+            raise ConfigError(f"{source}: field 'runtime.enable_expert_parallel' must be true or false, "
+                              f"got {self.enable_expert_parallel!r}")
+        if self.moe_comm not in ("alltoall", "allgather"):
+            raise ConfigError(f"{source}: field 'runtime.moe_comm' must be alltoall or allgather, got {self.moe_comm!r}")
+        if isinstance(self.dist_timeout_s, bool) or not isinstance(self.dist_timeout_s, (int, float)) or self.dist_timeout_s <= 0:
+            raise ConfigError(f"{source}: field 'runtime.dist_timeout_s' must be a positive number of seconds, "
+                              f"got {self.dist_timeout_s!r}")
         if isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 0:
             raise ConfigError(f"{source}: field 'runtime.prefill_chunk' must be a non-negative integer, got {self.prefill_chunk!r}")
         try:

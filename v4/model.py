@@ -33,10 +33,25 @@ FP8_LINEARS = ("wq_a", "wq_b", "wkv", "wo_b", "e_proj", "h_proj")
 class Transformer:
     """V4 model (main stack + MTP blocks) over weights prepared by one backend's ops."""
 
-    def __init__(self, cfg: ModelConfig, weights: dict, ops, dtype: torch.dtype = torch.float32, mode: str = "plain"):
+    def __init__(self, cfg: ModelConfig, weights: dict, ops, dtype: torch.dtype = torch.float32, mode: str = "plain",
+                 comm=None, moe_comm: str = "alltoall"):
+        """comm: a `v4.dist.comm.Communicator` when this process is one rank of a multi-device run
+        (weights then hold only this rank's slices: `v4.dist.shard`); None for one device."""
         if mode not in ("plain", "exact"):
             raise InputError(f"numerics mode must be 'plain' or 'exact', got {mode!r}")
         self.cfg, self.ops, self.dtype, self.mode = cfg, ops, dtype, mode
+        self.comm = comm
+        self.place = comm.place if comm is not None else None
+        self.tp = comm.tp_size if comm is not None else 1
+        self.num_heads = self.place.num_heads if comm is not None else cfg.num_attention_heads
+        self.num_groups = self.place.num_groups if comm is not None else cfg.o_groups
+        self.vocab = self.place.vocab if comm is not None else (0, cfg.vocab_size)
+        self.experts = self.place.experts if comm is not None else (0, cfg.n_routed_experts)
+        self.ep_moe = None
+        if comm is not None and comm.place.layout.ep:
+            from .dist.moe import ExpertParallelMoE
+
+            self.ep_moe = ExpertParallelMoE(ops, comm, self.place, cfg.n_routed_experts, moe_comm)
         self.acc = acc(dtype)
         self.device = ops.device
         self.exact = mode == "exact"
@@ -119,7 +134,7 @@ class Transformer:
         b.gate_bias = None if is_hash else self._float(f + "gate.bias", a)
         b.tid2eid = self._take(f + "gate.tid2eid").to(self.device, torch.long) if is_hash else None
         # experts as one gate/up matrix [W1; W3] per expert, stacked: [E, 2I, D] and W2 [E, D, I]
-        ex = [f"{f}experts.{e}." for e in range(cfg.n_routed_experts)]
+        ex = [f"{f}experts.{e}." for e in range(*self.experts)]  # this rank's experts (all of them without EP)
         b.w13, b.w2 = self._experts(ex)
         b.shared = None
         if cfg.n_shared_experts:
@@ -135,6 +150,13 @@ class Transformer:
     def _record(self, name: str, t: torch.Tensor):
         if self.hook is not None:
             self.hook(name, t)
+
+    def _record_heads(self, name: str, t: torch.Tensor):
+        """A [T, H, d] tensor split by heads under TP: recorded whole (every TP rank has a hook then)."""
+        if self.hook is not None and self.tp > 1:
+            T, h, d = t.shape
+            t = self.comm.tp_all_gather(t.reshape(T, h * d), [h * d] * self.tp).view(T, -1, d)
+        self._record(name, t)
 
     def _lin(self, x, w, fp8: bool):
         return self.ops.linear(x, w, act_quant=self.exact and fp8)
@@ -156,7 +178,7 @@ class Transformer:
         cfg = self.cfg
         ids = ids.to(self.device)
         layout = StepLayout(batch, cache)
-        X = self.embed[ids].unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()  # [T, hc, D]
+        X = self._embed(ids).unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()  # [T, hc, D]
         for b in self.blocks:
             X = self._block(b, X, ids, layout, cache)
         out = self._head(X, self.hc_head, self.norm, batch, logits)
@@ -165,6 +187,15 @@ class Transformer:
             mtp_out = self._mtp(self.mtp[0], X, mtp_ids.to(self.device), layout, cache, logits)
         return out, mtp_out
 
+    def _embed(self, ids):
+        """[T] ids -> [T, D]. Vocab-parallel: each TP rank looks up the rows it holds, zeros elsewhere, summed."""
+        if self.tp == 1:
+            return self.embed[ids]
+        v0, v1 = self.vocab
+        mine = (ids >= v0) & (ids < v1)
+        x = self.embed[(ids - v0).clamp(0, v1 - v0 - 1)] * mine.unsqueeze(1).to(self.embed.dtype)
+        return self.comm.tp_all_reduce(x)  # adding zeros is exact: the same bits as one device
+
     def _head(self, X, hc, norm, batch, which):
         if which == "none":
             return None
@@ -172,7 +203,15 @@ class Transformer:
             X = X[batch.last_token]
         h = self.ops.hc_head(X, *hc, self.cfg.hc_eps, self.cfg.rms_norm_eps)
         h = self.ops.rms_norm(h, norm, self.cfg.rms_norm_eps)
-        return self.ops.linear(h.to(self.acc), self.head)
+        logits = self.ops.linear(h.to(self.acc), self.head)  # [T, this rank's vocab rows]
+        if self.tp == 1:
+            return logits
+        return self.comm.tp_all_gather(logits, [v1 - v0 for v0, v1 in self._vocab_ranges()])
+
+    def _vocab_ranges(self):
+        from .dist.parallel import _split
+
+        return [_split(self.cfg.vocab_size, self.tp, r) for r in range(self.tp)]
 
     def _mtp(self, b, X, next_ids, layout, cache, which):
         """MTP block: embed the next token, mix with the main stack's streams, one block, own head."""
@@ -200,7 +239,7 @@ class Transformer:
     # ------------------------------------------------------------------ attention
     def _attention(self, b, x, layout: StepLayout, cache: KVCache):
         ops, cfg = self.ops, self.cfg
-        T, H, D = x.shape[0], cfg.num_attention_heads, cfg.head_dim
+        T, H, D = x.shape[0], self.num_heads, cfg.head_dim  # H: this rank's query heads
         batch = layout.batch
         pos, inv_freq = batch.positions, self.inv_freq[b.rope]
         lc = cache.layers[b.layer]
@@ -212,7 +251,7 @@ class Transformer:
         kv = ops.rope(kv, pos, inv_freq)  # [T, D]: one shared key/value head
         if self.exact:
             kv = quant.kv_fake_quant_fp8(kv, cfg.qk_rope_head_dim)
-        self._record(f"{b.name}.attn.q", q)
+        self._record_heads(f"{b.name}.attn.q", q)
         self._record(f"{b.name}.attn.kv", kv)
 
         comp_kv, comp_idx = None, None
@@ -230,9 +269,10 @@ class Transformer:
         window_kv, window_idx = layout.window(kv, lc.ring)  # [S*W + T, D], [T, W]
         o = ops.attention(q, window_kv, window_idx, comp_kv, comp_idx, b.sink, D ** -0.5)  # [T, H, D]
         layout.write_ring(kv, lc.ring)
-        self._record(f"{b.name}.attn.output", o)
+        self._record_heads(f"{b.name}.attn.output", o)
         o = ops.rope(o, pos, inv_freq, inverse=True)
-        return ops.grouped_out_proj(o.reshape(T, H * D), b.wo_a, b.wo_b, cfg.o_groups, act_quant=self.exact)
+        y = ops.grouped_out_proj(o.reshape(T, H * D), b.wo_a, b.wo_b, self.num_groups, act_quant=self.exact)
+        return self.comm.tp_all_reduce(y) if self.tp > 1 else y  # wo_b is row-parallel: partial sums
 
     def _indexer(self, b, x, c_q, layout: StepLayout, cache: KVCache):
         """Lightning indexer of a CSA layer: top-k compressed entries per query (logical ids, -1 padded)."""
@@ -269,9 +309,25 @@ class Transformer:
                                         cfg.routed_scaling_factor)
         self._record(f"{b.name}.ffn.route_ids", experts)
         self._record(f"{b.name}.ffn.route_weights", weights)
-        y = ops.moe_experts(x, experts, weights, b.w13, b.w2, b.shared, cfg.swiglu_limit, act_quant=self.exact)
+        if self.ep_moe is not None:
+            y = self.ep_moe(x, experts, weights, b.w13, b.w2, b.shared, cfg.swiglu_limit, self.exact)
+        elif self.tp > 1:  # every expert's intermediate dim is split: partial sums, added in acc dtype
+            y = ops.moe_experts(x.to(self.acc), experts, weights, b.w13, b.w2, b.shared, cfg.swiglu_limit,
+                                act_quant=self.exact)
+            y = self.comm.tp_all_reduce(y).to(x.dtype)
+        else:
+            y = ops.moe_experts(x, experts, weights, b.w13, b.w2, b.shared, cfg.swiglu_limit, act_quant=self.exact)
         self._record(f"{b.name}.ffn.output", y)
         return y
+
+    def dummy_step(self) -> None:
+        """A data-parallel rank with no tokens this step: take part in every MoE layer's expert
+        exchange with none of its own, so the other ranks' collectives line up."""
+        if self.ep_moe is None:
+            return
+        x = torch.zeros(0, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+        for b in self.blocks:
+            self.ep_moe.dummy(x, self.cfg.num_experts_per_tok, b.w13, b.w2, self.cfg.swiglu_limit, self.exact)
 
     # ------------------------------------------------------------------ conveniences
     @torch.no_grad()

@@ -73,13 +73,15 @@ class StepRecord:
 
 class LLM:
     def __init__(self, model: Transformer, runtime: RuntimeConfig | None = None, tokenizer=None, *,
-                 graphs: str | None = None, buckets: list[int] | None = None, logits: str = "last"):
+                 graphs: str | None = None, buckets: list[int] | None = None, logits: str = "last",
+                 runner: ModelRunner | None = None):
         """runtime: max_num_seqs, max_num_batched_tokens, max_model_len, kv_cache_memory, block_size,
         prefill_chunk and cuda_graphs (`graphs` overrides the last). logits="all" keeps every
-        position's logits in `last_step` (parity); "last" computes only the rows that sample."""
+        position's logits in `last_step` (parity); "last" computes only the rows that sample.
+        runner: a runner built by the caller (a multi-device run's `v4.dist.runner.TPRunner`)."""
         rt = runtime or RuntimeConfig()
         self.model, self.runtime, self.tokenizer = model, rt, tokenizer
-        self.runner = ModelRunner(model, rt, graphs, buckets)
+        self.runner = runner if runner is not None else ModelRunner(model, rt, graphs, buckets)
         self.blocks = BlockManager(self.runner.cache, self.runner.reserved_slots)
         self.scheduler = Scheduler(self.blocks, rt.max_num_seqs, rt.max_num_batched_tokens, rt.prefill_chunk)
         self.sampler = Sampler(model.cfg.eos_token_id)
@@ -100,7 +102,9 @@ class LLM:
         sentence (InputError), and the engine goes on serving the others."""
         return self._add(prompt_ids, params).id
 
-    def _add(self, prompt_ids, params: SamplingParams | None) -> Sequence:
+    def validate(self, prompt_ids, params: SamplingParams | None) -> tuple[list[int], SamplingParams]:
+        """The checks `add_request` makes, without queueing: InputError (one sentence) if the request
+        can never run here."""
         params = params or SamplingParams()
         cfg, rt = self.model.cfg, self.runtime
         prompt_ids = [int(t) for t in prompt_ids]
@@ -116,6 +120,10 @@ class LLM:
         why = self.blocks.fits_at_all(need)
         if why:
             raise InputError(f"a request of {need} tokens (prompt + max_tokens) {why}")
+        return prompt_ids, params
+
+    def _add(self, prompt_ids, params: SamplingParams | None) -> Sequence:
+        prompt_ids, params = self.validate(prompt_ids, params)
         seq = Sequence(next(self._ids), prompt_ids, params)
         self._seqs[seq.id] = seq
         if params.max_tokens == 0:
@@ -144,6 +152,14 @@ class LLM:
 
     def kv_cache_usage(self) -> float:
         return self.blocks.usage()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:

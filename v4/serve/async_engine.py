@@ -194,7 +194,7 @@ class AsyncEngine:
         if cmd[0] == "add":
             _, prompt_ids, params, stream, done = cmd
             try:
-                if len(self.llm.scheduler.waiting) >= self.max_waiting:
+                if self.llm.num_waiting >= self.max_waiting:
                     raise QueueFull(f"the waiting queue is full ({self.max_waiting} requests, --max-waiting); retry later")
                 rid = self.llm.add_request(prompt_ids, params)
             except Exception as e:  # noqa: BLE001 - the caller gets it (a 4xx/5xx), the loop goes on
@@ -223,7 +223,7 @@ class AsyncEngine:
 
     def _update_snapshot(self) -> None:
         llm, s = self.llm, self.snapshot
-        s.running, s.waiting = len(llm.scheduler.running), len(llm.scheduler.waiting)
+        s.running, s.waiting = llm.num_running, llm.num_waiting
         s.kv_cache_usage = llm.kv_cache_usage()
         s.prompt_tokens, s.generation_tokens = llm.stats.prompt_tokens, llm.stats.generation_tokens
         s.num_preemptions = llm.stats.num_preemptions
