@@ -72,6 +72,12 @@ def add_parser(sub) -> None:
     _model_args(r)
     _prompt_args(r, required=True)
     r.add_argument("--out", required=True, help="bundle directory to write")
+    d = r.add_argument_group("multi-device (one process per rank; the bundle compares with a one-device one)")
+    d.add_argument("-tp", "--tensor-parallel-size", type=int)
+    d.add_argument("-dp", "--data-parallel-size", type=int, help="every prompt runs on DP group 0; the others join "
+                   "each step's expert exchange")
+    d.add_argument("--enable-expert-parallel", action="store_true", default=None)
+    d.add_argument("--moe-comm", choices=["alltoall", "allgather"])
     r.set_defaults(fn=cmd_record)
 
     c = ps.add_parser("compare", help="score bundle B against bundle A")
@@ -142,7 +148,11 @@ def _plan(a, backend: str, dtype: str | None, mode: str | None):
     if config is None and a.checkpoint is None:
         raise InputError("give --config or --checkpoint (a prompts file names no model)")
     over = {"backend": backend, "dtype": dtype, "mode": mode, "device": a.device, "cuda_graphs": a.cuda_graphs}
+    for k in ("tensor_parallel_size", "data_parallel_size", "enable_expert_parallel", "moe_comm"):
+        over[k] = getattr(a, k, None)
     built = R.build(a.checkpoint, config if not a.checkpoint else None, a.runtime, over, seed=a.seed_weights)
+    if built.model is None:  # a rank other than 0 under torchrun: no prompts of its own
+        return built, None, None, None, None
     sopt = suite.options if suite else {}
     opts = R.Options(
         greedy_tokens=a.greedy if a.greedy is not None else sopt.get("greedy_tokens", 8),
@@ -162,13 +172,23 @@ def _record_one(a, backend, dtype, mode, out=None):
     from . import record as R
 
     built, prompts, opts, suite, pfile = _plan(a, backend, dtype, mode)
-    return R.record_bundle(built, prompts, opts, suite, pfile, out)
+    if built.model is None:
+        built.ranks.follow()
+        return None
+    if built.ranks is None:
+        return R.record_bundle(built, prompts, opts, suite, pfile, out)
+    try:
+        return R.record_bundle(built, prompts, opts, suite, pfile, out)
+    finally:
+        built.ranks.close()
 
 
 def cmd_record(a) -> int:
     _threads(a)
     t0 = time.perf_counter()
     b = _record_one(a, a.backend, a.dtype, a.mode, a.out)
+    if b is None:  # a rank other than 0 under torchrun: it followed rank 0's steps
+        return 0
     size = sum(p.stat().st_size for p in Path(a.out).iterdir()) / 2**20
     print(f"wrote {a.out}: {b.label()} on {b.meta['backend']['device_name']}, {b.num_prompts} prompts, "
           f"{len(b.hooks)} hook points, {size:.1f} MiB in {time.perf_counter() - t0:.2f}s")

@@ -184,6 +184,7 @@ class Built:
     runtime: object
     tokenizer: object
     weights: dict  # {"source": "random"|"checkpoint", "seed"|"path", "hash"}
+    ranks: object = None  # v4.dist.launch.RankContext of rank 0 when recording across devices (TP / EP / DP)
 
 
 def config_hash(cfg) -> str:
@@ -212,6 +213,8 @@ def build(checkpoint=None, config=None, runtime_file=None, overrides=None, seed:
     from v4.tokenizer import load_tokenizer
 
     cfg, rt = resolve(checkpoint, config, runtime_file, overrides)
+    if rt.tensor_parallel_size * rt.data_parallel_size > 1:
+        return _build_ranks(checkpoint, config, runtime_file, overrides, seed, cfg, rt)
     ops = backends.get_ops(rt.backend, rt.device, rt.allow_fallback, rt.mode, rt.dtype, rt.backend_options())
     if checkpoint is not None:
         cfg, tensors = W.load_checkpoint(checkpoint, cfg, progress=False)
@@ -221,6 +224,24 @@ def build(checkpoint=None, config=None, runtime_file=None, overrides=None, seed:
         winfo = {"source": "random", "seed": seed, "hash": tensors_hash(tensors)}
     model = Transformer(cfg, tensors, ops, DTYPES[rt.dtype], rt.mode)
     return Built(model, cfg, rt, load_tokenizer(cfg, checkpoint), winfo)
+
+
+def _build_ranks(checkpoint, config, runtime_file, overrides, seed, cfg, rt) -> Built:
+    """Rank 0 of a multi-device recording (the other ranks are spawned, or started by torchrun).
+    The weights' hash is that of the whole model, so the bundle compares with a one-device one."""
+    from v4 import weights as W
+    from v4.dist.launch import LoadArgs, start
+    from v4.runtime import random_weights
+
+    ctx = start(LoadArgs(checkpoint, config, runtime_file, dict(overrides or {}), seed), rt, progress=False)
+    if ctx.rank != 0:
+        return Built(None, cfg, rt, None, {}, ctx)
+    if checkpoint is not None:
+        winfo = {"source": "checkpoint", "path": str(checkpoint), "hash": W.checkpoint_hash(checkpoint)}
+    else:
+        winfo = {"source": "random", "seed": seed, "hash": tensors_hash(random_weights(cfg, seed))}
+    L = ctx.loaded
+    return Built(L.model, L.cfg, rt, L.tokenizer, winfo, ctx)
 
 
 # ---------------------------------------------------------------------------------------- environment
@@ -279,9 +300,11 @@ def _hook_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 @torch.no_grad()
-def record(model, prompts: list, opts: Options | None = None) -> tuple[dict, dict]:
+def record(model, prompts: list, opts: Options | None = None, ranks=None) -> tuple[dict, dict]:
     """Run `prompts` (list of Prompt) through `model`. Returns (tensors, info) where tensors use
-    the bundle keys (see parity/bundle.py) and info holds the hook order and timings."""
+    the bundle keys (see parity/bundle.py) and info holds the hook order and timings.
+    ranks: rank 0's RankContext of a multi-device run: every prompt runs on data-parallel group 0
+    (whose logits and hooks this process sees) while the other groups join each step's expert exchange."""
     opts = opts or Options()
     opts.validate()
     cfg = model.cfg
@@ -301,7 +324,8 @@ def record(model, prompts: list, opts: Options | None = None) -> tuple[dict, dic
     saved_hook = model.hook
     try:
         for group in _groups(prompts, opts.batching):
-            _record_group(model, prompts, group, opts, keep_layers, last_k, N, tensors, hook_order, per_prompt_hooks)
+            _record_group(model, prompts, group, opts, keep_layers, last_k, N, tensors, hook_order, per_prompt_hooks,
+                          ranks)
     finally:
         model.hook = saved_hook
     for i, hooks in per_prompt_hooks.items():
@@ -321,7 +345,8 @@ def decode_mode(opts: Options, model) -> str:
     return graph_mode(opts.cuda_graphs, model)
 
 
-def _record_group(model, prompts, group, opts, keep_layers, last_k, N, tensors, hook_order, per_prompt_hooks):
+def _record_group(model, prompts, group, opts, keep_layers, last_k, N, tensors, hook_order, per_prompt_hooks,
+                  ranks=None):
     cfg = model.cfg
     seqs = [prompts[i].ids for i in group]
     lens = [len(s) for s in seqs]
@@ -329,7 +354,10 @@ def _record_group(model, prompts, group, opts, keep_layers, last_k, N, tensors, 
     graphs = "on" if N > 1 and decode_mode(opts, model) != "off" else "off"
     rt = RuntimeConfig(max_num_seqs=len(group), max_num_batched_tokens=sum(lens), max_model_len=max(lens) + N + 2,
                        block_size=opts.block_size, prefill_chunk=opts.prefill_chunk)
-    llm = LLM(model, rt, graphs=graphs, buckets=[len(group)], logits="all")
+    if ranks is None:
+        llm = LLM(model, rt, graphs=graphs, buckets=[len(group)], logits="all")
+    else:
+        llm = ranks.engine(rt, logits="all", assign="first")
     # at least one token, so that the prompt is computed when greedy_tokens is 0 (the token is dropped)
     params = SamplingParams(temperature=0.0, max_tokens=max(N, 1), ignore_eos=True)
     rid = {llm.add_request(s, params): r for r, s in enumerate(seqs)}
@@ -406,7 +434,7 @@ def record_bundle(built: Built, prompts: list, opts: Options | None = None, suit
     from . import bundle as BD
 
     opts = opts or Options()
-    tensors, info = record(built.model, prompts, opts)
+    tensors, info = record(built.model, prompts, opts, built.ranks)
     meta = make_meta(built, prompts, opts, info, suite, prompts_file)
     if out is not None:
         return BD.write(out, tensors, meta)
@@ -435,6 +463,8 @@ def make_meta(built: Built, prompts: list, opts: Options, info: dict, suite: str
                     "emulated": bool(getattr(m.ops, "emulated", False))},
         "dtype": rt.dtype,
         "mode": rt.mode,
+        "parallel": {"tensor_parallel_size": rt.tensor_parallel_size, "data_parallel_size": rt.data_parallel_size,
+                     "enable_expert_parallel": rt.enable_expert_parallel, "moe_comm": rt.moe_comm},
         "versions": library_versions(),
         "suite": suite,
         "prompts_file": prompts_file,

@@ -16,6 +16,8 @@ USAGE_EXAMPLES = """examples:
   dsv4 info --config v4-flash
   dsv4 backends
   dsv4 serve --config tiny --port 8000
+  dsv4 serve --config tiny -tp 2 --enable-expert-parallel
+  dsv4 plan --deploy a3-flash-w8a8-dp4-tp4-ep --context 1M
 """
 
 
@@ -273,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve.server import add_parser as add_serve  # stdlib only: fastapi is imported when `serve` runs
 
     add_serve(sub, _add_model_args, _add_engine_args, _overrides)
+
+    from .dist.deployment import add_parser as add_plan  # deployment plans: arithmetic only, no torch.distributed
+
+    add_plan(sub)
 
     b = sub.add_parser("backends", help="backends x ops x availability")
     b.add_argument("--json", action="store_true")

@@ -143,9 +143,10 @@ class DistributedLLM:
     def has_unfinished(self) -> bool:
         return bool(self._group_of)
 
-    def sequence(self, request_id: int):
-        """An unfinished request of DP group 0 (the group whose state lives in this process)."""
-        return self.local.llm.sequence(self.local.to_local[request_id])
+    def sequence(self, request_id: int) -> "_GroupZeroSequence":
+        """A request of DP group 0 (whose state lives in this process), as a view that follows it
+        from the tick that hands it to the group's engine on."""
+        return _GroupZeroSequence(self.local, request_id)
 
     def kv_cache_usage(self) -> float:
         return max((r.kv_cache_usage for r in self._reports), default=0.0)
@@ -222,6 +223,20 @@ class DistributedLLM:
                                "then restart") from None
             raise RankLost(_lost_message(e) if isinstance(e, RankLost) else
                            f"a collective failed ({str(e).splitlines()[0]}); check the other ranks' logs, then restart") from None
+
+
+class _GroupZeroSequence:
+    def __init__(self, engine: GroupEngine, gid: int):
+        self._engine, self._gid, self._seq = engine, gid, None
+
+    def __getattr__(self, name):
+        if self._seq is None and self._gid in self._engine.to_local:
+            self._seq = self._engine.llm.sequence(self._engine.to_local[self._gid])
+        if self._seq is None:  # not yet handed over: nothing computed
+            if name == "num_computed":
+                return 0
+            raise AttributeError(f"request {self._gid} has not reached DP group 0's engine yet")
+        return getattr(self._seq, name)
 
 
 class RankState:

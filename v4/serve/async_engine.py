@@ -169,7 +169,9 @@ class AsyncEngine:
         try:
             while not self._stop.is_set():
                 self._do_commands(block=not self.llm.has_unfinished())
-                if self.llm.has_unfinished():
+                # a multi-device engine ticks while idle too (every half second): its other ranks
+                # wait on rank 0's ticks, and a dead one is noticed without a request to show it
+                if self.llm.has_unfinished() or getattr(self.llm, "heartbeat", False):
                     self._step()
         except BaseException as e:  # noqa: BLE001 - any failure kills the loop; every client hears why
             log.exception("engine loop died")

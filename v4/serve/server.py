@@ -27,12 +27,19 @@ def serve(a, overrides: dict) -> int:
     from .metrics import ServerMetrics
     from .openai_serving import ServerContext
 
+    from ..cli import _start_ranks
+
     def build():
-        L = load(a.checkpoint, a.config, a.runtime, overrides, seed=a.seed_weights)
-        return L, LLM(L.model, L.runtime, L.tokenizer)
+        ctx = _start_ranks(a)  # None on one device; this rank's part of a multi-device deployment otherwise
+        if ctx is not None and ctx.rank != 0:
+            return ctx, None, None
+        L = ctx.loaded if ctx is not None else load(a.checkpoint, a.config, a.runtime, overrides, seed=a.seed_weights)
+        return ctx, L, (LLM(L.model, L.runtime, L.tokenizer) if ctx is None else ctx.engine(L.runtime))
 
     worker = EngineThread()  # builds the model and later steps it: torch runs on one thread (see EngineThread)
-    L, llm = worker.submit(build).result()
+    ctx, L, llm = worker.submit(build).result()
+    if L is None:  # a rank other than 0 under torchrun: no HTTP, follow rank 0 until it stops
+        return worker.submit(ctx.follow).result()
     name = a.served_model_name or a.checkpoint or L.cfg.name
     metrics = ServerMetrics(name)
     engine = AsyncEngine(llm, max_waiting=a.max_waiting, on_step=metrics.on_step, worker=worker)
@@ -51,6 +58,8 @@ def serve(a, overrides: dict) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run()
+    if ctx is not None:  # the other ranks leave their loops (or are already gone) and the spawned ones are reaped
+        worker.submit(ctx.close, llm).result()
     return 0
 
 
