@@ -111,6 +111,13 @@ class AscendOps:
         self.path: dict = {}  # op -> path last taken
         self.seen: set = set()  # every (op, path) taken so far (for reports and tests)
 
+    @property
+    def communicator_class(self):
+        """Multi-device runs: the communicator with MC2's EP call shape (`comm.py`; emulated on CPU)."""
+        from .comm import AscendCommunicator
+
+        return AscendCommunicator
+
     def _took(self, op: str, path: str) -> None:
         self.path[op] = path
         self.seen.add((op, path))

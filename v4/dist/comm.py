@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,16 @@ def check_gather_size(backend: str, size: int, what: str = "the MoE all-gather /
     if backend == "hccl" and size in HCCL_NO_GATHER_SIZES:
         raise ConfigError(f"HCCL cannot all-gather or reduce-scatter into one tensor across {size} ranks, which "
                           f"{what} needs; use a group size other than 3, 5, 6 or 7, or runtime.moe_comm: alltoall")
+
+
+def check_layout(backend: str, layout, moe_comm: str) -> None:
+    """Refuse a layout (a `ParallelConfig`) whose collectives the process group cannot run. Under
+    HCCL the all-gather MoE path gathers and reduce-scatters into one tensor across the EP group,
+    which HCCL refuses at 3, 5, 6 and 7 ranks. The TP gathers (`tp_all_gather`: logits, attention
+    heads) use `dist.all_gather` into a list, not into one tensor; the documented HCCL limit names
+    only the one-tensor forms, so they are allowed at any size (not checked on an NPU here)."""
+    if layout.ep and moe_comm == "allgather":
+        check_gather_size(backend, layout.ep_size, "the all-gather MoE path (runtime.moe_comm: allgather)")
 
 
 def _gather_fn():
@@ -66,13 +77,18 @@ class Communicator:
         self.tp_group = self.tp_cpu_group = None
         for dp in range(lay.dp):  # every rank creates every group, in the same order
             ranks = list(range(dp * lay.tp, (dp + 1) * lay.tp))
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=timeout)  # (new_group does not inherit the world's timeout)
             c = dist.new_group(ranks, backend="gloo", timeout=timeout)
             if place.dp_rank == dp:
                 self.tp_group, self.tp_cpu_group = g, c
         self.cpu_group = dist.new_group(backend="gloo", timeout=timeout)  # step plans, outputs, liveness
+        self.health_group = dist.new_group(backend="gloo", timeout=timeout)  # only after a failure: who is gone
         self.ep_group = dist.group.WORLD if lay.ep else None
         self.tp_size, self.tp_rank, self.ep_size = lay.tp, place.tp_rank, lay.ep_size
+
+    def check_layout(self, moe_comm: str) -> None:
+        """At start-up, before any weight is read (`launch._join`): see `check_layout`."""
+        check_layout(self.backend, self.place.layout, moe_comm)
 
     # ------------------------------------------------------------------ tensor parallel
     def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,6 +160,18 @@ class Communicator:
         """Rank 0 only: every rank answers within the timeout, or RankLost names the ones that did not."""
         self._guard(lambda: dist.monitored_barrier(group=self.cpu_group, timeout=datetime.timedelta(seconds=self.timeout_s),
                                                    wait_all_ranks=True), "checking the other ranks")
+
+    def name_lost_ranks(self) -> str | None:
+        """After a failed collective, on every rank that still runs: meet on a group used for
+        nothing else, so that rank 0 learns which ranks did not come (died, or hang) and can name
+        them. Returns "2" / "1, 3" on rank 0 (None if everyone came), None elsewhere."""
+        try:
+            dist.monitored_barrier(group=self.health_group, timeout=datetime.timedelta(seconds=self.timeout_s),
+                                   wait_all_ranks=True)
+        except RuntimeError as e:
+            m = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(e))
+            return m.group(1).strip() if m and self.rank == 0 else None
+        return None
 
     def _guard(self, fn, doing: str) -> None:
         try:

@@ -110,6 +110,7 @@ class DistributedLLM:
         self._new: list = []
         self._aborts: list = []
         self._group_of: dict[int, int] = {}  # unfinished request -> its DP group
+        self.assigned: list[int] = []  # the DP group of every request so far, in arrival order
         self._reports: list[GroupReport] = []
 
     # ------------------------------------------------------------------ LLM's interface
@@ -131,6 +132,7 @@ class DistributedLLM:
         group = 0 if self.assign == "first" else self._least_loaded()
         self._new.append((gid, group, prompt_ids, params))
         self._group_of[gid] = group
+        self.assigned.append(group)
         return gid
 
     def abort(self, request_id: int) -> bool:
@@ -221,6 +223,10 @@ class DistributedLLM:
             if dead:
                 raise RankLost(f"rank {', '.join(dead)} exited; the deployment cannot go on: check that rank's log, "
                                "then restart") from None
+            lost = self.comm.name_lost_ranks()
+            if lost:
+                raise RankLost(f"rank {lost} did not answer within {self.comm.timeout_s:g} s (it died or hangs); the "
+                               "deployment cannot go on: check that rank's log, then restart every rank") from None
             raise RankLost(_lost_message(e) if isinstance(e, RankLost) else
                            f"a collective failed ({str(e).splitlines()[0]}); check the other ranks' logs, then restart") from None
 
@@ -279,6 +285,8 @@ def worker_loop(model, tokenizer, comm) -> int:
             if not go_on:
                 return 0
             comm.gather_objects(report)
-        except RankLost as e:
-            print(f"dsv4: error: rank {comm.rank}: {_lost_message(e)}", flush=True)
+        except (RankLost, RuntimeError) as e:  # RuntimeError: a collective inside the forward failed
+            comm.name_lost_ranks()  # let rank 0 see that this rank still runs, so it names the lost one
+            why = _lost_message(e) if isinstance(e, RankLost) else f"a collective failed: {str(e).splitlines()[0]}"
+            print(f"dsv4: error: rank {comm.rank}: {why}; this rank stops (rank 0's log names the lost rank)", flush=True)
             return 1

@@ -115,6 +115,7 @@ def start(args: LoadArgs, rt, progress: bool = True) -> RankContext:
     """Join (or create) the deployment and build this rank's model. On one node without torchrun,
     this process is rank 0 and spawns the others."""
     lay = layout_of(rt)
+    lay.check(_config(args), "runtime (tensor_parallel_size / data_parallel_size / enable_expert_parallel)")
     env = torchrun_env()
     children = []
     if env is None:
@@ -158,6 +159,7 @@ def _join(args, rt, lay, rank, world, local, init, children, progress) -> RankCo
     lay.check(cfg)
     place = lay.rank(cfg, rank)
     comm = getattr(ops, "communicator_class", Communicator)(place, backend, rt.dist_timeout_s)
+    comm.check_layout(rt.moe_comm)  # HCCL's gather sizes, before any weight is read
     report: dict = {}
     if args.checkpoint is not None:
         from .. import weights as W

@@ -15,6 +15,9 @@ replicated (same gate, same bits on every rank of a TP group), then:
    float64 runs) and are summed per token with the shared expert, then cast once, as the
    single-device MoE does; a TP group all-reduces its shares back into whole tokens.
 
+A communicator with MC2's call shape (the Ascend one: `moe_distribute_dispatch` / `_combine`)
+takes steps 2-4 itself while `mc2_applies` (few tokens per rank); the numbers are the same.
+
 Hash-routed layers dispatch the same way: only their gate differs.
 A DP group with no tokens still calls `exchange` with none (`dummy`), so every rank takes part
 in every layer's collectives.
@@ -60,6 +63,8 @@ class ExpertParallelMoE:
         """This rank's tokens x [t, D] -> the sum of their routed experts' weighted outputs [t, D] (acc dtype)."""
         if self.method == "allgather":
             return self._by_gather(x, ids, weights, w13, w2, limit, act_quant)
+        if hasattr(self.comm, "moe_distribute_dispatch") and self.comm.mc2_applies(x.shape[0]):
+            return self._by_mc2(x, ids, weights, w13, w2, limit, act_quant)
         return self._by_all_to_all(x, ids, weights, w13, w2, limit, act_quant)
 
     def _compute(self, rows, expert, weight, w13, w2, limit, act_quant):
@@ -82,6 +87,17 @@ class ExpertParallelMoE:
         out = self._compute(rows.to(a), meta[:, 0].long(), meta[:, 1], w13, w2, limit, act_quant)
         back = self.comm.ep_all_to_all(out, recv_l, send_l)  # [t*k, D] in `order`
         return torch.zeros(x.shape[0], x.shape[1], dtype=a, device=x.device).index_add_(0, order // k, back)
+
+    def _by_mc2(self, x, ids, weights, w13, w2, limit, act_quant):
+        """MC2's shape: dispatch hands back this rank's rows grouped by local expert, with their routing
+        weights; the weights go in before W2 as in `_compute`, so the combine's scales are ones (exact)
+        and it only sums each token's pairs in the acc dtype."""
+        a = acc(x.dtype)
+        d = self.comm.moe_distribute_dispatch(x, ids, self.per_rank * self.comm.ep_size, expert_scales=weights.to(a))
+        local = torch.arange(self.per_rank, device=x.device).repeat_interleave(d.expert_token_nums)
+        out = self._compute(d.expand_x.to(a), local + self.first, d.expand_scales, w13, w2, limit, act_quant)
+        return self.comm.moe_distribute_combine(out, d.assist_info_for_combine, d.ep_recv_counts,
+                                                torch.ones_like(weights, dtype=a))
 
     def _by_gather(self, x, ids, weights, w13, w2, limit, act_quant):
         k, a, n = ids.shape[1], acc(x.dtype), self.comm.ep_max(x.shape[0])
