@@ -147,7 +147,7 @@ def _join(args, rt, lay, rank, world, local, init, children, progress) -> RankCo
     from ..model import Transformer
 
     ops = backends.get_ops(rt.backend, rt.device, rt.allow_fallback, rt.mode, rt.dtype, rt.backend_options())
-    if ops.device.type in ("cuda", "npu") and ops.device.index is None:
+    if ops.device.type in ("cuda", "npu") and ops.device.index != local:  # one device per rank, by local rank
         ops = backends.get_ops(rt.backend, f"{ops.device.type}:{local}", rt.allow_fallback, rt.mode, rt.dtype,
                                rt.backend_options())
     if ops.device.type == "cpu" and torchrun_env() is None:
