@@ -1,8 +1,8 @@
 """Helpers for tests that run several torch.distributed ranks on this machine (gloo, 127.0.0.1).
 
 `spawn(fn, world, *args)` starts `world` processes (the "spawn" start method), each with one
-thread, joins them into a gloo group over TCP on 127.0.0.1 (gloo's own connections on the
-loopback interface), calls `fn(rank, world, *args)` and returns every rank's result in rank
+thread, joins them into a gloo group over TCP on 127.0.0.1 only (the rendezvous store and gloo's
+own connections), calls `fn(rank, world, *args)` and returns every rank's result in rank
 order. The first rank that raises fails the test with its traceback; a rank that neither answers
 nor fails within `timeout` seconds fails it too. `fn` must be importable (module level).
 """
@@ -32,9 +32,18 @@ def free_port() -> int:
 def _entry(fn, rank: int, world: int, port: int, args: tuple, out) -> None:
     torch.set_num_threads(1)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's pairs on the loopback interface only
+    timeout = datetime.timedelta(seconds=GROUP_TIMEOUT_S)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+        # what init_method="tcp://127.0.0.1:PORT" does, except that rank 0's store listens on 127.0.0.1
+        # only (given the address, TCPStore still listens on every interface)
+        listen = None
+        if rank == 0:
+            listen = socket.socket()
+            listen.bind(("127.0.0.1", port))
+            listen.listen()
+        store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=timeout,
+                              master_listen_fd=None if listen is None else listen.fileno())
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
         try:
             out.put((rank, True, fn(rank, world, *args)))
         finally:
