@@ -2,7 +2,7 @@
 
 - One node: `dsv4 serve|generate|parity record ... -tp N [-dp K] [--enable-expert-parallel]`.
   The command's own process becomes rank 0 and starts ranks 1..N*K-1 as child processes
-  (`python -m v4.dist.launch --worker ...`), which meet it over TCP on 127.0.0.1.
+  (`python -m v4.dist.launch --worker ...`), which meet it over TCP on 127.0.0.1 only.
 - Several nodes: `torchrun --nnodes M --nproc-per-node P ... -m v4 serve ...` starts every
   process itself; each reads RANK / WORLD_SIZE / LOCAL_RANK (env://), rank 0 serves, the
   others run `worker_loop` and exit when rank 0 stops.
@@ -98,6 +98,24 @@ class RankContext:
                 p.kill()
 
 
+_LISTENERS: list = []
+
+
+def _local_store(address: str, rank: int, world: int, timeout) -> dist.TCPStore:
+    """The rendezvous of one node's ranks. Rank 0 hands TCPStore a socket bound to 127.0.0.1: given
+    just the address, the store would listen on every interface."""
+    host, port = address.rsplit(":", 1)
+    listen = None
+    if rank == 0:
+        listen = socket.socket()
+        listen.bind((host, int(port)))
+        listen.listen()
+    store = dist.TCPStore(host, int(port), world, rank == 0, timeout=timeout,
+                          master_listen_fd=None if listen is None else listen.fileno())
+    _LISTENERS.append(listen)  # the socket object must outlive the store that listens on its fd
+    return store
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -120,7 +138,7 @@ def start(args: LoadArgs, rt, progress: bool = True) -> RankContext:
     children = []
     if env is None:
         port = _free_port()
-        init = f"tcp://127.0.0.1:{port}"
+        init = f"127.0.0.1:{port}"
         rank, world, local = 0, lay.world_size, 0
         for r in range(1, world):
             spec = json.dumps({"args": args.__dict__, "rank": r, "world": world, "init": init})
@@ -154,7 +172,11 @@ def _join(args, rt, lay, rank, world, local, init, children, progress) -> RankCo
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # ranks share this node's cores
     backend = process_group_backend(ops.device)
     timeout = datetime.timedelta(seconds=rt.dist_timeout_s)
-    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=timeout)
+    if init == "env://":
+        dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=_local_store(init, rank, world, timeout), rank=rank, world_size=world,
+                                timeout=timeout)
     cfg = _config(args)
     lay.check(cfg)
     place = lay.rank(cfg, rank)

@@ -76,7 +76,9 @@ class ExpertParallelMoE:
         k, a = ids.shape[1], acc(x.dtype)
         flat = ids.reshape(-1).long()
         dest = flat // self.per_rank
-        order = dest.argsort(stable=True)  # pairs grouped by destination rank
+        # pairs by expert id: grouped by destination rank too (experts are contiguous per rank), and
+        # each token's k contributions come back in the order one device adds them (ascending expert)
+        order = flat.argsort(stable=True)
         send = torch.bincount(dest, minlength=self.comm.ep_size).to(torch.int64)
         recv = self.comm.ep_exchange_counts(send)  # on x's device: NCCL and HCCL take no host tensors
         send_l, recv_l = send.tolist(), recv.tolist()
