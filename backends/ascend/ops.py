@@ -257,12 +257,16 @@ class AscendOps:
 
     # ------------------------------------------------------------------ MoE
     def _grouped(self, h: torch.Tensor, w: GroupedWeights, counts: torch.Tensor, out_dtype) -> torch.Tensor:
+        # group_list as counts (type 1) may not have one entry, and an expert-parallel rank may hold a
+        # single expert (V4-Pro over 384 dies): a one-entry list goes as cumulative sums (type 0), the same groups
+        kind = 1 if counts.numel() > 1 else 0
+        groups = counts if kind == 1 else counts.cumsum(0)
         if w.scale is None:
-            return self.npu.npu_grouped_matmul([h.to(w.w.dtype)], [w.w], group_list=counts, split_item=2, group_type=0,
-                                               group_list_type=1)[0]
+            return self.npu.npu_grouped_matmul([h.to(w.w.dtype)], [w.w], group_list=groups, split_item=2, group_type=0,
+                                               group_list_type=kind)[0]
         hq, hs = self.npu.npu_dynamic_quant(h.to(out_dtype))
-        return self.npu.npu_grouped_matmul([hq], [w.w], scale=[w.scale], per_token_scale=[hs], group_list=counts,
-                                           split_item=2, group_type=0, group_list_type=1, output_dtype=out_dtype)[0]
+        return self.npu.npu_grouped_matmul([hq], [w.w], scale=[w.scale], per_token_scale=[hs], group_list=groups,
+                                           split_item=2, group_type=0, group_list_type=kind, output_dtype=out_dtype)[0]
 
     def _single(self, h: torch.Tensor, w: GroupedWeights) -> torch.Tensor:
         """One expert (the shared one): a plain / quantised matmul (group lists of length 1 are not allowed)."""
