@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.dist_run import GREEDY, PROMPTS
-from tests.serve_util import free_port, server_process
+from tests.serve_util import ServerProcess, free_port, server_process
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
@@ -163,11 +163,17 @@ def _answers(url: str) -> list:
 def test_serving_under_tp2_gives_the_responses_of_tp1():
     with server_process("--config", "tiny") as one:
         want = _answers(one.url)
-    with server_process("--config", "tiny", "-tp", "2", "--enable-expert-parallel") as two:
+    two = ServerProcess(["--config", "tiny", "-tp", "2"]).wait_ready()
+    try:
+        worker = _children(two.proc.pid)[0]
         got = _answers(two.url)
         metrics = httpx.get(two.url + "/metrics", timeout=10).text
+    finally:
+        code = two.stop()
     assert got == want
     assert "vllm:generation_tokens_total" in metrics
+    assert code == 0, two.output()[-2000:]  # SIGTERM: rank 0 tells rank 1 to stop, reaps it and exits 0
+    assert not Path(f"/proc/{worker}").exists() or Path(f"/proc/{worker}/stat").read_text().split()[2] == "Z"
 
 
 def _children(pid: int) -> list[int]:

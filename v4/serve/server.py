@@ -30,16 +30,16 @@ def serve(a, overrides: dict) -> int:
     from ..cli import _start_ranks
 
     def build():
-        ctx = _start_ranks(a)  # None on one device; this rank's part of a multi-device deployment otherwise
-        if ctx is not None and ctx.rank != 0:
-            return ctx, None, None
-        L = ctx.loaded if ctx is not None else load(a.checkpoint, a.config, a.runtime, overrides, seed=a.seed_weights)
-        return ctx, L, (LLM(L.model, L.runtime, L.tokenizer) if ctx is None else ctx.engine(L.runtime))
+        ranks = _start_ranks(a)  # None on one device; this rank's part of a multi-device deployment otherwise
+        if ranks is not None and ranks.rank != 0:
+            return ranks, None, None
+        L = ranks.loaded if ranks is not None else load(a.checkpoint, a.config, a.runtime, overrides, seed=a.seed_weights)
+        return ranks, L, (LLM(L.model, L.runtime, L.tokenizer) if ranks is None else ranks.engine(L.runtime))
 
     worker = EngineThread()  # builds the model and later steps it: torch runs on one thread (see EngineThread)
-    ctx, L, llm = worker.submit(build).result()
+    ranks, L, llm = worker.submit(build).result()
     if L is None:  # a rank other than 0 under torchrun: no HTTP, follow rank 0 until it stops
-        return worker.submit(ctx.follow).result()
+        return worker.submit(ranks.follow).result()
     name = a.served_model_name or a.checkpoint or L.cfg.name
     metrics = ServerMetrics(name)
     engine = AsyncEngine(llm, max_waiting=a.max_waiting, on_step=metrics.on_step, worker=worker)
@@ -58,8 +58,8 @@ def serve(a, overrides: dict) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     server.run()
-    if ctx is not None:  # the other ranks leave their loops (or are already gone) and the spawned ones are reaped
-        worker.submit(ctx.close, llm).result()
+    if ranks is not None:  # the other ranks leave their loops (or are already gone) and the spawned ones are reaped
+        worker.submit(ranks.close, llm).result()
     return 0
 
 
