@@ -41,17 +41,18 @@ class Transformer:
             raise InputError(f"numerics mode must be 'plain' or 'exact', got {mode!r}")
         self.cfg, self.ops, self.dtype, self.mode = cfg, ops, dtype, mode
         self.comm = comm
-        self.place = comm.place if comm is not None else None
+        self.place = place = comm.place if comm is not None else None
         self.tp = comm.tp_size if comm is not None else 1
-        self.num_heads = self.place.num_heads if comm is not None else cfg.num_attention_heads
-        self.num_groups = self.place.num_groups if comm is not None else cfg.o_groups
-        self.vocab = self.place.vocab if comm is not None else (0, cfg.vocab_size)
-        self.experts = self.place.experts if comm is not None else (0, cfg.n_routed_experts)
+        # this rank's share of the heads, output groups, vocab rows and routed experts (all of them on one device)
+        self.num_heads = place.num_heads if place else cfg.num_attention_heads
+        self.num_groups = place.num_groups if place else cfg.o_groups
+        self.vocab = place.vocab if place else (0, cfg.vocab_size)
+        self.experts = place.experts if place else (0, cfg.n_routed_experts)
         self.ep_moe = None
-        if comm is not None and comm.place.layout.ep:
+        if place is not None and place.layout.ep:
             from .dist.moe import ExpertParallelMoE
 
-            self.ep_moe = ExpertParallelMoE(ops, comm, self.place, cfg.n_routed_experts, moe_comm)
+            self.ep_moe = ExpertParallelMoE(ops, comm, place, cfg.n_routed_experts, moe_comm)
         self.acc = acc(dtype)
         self.device = ops.device
         self.exact = mode == "exact"
@@ -206,12 +207,7 @@ class Transformer:
         logits = self.ops.linear(h.to(self.acc), self.head)  # [T, this rank's vocab rows]
         if self.tp == 1:
             return logits
-        return self.comm.tp_all_gather(logits, [v1 - v0 for v0, v1 in self._vocab_ranges()])
-
-    def _vocab_ranges(self):
-        from .dist.parallel import _split
-
-        return [_split(self.cfg.vocab_size, self.tp, r) for r in range(self.tp)]
+        return self.comm.tp_all_gather(logits, self.place.layout.vocab_widths(self.cfg))  # [T, vocab] on every TP rank
 
     def _mtp(self, b, X, next_ids, layout, cache, which):
         """MTP block: embed the next token, mix with the main stack's streams, one block, own head."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import time
 from dataclasses import dataclass, field, replace
 
 from ..engine.llm import LLM, Completion, EngineStats
@@ -49,6 +50,8 @@ class GroupReport:
     prompt_tokens: int
     generation_tokens: int
     num_preemptions: int
+    prefill_tokens: int
+    decode_tokens: int
 
 
 class GroupEngine:
@@ -79,7 +82,7 @@ class GroupEngine:
             outputs[i] = replace(out, request_id=gid)
         s = llm.stats
         return GroupReport(outputs, llm.num_waiting, llm.num_running, llm.kv_cache_usage(), s.prompt_tokens,
-                           s.generation_tokens, s.num_preemptions)
+                           s.generation_tokens, s.num_preemptions, s.prefill_tokens, s.decode_tokens)
 
 
 def _lost_message(e: RankLost) -> str:
@@ -164,7 +167,16 @@ class DistributedLLM:
     def step(self) -> list:
         tick = Tick(self._new, self._aborts)
         self._new, self._aborts = [], []
+        local = self.local.llm.stats
+        steps, decode_steps, t0 = local.steps, local.decode_steps, time.perf_counter()
         self._reports = self._tick(tick)
+        # the whole tick's wall time (barrier, plans, gathers included) counts as the kind of step
+        # DP group 0 ran in it; the tokens are every group's
+        wall = time.perf_counter() - t0
+        if local.decode_steps > decode_steps:
+            self.stats.decode_s += wall
+        elif local.steps > steps:
+            self.stats.prefill_s += wall
         outputs = [o for r in self._reports for o in r.outputs]
         for out in outputs:
             if out.finished:
@@ -173,9 +185,9 @@ class DistributedLLM:
         s.prompt_tokens = sum(r.prompt_tokens for r in self._reports)
         s.generation_tokens = sum(r.generation_tokens for r in self._reports)
         s.num_preemptions = sum(r.num_preemptions for r in self._reports)
-        local = self.local.llm.stats
-        s.steps, s.prefill_s, s.decode_s = local.steps, local.prefill_s, local.decode_s
-        s.prefill_tokens, s.decode_tokens, s.decode_steps = local.prefill_tokens, local.decode_tokens, local.decode_steps
+        s.prefill_tokens = sum(r.prefill_tokens for r in self._reports)
+        s.decode_tokens = sum(r.decode_tokens for r in self._reports)
+        s.steps, s.decode_steps = local.steps, local.decode_steps
         return outputs
 
     def generate(self, prompts: list[list[int]], params=None, progress: bool = False) -> list[Completion]:

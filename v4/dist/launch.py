@@ -170,6 +170,8 @@ def _join(args, rt, lay, rank, world, local, init, children, progress) -> RankCo
                                rt.backend_options())
     if ops.device.type == "cpu" and torchrun_env() is None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # ranks share this node's cores
+    if ops.device.type in ("cuda", "npu"):  # NCCL / HCCL bind a communicator to the current device
+        getattr(torch, ops.device.type).set_device(ops.device)
     backend = process_group_backend(ops.device)
     timeout = datetime.timedelta(seconds=rt.dist_timeout_s)
     if init == "env://":

@@ -29,7 +29,7 @@ import torch
 
 from ..ops import acc
 from .comm import Communicator
-from .parallel import RankPlacement, _split
+from .parallel import RankPlacement, split_range
 
 
 class ExpertParallelMoE:
@@ -43,7 +43,7 @@ class ExpertParallelMoE:
     def __call__(self, x, ids, weights, w13, w2, shared, limit, act_quant):
         """x [T, D] (the same on every rank of the TP group), ids / weights [T, k] -> [T, D] in x's dtype."""
         T = x.shape[0]
-        t0, t1 = _split(T, self.comm.tp_size, self.comm.tp_rank)
+        t0, t1 = split_range(T, self.comm.tp_size, self.comm.tp_rank)
         a = acc(x.dtype)
         y = torch.zeros(T, x.shape[1], dtype=a, device=x.device)
         y[t0:t1] = self.exchange(x[t0:t1], ids[t0:t1], weights[t0:t1], w13, w2, limit, act_quant)

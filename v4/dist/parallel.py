@@ -30,7 +30,7 @@ INDEXER_CHOICE = (
 )
 
 
-def _split(n: int, parts: int, i: int) -> tuple[int, int]:
+def split_range(n: int, parts: int, i: int) -> tuple[int, int]:
     """Range of part i when n items are cut into `parts` near-equal contiguous pieces (the first
     n % parts pieces one longer)."""
     base, extra = divmod(n, parts)
@@ -86,16 +86,20 @@ class ParallelConfig:
                               f"tensor_parallel_size={tp} (without --enable-expert-parallel the experts are split by "
                               "TP); choose a TP size that divides it or enable expert parallel")
 
+    def vocab_widths(self, cfg) -> list[int]:
+        """Vocab rows of each TP rank, in TP order (the pieces the logits are gathered from)."""
+        return [b - a for a, b in (split_range(cfg.vocab_size, self.tp, r) for r in range(self.tp))]
+
     def rank(self, cfg, rank: int) -> "RankPlacement":
         if not 0 <= rank < self.world_size:
             raise ConfigError(f"rank {rank} is outside a world of {self.world_size} ranks")
         dp_rank, tp_rank = divmod(rank, self.tp)
         H, G, E = cfg.num_attention_heads, cfg.o_groups, cfg.n_routed_experts
-        h = _split(H, self.tp, tp_rank)
-        g = _split(G, self.tp, tp_rank)
-        v = _split(cfg.vocab_size, self.tp, tp_rank)
-        e = _split(E, self.ep_size, rank) if self.ep else (0, E)
-        inter = (0, cfg.moe_intermediate_size) if self.ep else _split(cfg.moe_intermediate_size, self.tp, tp_rank)
+        h = split_range(H, self.tp, tp_rank)
+        g = split_range(G, self.tp, tp_rank)
+        v = split_range(cfg.vocab_size, self.tp, tp_rank)
+        e = split_range(E, self.ep_size, rank) if self.ep else (0, E)
+        inter = (0, cfg.moe_intermediate_size) if self.ep else split_range(cfg.moe_intermediate_size, self.tp, tp_rank)
         group = list(range(dp_rank * self.tp, (dp_rank + 1) * self.tp))
         return RankPlacement(self, rank, tp_rank, dp_rank, group, h, g, v, e, inter)
 
