@@ -201,6 +201,9 @@ class DistributedLLM:
                 raise InputError(f"prompt {i}: {e}" if len(prompts) > 1 else str(e)) from None
         gids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
         got = {g: {"ids": [], "text": "", "lps": [], "reason": None} for g in gids}
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(gids), desc="requests", unit="req", disable=not progress)
         while self.has_unfinished():
             for out in self.step():
                 r = got[out.request_id]
@@ -208,6 +211,8 @@ class DistributedLLM:
                 r["text"] += out.new_text
                 r["lps"] += out.logprobs or []
                 r["reason"] = out.finish_reason or r["reason"]
+                bar.update(1 if out.finished else 0)
+        bar.close()
         return [Completion(g, list(p), got[g]["ids"], got[g]["text"], got[g]["reason"],
                            got[g]["lps"] if sp.logprobs is not None else None)
                 for g, p, sp in zip(gids, prompts, plist)]
