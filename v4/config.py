@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,6 +186,19 @@ class ModelConfig:
         if self.n_shared_experts > 1:
             bad("n_shared_experts", f"must be 0 or 1, got {self.n_shared_experts}")
         n = self.num_hidden_layers + self.num_nextn_predict_layers
+        if (
+            self.num_nextn_predict_layers == 0
+            and isinstance(self.compress_ratios, (list, tuple))
+            and len(self.compress_ratios) == n + 1
+        ):
+            # The official list with the MTP block removed keeps the MTP's trailing entry; transformers
+            # and the official inference code read only the first num_hidden_layers entries.
+            warnings.warn(
+                f"{source}: field 'compress_ratios' has {n + 1} entries for num_hidden_layers={n} and "
+                f"num_nextn_predict_layers=0; ignoring the trailing entry {self.compress_ratios[-1]!r} (an MTP block's)",
+                stacklevel=3,
+            )
+            self.compress_ratios = list(self.compress_ratios[:n])
         if not isinstance(self.compress_ratios, (list, tuple)) or len(self.compress_ratios) != n:
             got = len(self.compress_ratios) if isinstance(self.compress_ratios, (list, tuple)) else self.compress_ratios
             bad("compress_ratios", f"must list one ratio per layer plus one per MTP block ({n} entries), got {got}")

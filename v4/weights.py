@@ -37,6 +37,7 @@ from .errors import CheckpointError
 from .quant import QuantizedWeight, quant_fp4, quant_fp8_block
 
 INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"  # the checkpoint when there is no index (transformers' rule)
 CONFIG_FILE = "config.json"
 FP8_BLOCK = 128
 FP4_BLOCK = 32
@@ -351,8 +352,13 @@ def _read_index(path: Path) -> dict[str, str]:
     return wm
 
 
-def _shard_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """The shard files of a checkpoint directory (from the index when there is one) and the index map."""
+def _shard_files(root: Path, warn: bool = True) -> tuple[list[Path], dict[str, str] | None]:
+    """The shard files of a checkpoint directory and the index map (None without an index).
+
+    transformers' rule: the index names the shards when there is one; otherwise `model.safetensors`
+    alone is the checkpoint (other *.safetensors beside it, such as a dump of logits, are ignored,
+    with a warning when `warn`); with neither, every *.safetensors file in the directory is a shard.
+    """
     index_path = root / INDEX_FILE
     if index_path.is_file():
         wm = _read_index(index_path)
@@ -370,6 +376,16 @@ def _shard_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
                 )
         return [root / s for s in files], wm
     files = sorted(root.glob("*.safetensors"))
+    single = root / SINGLE_FILE
+    if single.is_file():
+        stray = [f.name for f in files if f.name != SINGLE_FILE]
+        if stray and warn:
+            warnings.warn(
+                f"{root}: ignoring {', '.join(stray)} because there is no {INDEX_FILE} and {SINGLE_FILE} is then "
+                f"the whole checkpoint (transformers' rule); write an index to load several shards",
+                stacklevel=3,
+            )
+        return [single], None
     if not files:
         raise CheckpointError(f"{root}: no *.safetensors files and no {INDEX_FILE}; point at a checkpoint directory")
     return files, None
@@ -867,7 +883,7 @@ def checkpoint_hash(path) -> str:
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"{root}: checkpoint directory does not exist")
-    files, _ = _shard_files(root)
+    files, _ = _shard_files(root, warn=False)
     h = hashlib.sha256()
     if (root / INDEX_FILE).is_file():
         h.update(b"index\0" + (root / INDEX_FILE).read_bytes())
