@@ -11,15 +11,22 @@ Decode graphs are off in multi-device runs (each replay would need the plan's la
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..batch import StepBatch
 from ..engine.runner import ModelRunner
 from .step_plan import DUMMY, IDLE, RUN, StepPlan, replay
 
+log = logging.getLogger("dsv4")
+
 
 class TPRunner(ModelRunner):
     def __init__(self, model, rt):
+        if rt.cuda_graphs == "on":
+            log.warning("runtime.cuda_graphs is on, but decode graphs are off in multi-device runs (a replay would "
+                        "need the step plan's layout first); decoding eagerly")
         super().__init__(model, rt, graphs="off")
         self.comm = model.comm
         self.cache.journal = []
