@@ -158,11 +158,29 @@ def start(args: LoadArgs, rt, progress: bool = True) -> RankContext:
 
 
 def _join(args, rt, lay, rank, world, local, init, children, progress) -> RankContext:
-    import backends
-
-    from ..runtime import DTYPES, Loaded, random_weights
-    from ..tokenizer import load_tokenizer
     from ..model import Transformer
+    from ..runtime import DTYPES, Loaded
+    from ..tokenizer import load_tokenizer
+
+    ops = _rank_ops(rt, local, world)
+    backend = process_group_backend(ops.device)
+    _init_group(backend, init, rank, world, datetime.timedelta(seconds=rt.dist_timeout_s))
+    cfg = _config(args)
+    lay.check(cfg)
+    place = lay.rank(cfg, rank)
+    comm = getattr(ops, "communicator_class", Communicator)(place, backend, rt.dist_timeout_s)
+    comm.check_layout(rt.moe_comm)  # HCCL's gather sizes, before any weight is read
+    cfg, tensors, report = _rank_weights(args, cfg, place, ops.device, progress and rank == 0)
+    model = Transformer(cfg, tensors, ops, DTYPES[rt.dtype], rt.mode, comm=comm, moe_comm=rt.moe_comm)
+    _startup_report(comm, lay, backend, f"{place.describe()}; weights {report['bytes_read'] / 2**20:.1f} MiB of "
+                    f"{report['bytes_total'] / 2**20:.1f} MiB ({_share(report):.1%}) on {ops.device}")
+    return RankContext(rank, world, Loaded(model, cfg, rt, load_tokenizer(cfg, args.checkpoint), args.checkpoint),
+                       comm, children)
+
+
+def _rank_ops(rt, local: int, world: int):
+    """The backend's ops on this rank's device: cuda/npu:LOCAL_RANK, or the CPU (its cores shared)."""
+    import backends
 
     ops = backends.get_ops(rt.backend, rt.device, rt.allow_fallback, rt.mode, rt.dtype, rt.backend_options())
     if ops.device.type in ("cuda", "npu") and ops.device.index != local:  # one device per rank, by local rank
@@ -172,39 +190,42 @@ def _join(args, rt, lay, rank, world, local, init, children, progress) -> RankCo
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # ranks share this node's cores
     if ops.device.type in ("cuda", "npu"):  # NCCL / HCCL bind a communicator to the current device
         getattr(torch, ops.device.type).set_device(ops.device)
-    backend = process_group_backend(ops.device)
-    timeout = datetime.timedelta(seconds=rt.dist_timeout_s)
+    return ops
+
+
+def _init_group(backend: str, init: str, rank: int, world: int, timeout) -> None:
     if init == "env://":
         dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=timeout)
     else:
         dist.init_process_group(backend, store=_local_store(init, rank, world, timeout), rank=rank, world_size=world,
                                 timeout=timeout)
-    cfg = _config(args)
-    lay.check(cfg)
-    place = lay.rank(cfg, rank)
-    comm = getattr(ops, "communicator_class", Communicator)(place, backend, rt.dist_timeout_s)
-    comm.check_layout(rt.moe_comm)  # HCCL's gather sizes, before any weight is read
-    report: dict = {}
-    if args.checkpoint is not None:
-        from .. import weights as W
 
-        cfg, tensors = W.load_checkpoint(args.checkpoint, cfg, progress=progress and rank == 0, device=ops.device,
-                                         select=lambda n: rank_slice(n, cfg, place), report=report)
-    else:
-        full = random_weights(cfg, args.seed)
-        tensors = shard_weights(full, cfg, place)
-        report = {"bytes_read": _nbytes(tensors.values()), "bytes_total": _nbytes(full.values())}
-        del full
-    model = Transformer(cfg, tensors, ops, DTYPES[rt.dtype], rt.mode, comm=comm, moe_comm=rt.moe_comm)
-    loaded = Loaded(model, cfg, rt, load_tokenizer(cfg, args.checkpoint), args.checkpoint)
-    lines = comm.gather_objects(f"{place.describe()}; weights {report.get('bytes_read', 0) / 2**20:.1f} MiB of "
-                                f"{report.get('bytes_total', 0) / 2**20:.1f} MiB ({_share(report):.1%}) on {ops.device}")
-    if rank == 0:
-        print(f"dsv4: {lay.describe()} over {world} ranks ({backend}); KV cache replicated within each TP group, "
-              f"one per DP group", file=sys.stderr)
-        for line in lines:
-            print(f"  {line}", file=sys.stderr)
-    return RankContext(rank, world, loaded, comm, children)
+
+def _rank_weights(args, cfg, place, device, progress: bool):
+    """(config, this rank's tensors, {bytes_read, bytes_total}): its slices of the checkpoint, or of the
+    seeded random weights."""
+    from ..runtime import random_weights
+
+    if args.checkpoint is not None:
+        from .. import weights
+
+        report: dict = {}
+        cfg, tensors = weights.load_checkpoint(args.checkpoint, cfg, progress=progress, device=device,
+                                               select=lambda n: rank_slice(n, cfg, place), report=report)
+        return cfg, tensors, report
+    full = random_weights(cfg, args.seed)
+    tensors = shard_weights(full, cfg, place)
+    return cfg, tensors, {"bytes_read": _nbytes(tensors.values()), "bytes_total": _nbytes(full.values())}
+
+
+def _startup_report(comm, lay, backend: str, line: str) -> None:
+    """Rank 0 prints the layout and every rank's line (what it holds, what it read)."""
+    lines = comm.gather_objects(line)
+    if comm.rank == 0:
+        print(f"dsv4: {lay.describe()} over {lay.world_size} ranks ({backend}); KV cache replicated within each TP "
+              "group, one per DP group", file=sys.stderr)
+        for text in lines:
+            print(f"  {text}", file=sys.stderr)
 
 
 def _config(args: LoadArgs):
@@ -215,13 +236,10 @@ def _config(args: LoadArgs):
 
 
 def _nbytes(tensors) -> int:
-    total = 0
-    for t in tensors:
-        if hasattr(t, "data") and hasattr(t, "scale") and not isinstance(t, torch.Tensor):
-            total += t.data.numel() * t.data.element_size() + t.scale.numel() * t.scale.element_size()
-        else:
-            total += t.numel() * t.element_size()
-    return total
+    from ..quant import QuantizedWeight
+
+    parts = [p for t in tensors for p in ((t.data, t.scale) if isinstance(t, QuantizedWeight) else (t,))]
+    return sum(p.numel() * p.element_size() for p in parts)
 
 
 def _share(report: dict) -> float:
