@@ -22,7 +22,7 @@ from v4.ops import CompressSpec, DecodeRows, acc
 
 def _sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """Column-normalise, then (iters - 1) x (row, column) normalisations, each `M / (sum + eps)`."""
-    if comb.device.type == "cpu":
+    if comb.device.type == "cpu" and not comb.requires_grad:  # (under autograd: the torch path below)
         # same arithmetic in numpy: the 4x4 matrices make this loop pure per-op overhead, which is
         # several times lower in numpy than in torch's dispatcher (decode runs it twice per layer)
         c = comb.numpy().copy()
