@@ -61,6 +61,12 @@ def _scatter_fn():
     return getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+def lost_ranks_in(message: str) -> str | None:
+    """The ranks a failed monitored barrier names ("2" or "1, 3"), or None."""
+    m = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", message)
+    return m.group(1).strip() if m else None
+
+
 class RankLost(RuntimeError):
     """A peer rank died, hung past the timeout, or left the group."""
 
@@ -169,8 +175,7 @@ class Communicator:
             dist.monitored_barrier(group=self.health_group, timeout=datetime.timedelta(seconds=self.timeout_s),
                                    wait_all_ranks=True)
         except RuntimeError as e:
-            m = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(e))
-            return m.group(1).strip() if m and self.rank == 0 else None
+            return lost_ranks_in(str(e)) if self.rank == 0 else None
         return None
 
     def _guard(self, fn, doing: str) -> None:

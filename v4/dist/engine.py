@@ -21,7 +21,6 @@ serving loop calls `step` every half second: `heartbeat`), so a dead rank is not
 from __future__ import annotations
 
 import itertools
-import re
 import time
 from dataclasses import dataclass, field, replace
 
@@ -29,7 +28,7 @@ from ..engine.llm import LLM, Completion, EngineStats
 from ..engine.runner import ModelRunner
 from ..engine.sampling_params import SamplingParams
 from ..errors import InputError
-from .comm import RankLost
+from .comm import RankLost, lost_ranks_in
 from .runner import TPRunner, follow
 
 
@@ -86,9 +85,8 @@ class GroupEngine:
 
 
 def _lost_message(e: RankLost) -> str:
-    m = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", str(e))
-    if m:
-        ranks = m.group(1).strip()
+    ranks = lost_ranks_in(str(e))
+    if ranks:
         return (f"rank {ranks} did not answer within the timeout (it died or hangs); the deployment cannot go on: "
                 "check that rank's log, then restart every rank")
     return str(e)
@@ -105,9 +103,9 @@ class DistributedLLM:
         self.dead_ranks = dead_ranks  # () -> ["1 (exit code -9)", ...]: the spawned ranks that have exited
         self.layout = comm.place.layout
         self.assign = assign
-        self._local_engine, self.cache = None, None  # run_tick builds the first
+        self.local: GroupEngine | None = None  # DP group 0's engine: run_tick builds it
+        self.cache = None
         self._tick(Tick(engine=(rt, logits)))
-        self.local = self._local_engine
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._new: list = []
@@ -267,7 +265,7 @@ class RankState:
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
-        self._local_engine: GroupEngine | None = None
+        self.local: GroupEngine | None = None
         self.cache = None
 
 
@@ -281,14 +279,14 @@ def run_tick(comm, tick: Tick | None, state) -> tuple[bool, GroupReport | None]:
     model = state.model
     if tick.engine is not None:
         rt, logits = tick.engine
-        state._local_engine, state.cache = None, None  # free the last engine's cache first
+        state.local, state.cache = None, None  # free the last engine's cache first
         if model.place.is_tp_leader:
-            state._local_engine = GroupEngine(model, rt, state.tokenizer, logits)
+            state.local = GroupEngine(model, rt, state.tokenizer, logits)
         else:
             state.cache = ModelRunner(model, rt, graphs="off").cache
         return True, None
     if model.place.is_tp_leader:
-        return True, state._local_engine.tick(tick)
+        return True, state.local.tick(tick)
     follow(model, state.cache, comm)
     return True, None
 
