@@ -20,6 +20,8 @@ import traceback
 import torch
 import torch.distributed as dist
 
+from v4.dist.launch import _local_store
+
 GROUP_TIMEOUT_S = 30  # a collective that waits longer than this fails on its own
 
 
@@ -34,15 +36,8 @@ def _entry(fn, rank: int, world: int, port: int, args: tuple, out) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's pairs on the loopback interface only
     timeout = datetime.timedelta(seconds=GROUP_TIMEOUT_S)
     try:
-        # what init_method="tcp://127.0.0.1:PORT" does, except that rank 0's store listens on 127.0.0.1
-        # only (given the address, TCPStore still listens on every interface)
-        listen = None
-        if rank == 0:
-            listen = socket.socket()
-            listen.bind(("127.0.0.1", port))
-            listen.listen()
-        store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=timeout,
-                              master_listen_fd=None if listen is None else listen.fileno())
+        # the launcher's rendezvous: rank 0's store listens on 127.0.0.1 only
+        store = _local_store(f"127.0.0.1:{port}", rank, world, timeout)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
         try:
             out.put((rank, True, fn(rank, world, *args)))

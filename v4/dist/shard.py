@@ -36,9 +36,7 @@ _SHARED = re.compile(r"\.ffn\.shared_experts\.(w[123])\.weight$")
 
 def _inter_slice(w: str, place: RankPlacement) -> Slice | str:
     a, b = place.moe_inter
-    if (a, b) == (0, None):  # pragma: no cover - moe_inter is always a closed range
-        return WHOLE
-    return Slice(1, a, b) if w == "w2" else Slice(0, a, b)
+    return Slice(1, a, b) if w == "w2" else Slice(0, a, b)  # w2 [D, I] by column, w1 / w3 [I, D] by row
 
 
 def rank_slice(name: str, cfg, place: RankPlacement):
