@@ -175,7 +175,8 @@ class TrainTransformer(Transformer):
         lc, inv_freq = cache.layers[b.layer], self.inv_freq["compress"]
         iq = ops.rope(self._lin(c_q, b.idx.wq_b, True).view(T, Hi, Di), batch.positions, inv_freq)
         table = layout.tables[b.ratio]
-        self._compress(b.idx, x, batch, lc.index_pool, lc.index_state_kv, lc.index_state_score, table, inv_freq)
+        self._compress(b.idx, x, batch, lc.index_pool, lc.index_state_kv, lc.index_state_score, table, inv_freq,
+                       (b.layer, "index"))
         w = self._lin(x.to(self.acc), b.idx.weights_proj, False) * (Di ** -0.5 * Hi ** -0.5)
         with torch.no_grad():
             topk = ops.indexer_topk(iq, w, lc.index_pool, table.table, batch.tok_slot, batch.positions, b.ratio,

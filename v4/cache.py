@@ -188,6 +188,128 @@ class KVCache:
         return held / self.bytes_used()
 
 
+class RowBackup:
+    """The cache rows that tokens at given positions are about to write, saved so that the rows of
+    tokens later rejected (speculative drafts) can be put back: afterwards the cache holds exactly
+    what it held had those tokens never run.
+
+    A token at position p of slot s writes, in each layer: ring row p mod W; for a compressed
+    layer, state row cur + p mod m of its compressor (and of its indexer on CSA layers), and when
+    it closes a window (p mod m = m - 1) the state's previous-window rows [0, m) (overlapping
+    compressor) and the pool row of entry p // m. Restoring a rejected token's rows is exact as
+    long as no accepted token of the same step wrote the same rows: that holds when a step gives
+    a sequence at most min(W, smallest ratio) tokens (`max_tokens_per_step`), so that no two of
+    them share a ring row, a state row or a window close.
+    """
+
+    def __init__(self, cache: "KVCache", pairs: list[tuple[int, int]], layers: range | None = None,
+                 batch: StepBatch | None = None):
+        """pairs: (slot, position) of every token whose rows may need restoring; their pool blocks
+        must be reserved already. batch: the step that will write them (needed by `restore` to
+        rewrite the rows of accepted tokens that a rejected token's window close folded away)."""
+        self.cache = cache
+        self.pairs = pairs
+        self.layers = layers if layers is not None else range(len(cache.layers))
+        dev = cache.device
+        self.slot = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=dev)
+        self.pos = torch.tensor([p for _, p in pairs], dtype=torch.long, device=dev)
+        self.saved = [self._take(cache.layers[i], cache.cfg.layer_ratio(i)) for i in self.layers]
+        self.step_rows = {}  # (slot, position) -> the token's row in the step's packed layout
+        if batch is not None:
+            for slot, start, n, off in batch.seqs:
+                self.step_rows.update({(slot, start + i): off + i for i in range(n)})
+
+    @staticmethod
+    def max_tokens_per_step(cfg: ModelConfig) -> int:
+        ratios = [cfg.layer_ratio(i) for i in range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
+                  if cfg.layer_type(i) != SLIDING]
+        return min([cfg.sliding_window] + ratios)
+
+    def _rows(self, lc: LayerCache, m: int):
+        """[(how, tensor, index)] of every row the saved tokens write in one layer. how: "row" (one row
+        per saved token, index (slots, rows)), "block" (a state's rows [0, m) per window close, index
+        slots) or "pool" (an entry's pool row per window close, index flat pool rows)."""
+        out = [("row", lc.ring, (self.slot, self.pos % lc.ring.shape[1]))]
+        if lc.kind == SLIDING:
+            return out
+        cur = m if lc.kind == CSA else 0  # the overlapping (CSA) compressor keeps the previous window first
+        closes = (self.pos + 1) % m == 0
+        table = self.cache.tables[m]
+        bs, entry = table.block_size, self.pos // m
+        block = table.table[self.slot, (entry // bs).clamp(max=table.max_blocks_per_seq - 1)].long()
+        pool_row = (block * bs + entry % bs)[closes]
+        groups = [(lc.state_kv, lc.state_score, lc.pool)]
+        if lc.kind == CSA:
+            groups.append((lc.index_state_kv, lc.index_state_score, lc.index_pool))
+        for state_kv, state_score, pool in groups:
+            for st in (state_kv, state_score):
+                out.append(("row", st, (self.slot, cur + self.pos % m)))
+                if cur:
+                    out.append(("block", st, self.slot[closes]))
+            out.append(("pool", pool.view(-1, pool.shape[-1]), pool_row))
+        return out
+
+    def _take(self, lc: LayerCache, m: int):
+        saved = []
+        for how, t, idx in self._rows(lc, m):
+            rows = t[idx] if how == "row" else t[idx, :m] if how == "block" else t[idx]
+            saved.append((how, t, idx, rows.clone()))
+        return saved
+
+    def restore(self, rejected: list[bool], compress_inputs: dict | None = None) -> None:
+        """Put back the rows of the tokens flagged in `rejected` (one flag per saved pair).
+
+        compress_inputs: the step's compressor inputs {(layer, "kv" | "index"): (kv, score, ape)}
+        (`Transformer.compress_inputs`). A compressor that closes a window stores none of that
+        window's new tokens in its state: they went into the entry. When the token that closed it
+        is rejected, the window is open again and its accepted tokens of this step must be back in
+        their state rows, as a step without the rejected tokens would have left them."""
+        if not any(rejected):
+            return
+        back = torch.tensor(rejected, dtype=torch.bool, device=self.cache.device)
+        for i, saved in zip(self.layers, self.saved):
+            m = self.cache.cfg.layer_ratio(i)
+            back_close = back[(self.pos + 1) % m == 0] if m else back[:0]  # flags of the window closes
+            for how, t, idx, rows in saved:
+                if how == "row":
+                    t[idx[0][back], idx[1][back]] = rows[back]
+                elif how == "block":
+                    t[idx[back_close], :m] = rows[back_close]
+                else:
+                    t[idx[back_close]] = rows[back_close]
+            if m and bool(back_close.any()):
+                self._rejoin(i, m, rejected, compress_inputs)
+
+    def _rejoin(self, layer: int, m: int, rejected: list[bool], compress_inputs: dict | None) -> None:
+        """Rewrite the state rows of the accepted step tokens in each window a rejected token closed."""
+        lc = self.cache.layers[layer]
+        cur = m if lc.kind == CSA else 0
+        closed = {(s, p // m) for (s, p), r in zip(self.pairs, rejected) if r and (p + 1) % m == 0}
+        accepted = [(s, p) for (s, p), r in zip(self.pairs, rejected) if not r]
+        # the step's tokens before the first saved one of each slot (always accepted) count too
+        firsts = {}
+        for s, p in self.pairs:
+            firsts[s] = min(p, firsts.get(s, p))
+        accepted += [(s, p) for (s, p) in self.step_rows if p < firsts.get(s, -1)]
+        redo = [(s, p) for s, p in accepted if (s, p // m) in closed]
+        if not redo:
+            return
+        if compress_inputs is None or (layer, "kv") not in compress_inputs:
+            raise RuntimeError("RowBackup.restore: a rejected token closed a compressor window; the step's compressor "
+                               "inputs (Transformer.compress_inputs) are needed to reopen it")
+        slot = torch.tensor([s for s, _ in redo], device=self.cache.device)
+        pos = torch.tensor([p for _, p in redo], device=self.cache.device)
+        tok = torch.tensor([self.step_rows[x] for x in redo], device=self.cache.device)
+        pairs = [("kv", lc.state_kv, lc.state_score)]
+        if lc.kind == CSA:
+            pairs.append(("index", lc.index_state_kv, lc.index_state_score))
+        for which, state_kv, state_score in pairs:
+            kv, score, ape = compress_inputs[(layer, which)]
+            # what a step that stops at these tokens writes: kv, and the score plus ape at position mod m
+            state_kv[slot, cur + pos % m] = kv[tok].to(state_kv.dtype)
+            state_score[slot, cur + pos % m] = (score[tok] + ape[pos % m].to(score.dtype)).to(state_score.dtype)
+
+
 @dataclass
 class CacheGeometry:
     """Bytes of one sequence slot (window rings + compressor states, fixed per sequence) and of one

@@ -57,6 +57,8 @@ class Transformer:
         self.device = ops.device
         self.exact = mode == "exact"
         self.hook: Callable[[str, torch.Tensor], None] | None = None
+        # when a dict: every compressor's inputs of the step, {(layer, "kv" | "index"): (kv, score, ape)}
+        self.compress_inputs: dict | None = None
         self._w = weights
         self.embed = self._float("embed.weight", dtype)
         self.head = self._linear("head.weight", self.acc)
@@ -176,17 +178,34 @@ class Transformer:
         The caller has checked the ids and made room in the cache (`KVCache.reserve_step`; the
         engine's runner does both).
         """
-        cfg = self.cfg
-        ids = ids.to(self.device)
-        layout = StepLayout(batch, cache)
-        X = self._embed(ids).unsqueeze(1).expand(-1, cfg.hc_mult, -1).contiguous()  # [T, hc, D]
-        for b in self.blocks:
-            X = self._block(b, X, ids, layout, cache)
-        out = self._head(X, self.hc_head, self.norm, batch, logits)
+        X = self.trunk(ids, batch, cache)
+        out = self.head_logits(X, batch, logits)
         mtp_out = None
         if mtp_ids is not None and self.mtp:
-            mtp_out = self._mtp(self.mtp[0], X, mtp_ids.to(self.device), layout, cache, logits)
+            mtp_out, _ = self.mtp_block(X, mtp_ids, batch, cache, logits)
         return out, mtp_out
+
+    def trunk(self, ids: torch.Tensor, batch: StepBatch | DecodeBatch, cache: KVCache) -> torch.Tensor:
+        """The main stack: [T] ids -> the last block's streams [T, hc, D] (writes the main layers' cache)."""
+        ids = ids.to(self.device)
+        layout = StepLayout(batch, cache)
+        X = self._embed(ids).unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()  # [T, hc, D]
+        for b in self.blocks:
+            X = self._block(b, X, ids, layout, cache)
+        return X
+
+    def head_logits(self, X: torch.Tensor, batch: StepBatch | DecodeBatch, which="all"):
+        """Logits of the main head: which = "all" | "last" | "none", or a LongTensor of rows of X."""
+        return self._head(X, self.hc_head, self.norm, batch, which)
+
+    def mtp_block(self, X: torch.Tensor, next_ids: torch.Tensor, batch: StepBatch | DecodeBatch, cache: KVCache,
+                  which="all"):
+        """MTP block 0 over one step's tokens: X [T, hc, D] the streams at each position (the main
+        stack's, or the MTP block's own when drafting further ahead), next_ids [T] the token after
+        each. Returns (logits for the token after next, as `head_logits`'s `which` picks; the block's streams
+        [T, hc, D]). Writes only the MTP layer's cache."""
+        layout = StepLayout(batch, cache)
+        return self._mtp(self.mtp[0], X, next_ids.to(self.device), layout, cache, which)
 
     def _embed(self, ids):
         """[T] ids -> [T, D]. Vocab-parallel: each TP rank looks up the rows it holds, zeros elsewhere, summed."""
@@ -198,9 +217,11 @@ class Transformer:
         return self.comm.tp_all_reduce(x)  # adding zeros is exact: the same bits as one device
 
     def _head(self, X, hc, norm, batch, which):
-        if which == "none":
+        if isinstance(which, torch.Tensor):
+            X = X[which]
+        elif which == "none":
             return None
-        if which == "last":
+        elif which == "last":
             X = X[batch.last_token]
         h = self.ops.hc_head(X, *hc, self.cfg.hc_eps, self.cfg.rms_norm_eps)
         h = self.ops.rms_norm(h, norm, self.cfg.rms_norm_eps)
@@ -216,7 +237,7 @@ class Transformer:
         h = ops.rms_norm(X, b.hnorm, cfg.rms_norm_eps)
         X0 = self._lin(e, b.e_proj, True).unsqueeze(1) + self._lin(h, b.h_proj, True)
         X1 = self._block(b, X0, next_ids, layout, cache)
-        return self._head(X1, b.hc_head, b.norm, layout.batch, which)
+        return self._head(X1, b.hc_head, b.norm, layout.batch, which), X1
 
     def _block(self, b, X, ids, layout, cache):
         ops, cfg = self.ops, self.cfg
@@ -256,7 +277,8 @@ class Transformer:
             self._record(f"{b.name}.attn.indexer_topk", topk)
         if b.kind != SLIDING:
             table = layout.tables[b.ratio]
-            entries = self._compress(b.comp, x, batch, lc.pool, lc.state_kv, lc.state_score, table, inv_freq)
+            entries = self._compress(b.comp, x, batch, lc.pool, lc.state_kv, lc.state_score, table, inv_freq,
+                                     (b.layer, "kv"))
             self._record(f"{b.name}.attn.compressed", entries)
             # CSA: the indexer's picks; HCA: every complete entry the query may see
             comp_idx = layout.picked_rows(topk, b.ratio) if b.kind == CSA else layout.hca_rows[b.ratio]
@@ -280,7 +302,8 @@ class Transformer:
         if self.exact:
             iq = quant.fp4_fake_quant(quant.hadamard(iq))
         table = layout.tables[b.ratio]
-        self._compress(b.idx, x, batch, lc.index_pool, lc.index_state_kv, lc.index_state_score, table, inv_freq)
+        self._compress(b.idx, x, batch, lc.index_pool, lc.index_state_kv, lc.index_state_score, table, inv_freq,
+                       (b.layer, "index"))
         w = self._lin(x.to(self.acc), b.idx.weights_proj, False) * (Di ** -0.5 * Hi ** -0.5)  # [T, Hi]
         topk = ops.indexer_topk(iq, w, lc.index_pool, table.table, batch.tok_slot, batch.positions, b.ratio,
                                 cfg.index_topk, max_visible=layout.max_visible[b.ratio])
@@ -291,10 +314,12 @@ class Transformer:
             self._record(f"{b.name}.attn.indexer_scores", s.masked_fill(topk < 0, float("-inf")))
         return topk
 
-    def _compress(self, c, x, batch, pool, state_kv, state_score, table, inv_freq):
+    def _compress(self, c, x, batch, pool, state_kv, state_score, table, inv_freq, key):
         xa = x.to(self.acc)  # the compressor runs in fp32 on fp32 input, as the official code does
         kv = self.ops.linear(xa, c.wkv)
         score = self.ops.linear(xa, c.wgate)
+        if self.compress_inputs is not None:  # kept for speculative decoding's rollback (cache.RowBackup)
+            self.compress_inputs[key] = (kv, score, c.ape)
         return self.ops.compress(kv, score, c.ape, c.spec, c.norm, inv_freq, state_kv, state_score,
                                  pool, table.table, batch.seqs)
 

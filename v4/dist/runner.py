@@ -40,7 +40,7 @@ class TPRunner(ModelRunner):
 
     @torch.no_grad()
     def run(self, step, logits: str = "last") -> torch.Tensor:
-        ids = [t for s in step for t in s.seq.token_ids(s.start, s.num_tokens)]
+        ids = [t for s in step for t in s.token_ids()]
         seqs = [(s.seq.slot, s.start, s.num_tokens) for s in step]
         self._send(StepPlan(RUN, seqs=seqs, ids=ids, logits=logits, record=self.model.hook is not None))
         return super().run(step, logits)

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import RuntimeConfig
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..model import Transformer
 from .block_manager import BlockManager
 from .runner import ModelRunner
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledSeq, Scheduler
+from .spec_decode import MTPDrafter, Verified
 from .sequence import FinishReason, RequestOutput, Sequence, SequenceStatus, TokenLogprobs
 
 
@@ -85,6 +86,7 @@ class LLM:
         self.blocks = BlockManager(self.runner.cache, self.runner.reserved_slots)
         self.scheduler = Scheduler(self.blocks, rt.max_num_seqs, rt.max_num_batched_tokens, rt.prefill_chunk)
         self.sampler = Sampler(model.cfg.eos_token_id)
+        self.drafter = self._drafter(rt)
         self.logits_mode = logits
         self.stats = EngineStats()
         self.last_step: StepRecord | None = None
@@ -92,9 +94,19 @@ class LLM:
         self._seqs: dict[int, Sequence] = {}
         self._pending: list[RequestOutput] = []  # finished outside a step (max_tokens=0, abort)
 
+    def _drafter(self, rt: RuntimeConfig):
+        """The MTP drafter when runtime.speculative_config is set, else None."""
+        spec = rt.speculative
+        if spec is None:
+            return None
+        if rt.tensor_parallel_size * rt.data_parallel_size > 1:
+            raise ConfigError("runtime.speculative_config: speculative decoding runs on one device for now; "
+                              "drop --speculative-config or run with -tp 1 -dp 1")
+        return MTPDrafter(self.model, self.runner, self.sampler, spec)
+
     @property
     def graph_mode(self) -> str:
-        return self.runner.graph_mode
+        return "off" if self.drafter is not None else self.runner.graph_mode
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids, params: SamplingParams | None = None) -> int:
@@ -176,20 +188,31 @@ class LLM:
         for s in step:
             if s.seq.first_scheduled_time is None:
                 s.seq.first_scheduled_time = now
+        if self.drafter is not None:
+            logits, verified, kept = self.drafter.run(step, self.logits_mode)
+        else:
+            logits, verified = self._run(step)
+            kept = [s.num_tokens for s in step]
+        offsets = self.runner.last_batch.offsets[:-1] if self.runner.last_batch is not None else list(range(len(step)))
+        self.last_step = StepRecord([(s.seq.id, s.start, s.num_tokens) for s in step], logits, offsets)
+        for s, n in zip(step, kept):
+            s.seq.num_computed = self.runner.cache.seq_len[s.seq.slot] = s.start + n
+        for b, v in verified.items():
+            outputs.append(self._append_all(step[b].seq, v.tokens, v.logprobs))
+        if self.drafter is not None:
+            self.drafter.propose(step, kept)
+        self._account(step, time.perf_counter() - t0)
+        return outputs
+
+    def _run(self, step: list[ScheduledSeq]):
+        """One plain step: (its logits, {batch row: Verified} of a token for each sampling sequence)."""
         logits = self.runner.run(step, self.logits_mode)
         last = logits
         if self.logits_mode == "all" and self.runner.last_batch is not None:
             last = logits[self.runner.last_batch.last_token]
         sampling = [b for b, s in enumerate(step) if s.samples]
         tokens, logprobs = self.sampler(last[sampling], [step[b].seq for b in sampling]) if sampling else ([], [])
-        self._account(step, time.perf_counter() - t0)
-        offsets = self.runner.last_batch.offsets[:-1] if self.runner.last_batch is not None else list(range(len(step)))
-        self.last_step = StepRecord([(s.seq.id, s.start, s.num_tokens) for s in step], logits, offsets)
-        for s in step:
-            s.seq.num_computed = s.start + s.num_tokens
-        for b, tok, lp in zip(sampling, tokens, logprobs):
-            outputs.append(self._append(step[b].seq, tok, lp))
-        return outputs
+        return logits, {b: Verified([t], [lp]) for b, t, lp in zip(sampling, tokens, logprobs)}
 
     def _account(self, step: list[ScheduledSeq], seconds: float) -> None:
         st = self.stats
@@ -202,6 +225,21 @@ class LLM:
             st.decode_s += seconds
             st.decode_tokens += n
             st.decode_steps += 1
+
+    def _append_all(self, seq: Sequence, tokens: list[int], lps: list[TokenLogprobs | None]) -> RequestOutput:
+        """Append a step's tokens one by one (a verified speculative step brings several) and merge
+        their outputs; tokens after the one that finishes the request are dropped."""
+        outs = []
+        for tok, lp in zip(tokens, lps):
+            outs.append(self._append(seq, tok, lp))
+            if outs[-1].finished:
+                break
+        if len(outs) == 1:
+            return outs[0]
+        last = outs[-1]
+        lp = [x for o in outs for x in o.logprobs] if last.logprobs is not None else None
+        return RequestOutput(seq.id, [t for o in outs for t in o.new_token_ids], "".join(o.new_text for o in outs), lp,
+                             last.finished, last.finish_reason, outs[0].queue_s)
 
     def _append(self, seq: Sequence, token: int, lp: TokenLogprobs | None) -> RequestOutput:
         p = seq.params

@@ -80,18 +80,32 @@ class ModelRunner:
         # prompt's step is decode-shaped, and its hooks would be lost)
         if self.graphs is not None and decode_only and self.model.hook is None:
             return self._replay(step)
-        batch = StepBatch([s.seq.slot for s in step], [s.start for s in step], [s.num_tokens for s in step],
-                          self.model.device)
-        ids = torch.tensor([t for s in step for t in s.seq.token_ids(s.start, s.num_tokens)], device=self.model.device)
-        for s in step:  # blocks were reserved by the scheduler; the slot's length moves on
-            self.cache.seq_len[s.seq.slot] = s.start + s.num_tokens
-        self.last_batch = batch
+        batch, ids = self._prepare(step)
         out, _ = self.model.forward(ids, batch, self.cache, logits=logits)
         return out
+
+    @torch.no_grad()
+    def run_trunk(self, step: list[ScheduledSeq], rows: torch.Tensor | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One model step that keeps the main stack's output (for the MTP block): returns (the head's
+        logits at `rows` (a LongTensor of token rows, or "all"), the streams [T, hc, D])."""
+        batch, ids = self._prepare(step)
+        X = self.model.trunk(ids, batch, self.cache)
+        return self.model.head_logits(X, batch, rows), X
+
+    def _prepare(self, step: list[ScheduledSeq]):
+        """(the step's StepBatch, its packed ids); each slot's length moves on (its blocks were
+        reserved by the scheduler)."""
+        batch = StepBatch([s.seq.slot for s in step], [s.start for s in step], [s.num_tokens for s in step],
+                          self.model.device)
+        ids = torch.tensor([t for s in step for t in s.token_ids()], device=self.model.device)
+        for s in step:
+            self.cache.seq_len[s.seq.slot] = s.start + s.num_tokens
+        self.last_batch = batch
+        return batch, ids
 
     def _replay(self, step: list[ScheduledSeq]) -> torch.Tensor:
         """A decode-only step from the captured graphs (no hooks attached: see run)."""
         logits = self.graphs.step([s.seq.slot for s in step], [s.start for s in step],
-                                  [s.seq.token_ids(s.start, 1)[0] for s in step])
+                                  [s.token_ids()[0] for s in step])
         self.last_batch = None
         return logits.clone()  # a view into the graph's output buffer, overwritten by the next replay

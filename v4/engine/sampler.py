@@ -47,35 +47,38 @@ class Sampler:
     def __init__(self, eos_token_id: int):
         self.eos = eos_token_id
 
-    def _suppressed(self, seq: Sequence) -> list[int]:
-        """Tokens that may not come yet: EOS (unless ignored) and the stop ids, before min_tokens."""
+    def suppressed(self, seq: Sequence, ahead: int = 0) -> list[int]:
+        """Tokens that may not come yet as output token number len(output_ids) + ahead: EOS (unless
+        ignored) and the stop ids, before min_tokens. (ahead > 0: a speculative draft's position.)"""
         p = seq.params
-        if len(seq.output_ids) >= p.min_tokens:
+        if len(seq.output_ids) + ahead >= p.min_tokens:
             return []
         return list(p.stop_token_ids) + ([] if p.ignore_eos else [self.eos])
+
+    def pick(self, row: torch.Tensor, seq: Sequence, banned: list[int]) -> int:
+        """One token from one row of logits [V], with `banned` ids excluded."""
+        x = row.to(_acc(row))
+        if banned:
+            x = x.index_fill(0, torch.tensor(banned, device=x.device), float("-inf"))
+        return int(x.argmax() if seq.params.greedy else sample(x[None], seq.params, seq.generator)[0])
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
         """logits [B, V]: row b is the last position of seqs[b]. Returns a token and logprobs per row."""
         logits = logits.to(_acc(logits))
         tokens = torch.empty(len(seqs), dtype=torch.long)
-        greedy = [b for b, s in enumerate(seqs) if s.params.greedy and not self._suppressed(s)]
+        greedy = [b for b, s in enumerate(seqs) if s.params.greedy and not self.suppressed(s)]
         greedy_rows = set(greedy)
         if greedy:
             tokens[greedy] = logits[greedy].argmax(-1).cpu()
         for b, seq in enumerate(seqs):
-            if b in greedy_rows:
-                continue
-            x = logits[b]
-            ban = self._suppressed(seq)
-            if ban:
-                x = x.index_fill(0, torch.tensor(ban, device=x.device), float("-inf"))
-            tokens[b] = x.argmax() if seq.params.greedy else sample(x[None], seq.params, seq.generator)[0]
+            if b not in greedy_rows:
+                tokens[b] = self.pick(logits[b], seq, self.suppressed(seq))
         out = tokens.tolist()
-        return out, [self._logprobs(logits[b], t, s.params.logprobs) for b, (t, s) in enumerate(zip(out, seqs))]
+        return out, [self.token_logprobs(logits[b], t, s.params.logprobs) for b, (t, s) in enumerate(zip(out, seqs))]
 
     @staticmethod
-    def _logprobs(row: torch.Tensor, token: int, top_n: int | None) -> TokenLogprobs | None:
+    def token_logprobs(row: torch.Tensor, token: int, top_n: int | None) -> TokenLogprobs | None:
         if top_n is None:
             return None
         lp = torch.log_softmax(row, -1)

@@ -26,12 +26,18 @@ from .sequence import Sequence, SequenceStatus
 class ScheduledSeq:
     seq: Sequence
     start: int  # first position computed this step (= seq.num_computed)
-    num_tokens: int
+    num_tokens: int  # drafts included
+    num_drafts: int = 0  # speculative decoding: the last num_drafts tokens are seq.draft_ids[:num_drafts]
 
     @property
     def samples(self) -> bool:
         """This step brings the sequence up to date: its last position's logits give the next token."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+        return self.start + self.num_tokens == self.seq.num_tokens + self.num_drafts
+
+    def token_ids(self) -> list[int]:
+        """The step's tokens of this sequence: its own, then the drafts it verifies."""
+        own = self.num_tokens - self.num_drafts
+        return self.seq.token_ids(self.start, own) + self.seq.draft_ids[:self.num_drafts]
 
 
 class Scheduler:
@@ -55,6 +61,14 @@ class Scheduler:
             n = min(n, self.prefill_chunk)
         return n
 
+    def _drafts(self, seq: Sequence, n: int, budget: int) -> int:
+        """How many of a decoding sequence's drafts this step verifies: all that fit in the budget
+        and in the cache, else none (a draft never costs another sequence its place)."""
+        if n != 1 or seq.num_uncomputed != 1 or not seq.draft_ids:
+            return 0
+        nd = min(len(seq.draft_ids), budget - 1)
+        return nd if nd > 0 and self.blocks.can_allocate(seq, seq.num_computed + 1 + nd) else 0
+
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_num_batched_tokens
         preemptions = self.num_preemptions
@@ -69,9 +83,10 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                self.blocks.allocate(seq, seq.num_computed + n)
-                out.append(ScheduledSeq(seq, seq.num_computed, n))
-                budget -= n
+                nd = self._drafts(seq, n, budget)
+                self.blocks.allocate(seq, seq.num_computed + n + nd)
+                out.append(ScheduledSeq(seq, seq.num_computed, n + nd, nd))
+                budget -= n + nd
                 i += 1
                 continue
             break  # seq itself was preempted: nothing after it is running any more
@@ -93,6 +108,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free(seq)
         seq.num_computed = 0
+        seq.draft_ids, seq.draft_probs = [], []  # the MTP block's cache went with the slot: drafts start afresh
         seq.status = SequenceStatus.PREEMPTED
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

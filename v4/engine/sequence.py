@@ -38,6 +38,10 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.slot: int | None = None
         self.num_computed = 0
+        # speculative decoding: tokens the MTP block proposes to follow output_ids (not output yet),
+        # and for sampled drafts the distribution each was drawn from (for the rejection sampler)
+        self.draft_ids: list[int] = []
+        self.draft_probs: list[torch.Tensor | None] = []
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.text = ""  # detokenised output, cut before a stop string (when the engine has a tokenizer)
         self.emitted_chars = 0  # how much of `text` the step outputs have carried so far
