@@ -1,20 +1,24 @@
 """Measure the numbers the tolerance profiles in parity/profiles.py are set from.
 
-    python -m parity.calibrate [--seeds 0,1,2,3,4] [--suites smoke,boundaries] [--small] [--long]
+    python -m parity.calibrate [--checkpoint DIR | --config C [--seeds 0,1,2,3,4]] [--suites smoke,boundaries]
+                               [--small] [--long]
 
-For every weight seed and suite it records the reference backend in float64 (plain and exact
+The model is the shipped trained tiny-v4 checkpoint by default (`--checkpoint` another one; its
+weights are fixed, so there is one run), or `--config C` with seeded random weights, one run per
+weight seed. For every run and suite it records the reference backend in float64 (plain and exact
 mode) as the baseline, then float32, bfloat16 and float16 (plain) and float32 / bfloat16 (exact),
-compares each against the baseline of its mode and prints, per profile and kind of row, the
-worst value of every metric seen (worst over prompts, seeds and suites). `--small` adds the
-`small` config on one 128-token prompt (seed 0 only); `--long` adds the tiny config on one
-4000-token prompt (seed 0 only): far positions, where float32 rope angles lose precision. About
-5 minutes on 2 CPU cores with all of them.
+compares each against the baseline of its mode and prints, per profile and kind of row, the worst
+value of every metric seen (worst over prompts, seeds and suites). `--small` adds the `small`
+config (random weights, seed 0) on one 128-token prompt; `--long` adds the main model on one
+4000-token prompt of held-out text (first seed only): far positions, where float32 rope angles
+lose precision. With all of them: about 2 minutes on tiny-v4, 5 on `--config tiny`, on 2 CPU cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,10 +33,16 @@ LOWER_IS_WORSE = ("cosine", "share_1e3", "share_5e3", "top1", "topk", "mean", "m
 HIGHER_IS_WORSE = ("nmax", "kl", "nonfinite")
 
 
-def _bundle(config, dtype, mode, seed, prompts, opts) -> Bundle:
-    built = R.build(None, config, None, {"backend": "reference", "dtype": dtype, "mode": mode}, seed=seed)
+def _bundle(model, dtype, mode, seed, prompts, opts) -> Bundle:
+    """model: ("checkpoint", DIR) or ("config", NAME); the seed applies to a config only."""
+    ckpt, config = (model[1], None) if model[0] == "checkpoint" else (None, model[1])
+    built = R.build(ckpt, config, None, {"backend": "reference", "dtype": dtype, "mode": mode}, seed=seed)
     tensors, info = R.record(built.model, prompts, opts)
-    return Bundle(f"{config}/{dtype}/{mode}/seed{seed}", R.make_meta(built, prompts, opts, info), tensors)
+    return Bundle(f"{_label(model)}/{dtype}/{mode}/seed{seed}", R.make_meta(built, prompts, opts, info), tensors)
+
+
+def _label(model) -> str:
+    return Path(model[1]).name if model[0] == "checkpoint" else model[1]
 
 
 def _collect(worst: dict, key, comp):
@@ -62,38 +72,49 @@ def _collect(worst: dict, key, comp):
                 pslot[k] = (v, f"{comp.b['path']} {r.name}")
 
 
+def _jobs(a, model) -> list:
+    """[(model, prompts, options, label, seeds)]: each suite on the main model, then --small / --long."""
+    seeds = [int(x) for x in a.seeds.split(",")] if model[0] == "config" else [0]
+    tok = R.build(*((model[1], None) if model[0] == "checkpoint" else (None, model[1])), None,
+                  {"backend": "reference"}).tokenizer
+    jobs = []
+    for s in a.suites.split(","):
+        suite = R.load_suite(s)
+        jobs.append((model, R.suite_prompts(suite, tok, 0), R.Options(**suite.options), _label(model), seeds))
+    if a.small:
+        jobs.append((("config", "small"), [R.Prompt(R.generated_ids(128, 7, 0))], R.Options(greedy_tokens=4),
+                     "small", [0]))
+    if a.long:
+        jobs.append((model, [R.Prompt(R.heldout_ids(0, 4000, tok, 0))],
+                     R.Options(greedy_tokens=4, logits="last:64", prefill_chunk=1024), _label(model) + " 4000 tokens",
+                     seeds[:1]))
+    return jobs
+
+
 def main(argv=None):
+    from v4.runtime import DEFAULT_CHECKPOINT
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", default="0,1,2,3,4")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--checkpoint", help=f"checkpoint to calibrate on (default: the shipped {DEFAULT_CHECKPOINT.name})")
+    g.add_argument("--config", help="calibrate on this config with seeded random weights instead (see --seeds)")
+    ap.add_argument("--seeds", default="0,1,2,3,4", help="weight seeds, with --config only")
     ap.add_argument("--suites", default="smoke,boundaries")
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--long", action="store_true")
     a = ap.parse_args(argv)
+    model = ("config", a.config) if a.config else ("checkpoint", a.checkpoint or str(DEFAULT_CHECKPOINT))
     torch.set_num_threads(1)
     worst: dict = {}
-    jobs = []
-    for s in a.suites.split(","):
-        suite = R.load_suite(s)
-        prompts = R.suite_prompts(suite, R.build(None, suite.config, None, {"backend": "reference"}).tokenizer, 0)
-        jobs.append((suite.config, prompts, R.Options(**suite.options)))
-    if a.small:
-        jobs.append(("small", [R.Prompt(R.generated_ids(128, 7, 0))], R.Options(greedy_tokens=4)))
-    if a.long:
-        jobs.append(("tiny-long", [R.Prompt(R.generated_ids(4000, 8, 0))],
-                     R.Options(greedy_tokens=4, logits="last:64", prefill_chunk=1024)))
     t0 = time.perf_counter()
-    for seed in [int(x) for x in a.seeds.split(",")]:
-        for config, prompts, opts in jobs:
-            if config in ("small", "tiny-long") and seed > 0:
-                continue
-            label = "tiny 4000 tokens" if config == "tiny-long" else config
-            config = "tiny" if config == "tiny-long" else config
-            base = {m: _bundle(config, "float64", m, seed, prompts, opts) for m in ("plain", "exact")}
+    for src, prompts, opts, label, seeds in _jobs(a, model):
+        for seed in seeds:
+            base = {m: _bundle(src, "float64", m, seed, prompts, opts) for m in ("plain", "exact")}
             for dt, mode in VARIANTS:
-                b = _bundle(config, dt, mode, seed, prompts, opts)
+                b = _bundle(src, dt, mode, seed, prompts, opts)
                 key = PROFILE_OF[(dt, mode)] + f" ({dt}/{mode}, {label})"
                 _collect(worst, key, compare(base[mode], b, PROFILE_OF[(dt, mode)]))
-            print(f"seed {seed} {config} ({len(prompts)} prompts): {time.perf_counter() - t0:.0f}s", flush=True)
+            print(f"seed {seed} {label} ({len(prompts)} prompts): {time.perf_counter() - t0:.0f}s", flush=True)
     for (prof, kind), slot in sorted(worst.items()):
         if not kind.endswith("pooled"):
             continue  # the verdict judges pooled metrics; per-prompt worsts are diagnostics

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +23,8 @@ DTYPE_ALIASES = {"fp64": "float64", "f64": "float64", "fp32": "float32", "f32": 
                  "bfloat16": "bfloat16", "float16": "float16"}
 
 EXAMPLES = """examples:
-  dsv4 parity run --config tiny                       # available backends x fp64/fp32/bf16, smoke suite
+  dsv4 parity run                                     # available backends x fp64/fp32/bf16, smoke suite, trained tiny-v4
+  dsv4 parity run --config tiny --suite boundaries    # the same on seeded random weights
   dsv4 parity record --backend reference --dtype bf16 --suite boundaries --out /tmp/cpu-bf16
   dsv4 parity compare /tmp/cpu-fp64 /tmp/npu-bf16 --report /tmp/report
   dsv4 parity ops --backend reference --dtype fp32
@@ -39,11 +41,13 @@ def _dtype(s: str) -> str:
 def _model_args(p):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--checkpoint", help="checkpoint directory (config.json + *.safetensors)")
-    g.add_argument("--config", help="model config (tiny, small, ...); default: the suite's config")
+    g.add_argument("--config", help="model config with seeded random weights (tiny, small, tiny-v4, ...); default: the "
+                   "suite's config, else the shipped trained tiny-v4 checkpoint")
     p.add_argument("--runtime", help="runtime YAML (configs/cpu.yaml, ...)")
     p.add_argument("--device", help="torch device, e.g. cpu, cuda:0")
     p.add_argument("--mode", choices=["plain", "exact"], help="numerics mode (default: the config's, plain)")
-    p.add_argument("--seed-weights", type=int, default=0, help="seed of the random weights used with --config (default 0)")
+    p.add_argument("--seed-weights", type=int, default=None,
+                   help="seed of the random weights used with --config (default 0); a checkpoint's weights are fixed")
     p.add_argument("--cuda-graphs", choices=["auto", "on", "off"],
                    help="greedy continuation as captured CUDA graphs where the backend can capture (default: "
                         "runtime.cuda_graphs, auto = the cuda backend on a GPU; on = also the emulated path without "
@@ -139,18 +143,39 @@ def _threads(a) -> None:
 
 
 # ---------------------------------------------------------------------------------------- record
+def _choose_model(a) -> None:
+    """Once per command: the model flags; else the suite's `config:` (the `long` suite names one);
+    else the shipped trained tiny-v4 checkpoint, said on stderr in one line."""
+    from v4.runtime import DEFAULT_CHECKPOINT, DEFAULT_MODEL_NOTE
+
+    from . import record as R
+
+    if a.checkpoint is None and a.config is None:
+        suite = R.load_suite(a.suite or "smoke") if (a.suite or not a.prompts) else None
+        if suite is not None and suite.config:
+            a.config = suite.config
+        else:
+            a.checkpoint = str(DEFAULT_CHECKPOINT)
+            a.model_note = f"dsv4: {DEFAULT_MODEL_NOTE}"  # said once the model is built: an error stays one line
+    if a.seed_weights is not None and a.config is None:
+        raise InputError("--seed-weights applies to --config (seeded random weights) only; a checkpoint's weights "
+                         "are fixed: drop it or add --config NAME")
+    if a.seed_weights is None:
+        a.seed_weights = 0
+
+
 def _plan(a, backend: str, dtype: str | None, mode: str | None):
-    """(built model, prompts, options, suite name, prompts file) from the CLI arguments."""
+    """(built model, prompts, options, suite name, prompts file) from the CLI arguments (after _choose_model)."""
     from . import record as R
 
     suite = R.load_suite(a.suite or "smoke") if (a.suite or not a.prompts) else None
-    config = a.config if (a.config or a.checkpoint) else (suite.config if suite else None)
-    if config is None and a.checkpoint is None:
-        raise InputError("give --config or --checkpoint (a prompts file names no model)")
     over = {"backend": backend, "dtype": dtype, "mode": mode, "device": a.device, "cuda_graphs": a.cuda_graphs}
     for k in ("tensor_parallel_size", "data_parallel_size", "enable_expert_parallel", "moe_comm"):
         over[k] = getattr(a, k, None)
-    built = R.build(a.checkpoint, config if not a.checkpoint else None, a.runtime, over, seed=a.seed_weights)
+    built = R.build(a.checkpoint, a.config, a.runtime, over, seed=a.seed_weights)
+    if getattr(a, "model_note", None):
+        print(a.model_note, file=sys.stderr)
+        a.model_note = None
     if built.model is None:  # a rank other than 0 under torchrun: no prompts of its own
         return built, None, None, None, None
     sopt = suite.options if suite else {}
@@ -185,6 +210,7 @@ def _record_one(a, backend, dtype, mode, out=None):
 
 def cmd_record(a) -> int:
     _threads(a)
+    _choose_model(a)
     t0 = time.perf_counter()
     b = _record_one(a, a.backend, a.dtype, a.mode, a.out)
     if b is None:  # a rank other than 0 under torchrun: it followed rank 0's steps
@@ -254,6 +280,11 @@ def cmd_run(a) -> int:
     if a.repeat < 1:
         raise InputError(f"--repeat must be >= 1, got {a.repeat}")
     specs = parse_backends(a.backends, a.mode)
+    import backends
+
+    for name, _, _ in specs:  # an unavailable backend fails before minutes of recording the others
+        backends.resolve(name)
+    _choose_model(a)
     out_root = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="dsv4-parity-"))
     t_all = time.perf_counter()
     recs, floors = [], []

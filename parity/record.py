@@ -28,11 +28,15 @@ from pathlib import Path
 
 import torch
 
+import v4
 from v4.config import RuntimeConfig
 from v4.engine import DECODE_LABEL, LLM, SamplingParams, graph_mode
 from v4.errors import DSV4Error, InputError
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
+# Held-out text (Python stdlib source the shipped tiny-v4 never trained on, PSF licence beside it):
+# prompts cut from it give a trained model the peaked distributions real text gives it.
+HELDOUT_SAMPLE = Path(v4.__file__).resolve().parent / "embedded" / "tiny-v4-heldout" / "sample.json"
 TOKEN_LO, TOKEN_HI = 3, 259  # generated prompts use byte-level ids: valid for every vocab >= 259
 
 
@@ -100,12 +104,38 @@ def generated_ids(length: int, seed: int, bos: int) -> list:
     return [bos] + [TOKEN_LO + int(r.random() * (TOKEN_HI - TOKEN_LO)) for _ in range(length - 1)]
 
 
+def heldout_text() -> str:
+    """The held-out sample's files joined with newlines, in the order sample.json stores them."""
+    try:
+        files = json.loads(HELDOUT_SAMPLE.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"{HELDOUT_SAMPLE}: cannot read the held-out sample ({e.__class__.__name__}); "
+                         "reinstall dsv4 or use 'text' / 'length' prompts") from None
+    return "\n".join(files.values())
+
+
+def heldout_ids(offset: int, length: int, tokenizer, bos: int, where: str = "prompt") -> list:
+    """BOS + the first length-1 tokens (the model's tokenizer) of the held-out text from character
+    `offset` on: exactly `length` ids, real text for any model (byte-level or BPE)."""
+    text = heldout_text()
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < len(text):
+        raise InputError(f"{where}: 'heldout' must be a character offset in [0, {len(text)}), got {offset!r}")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise InputError(f"{where}: a held-out prompt needs an integer 'length' >= 1, got {length!r}")
+    ids = tokenizer.encode(text[offset:], add_bos=False)[: length - 1]
+    if len(ids) < length - 1:
+        raise InputError(f"{where}: the held-out text from offset {offset} has only {len(ids)} tokens, "
+                         f"{length - 1} needed; use a smaller 'heldout' offset or 'length'")
+    return [bos] + ids
+
+
 def _prompt_from_spec(spec: dict, tokenizer, bos: int, where: str) -> Prompt:
     if not isinstance(spec, dict):
         raise InputError(f"{where}: each prompt must be a JSON object like {{\"ids\": [...]}} or {{\"text\": \"...\"}}")
-    keys = [k for k in ("ids", "text", "length") if k in spec]
+    keys = [k for k in ("ids", "text", "heldout") if k in spec] or [k for k in ("length",) if k in spec]
     if len(keys) != 1:
-        raise InputError(f"{where}: a prompt needs exactly one of 'ids', 'text' or 'length' (+ 'seed'), got keys {sorted(spec)}")
+        raise InputError(f"{where}: a prompt needs exactly one of 'ids', 'text', 'heldout' (+ 'length') or 'length' "
+                         f"(+ 'seed'), got keys {sorted(spec)}")
     batch = spec.get("batch")
     batch = None if batch is None else str(batch)
     if "ids" in spec:
@@ -117,6 +147,10 @@ def _prompt_from_spec(spec: dict, tokenizer, bos: int, where: str) -> Prompt:
         if not isinstance(spec["text"], str):
             raise InputError(f"{where}: 'text' must be a string")
         return Prompt(tokenizer.encode(spec["text"]), spec["text"], batch, spec.get("name"))
+    if "heldout" in spec:
+        n = spec.get("length")
+        return Prompt(heldout_ids(spec["heldout"], n, tokenizer, bos, where), None, batch,
+                      spec.get("name") or f"heldout{spec['heldout']}-len{n}")
     n = spec["length"]
     if isinstance(n, bool) or not isinstance(n, int):
         raise InputError(f"{where}: 'length' must be an integer")
@@ -124,7 +158,8 @@ def _prompt_from_spec(spec: dict, tokenizer, bos: int, where: str) -> Prompt:
 
 
 def load_prompts_file(path, tokenizer, bos: int) -> list:
-    """JSONL: one object per line, {"ids": [...]}, {"text": "..."} or {"length": N, "seed": S};
+    """JSONL: one object per line, {"ids": [...]}, {"text": "..."}, {"heldout": OFFSET, "length": N}
+    (BOS + N-1 tokens of the held-out text from that character offset) or {"length": N, "seed": S};
     optional "batch" (prompts with the same value run packed together) and "name". Blank lines
     and lines starting with # are skipped."""
     p = Path(path)
@@ -209,9 +244,10 @@ def build(checkpoint=None, config=None, runtime_file=None, overrides=None, seed:
     import backends
     from v4 import weights as W
     from v4.model import Transformer
-    from v4.runtime import DTYPES, random_weights, resolve
+    from v4.runtime import DTYPES, default_checkpoint, random_weights, resolve
     from v4.tokenizer import load_tokenizer
 
+    checkpoint = default_checkpoint(checkpoint, config)  # no model named: the shipped tiny-v4, as the CLI
     cfg, rt = resolve(checkpoint, config, runtime_file, overrides)
     if rt.tensor_parallel_size * rt.data_parallel_size > 1:
         return _build_ranks(checkpoint, config, runtime_file, overrides, seed, cfg, rt)

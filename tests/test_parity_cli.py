@@ -136,17 +136,21 @@ def test_damaged_safetensors_with_a_matching_digest(bundles, capsys, tmp_path):
 
 
 def test_different_weights_or_prompts_are_not_comparable(bundles, capsys, tmp_path):
-    assert main(["parity", "record", "--backend", "reference", "--suite", "smoke", "--seed-weights", "1",
-                 "--out", str(tmp_path / "seed1")]) == 0
+    # seeded random weights need --config (the default model is a checkpoint: its weights are fixed)
+    for seed in ("0", "1"):
+        assert main(["parity", "record", "--backend", "reference", "--suite", "smoke", "--config", "tiny",
+                     "--seed-weights", seed, "--out", str(tmp_path / f"seed{seed}")]) == 0
     capsys.readouterr()
-    line = _one_line_exit_2(*run(capsys, "compare", str(bundles / "fp64"), str(tmp_path / "seed1")))
+    line = _one_line_exit_2(*run(capsys, "compare", str(tmp_path / "seed0"), str(tmp_path / "seed1")))
     assert "not comparable" in line and "different weights" in line
+    line = _one_line_exit_2(*run(capsys, "compare", str(bundles / "fp64"), str(tmp_path / "seed0")))
+    assert "not comparable" in line  # the trained default against random tiny
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"ids": [0, 5, 6, 7]}\n{"text": "Hello, V4"}\n{"ids": [0, 9]}\n')
     assert main(["parity", "record", "--backend", "reference", "--config", "tiny", "--prompts", str(prompts),
                  "--out", str(tmp_path / "other")]) == 0
     capsys.readouterr()
-    line = _one_line_exit_2(*run(capsys, "compare", str(bundles / "fp64"), str(tmp_path / "other")))
+    line = _one_line_exit_2(*run(capsys, "compare", str(tmp_path / "seed0"), str(tmp_path / "other")))
     assert "not comparable" in line and "prompt 0 has different input ids" in line
     assert main(["parity", "record", "--backend", "reference", "--config", "small", "--prompts", str(prompts), "--layers", "none",
                  "--greedy", "1", "--out", str(tmp_path / "small")]) == 0
@@ -167,20 +171,36 @@ def test_prompts_file_errors_are_one_sentence(capsys, tmp_path):
 
 
 def test_batched_recording_equals_recording_alone(capsys, tmp_path):
-    """The boundaries suite packs mixed-length batches in one step; alone, each prompt runs by itself."""
+    """The boundaries suite packs mixed-length batches in one step; alone, each prompt runs by itself
+    (on the default model, the trained tiny-v4)."""
     assert main(["parity", "record", "--backend", "reference", "--suite", "boundaries", "--out", str(tmp_path / "batched")]) == 0
     assert main(["parity", "record", "--backend", "reference", "--suite", "boundaries", "--no-batch",
                  "--out", str(tmp_path / "alone")]) == 0
     capsys.readouterr()
     a = BD.read(tmp_path / "batched")
     assert {p["batch"] for p in a.meta["prompts"]} == {None, "mixed-1", "mixed-2"}
-    assert sorted({p["tokens"] for p in a.meta["prompts"]}) == [1, 3, 4, 5, 15, 16, 17, 127, 128, 129]
+    assert sorted({p["tokens"] for p in a.meta["prompts"]}) == [1, 3, 4, 5, 15, 16, 17, 31, 32, 33, 127, 128, 129]
+    assert a.meta["weights"]["source"] == "checkpoint" and a.meta["model"]["config"]["sliding_window"] == 32
     code, out, _ = run(capsys, "compare", str(tmp_path / "alone"), str(tmp_path / "batched"))
     assert code == 0, out
     assert "all hook points agree" in out
 
 
-def test_run_on_the_tiny_default(capsys, tmp_path):
+def test_run_on_the_default_model(capsys):
+    """`dsv4 parity run` with no arguments: the smoke suite on the shipped trained tiny-v4, whose
+    peaked distributions leave bf16 no argmax flip on these prompts."""
+    code, out, err = run(capsys, "run", "--threads", "1")
+    assert code == 0, out
+    assert "using the trained tiny-v4" in err and "model tiny-v4, 3 prompts" in out
+    summary = out[out.index("summary"):].splitlines()
+    assert any("reference/float32/plain" in l and "PASS" in l and "profile fp32" in l for l in summary)
+    assert any("reference/bfloat16/plain" in l and "PASS" in l and "profile bf16" in l for l in summary)
+    bf16 = out[out.index("B: reference/bfloat16"):]
+    logits = next(l for l in bf16.splitlines() if l.startswith("logits"))
+    assert "top1 1.0000" in logits
+
+
+def test_run_on_random_tiny(capsys, tmp_path):
     code, out, _ = run(capsys, "run", "--config", "tiny", "--report", str(tmp_path / "rep"), "--out", str(tmp_path / "b"))
     assert code == 0, out
     summary = out[out.index("summary"):].splitlines()

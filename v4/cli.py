@@ -11,20 +11,23 @@ import time
 from .errors import DSV4Error, InputError
 
 USAGE_EXAMPLES = """examples:
-  dsv4 generate --config tiny --prompt "Hello" --max-new-tokens 16
+  dsv4 generate --prompt "def main(" --max-new-tokens 16     # the shipped trained tiny-v4 (the default model)
+  dsv4 generate --config tiny --prompt "Hello" --max-new-tokens 16   # random weights
   dsv4 init --config tiny --out /tmp/tiny-ckpt --quant fp8
   dsv4 info --config v4-flash
   dsv4 backends
-  dsv4 serve --config tiny --port 8000
+  dsv4 serve --port 8000                              # tiny-v4; --config tiny for random weights
   dsv4 serve --config tiny -tp 2 --enable-expert-parallel
   dsv4 plan --deploy a3-flash-w8a8-dp4-tp4-ep --context 1M
 """
 
 
-def _add_model_args(p, need_model=True):
-    g = p.add_mutually_exclusive_group(required=need_model)
-    g.add_argument("--checkpoint", help="checkpoint directory (config.json + *.safetensors)")
-    g.add_argument("--config", help="model config: tiny, small, v4-flash, v4-pro, or a YAML / config.json path")
+def _add_model_args(p):
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--checkpoint", help="checkpoint directory (config.json + *.safetensors); default, when neither "
+                   "--checkpoint nor --config is given: the trained tiny-v4 shipped in the package (v4/embedded/tiny-v4)")
+    g.add_argument("--config", help="model config with seeded random weights: tiny, small, v4-flash, v4-pro, tiny-v4 "
+                   "(the trained model's architecture, random weights), or a YAML / config.json path")
     p.add_argument("--runtime", help="runtime YAML (configs/cpu.yaml, ...); overrides the model file's runtime section")
     p.add_argument("--backend", choices=["auto", "reference", "cuda", "ascend"], help="overrides runtime.backend (DSV4_BACKEND overrides this)")
     p.add_argument("--device", help="torch device, e.g. cpu, cuda:0")
@@ -35,7 +38,26 @@ def _add_model_args(p, need_model=True):
     p.add_argument("--cuda-graphs", choices=["auto", "on", "off"],
                    help="overrides runtime.cuda_graphs: decode as captured CUDA graphs (auto: on for the cuda backend on a GPU; "
                         "on without a GPU runs the captured path's checks eagerly)")
-    p.add_argument("--seed-weights", type=int, default=0, help="seed of the random weights used with --config (default 0)")
+    p.add_argument("--seed-weights", type=int, default=None,
+                   help="seed of the random weights used with --config (default 0); a checkpoint's weights are fixed")
+    p.set_defaults(pick_model=True)
+
+
+def pick_model(a) -> None:
+    """Neither --checkpoint nor --config: the shipped trained tiny-v4 checkpoint, said on stderr
+    (one line) so nobody mistakes it for random weights or the reverse."""
+    from .runtime import DEFAULT_CHECKPOINT, DEFAULT_MODEL_NOTE
+
+    if a.seed_weights is not None and a.config is None:
+        raise InputError("--seed-weights applies to --config (seeded random weights) only; a checkpoint's weights "
+                         "are fixed: drop it or add --config NAME")
+    if a.seed_weights is None:
+        a.seed_weights = 0
+    if a.checkpoint is None and a.config is None:
+        a.checkpoint = str(DEFAULT_CHECKPOINT)
+        if hasattr(a, "served_model_name") and a.served_model_name is None:
+            a.served_model_name = DEFAULT_CHECKPOINT.name  # clients send "tiny-v4", not a path inside site-packages
+        print(f"dsv4: {DEFAULT_MODEL_NOTE}", file=sys.stderr)
 
 
 def _add_engine_args(p):
@@ -290,6 +312,8 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
     try:
+        if getattr(a, "pick_model", False):
+            pick_model(a)
         return a.fn(a)
     except DSV4Error as e:
         print(f"dsv4: error: {e}", file=sys.stderr)

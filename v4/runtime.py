@@ -15,6 +15,13 @@ from .tokenizer import load_tokenizer
 
 log = logging.getLogger("dsv4")
 
+# The model every command uses when given neither --checkpoint nor --config: the trained tiny V4
+# shipped inside the package (found from the package, not the working directory, so an installed
+# dsv4 finds it too). Random-weight models stay one flag away: --config tiny.
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "embedded" / "tiny-v4"
+DEFAULT_MODEL_NOTE = (f"no --checkpoint or --config: using the trained tiny-v4 ({DEFAULT_CHECKPOINT}); "
+                      "--config tiny for seeded random weights")
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -29,9 +36,9 @@ class Loaded:
 
 def resolve(checkpoint: str | None, config: str | None, runtime_file: str | None = None,
             overrides: dict | None = None) -> tuple[ModelConfig, RuntimeConfig]:
-    """Model config from the checkpoint or --config; runtime from the YAMLs, then CLI, then env."""
-    if checkpoint is None and config is None:
-        raise ConfigError("give --checkpoint DIR or --config NAME|FILE (e.g. --config tiny)")
+    """Model config from the checkpoint or --config (neither: the shipped tiny-v4 checkpoint);
+    runtime from the YAMLs, then CLI, then env."""
+    checkpoint = default_checkpoint(checkpoint, config)
     cfg, rt = None, {}
     if config is not None:
         cfg, rt = load_config_file(config)
@@ -54,6 +61,7 @@ def load(checkpoint: str | None = None, config: str | None = None, runtime_file:
     import backends
     from . import weights as W
 
+    checkpoint = default_checkpoint(checkpoint, config)
     cfg, rt = resolve(checkpoint, config, runtime_file, overrides)
     ops = backends.get_ops(rt.backend, rt.device, rt.allow_fallback, rt.mode, rt.dtype, rt.backend_options())
     if checkpoint is not None:
@@ -63,6 +71,14 @@ def load(checkpoint: str | None = None, config: str | None = None, runtime_file:
         tensors = random_weights(cfg, seed)
     model = Transformer(cfg, tensors, ops, DTYPES[rt.dtype], rt.mode)
     return Loaded(model, cfg, rt, load_tokenizer(cfg, checkpoint), checkpoint)
+
+
+def default_checkpoint(checkpoint: str | None, config: str | None) -> str | None:
+    """The checkpoint to load: the given one; the shipped tiny-v4 when no model is named at all;
+    None with --config alone (seeded random weights)."""
+    if checkpoint is None and config is None:
+        return str(DEFAULT_CHECKPOINT)
+    return checkpoint
 
 
 def random_weights(cfg: ModelConfig, seed: int = 0) -> dict:
