@@ -18,19 +18,23 @@ Checks per kind of hook:
 - greedy: the continuations agree, or first diverge at a near tie: each side's token among the
   other's top-`greedy_topk` logits at that step (vLLM's rule). greedy_topk = 0: must match exactly.
 
-How the numbers were calibrated: `python -m parity.calibrate --small --long` (reference backend
-on CPU, seeded random weights; B recorded in the profile's dtype / mode, A in float64 of the same
-mode; pooled metrics with masking, as the verdict uses them) over weight seeds 0-4 x the `smoke`
-and `boundaries` suites on `tiny`, plus `small` on one 128-token prompt and `tiny` on one
-4000-token prompt. Each allowance is the worst value seen times a margin: x10 for fp32 (where
-errors are rounding-level and a margin costs no sensitivity), x4 for bf16 / fp16 error-type
-metrics, x2 for the bounded ones (1 - top-1, 1 - overlap) and for exact mode. The measured worst
-cases are listed next to each profile. Every perturbation of tests/test_parity_perturbed.py
-fails the fp32 profile by orders of magnitude.
+How the numbers were calibrated: `python -m parity.calibrate --small --long` (the shipped trained
+tiny-v4 checkpoint: the `smoke` and `boundaries` suites, held-out text, plus one 4000-token held-out
+prompt, and `small` with random weights on one 128-token prompt; 3 min 50 s on 2 busy CPU cores) and
+`python -m parity.calibrate --config tiny` (seeded random weights, seeds 0-4 x the same suites; 3 min
+50 s): reference backend on CPU, B recorded in the profile's dtype / mode, A in float64 of the same
+mode, pooled metrics with masking, as the verdict uses them. Each allowance is the worst value seen
+over all of these times a margin: x10 for fp32 (where errors are rounding-level and a margin costs no
+sensitivity), x4 for bf16 / fp16 error-type metrics, x2 for the bounded ones (1 - top-1, 1 - overlap)
+and for exact mode; an allowance is only ever tightened by a re-calibration, never loosened. The
+measured worst cases are listed next to each profile. Every perturbation of
+tests/test_parity_perturbed.py fails the fp32 profile by orders of magnitude.
 
 Random weights are the pessimistic case for the bf16 and exact profiles: their logits are flat
 (top-1 / top-2 gaps far smaller than a trained model's), so argmax flips that a real checkpoint
-would not see are common. With a real checkpoint, re-measure (record float64 and the dtype, then
+would not see are common, and they still set most allowances, because `--config tiny` / `small`
+must keep passing. The trained tiny-v4 alone is 1-2 orders of magnitude tighter (noted as
+"tiny-v4:" below): with a real checkpoint, re-measure (record float64 and the dtype, then
 `dsv4 parity compare`) and pass a tighter profile; or measure the device's noise floor.
 """
 
@@ -101,15 +105,20 @@ PROFILES = {
         logits_cos_min=1 - 1e-10, logits_nmax_max=2e-5, kl_max=1e-8, top1_min=0.999, topk_min=0.999,
         index_mean_min=1.0, index_row_min=1.0, tie_rtol=1e-4, greedy_topk=2,
     ),
-    # bfloat16 vs float64 (8 mantissa bits). Worst: hooks 1-cos 4.9e-3, nmax 0.36, share<0.1%
-    # 0.010, share<0.5% 0.052; logits 1-cos 0.0125, nmax 0.59, KL 0.0125, top-1 0.867 and
-    # top-5 0.867 (small; tiny: 0.896 / 0.940); overlap 0.955, worst row 0.5; greedy: 2 of 19
-    # prompts diverged off a near tie. RE < 0.1% is below bf16's resolution: not judged.
+    # bfloat16 vs float64 (8 mantissa bits). Worst over random weights (tiny seeds 0-4, small):
+    # hooks 1-cos 4.1e-3 (small; tiny 1.3e-3), nmax 0.34, share<0.5% 0.072; logits 1-cos 0.015,
+    # nmax 0.75, KL 0.015, top-1 0.82 and top-5 0.86 (small; tiny: 0.925 / 0.952); overlap 0.969,
+    # worst row 0.5; greedy: 1 of 24 prompts diverged off a near tie. tiny-v4 (held-out text):
+    # hooks 1-cos 6.5e-5, nmax 0.084; logits 1-cos 1.2e-4, nmax 0.10, KL 2.5e-4, top-1 0.997,
+    # top-5 0.991; overlap 0.998, worst row 0.5 (0 once, an indexer row at 4000 tokens: judged
+    # pooled, below the allowance only there); greedy never diverged. Tightened from cos 0.98,
+    # nmax 1.5, overlap 0.9 (the earlier random-weight calibration); the other allowances stay, as
+    # random `small` needs them. RE < 0.1% is below bf16's resolution: not judged.
     "bf16": Profile(
         "bf16", "bfloat16 vs a float64 / float32 reference",
-        cos_min=0.98, nmax_max=1.5, share_1e3_min=0.0, share_5e3_min=0.01,
+        cos_min=0.983, nmax_max=1.4, share_1e3_min=0.0, share_5e3_min=0.01,
         logits_cos_min=0.95, logits_nmax_max=2.5, kl_max=0.05, top1_min=0.75, topk_min=0.75,
-        index_mean_min=0.9, index_row_min=0.25, tie_rtol=3e-2, greedy_topk=5, greedy_nonbenign_max=0.25,
+        index_mean_min=0.93, index_row_min=0.25, tie_rtol=3e-2, greedy_topk=5, greedy_nonbenign_max=0.25,
     ),
     # float16 vs float64 (11 mantissa bits). Worst: hooks 1-cos 9.0e-4, nmax 0.31, share<0.1%
     # 0.14, share<0.5% 0.48; logits 1-cos 4.0e-3, nmax 0.60, KL 4.0e-3, top-1 0.970, top-5
@@ -123,16 +132,20 @@ PROFILES = {
     # Exact mode (FP8 activations and KV, FP4 indexer) vs exact mode in float64. Chaotic: a
     # 1-ulp input difference flips an FP8 rounding (a 6% step), that difference flips more
     # roundings downstream, and runs end up one FP8 noise level apart. Even float32-exact vs
-    # float64-exact reaches logits top-1 0.70 on `small`. Worst (bf16 exact): hooks 1-cos 0.068,
-    # nmax 0.51, share<0.5% 0.0096; logits 1-cos 0.068, nmax 0.77, KL 0.068, top-1 0.48, top-5
-    # 0.56; overlap 0.70, worst row 0; greedy: 4 of 19 prompts off a near tie. Statistical: top-1
-    # is reported, not judged; cosine, KL and overlap carry the verdict. For a sharper verdict,
-    # judge a device against the reference in the same dtype (`--floor`).
+    # float64-exact reaches logits top-1 0.72 on random `small`. Worst (bf16 exact, random small):
+    # hooks 1-cos 0.070, nmax 0.46, share<0.5% 0.0091; logits 1-cos 0.069, nmax 0.76, KL 0.069,
+    # top-1 0.48, top-5 0.55; overlap 0.896 (random tiny), worst row 0.125 (tiny-v4); greedy: 7 of
+    # 24 prompts off a near tie (random tiny). tiny-v4 with its FP8/FP4 weights (bf16 exact):
+    # hooks 1-cos 1.9e-3, nmax 0.13; logits 1-cos 4.9e-3, KL 4.8e-3, top-1 0.953, top-5 0.947;
+    # overlap 0.903; greedy: 3 of 24 diverged, all at near ties. Tightened from cos 0.85, nmax 1.0,
+    # KL 0.15, overlap 0.4. Statistical: top-1 is reported, not judged; cosine, KL and overlap
+    # carry the verdict. For a sharper verdict, judge a device against the reference in the same
+    # dtype (`--floor`).
     "fp8-exact": Profile(
         "fp8-exact", "exact mode (FP8/FP4 fake quantisation) vs exact mode in float64; statistical",
-        cos_min=0.85, nmax_max=1.0, share_1e3_min=0.0, share_5e3_min=0.0,
-        logits_cos_min=0.85, logits_nmax_max=1.5, kl_max=0.15, top1_min=0.0, topk_min=0.0,
-        index_mean_min=0.4, index_row_min=0.0, tie_rtol=5e-2, greedy_topk=5, greedy_nonbenign_max=0.5,
+        cos_min=0.86, nmax_max=0.95, share_1e3_min=0.0, share_5e3_min=0.0,
+        logits_cos_min=0.86, logits_nmax_max=1.5, kl_max=0.14, top1_min=0.0, topk_min=0.0,
+        index_mean_min=0.79, index_row_min=0.0, tie_rtol=5e-2, greedy_topk=5, greedy_nonbenign_max=0.5,
     ),
     # MindStudio Probe's verdict (spec/ascend.md §5.1) on tensors and logits: fail when
     # cos < 0.99 and max abs err > 0.001, or cos < 0.9, or max abs err > 1. Logits' KL / top-k,
