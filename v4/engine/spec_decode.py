@@ -98,12 +98,12 @@ class MTPDrafter:
                 end = offsets[-1] + s.num_tokens
                 rows.extend(range(end - s.num_drafts - 1, end))
             offsets.append(offsets[-1] + s.num_tokens)
-        which = "all" if logits_mode == "all" else torch.tensor(rows, dtype=torch.long, device=self.model.device)
+        which = "all" if logits_mode == "all" else "none" if not rows else torch.tensor(rows, device=self.model.device)
         try:
             logits, self._X = self.runner.run_trunk(step, which)
         finally:
             inputs, self.model.compress_inputs = self.model.compress_inputs, None
-        picked = logits[rows] if logits_mode == "all" else logits
+        picked = logits[rows] if logits_mode == "all" and rows else logits
         verified, kept, rejected, at = {}, [], [], 0
         for b, s in enumerate(step):
             if not s.samples:
