@@ -82,6 +82,8 @@ def add_parser(sub) -> None:
                    "each step's expert exchange")
     d.add_argument("--enable-expert-parallel", action="store_true", default=None)
     d.add_argument("--moe-comm", choices=["alltoall", "allgather"])
+    r.add_argument("--speculative-config", help="decode the greedy continuation with MTP speculative decoding, e.g. "
+                   "'{\"method\": \"mtp\", \"num_speculative_tokens\": 2}' (recorded in the bundle's options)")
     r.set_defaults(fn=cmd_record)
 
     c = ps.add_parser("compare", help="score bundle B against bundle A")
@@ -164,6 +166,18 @@ def _choose_model(a) -> None:
         a.seed_weights = 0
 
 
+def _speculative(a, built):
+    """--speculative-config, checked before anything is recorded (parity record only)."""
+    from v4.config import SpeculativeConfig
+
+    value = getattr(a, "speculative_config", None)
+    if SpeculativeConfig.parse(value, "parity record") is None:
+        return None
+    if built.runtime.tensor_parallel_size * built.runtime.data_parallel_size > 1:
+        raise InputError("--speculative-config runs on one device for now; drop it or -tp / -dp")
+    return value
+
+
 def _plan(a, backend: str, dtype: str | None, mode: str | None):
     """(built model, prompts, options, suite name, prompts file) from the CLI arguments (after _choose_model)."""
     from . import record as R
@@ -187,6 +201,7 @@ def _plan(a, backend: str, dtype: str | None, mode: str | None):
         batching=not a.no_batch,
         block_size=built.runtime.block_size,
         cuda_graphs=built.runtime.cuda_graphs,
+        speculative_config=_speculative(a, built),
     )
     bos = built.cfg.bos_token_id
     prompts = R.suite_prompts(suite, built.tokenizer, bos) if suite else R.load_prompts_file(a.prompts, built.tokenizer, bos)

@@ -17,6 +17,8 @@ up to the rounding of differently shaped matmuls.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import platform
@@ -62,6 +64,7 @@ class Options:
     batching: bool = True  # False: every prompt alone, ignoring batch groups
     block_size: int = 64
     cuda_graphs: str = "off"  # greedy continuation as captured graphs: runtime.cuda_graphs (auto | on | off)
+    speculative_config: str | dict | None = None  # greedy continuation with MTP speculative decoding (runtime field)
 
     def validate(self):
         if self.greedy_tokens < 0:
@@ -389,7 +392,8 @@ def _record_group(model, prompts, group, opts, keep_layers, last_k, N, tensors, 
     # the greedy continuation decodes the way this runtime serves: captured graphs when it would
     graphs = "on" if N > 1 and decode_mode(opts, model) != "off" else "off"
     rt = RuntimeConfig(max_num_seqs=len(group), max_num_batched_tokens=sum(lens), max_model_len=max(lens) + N + 2,
-                       block_size=opts.block_size, prefill_chunk=opts.prefill_chunk)
+                       block_size=opts.block_size, prefill_chunk=opts.prefill_chunk,
+                       speculative_config=opts.speculative_config)
     if ranks is None:
         llm = LLM(model, rt, graphs=graphs, buckets=[len(group)], logits="all")
     else:
@@ -430,7 +434,9 @@ def _record_group(model, prompts, group, opts, keep_layers, last_k, N, tensors, 
             r = rid[out.request_id]
             j = rows.index(r)
             g_ids[r] += out.new_token_ids
-            g_logits[r].append(rec.logits[rec.offsets[j] + step_lens[j] - 1].to("cpu", torch.float32))
+            # a verified speculative step emits one token per row from its first verified row on
+            first = rec.offsets[j] + step_lens[j] - 1 - rec.drafts[j]
+            g_logits[r] += [rec.logits[first + i].to("cpu", torch.float32) for i in range(len(out.new_token_ids))]
         if all(running[i].num_computed >= lens[r] for i, r in rid.items()):
             model.hook = None  # every prompt is in: the greedy continuation records no hooks
     for r, i in enumerate(group):
@@ -477,6 +483,14 @@ def record_bundle(built: Built, prompts: list, opts: Options | None = None, suit
     return BD.Bundle("(memory)", meta, tensors)
 
 
+def _spec_meta(opts: Options) -> dict | None:
+    """How the greedy continuation decoded speculatively (None: one token per step)."""
+    from v4.config import SpeculativeConfig
+
+    spec = SpeculativeConfig.parse(opts.speculative_config, "parity record")
+    return None if spec is None else dataclasses.asdict(spec)
+
+
 def _device_label(model) -> str:
     name = device_name(model.device)
     if getattr(model.ops, "emulated", False):  # say it wherever the device is named: not a real NPU
@@ -506,7 +520,8 @@ def make_meta(built: Built, prompts: list, opts: Options, info: dict, suite: str
         "prompts_file": prompts_file,
         "options": {"greedy_tokens": opts.greedy_tokens, "layers": opts.layers, "logits": opts.logits,
                     "prefill_chunk": opts.prefill_chunk, "batching": opts.batching, "block_size": opts.block_size,
-                    "decode": DECODE_LABEL[decode_mode(opts, m)]},
+                    "decode": DECODE_LABEL[decode_mode(opts, m)] if not opts.speculative_config else "eager",
+                    "speculative_config": _spec_meta(opts)},
         "greedy_tokens": opts.greedy_tokens,
         "prompts": [{"index": i, "tokens": len(p.ids), "name": p.name, "text": p.text, "batch": p.batch if opts.batching else None}
                     for i, p in enumerate(prompts)],

@@ -356,3 +356,38 @@ def test_model_without_mtp_is_refused(random_tiny):
 
     with pytest.raises(ConfigError, match="no MTP block"):
         MTPDrafter(model, None, None, SpeculativeConfig())
+
+
+# ---------------------------------------------------------------------------- the server
+def test_server_with_speculative_decoding_answers_as_without_and_counts_drafts(trained):
+    """A real `dsv4 serve --speculative-config` on 127.0.0.1: the openai client's greedy completion
+    (plain and streamed) equals the engine's without speculation; /metrics carries vLLM's
+    spec_decode counters, consistent with each other."""
+    import re
+
+    import httpx
+    import openai
+
+    from tests.serve_util import metric, server_process
+
+    prompt = "def main("
+    want = engine(trained, None).generate([trained.tokenizer.encode(prompt)],
+                                          SamplingParams(max_tokens=24, ignore_eos=True))[0].text
+    spec = json.dumps({"method": "mtp", "num_speculative_tokens": 2})
+    with server_process("--dtype", "float64", "--speculative-config", spec, "--max-num-seqs", "2") as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", timeout=60, max_retries=0)
+        got = client.completions.create(model="tiny-v4", prompt=prompt, max_tokens=24, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert got.choices[0].text == want
+        chunks = client.completions.create(model="tiny-v4", prompt=prompt, max_tokens=24, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        assert "".join(c.choices[0].text for c in chunks) == want
+        text = httpx.get(srv.url + "/metrics", timeout=30).text
+    drafts = metric(text, "vllm:spec_decode_num_drafts_total")
+    draft_tokens = metric(text, "vllm:spec_decode_num_draft_tokens_total")
+    accepted = metric(text, "vllm:spec_decode_num_accepted_tokens_total")
+    per_pos = [float(v) for v in re.findall(r'^vllm:spec_decode_num_accepted_tokens_per_pos_total\{[^}]*\} (\S+)', text, re.M)]
+    assert 0 < drafts <= draft_tokens <= 2 * drafts
+    assert 0 < accepted <= draft_tokens and sum(per_pos) == accepted and len(per_pos) == 2
+    # every verification emits its accepted drafts plus one token: 2 x 24 tokens, less the two first tokens
+    assert drafts + accepted <= 2 * 23

@@ -67,6 +67,8 @@ def _add_engine_args(p):
     g.add_argument("--max-model-len", type=int, help="overrides runtime.max_model_len: prompt + generated tokens of one request")
     g.add_argument("--kv-cache-memory", help="overrides runtime.kv_cache_memory: the cache's byte budget, e.g. 2GiB")
     g.add_argument("--block-size", type=int, help="overrides runtime.block_size: entries per page of the compressed pools")
+    g.add_argument("--speculative-config", help="overrides runtime.speculative_config: MTP speculative decoding, "
+                   "e.g. '{\"method\": \"mtp\", \"num_speculative_tokens\": 2}' (k from 1 to 3; README \"Speculative decoding\")")
     d = p.add_argument_group("multi-device (README \"Multi-device\"; ranks = TP x DP, one process per device)")
     d.add_argument("-tp", "--tensor-parallel-size", type=int, help="overrides runtime.tensor_parallel_size: query heads, "
                    "wo_a groups, vocab (and experts' intermediate dim without EP) split over this many ranks")
@@ -82,7 +84,7 @@ def _add_engine_args(p):
 def _overrides(a):
     keys = ("backend", "device", "dtype", "mode", "ascend_weights", "cuda_graphs", "max_num_seqs",
             "max_num_batched_tokens", "max_model_len", "kv_cache_memory", "block_size", "tensor_parallel_size",
-            "data_parallel_size", "enable_expert_parallel", "moe_comm", "dist_timeout_s")
+            "data_parallel_size", "enable_expert_parallel", "moe_comm", "dist_timeout_s", "speculative_config")
     return {k: getattr(a, k, None) for k in keys}
 
 
@@ -135,6 +137,7 @@ def cmd_generate(a) -> int:
                 "prompt_ids": ids, "generated_ids": res.output_ids, "text": res.text, "finish_reason": res.finish_reason,
                 "logprobs": [dataclasses.asdict(x) for x in res.logprobs] if res.logprobs is not None else None,
                 "timings": {"load_s": load_s, "run_s": run_s, **t},
+                "speculative": _spec_summary(llm),
             }))
         else:
             print(res.text)
@@ -146,7 +149,23 @@ def cmd_generate(a) -> int:
               f"{sum(map(len, prompts))} prompt tokens, {n_out} generated ({reasons}); load {load_s:.2f}s, "
               f"prefill {t['prefill_s']:.3f}s, decode {t['decode_tok_per_s'] or 0:.1f} tok/s, "
               f"{t['num_preemptions']} preemptions]", file=sys.stderr)
+        spec = _spec_summary(llm)
+        if spec is not None:
+            print(f"[speculative: k={spec['num_speculative_tokens']}, {spec['num_drafts']} verifications, mean acceptance "
+                  f"length {spec['mean_acceptance_length'] or 0:.2f}, acceptance per position "
+                  f"{', '.join(f'{x:.2f}' for x in spec['acceptance_rate_per_pos'])}]", file=sys.stderr)
     return 0
+
+
+def _spec_summary(llm) -> dict | None:
+    """Speculative decoding's counters (vLLM's spec_decode metrics) for one run, or None when off."""
+    drafter = getattr(llm, "drafter", None)
+    if drafter is None:
+        return None
+    st = drafter.stats
+    return {"num_speculative_tokens": drafter.k, "num_drafts": st.num_drafts, "num_draft_tokens": st.num_draft_tokens,
+            "num_accepted_tokens": st.num_accepted_tokens, "accepted_per_pos": list(st.accepted_per_pos),
+            "mean_acceptance_length": st.mean_acceptance_length(), "acceptance_rate_per_pos": st.acceptance_rate_per_pos()}
 
 
 def _start_ranks(a, progress: bool = True):

@@ -360,7 +360,9 @@ class RuntimeConfig:
             self.kv_cache_bytes
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
-        SpeculativeConfig.parse(self.speculative_config, source)
+        if SpeculativeConfig.parse(self.speculative_config, source) and self.tensor_parallel_size * self.data_parallel_size > 1:
+            raise ConfigError(f"{source}: field 'runtime.speculative_config': speculative decoding runs on one device "
+                              "for now; drop --speculative-config or run with -tp 1 -dp 1")
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "runtime") -> "RuntimeConfig":

@@ -70,6 +70,7 @@ class StepRecord:
     scheduled: list[tuple[int, int, int]]
     logits: torch.Tensor
     offsets: list[int] = field(default_factory=list)  # batch row of each scheduled sequence's first token
+    drafts: list[int] = field(default_factory=list)  # speculative drafts among each sequence's tokens
 
 
 class LLM:
@@ -99,7 +100,7 @@ class LLM:
         spec = rt.speculative
         if spec is None:
             return None
-        if rt.tensor_parallel_size * rt.data_parallel_size > 1:
+        if rt.tensor_parallel_size * rt.data_parallel_size > 1 or type(self.runner) is not ModelRunner:
             raise ConfigError("runtime.speculative_config: speculative decoding runs on one device for now; "
                               "drop --speculative-config or run with -tp 1 -dp 1")
         return MTPDrafter(self.model, self.runner, self.sampler, spec)
@@ -194,7 +195,8 @@ class LLM:
             logits, verified = self._run(step)
             kept = [s.num_tokens for s in step]
         offsets = self.runner.last_batch.offsets[:-1] if self.runner.last_batch is not None else list(range(len(step)))
-        self.last_step = StepRecord([(s.seq.id, s.start, s.num_tokens) for s in step], logits, offsets)
+        self.last_step = StepRecord([(s.seq.id, s.start, s.num_tokens) for s in step], logits, offsets,
+                                    [s.num_drafts for s in step])
         for s, n in zip(step, kept):
             s.seq.num_computed = self.runner.cache.seq_len[s.seq.slot] = s.start + n
         for b, v in verified.items():

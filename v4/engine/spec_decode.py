@@ -163,9 +163,13 @@ class MTPDrafter:
         next_ids = torch.tensor([t for b, s in live for t in s.seq.token_ids(s.start + 1, kept[b])])
         drafting = [i for i, (_, s) in enumerate(live) if s.seq.num_uncomputed == 1 and self._room(s.seq) > 0]
         which = batch.last_token[drafting] if drafting else "none"
-        logits, X1 = self.model.mtp_block(X[rows], next_ids, batch, self.cache, which)
-        if drafting:
-            self._draft([live[i][1].seq for i in drafting], logits, X1[batch.last_token[drafting]])
+        hook, self.model.hook = self.model.hook, None  # parity hooks record the main stack only
+        try:
+            logits, X1 = self.model.mtp_block(X[rows], next_ids, batch, self.cache, which)
+            if drafting:
+                self._draft([live[i][1].seq for i in drafting], logits, X1[batch.last_token[drafting]])
+        finally:
+            self.model.hook = hook
 
     def _room(self, seq: Sequence) -> int:
         """Drafts worth making: k, but none past max_tokens (a step emits at most drafts + 1 tokens)."""

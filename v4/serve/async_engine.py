@@ -106,6 +106,11 @@ class EngineSnapshot:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     num_preemptions: int = 0
+    # speculative decoding (zeros when it is off): v4.engine.spec_decode.SpecStats
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: tuple = ()
 
 
 class AsyncEngine:
@@ -229,6 +234,11 @@ class AsyncEngine:
         s.kv_cache_usage = llm.kv_cache_usage()
         s.prompt_tokens, s.generation_tokens = llm.stats.prompt_tokens, llm.stats.generation_tokens
         s.num_preemptions = llm.stats.num_preemptions
+        drafter = getattr(llm, "drafter", None)
+        if drafter is not None:
+            st = drafter.stats
+            s.spec_num_drafts, s.spec_num_draft_tokens = st.num_drafts, st.num_draft_tokens
+            s.spec_num_accepted_tokens, s.spec_accepted_per_pos = st.num_accepted_tokens, tuple(st.accepted_per_pos)
 
     def _fail_all(self, error: BaseException) -> None:
         streams, self._streams = list(self._streams.values()), {}

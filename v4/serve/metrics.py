@@ -50,6 +50,12 @@ class ServerMetrics:
         self.e2e = hist("vllm:e2e_request_latency_seconds", "Request latency, arrival to last token.", REQUEST_BUCKETS)
         self.queue = hist("vllm:request_queue_time_seconds", "Time from engine arrival to first scheduled.",
                           REQUEST_BUCKETS)
+        self.spec_drafts = counter("vllm:spec_decode_num_drafts", "Speculative verifications (one per sequence and step).")
+        self.spec_draft_tokens = counter("vllm:spec_decode_num_draft_tokens", "Draft tokens proposed and verified.")
+        self.spec_accepted = counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self._spec_per_pos = Counter("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                     "Draft tokens accepted, by position in the draft (0 = first).",
+                                     labels + ["position"], registry=r)
         self._seen = EngineSnapshot()
 
     def on_step(self, snap: EngineSnapshot, _outputs=None) -> None:
@@ -58,11 +64,19 @@ class ServerMetrics:
         self.waiting.set(snap.waiting)
         self.kv_usage.set(snap.kv_cache_usage)
         for counter, field in ((self.prompt_tokens, "prompt_tokens"), (self.generation_tokens, "generation_tokens"),
-                               (self.preemptions, "num_preemptions")):
+                               (self.preemptions, "num_preemptions"), (self.spec_drafts, "spec_num_drafts"),
+                               (self.spec_draft_tokens, "spec_num_draft_tokens"),
+                               (self.spec_accepted, "spec_num_accepted_tokens")):
             delta = getattr(snap, field) - getattr(self._seen, field)
             if delta > 0:
                 counter.inc(delta)
             setattr(self._seen, field, getattr(snap, field))
+        seen = self._seen.spec_accepted_per_pos
+        for pos, n in enumerate(snap.spec_accepted_per_pos):
+            delta = n - (seen[pos] if pos < len(seen) else 0)
+            if delta > 0:
+                self._spec_per_pos.labels(*self._values, str(pos)).inc(delta)
+        self._seen.spec_accepted_per_pos = snap.spec_accepted_per_pos
 
     def finished(self, reason: str) -> None:
         self._success.labels(*self._values, reason).inc()
