@@ -520,7 +520,7 @@ def make_meta(built: Built, prompts: list, opts: Options, info: dict, suite: str
         "prompts_file": prompts_file,
         "options": {"greedy_tokens": opts.greedy_tokens, "layers": opts.layers, "logits": opts.logits,
                     "prefill_chunk": opts.prefill_chunk, "batching": opts.batching, "block_size": opts.block_size,
-                    "decode": DECODE_LABEL[decode_mode(opts, m)] if not opts.speculative_config else "eager",
+                    "decode": DECODE_LABEL[decode_mode(opts, m)],
                     "speculative_config": _spec_meta(opts)},
         "greedy_tokens": opts.greedy_tokens,
         "prompts": [{"index": i, "tokens": len(p.ids), "name": p.name, "text": p.text, "batch": p.batch if opts.batching else None}

@@ -134,6 +134,51 @@ def test_decode_batch_equals_step_batch_on_the_reference_backend(cfg):
             assert torch.allclose(la.state_kv[s], lb.state_kv[torch.tensor(sb)], rtol=0, atol=1e-12)
 
 
+def _live_state_rows(cache, layer: int, n: int) -> list[int]:
+    """State rows a sequence of n tokens still reads: the open window's n mod m tokens (and, for the
+    overlapping CSA compressor, the previous window). A step that closes a window with several new
+    tokens folds them into the entry without writing their rows, so the other rows depend on step shapes."""
+    m = cache.cfg.layer_ratio(layer)
+    cur = m if cache.layers[layer].index_pool is not None else 0
+    return (list(range(m)) if cur and n >= m else []) + [cur + j for j in range(n % m)]
+
+
+def test_verify_batch_equals_step_batch_on_the_reference_backend(cfg):
+    # speculative verification's captured form: q = 3 tokens per sequence in a DecodeBatch (the
+    # compressors take them one token per call) against the same tokens as a StepBatch, fp64
+    m = _model(cfg, "reference", torch.float64)
+    a, b = m.new_cache(4, 64), m.new_cache(4, 64)
+    sa, sb = _prefill(m, a, PROMPTS), _prefill(m, b, PROMPTS)
+    scratch = b.alloc()
+    pos = [len(p) for p in PROMPTS]
+    g = torch.Generator().manual_seed(0)
+    q = 3
+    for step in range(5):
+        order = [2, 0, 1] if step % 2 else [0, 1, 2]
+        ids = torch.randint(3, cfg.vocab_size, (3 * q,), generator=g)
+        want, _ = run_step(m, ids, a, [sa[i] for i in order], [pos[i] for i in order], [q] * 3, "all")
+        for i in order:
+            b.reserve(sb[i], pos[i] + q)
+        b.reserve(scratch, q)
+        slots = torch.tensor([sb[i] for i in order] + [scratch])
+        positions = torch.tensor([pos[i] for i in order] + [0])
+        batch = DecodeBatch(slots, positions, b.max_seq_len, q)
+        got, _ = m.forward(torch.cat([ids, torch.zeros(q, dtype=torch.long)]), batch, b, "all")
+        assert rel_err(got[:3 * q], want) < 1e-12, step
+        for i in order:
+            b.seq_len[sb[i]] = pos[i] + q
+            pos[i] += q
+    for i, (la, lb) in enumerate(zip(a.layers, b.layers)):
+        for x, y, n in zip(sa, sb, pos):
+            assert torch.allclose(la.ring[x], lb.ring[y], rtol=0, atol=1e-12)
+            if la.state_kv is not None:
+                live = _live_state_rows(a, i, n)
+                assert torch.allclose(la.state_kv[x, live], lb.state_kv[y, live], rtol=0, atol=1e-12)
+                assert torch.allclose(la.state_score[x, live], lb.state_score[y, live], rtol=0, atol=1e-12)
+        if la.pool is not None:
+            assert torch.allclose(la.pool, lb.pool, rtol=0, atol=1e-12)  # same block order in both caches
+
+
 def _eager_steps(m, prompts, steps, g_seed=1):
     cache = m.new_cache(len(prompts), 64)
     slots = _prefill(m, cache, prompts)
@@ -214,7 +259,8 @@ def test_two_layouts_give_the_same_ops_and_launches(cuda_model, monkeypatch):
     for ids, pos in (([11, 12], [15, 3]), ([300, 7], [16, 4])):  # second: entries close, the window wraps
         for s, p in zip(slots, pos):
             cache.reserve(s, p + 1)
-        graphs._buf[:, :2] = torch.tensor([ids, slots, pos])
+        graphs._buf[:, :2] = torch.tensor([slots, pos])
+        graphs._ids[:2] = torch.tensor(ids)
         launches.clear()
         with _Trace() as t:
             graphs._forward(2)
@@ -240,6 +286,56 @@ def test_engine_with_graphs_gives_the_tokens_of_the_eager_engine(cuda_model):
     cache = llm.runner.cache
     assert [s for s, u in enumerate(cache.in_use) if u] == [llm.runner.graphs.scratch]  # only the padding slot
     assert llm.kv_cache_usage() == 0.0
+
+
+def test_speculative_engine_with_graphs_gives_the_tokens_of_the_eager_engine(cuda_model):
+    # verification steps (every sequence with k = 2 drafts: 3 tokens each) replay the q = 3 graphs;
+    # random weights reject most drafts, so the rows they wrote are taken back after every replay
+    prompts = [[0, 9, 8, 7], [0] + list(range(20, 34)), [0, 44, 45]]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (3, 6, 4)]
+    off = LLM(cuda_model, RuntimeConfig(max_num_seqs=2, max_model_len=40), graphs="off").generate(prompts, params)
+    rt = RuntimeConfig(max_num_seqs=2, max_model_len=40, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
+    llm = LLM(cuda_model, rt, graphs="on")
+    assert llm.graph_mode == ("cuda" if GPU else "emulate") and llm.runner.graphs.q == 3
+    replays = []
+    verify = llm.runner.graphs.verify
+    llm.runner.graphs.verify = lambda *a: replays.append(len(a[0])) or verify(*a)
+    on = llm.generate(prompts, params)
+    assert [r.output_ids for r in on] == [r.output_ids for r in off]
+    assert set(replays) == {1, 2} and llm.drafter.stats.num_drafts >= len(replays)
+    assert llm.kv_cache_usage() == 0.0
+
+
+def test_verify_layouts_give_the_same_ops_and_launches(cuda_model, monkeypatch):
+    """The q = 3 verification step, like the decode step: the same ops and launches whatever the layout."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launches = []
+    real_run = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        g = grid(kwargs) if callable(grid) else grid
+        scal = [a for a in list(args) + sorted(kwargs.items()) if not isinstance(a, torch.Tensor)
+                and not (isinstance(a, tuple) and isinstance(a[1], torch.Tensor))]
+        launches.append((self.fn.__name__, tuple(g), repr(scal)))
+        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    m = cuda_model
+    cache = m.new_cache(4, 64)
+    graphs = DecodeGraphs(m, cache, max_batch=2, buckets=[2], q=3)
+    slots = _prefill(m, cache, PROMPTS[:2])
+    traces = []
+    for ids, pos in (([11, 12, 13, 21, 22, 23], [13, 1]), ([300, 7, 8, 9, 10, 11], [15, 3])):  # second: entries close
+        for s, p in zip(slots, pos):
+            cache.reserve(s, p + 3)
+        graphs._buf[:, :2] = torch.tensor([slots, pos])
+        graphs._ids[:6] = torch.tensor(ids)
+        launches.clear()
+        with _Trace() as t, HostSyncGuard():
+            graphs._forward(2)
+        traces.append((t.ops, list(launches)))
+    assert len(traces[0][1]) > 20 and traces[0][0] == traces[1][0] and traces[0][1] == traces[1][1]
 
 
 def test_a_step_with_hooks_attached_runs_eagerly(cuda_model):

@@ -42,27 +42,38 @@ class StepBatch:
 
 
 class DecodeBatch:
-    """One decode token per sequence, with the layout held in device tensors: the batch of a decode
-    step that is captured once as a CUDA graph and replayed with other slots and positions.
+    """q decode tokens per sequence (q = 1, or 1 + k speculative drafts), with the layout held in
+    device tensors: the batch of a decode step that is captured once as a CUDA graph and replayed
+    with other slots and positions. Sequence b's tokens are rows [b*q, (b+1)*q), at positions
+    positions[b] .. positions[b] + q - 1.
 
     Everything the model derives from it is computed on the device, and every shape depends only on
-    the batch size B and on `max_len` (the cache's max_seq_len), never on the positions: no host
+    the batch size B, q and `max_len` (the cache's max_seq_len), never on the positions: no host
     read, no data-dependent shape, so the same kernels with the same launch grids serve every replay.
     Rows past the real batch (padding up to a captured size) point at a scratch cache slot.
     """
 
     graph_safe = True
 
-    def __init__(self, slots: torch.Tensor, positions: torch.Tensor, max_len: int):
+    def __init__(self, slots: torch.Tensor, positions: torch.Tensor, max_len: int, q: int = 1):
         B = slots.shape[0]
         dev = slots.device
-        self.device, self.num_tokens, self.max_len = dev, B, max_len
-        self.tok_slot = self.row_slot = slots
-        self.positions = positions
-        self.tok_start = positions  # each sequence's new tokens start (and end) at its position
-        self.tok_row = self.tok_off = self.last_token = torch.arange(B, device=dev)
-        self.cu_seqlens = torch.arange(B + 1, dtype=torch.int32, device=dev)
-        self.seqs = DecodeRows(slots, positions)
+        self.device, self.num_tokens, self.max_len, self.q = dev, B * q, max_len, q
+        self.row_slot = slots
+        self.starts = positions  # [B] each sequence's first new position
+        self.tok_row = torch.arange(B * q, device=dev) // q  # [T]
+        self.tok_slot = slots if q == 1 else slots[self.tok_row]
+        self.tok_start = positions if q == 1 else positions[self.tok_row]
+        self.positions = positions if q == 1 else self.tok_start + torch.arange(B * q, device=dev) % q
+        self.tok_off = self.tok_row * q
+        self.last_token = torch.arange(B, device=dev) * q + q - 1
+        self.cu_seqlens = (torch.arange(B + 1, device=dev) * q).to(torch.int32)
+        # the compressors take one token per row (DecodeRows): a step of q tokens runs them q times
+        self.seqs = DecodeRows(slots, positions) if q == 1 else None
+
+    def rows_of(self, j: int) -> DecodeRows:
+        """Token j of every sequence, as the compressors take it."""
+        return DecodeRows(self.row_slot, self.starts + j)
 
     def max_visible(self, ratio: int) -> int:
         return self.max_len // ratio

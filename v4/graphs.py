@@ -101,11 +101,16 @@ def default_buckets(max_batch: int) -> list[int]:
 class DecodeGraphs:
     """Decode steps of `model` over one persistent `cache`, one captured graph per bucket.
 
+    q: tokens per sequence and step. 1 for plain decode (`step`: logits of each sequence's token);
+    1 + k under speculative decoding (`verify`: a sequence's newest token and its k drafts, the
+    logits of every token, the main stack's streams and the compressors' inputs, which the
+    speculative path needs to draft and to take rejected drafts back).
+
     The cache must keep one slot free for the padding rows (size it max_batch + 1 slots); the
     object takes that slot at construction and holds it for its lifetime.
     """
 
-    def __init__(self, model, cache, max_batch: int, mode: str = "auto", buckets: list[int] | None = None):
+    def __init__(self, model, cache, max_batch: int, mode: str = "auto", buckets: list[int] | None = None, q: int = 1):
         if not getattr(model.ops, "capturable", False):
             raise InputError(f"backend '{model.ops.name}' does not support graph-captured decode "
                              "(set runtime.cuda_graphs: off, or use the cuda backend)")
@@ -116,15 +121,16 @@ class DecodeGraphs:
             raise InputError(f"graph mode must be auto, cuda or emulate, got {mode!r}")
         if mode == "cuda" and dev.type != "cuda":
             raise InputError(f"CUDA graphs need the model on a CUDA device, it is on {dev}")
-        self.model, self.cache, self.mode = model, cache, mode
+        self.model, self.cache, self.mode, self.q = model, cache, mode, q
         self.buckets = sorted(buckets or default_buckets(max_batch))
         if self.buckets[-1] < max_batch or self.buckets[0] < 1:
             raise InputError(f"graph buckets {self.buckets} must be >= 1 and reach max_batch={max_batch}")
         self.scratch = cache.alloc()
-        cache.reserve(self.scratch, 1)
+        cache.reserve(self.scratch, q)
         B = self.buckets[-1]
-        # rows: token ids, cache slots, positions; overwritten in place before every replay
-        self._buf = torch.zeros(3, B, dtype=torch.long, device=dev)
+        # cache slots and first positions per sequence, token ids per token; overwritten in place before every replay
+        self._buf = torch.zeros(2, B, dtype=torch.long, device=dev)
+        self._ids = torch.zeros(B * q, dtype=torch.long, device=dev)
         self._pad()
         self._graphs: dict[int, tuple] = {}
         self._pool = None
@@ -141,14 +147,24 @@ class DecodeGraphs:
                          "raise runtime.max_num_seqs")
 
     def _pad(self, start: int = 0):
-        self._buf[0, start:] = 0
-        self._buf[1, start:] = self.scratch
-        self._buf[2, start:] = 0
+        self._ids[start * self.q:] = 0
+        self._buf[0, start:] = self.scratch
+        self._buf[1, start:] = 0
 
-    def _forward(self, B: int) -> torch.Tensor:
-        batch = DecodeBatch(self._buf[1, :B], self._buf[2, :B], self.cache.max_seq_len)
-        logits, _ = self.model.forward(self._buf[0, :B], batch, self.cache, logits="last")
-        return logits
+    def _forward(self, B: int):
+        """The captured step: q = 1 -> logits [B, V]; q > 1 -> (logits [B*q, V], streams [B*q, hc, D],
+        the compressors' inputs {(layer, which): (kv, score, ape)})."""
+        batch = DecodeBatch(self._buf[0, :B], self._buf[1, :B], self.cache.max_seq_len, self.q)
+        ids = self._ids[:B * self.q]
+        if self.q == 1:
+            logits, _ = self.model.forward(ids, batch, self.cache, logits="last")
+            return logits
+        self.model.compress_inputs = inputs = {}
+        try:
+            X = self.model.trunk(ids, batch, self.cache)
+        finally:
+            self.model.compress_inputs = None
+        return self.model.head_logits(X, batch, "all"), X, inputs
 
     def _capture(self, B: int) -> None:
         """Warm up (Triton compiles) and capture bucket B with every row on the scratch slot."""
@@ -167,12 +183,12 @@ class DecodeGraphs:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool):
-                logits = self._forward(B)
+                out = self._forward(B)
         except RuntimeError as e:  # a host read or sync inside the step: CUDA refuses it mid-capture
             raise GraphCaptureError(f"capturing the decode step of batch {B} as a CUDA graph failed ({e}); "
                                     "set runtime.cuda_graphs: off (--cuda-graphs off) to decode eagerly, and report "
                                     "this with the backend's op list (`dsv4 backends`)") from e
-        self._graphs[B] = (graph, logits)
+        self._graphs[B] = (graph, out)
 
     def capture_all(self) -> None:
         """Capture every bucket now, largest first (they share one memory pool)."""
@@ -184,9 +200,23 @@ class DecodeGraphs:
         """One decode token for each sequence: sequence i (cache slot slots[i]) gets token ids[i] at
         position positions[i]. Returns logits [n, vocab] (a view into the graph's output buffer:
         valid until the next step)."""
-        n = len(slots)
-        if not n == len(positions) == len(ids) or n == 0:
-            raise InputError(f"decode step: {n} slots, {len(positions)} positions, {len(ids)} token ids; give one of each per sequence (at least one)")
+        if self.q != 1:
+            raise InputError(f"these graphs take {self.q} tokens per sequence: call verify")
+        return self._replay(slots, positions, ids)[:len(slots)]
+
+    def verify(self, slots: list[int], positions: list[int], ids: list[int]):
+        """q tokens for each sequence: sequence i gets ids[i*q:(i+1)*q] at positions[i] on. Returns
+        (logits [n*q, vocab], streams [n*q, hc, D], compressor inputs): views into the graph's
+        buffers, valid until the next step."""
+        n, q = len(slots), self.q
+        logits, X, inputs = self._replay(slots, positions, ids)
+        return logits[:n * q], X[:n * q], inputs
+
+    def _replay(self, slots: list[int], positions: list[int], ids: list[int]):
+        n, q = len(slots), self.q
+        if not n == len(positions) or len(ids) != n * q or n == 0:
+            raise InputError(f"decode step: {n} slots, {len(positions)} positions, {len(ids)} token ids; give one "
+                             f"slot and position per sequence (at least one) and {q} token id(s) each")
         if self.model.hook is not None:
             raise InputError("a captured decode step records no hooks; detach model.hook (or set runtime.cuda_graphs: off)")
         V = self.model.cfg.vocab_size
@@ -199,16 +229,16 @@ class DecodeGraphs:
         if B not in self._graphs:
             self._capture(B)
         for s, p in zip(slots, positions):
-            self.cache.reserve(s, p + 1)
-        self._buf[:, :n].copy_(torch.tensor([list(ids), list(slots), list(positions)], dtype=torch.long),
-                               non_blocking=False)
+            self.cache.reserve(s, p + q)
+        self._buf[:, :n].copy_(torch.tensor([list(slots), list(positions)], dtype=torch.long), non_blocking=False)
+        self._ids[:n * q].copy_(torch.tensor(list(ids), dtype=torch.long), non_blocking=False)
         self._pad(n)
-        graph, logits = self._graphs[B]
+        graph, out = self._graphs[B]
         if graph is None:
             with HostSyncGuard():
-                logits = self._forward(B)
+                out = self._forward(B)
         else:
             graph.replay()
         for s, p in zip(slots, positions):
-            self.cache.seq_len[s] = p + 1
-        return logits[:n]
+            self.cache.seq_len[s] = p + q
+        return out

@@ -320,6 +320,14 @@ class Transformer:
         score = self.ops.linear(xa, c.wgate)
         if self.compress_inputs is not None:  # kept for speculative decoding's rollback (cache.RowBackup)
             self.compress_inputs[key] = (kv, score, c.ape)
+        if batch.graph_safe and batch.q > 1:
+            # q tokens per sequence in a captured step: the state takes them in order, token j of
+            # every sequence at a time (DecodeRows: one token per row); [B, c] entries each
+            B = batch.row_slot.shape[0]
+            kv, score = kv.view(B, batch.q, -1), score.view(B, batch.q, -1)
+            return torch.cat([self.ops.compress(kv[:, j].contiguous(), score[:, j].contiguous(), c.ape, c.spec, c.norm, inv_freq, state_kv,
+                                                state_score, pool, table.table, batch.rows_of(j))
+                              for j in range(batch.q)])
         return self.ops.compress(kv, score, c.ape, c.spec, c.norm, inv_freq, state_kv, state_score,
                                  pool, table.table, batch.seqs)
 

@@ -107,7 +107,7 @@ class LLM:
 
     @property
     def graph_mode(self) -> str:
-        return "off" if self.drafter is not None else self.runner.graph_mode
+        return self.runner.graph_mode
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids, params: SamplingParams | None = None) -> int:
@@ -194,7 +194,7 @@ class LLM:
         else:
             logits, verified = self._run(step)
             kept = [s.num_tokens for s in step]
-        offsets = self.runner.last_batch.offsets[:-1] if self.runner.last_batch is not None else list(range(len(step)))
+        offsets = [sum(s.num_tokens for s in step[:b]) for b in range(len(step))]  # each sequence's first row
         self.last_step = StepRecord([(s.seq.id, s.start, s.num_tokens) for s in step], logits, offsets,
                                     [s.num_drafts for s in step])
         for s, n in zip(step, kept):

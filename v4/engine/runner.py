@@ -41,7 +41,11 @@ def graph_mode(setting: str, model: Transformer) -> str:
 
 class ModelRunner:
     def __init__(self, model: Transformer, rt: RuntimeConfig, graphs: str | None = None, buckets: list[int] | None = None):
+        """With runtime.speculative_config, decode graphs capture the verification step: 1 + k tokens
+        per sequence (`run_trunk`); otherwise one token per sequence (`run`)."""
         self.model = model
+        spec = rt.speculative
+        self.q = 1 + spec.num_speculative_tokens if spec is not None else 1
         self.graph_mode = graph_mode(rt.cuda_graphs if graphs is None else graphs, model)
         extra = 1 if self.graph_mode != "off" else 0  # the graphs' padding rows run on a scratch slot
         self.cache = self._allocate_cache(rt, extra)
@@ -49,7 +53,7 @@ class ModelRunner:
         if self.graph_mode != "off":
             from ..graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(model, self.cache, rt.max_num_seqs, self.graph_mode, buckets=buckets)
+            self.graphs = DecodeGraphs(model, self.cache, rt.max_num_seqs, self.graph_mode, buckets=buckets, q=self.q)
         self.reserved_slots = extra
         self.last_batch: StepBatch | None = None  # the last eager step's layout (None after a graph replay)
 
@@ -78,19 +82,31 @@ class ModelRunner:
         decode_only = all(s.num_tokens == 1 for s in step)
         # parity hooks need the eager step: a replayed graph never calls back into Python (a one-token
         # prompt's step is decode-shaped, and its hooks would be lost)
-        if self.graphs is not None and decode_only and self.model.hook is None:
+        if self.graphs is not None and self.q == 1 and decode_only and self.model.hook is None:
             return self._replay(step)
         batch, ids = self._prepare(step)
         out, _ = self.model.forward(ids, batch, self.cache, logits=logits)
         return out
 
     @torch.no_grad()
-    def run_trunk(self, step: list[ScheduledSeq], rows: torch.Tensor | str) -> tuple[torch.Tensor, torch.Tensor]:
-        """One model step that keeps the main stack's output (for the MTP block): returns (the head's
-        logits at `rows` (a LongTensor of token rows, or "all"), the streams [T, hc, D])."""
+    def run_trunk(self, step: list[ScheduledSeq], rows: torch.Tensor | str):
+        """One model step that keeps what speculative decoding needs: returns (the head's logits at
+        `rows` (a LongTensor of token rows, or "all"), the main stack's streams [T, hc, D], the
+        compressors' inputs {(layer, "kv" | "index"): (kv, score, ape)}). A step in which every
+        sequence verifies k drafts replays the captured verification graph (all its rows are `rows`)."""
+        if (self.graphs is not None and self.model.hook is None
+                and all(s.num_tokens == self.q and s.num_drafts == self.q - 1 for s in step)):
+            logits, X, inputs = self.graphs.verify([s.seq.slot for s in step], [s.start for s in step],
+                                                   [t for s in step for t in s.token_ids()])
+            self.last_batch = None
+            return logits.clone(), X.clone(), inputs  # views into the graph's buffers, overwritten by the next replay
         batch, ids = self._prepare(step)
-        X = self.model.trunk(ids, batch, self.cache)
-        return self.model.head_logits(X, batch, rows), X
+        self.model.compress_inputs = inputs = {}
+        try:
+            X = self.model.trunk(ids, batch, self.cache)
+        finally:
+            self.model.compress_inputs = None
+        return self.model.head_logits(X, batch, rows), X, inputs
 
     def _prepare(self, step: list[ScheduledSeq]):
         """(the step's StepBatch, its packed ids); each slot's length moves on (its blocks were

@@ -88,10 +88,7 @@ class MTPDrafter:
         Returns (the logits computed: per token if logits_mode is "all", else the verified rows;
         {batch row: Verified} for the sequences that sample; tokens each sequence keeps in the cache)."""
         pairs = [(s.seq.slot, s.start + s.num_tokens - s.num_drafts + i) for s in step for i in range(s.num_drafts)]
-        backup = None
-        if pairs:
-            backup = RowBackup(self.cache, pairs, self.main_layers, self._batch(step))
-            self.model.compress_inputs = {}
+        backup = RowBackup(self.cache, pairs, self.main_layers, self._batch(step)) if pairs else None
         offsets, rows = [0], []  # rows: the head_logits rows, the last num_drafts + 1 tokens of each sampling sequence
         for s in step:
             if s.samples:
@@ -99,10 +96,7 @@ class MTPDrafter:
                 rows.extend(range(end - s.num_drafts - 1, end))
             offsets.append(offsets[-1] + s.num_tokens)
         which = "all" if logits_mode == "all" else "none" if not rows else torch.tensor(rows, device=self.model.device)
-        try:
-            logits, self._X = self.runner.run_trunk(step, which)
-        finally:
-            inputs, self.model.compress_inputs = self.model.compress_inputs, None
+        logits, self._X, inputs = self.runner.run_trunk(step, which)
         picked = logits[rows] if logits_mode == "all" and rows else logits
         verified, kept, rejected, at = {}, [], [], 0
         for b, s in enumerate(step):
