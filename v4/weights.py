@@ -432,6 +432,9 @@ def _check_float(name: str, file: str, dtype: str, allowed=FLOAT_DTYPES, what: s
         )
 
 
+_Found = dict[str, tuple[Path, str, _HeaderEntry]]  # canonical name -> (shard, stored name, header entry)
+
+
 def load_checkpoint(
     path,
     cfg: ModelConfig | None = None,
@@ -461,25 +464,42 @@ def load_checkpoint(
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"{root}: checkpoint directory does not exist; give the directory holding config.json and *.safetensors")
-    cfg_where = "the given config"
-    if cfg is None:
-        cfg_path = root / CONFIG_FILE
-        if not cfg_path.is_file():
-            raise CheckpointError(f"{root}: no {CONFIG_FILE} in the checkpoint directory; copy the model's config.json there or pass a config")
-        try:
-            raw_cfg = json.loads(cfg_path.read_text())
-            if not isinstance(raw_cfg, dict):
-                raise ValueError("top level is not a JSON object")
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{cfg_path}: cannot parse ({e}); fix the file") from None
-        raw_cfg.setdefault("name", root.name)
-        cfg = ModelConfig.from_dict(raw_cfg, source=str(cfg_path))
-        cfg_where = str(cfg_path)
-
+    cfg, cfg_where = _checkpoint_config(root, cfg)
     files, index_map = _shard_files(root)
+    found, index_canon = _read_headers(root, files, index_map)
+    cfg = _drop_absent_mtp(root, cfg, found)
+    specs = expected_tensors(cfg)
+    scales = _check_names(found, specs, index_canon, cfg, cfg_where)
+    forms = _check_layout(found, specs, scales, cfg, cfg_where)
+    plans = _plan_reads(specs, forms, select)
+    out, total, bytes_read = _stream_tensors(files, found, scales, forms, plans, progress, device)
+    if report is not None:
+        stored_bytes = (found[k][2].end - found[k][2].begin for k in (*specs, *scales.values()))
+        report.update(bytes_read=bytes_read, bytes_total=sum(stored_bytes), tensors=total)
+    ordered = {k: out[k] for k in specs if k in plans}
+    return cfg, ordered
 
-    # ---- read every header; map canonical names to (file, stored name, entry) ----------------
-    found: dict[str, tuple[Path, str, _HeaderEntry]] = {}
+
+def _checkpoint_config(root: Path, cfg: ModelConfig | None) -> tuple[ModelConfig, str]:
+    """The config to load with (the given one, or the directory's config.json) and where it came from."""
+    if cfg is not None:
+        return cfg, "the given config"
+    cfg_path = root / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{root}: no {CONFIG_FILE} in the checkpoint directory; copy the model's config.json there or pass a config")
+    try:
+        raw_cfg = json.loads(cfg_path.read_text())
+        if not isinstance(raw_cfg, dict):
+            raise ValueError("top level is not a JSON object")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: cannot parse ({e}); fix the file") from None
+    raw_cfg.setdefault("name", root.name)
+    return ModelConfig.from_dict(raw_cfg, source=str(cfg_path)), str(cfg_path)
+
+
+def _read_headers(root: Path, files: list[Path], index_map: dict[str, str] | None) -> tuple[_Found, dict[str, str]]:
+    """Read every header; map canonical names to (file, stored name, entry), and to the index's shard."""
+    found: _Found = {}
     for fpath in files:
         entries, _, _ = _read_header(fpath)
         for stored, ent in entries.items():
@@ -505,22 +525,28 @@ def load_checkpoint(
                         f"tensor {canon} is missing from {root / shard} although {INDEX_FILE} says that shard holds it; "
                         f"the shard is incomplete, re-download it"
                     )
+    return found, index_canon
 
-    # ---- MTP may be absent (transformers writes none) -----------------------------------------
+
+def _drop_absent_mtp(root: Path, cfg: ModelConfig, found: _Found) -> ModelConfig:
+    """MTP may be absent (transformers writes none): then load without it, with a warning."""
     if cfg.num_nextn_predict_layers > 0 and not any(k.startswith("mtp.") for k in found):
         msg = (
             f"{root}: checkpoint has no mtp.* tensors although num_nextn_predict_layers="
             f"{cfg.num_nextn_predict_layers}; loading without the MTP block(s) (num_nextn_predict_layers=0)"
         )
-        warnings.warn(msg, stacklevel=2)
+        warnings.warn(msg, stacklevel=3)
         cfg = dataclasses.replace(
             cfg, num_nextn_predict_layers=0, compress_ratios=list(cfg.compress_ratios[: cfg.num_hidden_layers])
         )
+    return cfg
 
-    specs = expected_tensors(cfg)
 
-    # ---- names: unknown / orphan scales / missing ----------------------------------------------
-    scales: dict[str, str] = {}  # weight name -> scale name
+def _check_names(
+    found: _Found, specs: dict[str, TensorSpec], index_canon: dict[str, str], cfg: ModelConfig, cfg_where: str
+) -> dict[str, str]:
+    """Names: no unknown tensors, no orphan scales, nothing missing. Returns {weight name: scale name}."""
+    scales: dict[str, str] = {}
     for canon, (fpath, stored, _) in found.items():
         if canon in specs:
             continue
@@ -551,54 +577,19 @@ def load_checkpoint(
                 f"tensor {canon} is missing ({where}); the checkpoint is incomplete or the config does not match it"
                 + (f" (check {hint})" if hint else "")
             )
+    return scales
 
-    # ---- shapes and dtypes -------------------------------------------------------------------
-    forms: dict[str, str] = {}  # canonical -> "plain" | "fp8" | "fp4"
+
+def _check_layout(
+    found: _Found, specs: dict[str, TensorSpec], scales: dict[str, str], cfg: ModelConfig, cfg_where: str
+) -> dict[str, str]:
+    """Shapes and dtypes of every tensor and its scale. Returns {canonical: "plain" | "fp8" | "fp4"}."""
+    forms: dict[str, str] = {}
     for canon, spec in specs.items():
         fpath, stored, ent = found[canon]
-        file = fpath.name
-        exp = spec.shape
-        got = ent.shape
+        form = _read_form(canon, spec, ent.dtype, fpath.name)
+        _check_shape(canon, spec, ent, form, fpath.name, cfg, cfg_where)
         sname = scales.get(canon)
-        form = "plain"
-        if spec.role == "index":
-            _check_float(canon, file, ent.dtype, INDEX_DTYPES, "an integer index tensor")
-        elif ent.dtype in FLOAT_DTYPES:
-            pass
-        elif ent.dtype == "F8_E4M3" and spec.quantizable:
-            form = "fp8"
-        elif ent.dtype == "I8" and spec.role == "expert":
-            form = "fp4"
-        else:
-            allowed = {
-                "float": "a float tensor (F32, BF16 or F16)",
-                "fp32": "an F32 tensor (BF16 / F16 accepted)",
-                "fp8able": "a float tensor (F32, BF16, F16) or F8_E4M3 with a .scale",
-                "expert": "a float tensor (F32, BF16, F16), F8_E4M3 with a .scale, or packed FP4 (I8) with a .scale",
-            }[spec.role]
-            raise CheckpointError(
-                f"tensor {canon} in {file} has dtype {ent.dtype} but {allowed} is expected; "
-                f"the file does not hold the official DeepSeek-V4 layout, re-export it"
-            )
-        want = exp
-        if form == "fp4":
-            if exp[1] % FP4_BLOCK:
-                raise CheckpointError(
-                    f"tensor {canon} in {file} is packed FP4 but its input size {exp[1]} ({spec.dims[1]}) is not a multiple of "
-                    f"{FP4_BLOCK}; store it as BF16 instead"
-                )
-            want = fp4_shapes(exp)[0]
-        if tuple(got) != tuple(want):
-            bad_dims = [i for i in range(min(len(got), len(want))) if got[i] != want[i]]
-            if len(got) != len(want):
-                bad_dims = list(range(len(want)))
-            exprs = [spec.dims[i] for i in bad_dims if i < len(spec.dims)]
-            fields = ", ".join(v for v in (_field_values(e, cfg) for e in exprs) if v)
-            packed = " (packed FP4: [out, in/2])" if form == "fp4" else ""
-            raise CheckpointError(
-                f"tensor {canon} in {file} has shape {_fmt_shape(got)} but {_fmt_shape(want)}{packed} is expected"
-                + (f"; {fields} in {cfg_where} may contradict the weights" if fields else "")
-            )
         if form == "plain" and sname is not None:
             sp, sst, _ = found[sname]
             raise CheckpointError(
@@ -608,29 +599,93 @@ def load_checkpoint(
         if form != "plain":
             if sname is None:
                 raise CheckpointError(
-                    f"tensor {canon} in {file} is {ent.dtype} but has no {scale_name(canon)} companion; "
+                    f"tensor {canon} in {fpath.name} is {ent.dtype} but has no {scale_name(canon)} companion; "
                     f"the checkpoint is incomplete, re-download it"
                 )
-            sp, sst, sent = found[sname]
-            swant = fp8_scale_shape(exp) if form == "fp8" else fp4_shapes(exp)[1]
-            _check_float(sname, sp.name, sent.dtype, SCALE_DTYPES, "a scale tensor")
-            if tuple(sent.shape) != tuple(swant):
-                raise CheckpointError(
-                    f"tensor {sname} in {sp.name} has shape {_fmt_shape(sent.shape)} but {_fmt_shape(swant)} is expected for the "
-                    f"{form.upper()} scale of {canon} {_fmt_shape(exp)}; the checkpoint does not match the config"
-                )
+            _check_scale(canon, spec, form, sname, found[sname])
         forms[canon] = form
+    return forms
 
-    # ---- what to read (all of it, or this rank's slices) --------------------------------------
-    from .dist.sliced_read import SKIP, WHOLE, finish, plan_read, read_stored
+
+def _read_form(canon: str, spec: TensorSpec, dtype: str, file: str) -> str:
+    """"plain" | "fp8" | "fp4" from a tensor's stored dtype; an error for a dtype its role does not allow."""
+    if spec.role == "index":
+        _check_float(canon, file, dtype, INDEX_DTYPES, "an integer index tensor")
+        return "plain"
+    if dtype in FLOAT_DTYPES:
+        return "plain"
+    if dtype == "F8_E4M3" and spec.quantizable:
+        return "fp8"
+    if dtype == "I8" and spec.role == "expert":
+        return "fp4"
+    allowed = {
+        "float": "a float tensor (F32, BF16 or F16)",
+        "fp32": "an F32 tensor (BF16 / F16 accepted)",
+        "fp8able": "a float tensor (F32, BF16, F16) or F8_E4M3 with a .scale",
+        "expert": "a float tensor (F32, BF16, F16), F8_E4M3 with a .scale, or packed FP4 (I8) with a .scale",
+    }[spec.role]
+    raise CheckpointError(
+        f"tensor {canon} in {file} has dtype {dtype} but {allowed} is expected; "
+        f"the file does not hold the official DeepSeek-V4 layout, re-export it"
+    )
+
+
+def _check_shape(
+    canon: str, spec: TensorSpec, ent: _HeaderEntry, form: str, file: str, cfg: ModelConfig, cfg_where: str
+) -> None:
+    """The stored shape (packed [out, in/2] for FP4) against the config's."""
+    exp = spec.shape
+    got = ent.shape
+    want = exp
+    if form == "fp4":
+        if exp[1] % FP4_BLOCK:
+            raise CheckpointError(
+                f"tensor {canon} in {file} is packed FP4 but its input size {exp[1]} ({spec.dims[1]}) is not a multiple of "
+                f"{FP4_BLOCK}; store it as BF16 instead"
+            )
+        want = fp4_shapes(exp)[0]
+    if tuple(got) != tuple(want):
+        bad_dims = [i for i in range(min(len(got), len(want))) if got[i] != want[i]]
+        if len(got) != len(want):
+            bad_dims = list(range(len(want)))
+        exprs = [spec.dims[i] for i in bad_dims if i < len(spec.dims)]
+        fields = ", ".join(v for v in (_field_values(e, cfg) for e in exprs) if v)
+        packed = " (packed FP4: [out, in/2])" if form == "fp4" else ""
+        raise CheckpointError(
+            f"tensor {canon} in {file} has shape {_fmt_shape(got)} but {_fmt_shape(want)}{packed} is expected"
+            + (f"; {fields} in {cfg_where} may contradict the weights" if fields else "")
+        )
+
+
+def _check_scale(canon: str, spec: TensorSpec, form: str, sname: str, scale_found: tuple) -> None:
+    """The dtype and shape of an FP8 / FP4 weight's `.scale`."""
+    sp, sst, sent = scale_found
+    exp = spec.shape
+    swant = fp8_scale_shape(exp) if form == "fp8" else fp4_shapes(exp)[1]
+    _check_float(sname, sp.name, sent.dtype, SCALE_DTYPES, "a scale tensor")
+    if tuple(sent.shape) != tuple(swant):
+        raise CheckpointError(
+            f"tensor {sname} in {sp.name} has shape {_fmt_shape(sent.shape)} but {_fmt_shape(swant)} is expected for the "
+            f"{form.upper()} scale of {canon} {_fmt_shape(exp)}; the checkpoint does not match the config"
+        )
+
+
+def _plan_reads(specs: dict[str, TensorSpec], forms: dict[str, str], select) -> dict:
+    """What to read: all of it, or this rank's slices ({canonical: ReadPlan}, SKIP tensors left out)."""
+    from .dist.sliced_read import SKIP, WHOLE, plan_read
 
     plans = {}
     for canon, spec in specs.items():
         answer = WHOLE if select is None else select(canon)
         if answer != SKIP:
             plans[canon] = plan_read(canon, forms[canon], spec.shape, answer)
+    return plans
 
-    # ---- stream the data ---------------------------------------------------------------------
+
+def _stream_tensors(
+    files: list[Path], found: _Found, scales: dict[str, str], forms: dict[str, str], plans: dict, progress: bool, device
+) -> tuple[dict, int, int]:
+    """Stream the planned tensors shard by shard. Returns (weights, stored tensors read, bytes read)."""
     by_file: dict[Path, list[tuple[str, str, tuple | None]]] = {}
     for canon, plan in plans.items():
         fpath, stored, _ = found[canon]
@@ -641,7 +696,6 @@ def load_checkpoint(
     total = sum(len(v) for v in by_file.values())
     bytes_read = 0
 
-    from safetensors import safe_open
     from tqdm.auto import tqdm
 
     raw: dict[str, torch.Tensor] = {}
@@ -653,40 +707,53 @@ def load_checkpoint(
             if not todo:
                 continue
             pbar.set_postfix_str(fpath.name, refresh=False)
-            try:
-                handle = safe_open(str(fpath), framework="pt", device=str(device))
-            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-                raise CheckpointError(f"{fpath}: cannot open shard ({e.__class__.__name__}: {e}); the shard is corrupt, re-download it") from None
-            with handle as fh:
-                for stored, canon, index in todo:
-                    try:
-                        t = read_stored(fh, stored, index)
-                    except Exception as e:  # noqa: BLE001
-                        raise CheckpointError(
-                            f"{fpath}: cannot read tensor {stored} ({e.__class__.__name__}: {e}); the shard is corrupt, re-download it"
-                        ) from None
-                    raw[canon] = t
-                    bytes_read += t.numel() * t.element_size()
-                    pbar.update(1)
-            # pair weights with scales as soon as both are in
-            for canon in list(raw):
-                if canon.endswith(".scale"):
-                    continue
-                form = forms.get(canon)
-                if form is None:
-                    continue
-                if form == "plain":
-                    out[canon] = finish(form, raw.pop(canon), None, plans[canon])
-                elif scales[canon] in raw:
-                    out[canon] = finish(form, raw.pop(canon), raw.pop(scales[canon]), plans[canon])
+            bytes_read += _read_shard(fpath, todo, device, raw, pbar)
+            _pair_ready(raw, forms, scales, plans, out)
     finally:
         pbar.close()
     assert not raw, f"internal: unpaired tensors {sorted(raw)[:3]}"
-    if report is not None:
-        stored_bytes = (found[k][2].end - found[k][2].begin for k in (*specs, *scales.values()))
-        report.update(bytes_read=bytes_read, bytes_total=sum(stored_bytes), tensors=total)
-    ordered = {k: out[k] for k in specs if k in plans}
-    return cfg, ordered
+    return out, total, bytes_read
+
+
+def _read_shard(fpath: Path, todo: list, device, raw: dict[str, torch.Tensor], pbar) -> int:
+    """Read one shard's planned tensors into `raw`; returns the bytes read."""
+    from safetensors import safe_open
+
+    from .dist.sliced_read import read_stored
+
+    bytes_read = 0
+    try:
+        handle = safe_open(str(fpath), framework="pt", device=str(device))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"{fpath}: cannot open shard ({e.__class__.__name__}: {e}); the shard is corrupt, re-download it") from None
+    with handle as fh:
+        for stored, canon, index in todo:
+            try:
+                t = read_stored(fh, stored, index)
+            except Exception as e:  # noqa: BLE001
+                raise CheckpointError(
+                    f"{fpath}: cannot read tensor {stored} ({e.__class__.__name__}: {e}); the shard is corrupt, re-download it"
+                ) from None
+            raw[canon] = t
+            bytes_read += t.numel() * t.element_size()
+            pbar.update(1)
+    return bytes_read
+
+
+def _pair_ready(raw: dict, forms: dict[str, str], scales: dict[str, str], plans: dict, out: dict) -> None:
+    """Pair weights with scales as soon as both are in, moving them from `raw` to `out`."""
+    from .dist.sliced_read import finish
+
+    for canon in list(raw):
+        if canon.endswith(".scale"):
+            continue
+        form = forms.get(canon)
+        if form is None:
+            continue
+        if form == "plain":
+            out[canon] = finish(form, raw.pop(canon), None, plans[canon])
+        elif scales[canon] in raw:
+            out[canon] = finish(form, raw.pop(canon), raw.pop(scales[canon]), plans[canon])
 
 
 # ---------------------------------------------------------------------------------------------
