@@ -38,12 +38,44 @@ sequence does not amortise (MoE experts: at 16 sequences nearly all 16 experts' 
 layer instead of 2; compressor windows that close, attention, per-op dispatch). The prompt-heavy
 `--requests 32 --prompt-len 16:256 --output-len 16:64`: 53.3 vs 19.6 tok/s = 2.72x, since prefill
 is already batched within a prompt and is ~20% of the one-at-a-time run.
+
+`--speculative K` (issue 15, MTP speculative decoding) is another benchmark in the same script: on the
+trained tiny model (`v4/embedded/tiny-v4`, or --checkpoint), 16 prompts of 32:64 tokens cut from the
+held-out files (`v4/embedded/tiny-v4-heldout/sample.json`), 64 output tokens each, ignore_eos, all at
+t=0, served at concurrency 1 and 8 (--spec-concurrency) five ways: greedy k = 0 and k = K; sampled
+(T = 1, a seed per request) k = 0, k = K with sampled drafts and k = K with argmax drafts. Per way:
+tok/s and its ratio to k = 0 (same sampling), acceptance rate per draft position, mean acceptance
+length (tokens per verification), ms per step split into target forward / verification and cache row
+backup / MTP propose. Greedy k = K must generate k = 0's tokens: mismatches are counted (fp32) or
+fail the run (`--dtype float64`, exit code 1). Targets (PASS / MISS, never a failure): mean acceptance
+length >= 1.6 at k = 2 on held-out prompts, single-stream greedy tok/s >= 1.4x k = 0. `--repeats N`
+keeps the fastest of N tries of each way (other processes on a shared 2-core machine stall torch's
+2-thread kernels by 10-40x at times; `--threads 1` is steadier there).
+
+    python bench/engine_cpu.py --speculative 2 --json spec.json   # ~3 min on 2 cores when the machine is quiet
+    python bench/engine_cpu.py --speculative 2 --smoke            # 4 requests, 12 tokens, concurrency 1 and 4: < 1 min
+
+Measured on 2 CPU cores (AVX2, fp32, reference backend), `python bench/engine_cpu.py --speculative 2
+--repeats 2`, fastest undisturbed try of two runs (the machine was shared with test runs): greedy,
+concurrency 1: k=0 120.8 tok/s (8.3 ms/step), k=2 123.9 tok/s (16.7 ms/step) = 1.03x (MISS);
+acceptance 0.67 / 0.46 per position, mean acceptance length 2.128 (PASS); identical greedy tokens
+for all 32 requests (concurrency 1 and 8). Sampled T=1, k=2: sampled drafts 0.72 / 0.47, mean
+length 2.189; argmax drafts 0.35 / 0.17, mean length 1.517, 88.7 tok/s = 0.74x of k=0's 119.4.
+Concurrency 8: greedy 537.6 vs 521.3 tok/s (0.97x); sampled 521.7 vs 474-513 (sampled drafts,
+0.91-1.05x) and 339-366 (argmax drafts, 0.65-0.75x). Why 1.4x is missed single-stream: a k=2 step
+costs 16.7 ms against 8.3: the main stack over 3 tokens 11.1 ms (1.37x one token's 8.1: the
+reference backend's per-token work (MoE experts, attention, compressor) does not amortise across a
+sequence's 3 query tokens), MTP propose 4.6 ms (two passes of the MTP block: over the step's kept
+tokens, then one more position for draft 2; each pass also runs the 4096-row head), verification with
+cache row backup / restore 0.9 ms. 2.128 tokens per 16.7 ms step is 1.03x; 1.4x would need a step of
+<= 12.6 ms, i.e. forward + verification alone (12.0 ms) with drafting nearly free.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import io
 import json
 import os
@@ -83,6 +115,12 @@ class Request:
     prompt: list[int]
     max_tokens: int
     arrival: float  # seconds after the run's start
+    params: object = None  # a SamplingParams (--speculative); None: greedy, max_tokens, ignore_eos
+
+    def sampling(self):
+        from v4.engine import SamplingParams
+
+        return self.params or SamplingParams(max_tokens=self.max_tokens, ignore_eos=True)
 
 
 def parse_range(text: str, name: str) -> tuple[int, int]:
@@ -151,8 +189,6 @@ def serve(llm, reqs: list[Request], wave: int | None, max_s: float, bar, label: 
     wave W: the next W requests are added together once the engine is idle and the last of them
     has arrived (static waves; W = 1 with max_num_seqs = 1 is one at a time).
     """
-    from v4.engine import SamplingParams
-
     res = ModeResult(label, llm.runtime.max_num_seqs)
     n = len(reqs)
     total = sum(len(r.prompt) + r.max_tokens for r in reqs)
@@ -173,12 +209,12 @@ def serve(llm, reqs: list[Request], wave: int | None, max_s: float, bar, label: 
         if wave is None:
             while nxt < n and reqs[nxt].arrival <= now:
                 r = reqs[nxt]
-                rid2req[llm.add_request(r.prompt, SamplingParams(max_tokens=r.max_tokens, ignore_eos=True))] = r
+                rid2req[llm.add_request(r.prompt, r.sampling())] = r
                 res.tokens[r.index] = []
                 nxt += 1
         elif nxt < n and not llm.has_unfinished() and reqs[min(n, nxt + wave) - 1].arrival <= now:
             for r in reqs[nxt:nxt + wave]:
-                rid2req[llm.add_request(r.prompt, SamplingParams(max_tokens=r.max_tokens, ignore_eos=True))] = r
+                rid2req[llm.add_request(r.prompt, r.sampling())] = r
                 res.tokens[r.index] = []
             nxt = min(n, nxt + wave)
         if not llm.has_unfinished():  # idle until the next admission is due
@@ -339,6 +375,280 @@ def report(results: dict[str, ModeResult], reqs: list[Request], args) -> dict:
     return {"modes": sums, "summary": summary}
 
 
+# ---------------------------------------------------------------------------------- --speculative K
+SPEC_CHECKPOINT = "v4/embedded/tiny-v4"
+HELDOUT = ROOT / "v4" / "embedded" / "tiny-v4-heldout" / "sample.json"
+SPEC_TARGET_K, SPEC_TARGET_MAL, SPEC_TARGET_SPEEDUP = 2, 1.6, 1.4
+SPEC_TEMPERATURE = 1.0
+# --smoke / full defaults of --speculative for the options left unset
+SPEC_DEFAULTS = {"requests": (4, 16), "prompt_len": ("16:24", "32:64"), "output_len": ("12", "64"),
+                 "spec_concurrency": ("1,4", "1,8"), "max_seconds": (60.0, 1800.0)}
+
+
+@dataclass
+class SpecRun:
+    """One way of serving the held-out workload: greedy or sampled, k drafts (0 = off), how drafts are drawn."""
+
+    sampling: str  # "greedy" | "sampled"
+    k: int
+    draft: str | None  # "sample" | "argmax" (sampled requests); greedy requests always draft the argmax
+
+    @property
+    def name(self) -> str:
+        return f"{self.sampling} k={self.k}" + (f" {self.draft} drafts" if self.k and self.sampling == "sampled" else "")
+
+
+def spec_runs(K: int) -> list[SpecRun]:
+    return [SpecRun("greedy", 0, None), SpecRun("greedy", K, None), SpecRun("sampled", 0, None),
+            SpecRun("sampled", K, "sample"), SpecRun("sampled", K, "argmax")]
+
+
+def heldout_workload(args, tokenizer) -> list[Request]:
+    """--requests prompts cut from the held-out files (never trained on), spread evenly over their
+    concatenated tokens, each inside one file; seeded lengths; all arrive at t=0."""
+    files = json.loads(HELDOUT.read_text())["files"]
+    ids = [tokenizer.encode(text, add_bos=False) for _, text in sorted(files.items())]
+    rng = random.Random(args.seed)
+    (plo, phi), (olo, ohi) = args.prompt_range, args.output_range
+    total, reqs = sum(map(len, ids)), []
+    for i in range(args.requests):
+        n, at = rng.randint(plo, phi), i * total // args.requests
+        f = 0
+        while at >= len(ids[f]):
+            at, f = at - len(ids[f]), f + 1
+        at = max(0, min(at, len(ids[f]) - n))
+        reqs.append(Request(i, ids[f][at:at + n], rng.randint(olo, ohi), 0.0))
+    return reqs
+
+
+def with_params(reqs: list[Request], run: SpecRun, seed: int) -> list[Request]:
+    """The workload with each request's SamplingParams for `run`: greedy, or T = 1 with a per-request seed."""
+    from v4.engine import SamplingParams
+
+    def sp(r: Request):
+        if run.sampling == "greedy":
+            return SamplingParams(max_tokens=r.max_tokens, ignore_eos=True)
+        return SamplingParams(temperature=SPEC_TEMPERATURE, seed=seed * 1000 + r.index, max_tokens=r.max_tokens,
+                              ignore_eos=True)
+
+    return [dataclasses.replace(r, params=sp(r)) for r in reqs]
+
+
+class PhaseTimer:
+    """Wall time spent in named engine methods (instance attributes wrap them; bench-only)."""
+
+    def __init__(self, llm):
+        self.s: dict[str, float] = {}
+        self._wrap(llm.runner, "run", "target forward")  # k = 0
+        self._wrap(llm.runner, "run_trunk", "target forward")  # k > 0: the main stack on 1 + k tokens
+        if llm.drafter is not None:
+            self._wrap(llm.drafter, "run", "target + verify + cache row backup")
+            self._wrap(llm.drafter, "propose", "MTP propose")
+        self._wrap(llm, "step", "engine step")
+
+    def _wrap(self, obj, attr: str, name: str) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.s[name] = self.s.get(name, 0.0) + time.perf_counter() - t0
+
+        setattr(obj, attr, timed)
+
+
+def run_spec(L, reqs: list[Request], conc: int, run: SpecRun, args) -> dict:
+    """Serve the workload once through a fresh LLM (max_num_seqs = conc) after a warm-up request;
+    returns its ModeResult, the drafter's SpecStats (None at k = 0), phase times and a profile."""
+    from v4.engine import LLM, EngineStats
+    from v4.engine.spec_decode import SpecStats
+
+    spec = {"method": "mtp", "num_speculative_tokens": run.k} if run.k else None
+    if spec and run.draft:
+        spec["draft_sampling"] = run.draft
+    rt = dataclasses.replace(L.runtime, speculative_config=spec, max_num_seqs=conc, max_model_len=args.max_model_len,
+                             max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size)
+    llm = LLM(L.model, rt, L.tokenizer)
+    work = with_params(reqs, run, args.seed)
+    with torch.inference_mode():  # warm-up: one request long enough to draft and verify
+        llm.generate([work[0].prompt], dataclasses.replace(work[0].params, max_tokens=8))
+    llm.stats = EngineStats()
+    if llm.drafter is not None:
+        llm.drafter.stats = SpecStats(accepted_per_pos=[0] * run.k)
+    timer = PhaseTimer(llm)
+    prof = cProfile.Profile() if args.profile and conc == 1 and run.sampling == "greedy" else None
+    with torch.inference_mode():
+        if prof is not None:
+            prof.enable()
+        try:
+            res = serve(llm, work, None, args.max_seconds, None, f"concurrency {conc}, {run.name}")
+        finally:
+            if prof is not None:
+                prof.disable()
+    text = None
+    if prof is not None:
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(args.profile_top)
+        text = s.getvalue().replace(str(ROOT) + os.sep, "")
+    res.max_num_seqs = conc
+    return {"res": res, "spec": llm.drafter.stats if llm.drafter is not None else None, "phases": timer.s,
+            "profile": text}
+
+
+def spec_row(run: SpecRun, conc: int, x: dict, base: dict, reqs: list[Request]) -> dict:
+    """The JSON row of one run: throughput, ratio to k = 0 (same sampling, same concurrency), acceptance."""
+    res, st = x["res"], x["spec"]
+    s = res.summary(reqs)
+    b = base["res"].summary(reqs)
+    steps = max(1, res.steps)
+    row = {"name": run.name, "sampling": run.sampling, "k": run.k, "draft_sampling": run.draft if run.k else None,
+           "concurrency": conc, "completed": s["completed"], "output_tokens": s["output_tokens"], "wall_s": s["wall_s"],
+           "tok_s": s["tok_s"], "ratio_to_k0": s["tok_s"] / b["tok_s"] if b["tok_s"] > 0 else None,
+           "steps": res.steps, "tokens_per_step": s["output_tokens"] / steps, "ms_per_step": 1e3 * s["wall_s"] / steps,
+           "phase_ms_per_step": {k: 1e3 * v / steps for k, v in x["phases"].items()}, "stopped": res.stopped,
+           "mean_acceptance_length": None, "acceptance_rate_per_pos": None}
+    if st is not None:
+        row.update(mean_acceptance_length=st.mean_acceptance_length(), acceptance_rate_per_pos=st.acceptance_rate_per_pos(),
+                   num_drafts=st.num_drafts, num_draft_tokens=st.num_draft_tokens, num_accepted_tokens=st.num_accepted_tokens)
+    if run.sampling == "greedy" and run.k:
+        row["greedy_check"] = compare({"k0": base["res"], "k": res}, reqs, "k0")["k"]
+    return row
+
+
+def spec_table(rows: list[dict], K: int) -> None:
+    hdr = (f"{'conc':>4} | {'run':<28} | {'tok/s':>7} | {'x k=0':>6} | {'steps':>5} | {'tok/step':>8} | "
+           f"{'ms/step':>7} | {'mean acc len':>12} | {'acceptance per position':<24} | greedy tokens differ vs k=0")
+    log("")
+    log(hdr)
+    log("-" * len(hdr))
+    for r in rows:
+        mal = r["mean_acceptance_length"]
+        pos = " ".join(f"{p:.2f}" for p in r["acceptance_rate_per_pos"]) if r["acceptance_rate_per_pos"] else "-"
+        chk = r.get("greedy_check")
+        log(f"{r['concurrency']:>4} | {r['name']:<28} | {fmt(r['tok_s'], '7.2f')} | "
+            f"{(format(r['ratio_to_k0'], '.2f') + 'x') if r['ratio_to_k0'] else 'n/a':>6} | {r['steps']:>5} | "
+            f"{r['tokens_per_step']:8.2f} | {r['ms_per_step']:7.1f} | {(format(mal, '.3f') if mal else '-'):>12} | "
+            f"{pos:<24} | " + (f"{chk['differ']}/{chk['compared']}" if chk else ("(reference)" if r["k"] == 0 and
+                                                                               r["sampling"] == "greedy" else "")))
+        if r["stopped"]:
+            log(f"note: concurrency {r['concurrency']}, {r['name']} stopped early: {r['stopped']}")
+
+
+def spec_phases(rows: list[dict]) -> None:
+    """Where a step's time goes, per run (ms per engine step)."""
+    log("\nms per engine step: target forward (main stack over all the step's tokens) + verification and cache "
+        "row backup/restore + MTP propose + the rest (scheduling, sampling, appending)")
+    for r in rows:
+        ph = r["phase_ms_per_step"]
+        step, fwd = ph.get("engine step", 0.0), ph.get("target forward", 0.0)
+        ver = ph.get("target + verify + cache row backup", fwd) - fwd
+        mtp = ph.get("MTP propose", 0.0)
+        log(f"  concurrency {r['concurrency']}, {r['name']:<28}: {step:6.1f} = forward {fwd:6.1f} + verify/backup "
+            f"{ver:5.1f} + MTP {mtp:5.1f} + rest {step - fwd - ver - mtp:5.1f}")
+
+
+def spec_targets(rows: list[dict], K: int, smoke: bool) -> dict:
+    """The issue's targets, at concurrency 1: mean acceptance length >= 1.6 at k = 2 (greedy and
+    sampled drafts at T = 1) and greedy tokens/s >= 1.4x k = 0. PASS / MISS, never a failure."""
+    by = {(r["concurrency"], r["sampling"], r["k"], r["draft_sampling"]): r for r in rows}
+    g, s = by.get((1, "greedy", K, None)), by.get((1, "sampled", K, "sample"))
+    out = {"target_mean_acceptance_length": SPEC_TARGET_MAL, "target_k": SPEC_TARGET_K,
+           "target_single_stream_speedup": SPEC_TARGET_SPEEDUP, "k": K}
+    note = (" (smoke: tiny sizes)" if smoke else "") + ("" if K == SPEC_TARGET_K else f" (the target is stated for k = {SPEC_TARGET_K})")
+    log("")
+    for name, r in (("greedy", g), ("sampled T=1, sampled drafts", s)):
+        mal = r and r["mean_acceptance_length"]
+        if mal:
+            ok = mal >= SPEC_TARGET_MAL
+            out[f"mean_acceptance_length_{r['sampling']}"], out[f"mal_pass_{r['sampling']}"] = mal, ok
+            log(f"target: mean acceptance length >= {SPEC_TARGET_MAL} at k = {SPEC_TARGET_K} on held-out prompts, {name}, "
+                f"concurrency 1: {mal:.3f} at k = {K}  {'PASS' if ok else 'MISS'}{note}")
+    if g and g["ratio_to_k0"]:
+        ok = g["ratio_to_k0"] >= SPEC_TARGET_SPEEDUP
+        out["single_stream_speedup"], out["speedup_pass"] = g["ratio_to_k0"], ok
+        log(f"target: single-stream tokens/s >= {SPEC_TARGET_SPEEDUP}x non-speculative (greedy): "
+            f"{g['tok_s']:.2f} vs {by[(1, 'greedy', 0, None)]['tok_s']:.2f} tok/s = {g['ratio_to_k0']:.2f}x  "
+            f"{'PASS' if ok else 'MISS'}{note}")
+    return out
+
+
+def spec_serve_all(L, reqs: list[Request], args) -> list[dict]:
+    """Every run at every concurrency; rows in that order (k = 0 first within a sampling mode)."""
+    rows = []
+    for conc in args.spec_concs:
+        base: dict[str, dict] = {}
+        for run in spec_runs(args.speculative):
+            t0 = time.perf_counter()
+            tries = [run_spec(L, reqs, conc, run, args) for _ in range(args.repeats)]
+            x = min(tries, key=lambda t: t["res"].wall_s)  # the least disturbed (other processes share the cores)
+            base.setdefault(run.sampling, x)
+            rows.append(spec_row(run, conc, x, base[run.sampling], reqs))
+            r = rows[-1]
+            r["wall_s_tries"], r["load_average"] = [t["res"].wall_s for t in tries], os.getloadavg()[0]
+            mal = r["mean_acceptance_length"]
+            log(f"concurrency {conc}, {run.name}: {r['output_tokens']} tokens in {r['wall_s']:.1f}s = {r['tok_s']:.2f} tok/s"
+                + (f", mean acceptance length {mal:.3f}" if mal else "") + f" ({time.perf_counter() - t0:.0f}s incl. set-up"
+                + (f", best of {args.repeats}" if args.repeats > 1 else "") + f", load average {r['load_average']:.1f})"
+                + (f"; STOPPED: {r['stopped']}" if r["stopped"] else ""))
+            if x["profile"]:
+                log(f"\n=== cProfile: concurrency 1, {run.name}, top {args.profile_top} by self time ===\n{x['profile']}")
+    return rows
+
+
+def spec_main(args, cmd: str) -> int:
+    from v4.runtime import load
+
+    t_start = time.perf_counter()
+    ckpt = args.checkpoint or str(ROOT / SPEC_CHECKPOINT)
+    log(f"command: {cmd}")
+    log(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
+        f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}")
+    L = load(checkpoint=ckpt, overrides={"backend": "reference", "dtype": args.dtype}, progress=False)
+    cfg = L.cfg
+    log(f"model '{cfg.name}' from {os.path.relpath(ckpt, ROOT)} ({cfg.num_hidden_layers} layers + "
+        f"{cfg.num_nextn_predict_layers} MTP, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}), reference backend, {args.dtype}")
+    reqs = heldout_workload(args, L.tokenizer)
+    log(f"workload: {len(reqs)} held-out prompts ({os.path.relpath(HELDOUT, ROOT)}), {args.prompt_len} tokens "
+        f"({sum(len(r.prompt) for r in reqs)} in all), outputs {args.output_len} tokens ({sum(r.max_tokens for r in reqs)} "
+        f"in all), ignore_eos, all at t=0; greedy, and sampled at T = {SPEC_TEMPERATURE:g} with per-request seeds")
+    log(f"speculative: k = 0 against k = {args.speculative} (MTP drafts), at concurrency {', '.join(map(str, args.spec_concs))}; "
+        f"sampled requests with sampled and with argmax drafts")
+    rows = spec_serve_all(L, reqs, args)
+    spec_table(rows, args.speculative)
+    spec_phases(rows)
+    differ = sum(r["greedy_check"]["differ"] for r in rows if "greedy_check" in r)
+    compared = sum(r["greedy_check"]["compared"] for r in rows if "greedy_check" in r)
+    log(f"\ngreedy tokens, k = {args.speculative} against k = 0 at the same concurrency: {differ} of {compared} requests differ"
+        + (" -- fp32 near-tie flips between step shapes are possible" if differ and args.dtype != "float64" else ""))
+    for r in rows:
+        for d in r.get("greedy_check", {}).get("details", [])[:8]:
+            log(f"  concurrency {r['concurrency']}: request #{d['request']} first differs at token {d['first_diff']}/{d['of']}")
+    targets = spec_targets(rows, args.speculative, args.smoke)
+    mismatch = args.dtype == "float64" and differ > 0
+    if mismatch:
+        log("MISMATCH: in float64 greedy speculative decoding must generate k = 0's tokens (see above)")
+    total = time.perf_counter() - t_start
+    log(f"\ntotal wall time {total:.0f}s")
+    if args.json:
+        doc = {"speculative": args.speculative, "runs": rows, "targets": targets, "greedy_requests_differing": differ,
+               "command": cmd, "checkpoint": os.path.relpath(ckpt, ROOT), "dtype": args.dtype,
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "total_wall_s": total,
+               "workload": [{"index": r.index, "prompt_tokens": len(r.prompt), "max_tokens": r.max_tokens} for r in reqs]}
+        write_json(doc, args.json)
+    return 1 if mismatch else 0
+
+
+def write_json(doc: dict, path: str) -> None:
+    text = json.dumps(doc, indent=2, default=str)
+    if path == "-":
+        print(text)
+    else:
+        Path(path).write_text(text + "\n")
+        log(f"results written to {path}")
+
+
 # ---------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -363,7 +673,25 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="run the engine way under cProfile and print the top functions")
     ap.add_argument("--profile-top", type=int, default=25)
     ap.add_argument("--no-progress", action="store_true", help="periodic prints instead of tqdm bars")
+    ap.add_argument("--speculative", type=int, default=None, metavar="K", choices=range(1, 4),
+                    help="MTP speculative decoding, k = 0 against k = K (1 to 3) on the trained tiny model with held-out "
+                         "prompts (16 requests, prompts 32:64, outputs 64; smoke 4, 16:24, 12): greedy and sampled")
+    ap.add_argument("--checkpoint", default=None, help=f"--speculative: the checkpoint (default {SPEC_CHECKPOINT})")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="--speculative: serve each run this many times and keep the fastest (default 1)")
+    ap.add_argument("--spec-concurrency", default=None, metavar="C1,C2",
+                    help="--speculative: the concurrencies (max_num_seqs) to measure at (default 1,8; smoke 1,4)")
     args = ap.parse_args(argv)
+    if args.speculative is not None:
+        for k, (smoke, full) in SPEC_DEFAULTS.items():
+            if getattr(args, k) is None:
+                setattr(args, k, smoke if args.smoke else full)
+        try:
+            args.spec_concs = [int(c) for c in args.spec_concurrency.split(",")]
+        except ValueError:
+            ap.error(f"--spec-concurrency takes integers separated by commas, got {args.spec_concurrency!r}")
+        if not args.spec_concs or min(args.spec_concs) < 1 or args.repeats < 1:
+            ap.error("--spec-concurrency needs concurrencies >= 1, --repeats >= 1")
     for k, (smoke, full) in DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, smoke if args.smoke else full)
@@ -376,11 +704,13 @@ def main(argv=None) -> int:
         ap.error("need --requests >= 1, --concurrency >= 1, --rate > 0, --max-seconds > 0")
     args.max_model_len = args.prompt_range[1] + args.output_range[1]
     torch.set_num_threads(args.threads)
+    cmd = "python " + shlex.join(sys.argv if argv is None else [sys.argv[0], *argv])
+    if args.speculative is not None:
+        return spec_main(args, cmd)
 
     from v4.runtime import load
 
     t_start = time.perf_counter()
-    cmd = "python " + shlex.join(sys.argv if argv is None else [sys.argv[0], *argv])
     log(f"command: {cmd}")
     log(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
         f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}")
