@@ -292,7 +292,7 @@ def test_speculative_engine_with_graphs_gives_the_tokens_of_the_eager_engine(cud
     # verification steps (every sequence with k = 2 drafts: 3 tokens each) replay the q = 3 graphs;
     # random weights reject most drafts, so the rows they wrote are taken back after every replay
     prompts = [[0, 9, 8, 7], [0] + list(range(20, 34)), [0, 44, 45]]
-    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (3, 6, 4)]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (4, 7, 6)]
     off = LLM(cuda_model, RuntimeConfig(max_num_seqs=2, max_model_len=40), graphs="off").generate(prompts, params)
     rt = RuntimeConfig(max_num_seqs=2, max_model_len=40, speculative_config={"method": "mtp", "num_speculative_tokens": 2})
     llm = LLM(cuda_model, rt, graphs="on")

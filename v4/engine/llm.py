@@ -52,7 +52,7 @@ class EngineStats:
     prefill_s: float = 0.0  # wall time of steps that computed prompt tokens
     decode_s: float = 0.0  # wall time of decode-only steps
     prefill_tokens: int = 0  # tokens computed in the former (recomputation included)
-    decode_tokens: int = 0  # tokens computed in the latter
+    decode_tokens: int = 0  # tokens generated in the latter (with speculative decoding: accepted drafts + 1 per verification)
     decode_steps: int = 0
 
     def as_dict(self) -> dict:
@@ -199,11 +199,12 @@ class LLM:
                                     [s.num_drafts for s in step])
         for s, n in zip(step, kept):
             s.seq.num_computed = self.runner.cache.seq_len[s.seq.slot] = s.start + n
+        generated = self.stats.generation_tokens
         for b, v in verified.items():
             outputs.append(self._append_all(step[b].seq, v.tokens, v.logprobs))
         if self.drafter is not None:
             self.drafter.propose(step, kept)
-        self._account(step, time.perf_counter() - t0)
+        self._account(step, time.perf_counter() - t0, self.stats.generation_tokens - generated)
         return outputs
 
     def _run(self, step: list[ScheduledSeq]):
@@ -216,16 +217,17 @@ class LLM:
         tokens, logprobs = self.sampler(last[sampling], [step[b].seq for b in sampling]) if sampling else ([], [])
         return logits, {b: Verified([t], [lp]) for b, t, lp in zip(sampling, tokens, logprobs)}
 
-    def _account(self, step: list[ScheduledSeq], seconds: float) -> None:
+    def _account(self, step: list[ScheduledSeq], seconds: float, generated: int) -> None:
+        """generated: tokens the step appended (a speculative step computes more tokens than it keeps:
+        decode speed counts what it generated)."""
         st = self.stats
         st.steps += 1
-        n = sum(s.num_tokens for s in step)
         if any(s.start < s.seq.num_prompt_tokens for s in step):
             st.prefill_s += seconds
-            st.prefill_tokens += n
+            st.prefill_tokens += sum(s.num_tokens for s in step)
         else:
             st.decode_s += seconds
-            st.decode_tokens += n
+            st.decode_tokens += generated
             st.decode_steps += 1
 
     def _append_all(self, seq: Sequence, tokens: list[int], lps: list[TokenLogprobs | None]) -> RequestOutput:
