@@ -240,21 +240,26 @@ class Transformer:
         return self._head(X1, b.hc_head, b.norm, layout.batch, which), X1
 
     def _block(self, b, X, ids, layout, cache):
+        # shapes: T tokens of the step, hc = cfg.hc_mult residual streams, D = cfg.hidden_size
         ops, cfg = self.ops, self.cfg
-        self._record(f"{b.name}.input", X)
+        self._record(f"{b.name}.input", X)  # X [T, hc, D]
+        # u [T, D], post [T, hc], comb [T, hc, hc]
         u, post, comb = ops.hc_pre(X, *b.hc_attn, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
-        x = ops.rms_norm(u, b.attn_norm, cfg.rms_norm_eps)
-        y = self._attention(b, x, layout, cache)
-        X = ops.hc_post(y, X, post, comb)
+        x = ops.rms_norm(u, b.attn_norm, cfg.rms_norm_eps)  # [T, D]
+        y = self._attention(b, x, layout, cache)  # [T, D]
+        X = ops.hc_post(y, X, post, comb)  # [T, hc, D]
+        # u [T, D], post [T, hc], comb [T, hc, hc]
         u, post, comb = ops.hc_pre(X, *b.hc_ffn, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
-        x = ops.rms_norm(u, b.ffn_norm, cfg.rms_norm_eps)
-        y = self._moe(b, x, ids)
-        X = ops.hc_post(y, X, post, comb)
+        x = ops.rms_norm(u, b.ffn_norm, cfg.rms_norm_eps)  # [T, D]
+        y = self._moe(b, x, ids)  # [T, D]
+        X = ops.hc_post(y, X, post, comb)  # [T, hc, D]
         self._record(f"{b.name}.output", X)
         return X
 
     # ------------------------------------------------------------------ attention
     def _attention(self, b, x, layout: StepLayout, cache: KVCache):
+        # shapes: x [T, hidden]; H = this rank's query heads, d = cfg.head_dim (the code's D); K = the
+        # compressed entries a query attends to (index_topk on CSA, the visible entries on HCA)
         ops, cfg = self.ops, self.cfg
         T, H, D = x.shape[0], self.num_heads, cfg.head_dim  # H: this rank's query heads
         batch = layout.batch
@@ -262,54 +267,57 @@ class Transformer:
         lc = cache.layers[b.layer]
 
         c_q = ops.rms_norm(self._lin(x, b.wq_a, True), b.q_norm, cfg.rms_norm_eps)  # [T, q_lora]
-        q = self._lin(c_q, b.wq_b, True).view(T, H, D)
-        q = ops.rope(ops.rms_norm(q, None, cfg.rms_norm_eps), pos, inv_freq)  # [T, H, D]
-        kv = ops.rms_norm(self._lin(x, b.wkv, True), b.kv_norm, cfg.rms_norm_eps)
-        kv = ops.rope(kv, pos, inv_freq)  # [T, D]: one shared key/value head
+        q = self._lin(c_q, b.wq_b, True).view(T, H, D)  # [T, H, d]
+        q = ops.rope(ops.rms_norm(q, None, cfg.rms_norm_eps), pos, inv_freq)  # [T, H, d]
+        kv = ops.rms_norm(self._lin(x, b.wkv, True), b.kv_norm, cfg.rms_norm_eps)  # [T, d]
+        kv = ops.rope(kv, pos, inv_freq)  # [T, d]: one shared key/value head
         if self.exact:
-            kv = quant.kv_fake_quant_fp8(kv, cfg.qk_rope_head_dim)
+            kv = quant.kv_fake_quant_fp8(kv, cfg.qk_rope_head_dim)  # [T, d]
         self._record_heads(f"{b.name}.attn.q", q)
         self._record(f"{b.name}.attn.kv", kv)
 
         comp_kv, comp_idx = None, None
         if b.kind == CSA:
-            topk = self._indexer(b, x, c_q, layout, cache)  # [T, index_topk] logical entry ids
+            topk = self._indexer(b, x, c_q, layout, cache)  # [T, K] logical entry ids (K = index_topk)
             self._record(f"{b.name}.attn.indexer_topk", topk)
         if b.kind != SLIDING:
             table = layout.tables[b.ratio]
             entries = self._compress(b.comp, x, batch, lc.pool, lc.state_kv, lc.state_score, table, inv_freq,
-                                     (b.layer, "kv"))
+                                     (b.layer, "kv"))  # [E, d]: the entries whose window closed in this step
             self._record(f"{b.name}.attn.compressed", entries)
             # CSA: the indexer's picks; HCA: every complete entry the query may see
-            comp_idx = layout.picked_rows(topk, b.ratio) if b.kind == CSA else layout.hca_rows[b.ratio]
-            comp_kv = lc.pool.view(-1, D)
+            comp_idx = layout.picked_rows(topk, b.ratio) if b.kind == CSA else layout.hca_rows[b.ratio]  # [T, K]
+            comp_kv = lc.pool.view(-1, D)  # [pool rows, d]
 
-        window_kv, window_idx = layout.window(kv, lc.ring)  # [S*W + T, D], [T, W]
-        o = ops.attention(q, window_kv, window_idx, comp_kv, comp_idx, b.sink, D ** -0.5)  # [T, H, D]
+        window_kv, window_idx = layout.window(kv, lc.ring)  # [S*W + T, d], [T, W]
+        o = ops.attention(q, window_kv, window_idx, comp_kv, comp_idx, b.sink, D ** -0.5)  # [T, H, d]
         layout.write_ring(kv, lc.ring)
         self._record_heads(f"{b.name}.attn.output", o)
-        o = ops.rope(o, pos, inv_freq, inverse=True)
+        o = ops.rope(o, pos, inv_freq, inverse=True)  # [T, H, d]
+        # [T, H*d] -> [T, hidden]
         y = ops.grouped_out_proj(o.reshape(T, H * D), b.wo_a, b.wo_b, self.num_groups, act_quant=self.exact)
         return self.comm.tp_all_reduce(y) if self.tp > 1 else y  # wo_b is row-parallel: partial sums
 
     def _indexer(self, b, x, c_q, layout: StepLayout, cache: KVCache):
         """Lightning indexer of a CSA layer: top-k compressed entries per query (logical ids, -1 padded)."""
+        # shapes: x [T, hidden], c_q [T, q_lora]; Hi x Di indexer heads; K = cfg.index_topk
         ops, cfg = self.ops, self.cfg
         T, Hi, Di = x.shape[0], cfg.index_n_heads, cfg.index_head_dim
         batch = layout.batch
         lc, inv_freq = cache.layers[b.layer], self.inv_freq["compress"]
         iq = ops.rope(self._lin(c_q, b.idx.wq_b, True).view(T, Hi, Di), batch.positions, inv_freq)  # [T, Hi, Di]
         if self.exact:
-            iq = quant.fp4_fake_quant(quant.hadamard(iq))
+            iq = quant.fp4_fake_quant(quant.hadamard(iq))  # [T, Hi, Di]
         table = layout.tables[b.ratio]
         self._compress(b.idx, x, batch, lc.index_pool, lc.index_state_kv, lc.index_state_score, table, inv_freq,
                        (b.layer, "index"))
         w = self._lin(x.to(self.acc), b.idx.weights_proj, False) * (Di ** -0.5 * Hi ** -0.5)  # [T, Hi]
         topk = ops.indexer_topk(iq, w, lc.index_pool, table.table, batch.tok_slot, batch.positions, b.ratio,
-                                cfg.index_topk, max_visible=layout.max_visible[b.ratio])
+                                cfg.index_topk, max_visible=layout.max_visible[b.ratio])  # [T, K]
         if self.hook is not None:
             # The scores of the picks let parity treat entries tied at the top-k cut as interchangeable.
-            keys = lc.index_pool.view(-1, Di)[layout.entry_rows(topk, b.ratio).long().clamp(min=0)]
+            keys = lc.index_pool.view(-1, Di)[layout.entry_rows(topk, b.ratio).long().clamp(min=0)]  # [T, K, Di]
+            # [T, K]: relu(q . key) weighted and summed over heads
             s = (torch.relu(torch.einsum("thd,tkd->thk", iq.to(self.acc), keys.to(self.acc))) * w.unsqueeze(-1)).sum(1)
             self._record(f"{b.name}.attn.indexer_scores", s.masked_fill(topk < 0, float("-inf")))
         return topk
@@ -333,18 +341,20 @@ class Transformer:
 
     # ------------------------------------------------------------------ MoE
     def _moe(self, b, x, ids):
+        # shapes: x [T, D]; k = cfg.num_experts_per_tok routed experts per token
         ops, cfg = self.ops, self.cfg
         weights, experts = ops.moe_gate(x, b.gate_w, b.gate_bias, b.tid2eid, ids, cfg.num_experts_per_tok,
-                                        cfg.routed_scaling_factor)
+                                        cfg.routed_scaling_factor)  # [T, k] acc dtype, [T, k] int32
         self._record(f"{b.name}.ffn.route_ids", experts)
         self._record(f"{b.name}.ffn.route_weights", weights)
         if self.ep_moe is not None:
-            y = self.ep_moe(x, experts, weights, b.w13, b.w2, b.shared, cfg.swiglu_limit, self.exact)
+            y = self.ep_moe(x, experts, weights, b.w13, b.w2, b.shared, cfg.swiglu_limit, self.exact)  # [T, D]
         elif self.tp > 1:  # every expert's intermediate dim is split: partial sums, added in acc dtype
             y = ops.moe_experts(x.to(self.acc), experts, weights, b.w13, b.w2, b.shared, cfg.swiglu_limit,
-                                act_quant=self.exact)
-            y = self.comm.tp_all_reduce(y).to(x.dtype)
+                                act_quant=self.exact)  # [T, D] partial sums
+            y = self.comm.tp_all_reduce(y).to(x.dtype)  # [T, D]
         else:
+            # [T, D]
             y = ops.moe_experts(x, experts, weights, b.w13, b.w2, b.shared, cfg.swiglu_limit, act_quant=self.exact)
         self._record(f"{b.name}.ffn.output", y)
         return y
