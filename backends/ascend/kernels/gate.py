@@ -10,10 +10,9 @@ largest s + bias still in play, ties going to the LOWEST expert index (torch.top
 its tie order; the tests use continuous random data, where ties do not occur), so the picks come
 out in descending order of s + bias like torch.topk's sorted output. The arg-max is written as
 max, then min of the matching indices (fp32 max and int32 min reductions only: no `tl.sort`, which
-Ascend lacks for int32, and no reliance on `tl.argmax` tie rules). softplus is
-max(z, 0) + log1p(exp(-|z|)), exp of a non-positive argument only (no overflow for any z), with
-log1p(u) = log(1 + u) * u / ((1 + u) - 1), the classic correction that keeps log1p accurate to
-a few ulps when 1 + u rounds (u = 0 when it rounds to 1): tl.exp / tl.log only, no libdevice.
+Ascend lacks for int32, and no reliance on `tl.argmax` tie rules). sqrt-softplus is the one shared
+helper `triton_common.sqrt_softplus`, the CUDA gate's too: softplus as the reference (torch) defines
+it, z above the threshold 20, else log1p(exp(z)), exp of at most 20 (no overflow), tl.exp / tl.log only.
 
 Two kernels, split by the unit they run on:
 1. `_gate_logits_kernel` (cube): logits = x W^T into an fp32 scratch [T, E]. Work item = (token
@@ -58,6 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...triton_common import interpreting, pow2, sqrt_softplus
 from .launch import LoweringCase, check_ub, programs
 
 _BLOCK_E = 64
@@ -100,15 +100,6 @@ def _gate_logits_kernel(x_ptr, w_ptr, out_ptr, T, E, K,
 
 
 @triton.jit
-def _sqrt_softplus(z):
-    u = tl.exp(-tl.abs(z))  # in (0, 1]
-    w = 1.0 + u
-    dw = w - 1.0
-    lp = tl.where(dw == 0.0, u, tl.log(w) * (u / tl.where(dw == 0.0, 1.0, dw)))
-    return tl.sqrt(tl.maximum(z, 0.0) + lp)
-
-
-@triton.jit
 def _gate_select_kernel(logit_ptr, bias_ptr, tid2eid_ptr, tok_ptr, w_out_ptr, id_out_ptr,
                         T, E, route_scale,
                         HASH: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr,
@@ -128,12 +119,12 @@ def _gate_select_kernel(logit_ptr, bias_ptr, tid2eid_ptr, tok_ptr, w_out_ptr, id
             ids = tl.load(tid2eid_ptr + tid[:, None] * TOPK + kk[None, :], mask=tk_ok, other=0).to(tl.int32)
             ok = tk_ok & (ids >= 0) & (ids < E)  # a bad table entry reads nothing out of bounds
             z = tl.load(lg_blk + t[:, None] * E + tl.where(ok, ids, 0), mask=ok, other=0.0)
-            g = tl.where(ok, _sqrt_softplus(z), 0.0)
+            g = tl.where(ok, sqrt_softplus(z), 0.0)
         else:
             e = tl.arange(0, EP)
             e_ok = e < E
             z = tl.load(lg_blk + t[:, None] * E + e[None, :], mask=t_ok[:, None] & e_ok[None, :], other=0.0)
-            s = _sqrt_softplus(z)
+            s = sqrt_softplus(z)
             sel = s + tl.load(bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32)[None, :]
             sel = tl.where(e_ok[None, :], sel, float("-inf"))
             ids = tl.zeros([BLOCK_T, KP], dtype=tl.int32)
@@ -161,10 +152,6 @@ def _gate_select_kernel(logit_ptr, bias_ptr, tid2eid_ptr, tok_ptr, w_out_ptr, id
 # launchers
 
 
-def _pow2(v: int) -> int:
-    return triton.next_power_of_2(max(1, int(v)))
-
-
 def logits_ub_bytes(block_t: int, block_e: int, block_k: int, x_bytes: int, w_bytes: int) -> int:
     """Live UB bytes of one `_gate_logits_kernel` iteration (operands, widened copies, accumulator)."""
     widen_x = 4 if x_bytes != 4 else 0
@@ -179,7 +166,7 @@ def select_ub_bytes(block_t: int, ep: int, kp: int) -> int:
 
 def _logits_blocks(T: int, E: int):
     block_t = 16 if T <= 16 else 32
-    block_e = max(_MIN_DOT, min(_BLOCK_E, _pow2(E)))
+    block_e = max(_MIN_DOT, min(_BLOCK_E, pow2(E)))
     return block_t, block_e
 
 
@@ -224,18 +211,17 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     # ---- 1. logits (cube)
     logits = torch.empty(T, E, dtype=torch.float32, device=x.device)
     kern1 = _gate_logits_kernel
-    lowp = (x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16)
-            and type(kern1).__name__ != "InterpretedFunction")
+    lowp = x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16) and not interpreting(kern1)
     block_t, block_e = _logits_blocks(T, E)
-    block_k = max(_MIN_DOT, min(_BLOCK_K, _pow2(K)))
+    block_k = max(_MIN_DOT, min(_BLOCK_K, pow2(K)))
     check_ub("moe_gate logits", logits_ub_bytes(block_t, block_e, block_k, x.element_size(), weight.element_size()))
     items = triton.cdiv(T, block_t) * triton.cdiv(E, block_e)
     kern1[(programs("cube", items, x.device),)](x, weight, logits, T, E, K, LOWP=lowp,
                                                  BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=block_k)
 
     # ---- 2. selection (vector)
-    EP = _pow2(E)
-    KP = _pow2(k)
+    EP = pow2(E)
+    KP = pow2(k)
     bt = max(1, min(32, _SEL_TILE // EP))
     check_ub("moe_gate select", select_ub_bytes(bt, EP, KP))
     if hashed:

@@ -7,7 +7,7 @@ Two kernels:
    fp32 scratch [splits, T, E]. Splitting D keeps decode (a few tokens, W of E x D) bandwidth-bound
    on many SMs instead of a handful.
 2. `_gate_select_kernel`, a block of tokens per program ([BLOCK_T, E] tile): adds the splits in a
-   fixed order (deterministic), s = sqrt(softplus(logits)), then selection: hash (ids =
+   fixed order (deterministic), s = sqrt(softplus(logits)) (`triton_common.sqrt_softplus`), then selection: hash (ids =
    tid2eid[token_id], only those k logits are gathered) or top-k of s + bias by k rounds of arg-max
    over the E experts (ties: lowest expert index first; picks come out in
    descending order of s + bias, like torch.topk's sorted output); weights = s[ids] / sum * route_scale.
@@ -15,18 +15,16 @@ Two kernels:
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
 
+from ...triton_common import sqrt_softplus
 from .launch import MAX_SPLITS, target_programs
 
 _BLOCK_T = 16
 _BLOCK_E = 64
 _BLOCK_K = 128
-
-
 
 
 @triton.jit
@@ -58,17 +56,6 @@ def _gate_logits_kernel(x_ptr, w_ptr, part_ptr, T, E, K, K_PER,
 
 
 @triton.jit
-def _softplus_sqrt(z):
-    # sqrt(softplus(z)), softplus with torch's threshold 20 and an accurate log1p(exp(z)) for z << 0:
-    # log1p(u) = log(1 + u) * u / ((1 + u) - 1)  (exact-rounding trick; = u when 1 + u rounds to 1)
-    u = tl.exp(tl.minimum(z, 20.0))
-    w = 1.0 + u
-    den = w - 1.0
-    lp = tl.where(den == 0.0, u, tl.log(w) * (u / tl.where(den == 0.0, 1.0, den)))
-    return tl.sqrt(tl.where(z > 20.0, z, lp))
-
-
-@triton.jit
 def _gate_select_kernel(part_ptr, bias_ptr, tid2eid_ptr, tok_ptr, w_out_ptr, id_out_ptr,
                         T, E, SPLITS, route_scale,
                         HASH: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
@@ -84,7 +71,7 @@ def _gate_select_kernel(part_ptr, bias_ptr, tid2eid_ptr, tok_ptr, w_out_ptr, id_
         z = tl.zeros([BLOCK_T, KP], dtype=tl.float32)
         for sp in range(0, SPLITS):
             z += tl.load(part_ptr + (sp * T + toks64)[:, None] * E + ids, mask=tk_mask, other=0.0)
-        g = _softplus_sqrt(z)
+        g = sqrt_softplus(z)
     else:
         e = tl.arange(0, BLOCK_E)
         emask = e < E
@@ -92,7 +79,7 @@ def _gate_select_kernel(part_ptr, bias_ptr, tid2eid_ptr, tok_ptr, w_out_ptr, id_
         z = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
         for sp in range(0, SPLITS):
             z += tl.load(part_ptr + (sp * T + toks64)[:, None] * E + e[None, :], mask=te_mask, other=0.0)
-        s = _softplus_sqrt(z)
+        s = sqrt_softplus(z)
         sel = s + tl.load(bias_ptr + e, mask=emask, other=0.0).to(tl.float32)[None, :]
         sel = tl.where(emask[None, :], sel, float("-inf"))
         ids = tl.zeros([BLOCK_T, KP], dtype=tl.int32)
