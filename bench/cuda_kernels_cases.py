@@ -1,0 +1,667 @@
+"""The kernel cases of bench/cuda_kernels.py: shapes, targets, checks and one case generator per kernel.
+
+Each `cases_<kernel>(ctx)` yields `Case`s (inputs built on ctx.dev lazily, one case at a time); a
+case holds the CUDA call, the reference call, the check that compares them and the byte / FLOP
+counts of the roofline (formulas in bench/cuda_kernels.py's docstring). `KERNELS` maps the names
+of `--only` to the generators, `MODULE_OF` to the `backends.cuda.kernels` module each needs.
+
+Only torch is imported here at module level: triton (through the kernels and `v4.ops`) is imported
+after bench/cuda_kernels.py has decided TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import torch
+
+FP8_ROW_BYTES_512 = 584  # V4 main KV row (spec §1): 448 e4m3 + 64 bf16 rope + 7 UE8M0 scales + 1 pad
+
+
+# ----------------------------------------------------------------------------------- targets
+
+@dataclass
+class Target:
+    metric: str  # "bw" (%BW), "tf" (%TF) or "roof" (%roof)
+    frac: float
+    source: str  # where the goal comes from
+
+    def text(self) -> str:
+        what = {"bw": "HBM BW", "tf": "peak", "roof": "roofline"}[self.metric]
+        return f">={self.frac * 100:.0f}% {what} ({self.source})"
+
+
+T_ATTN_DECODE = Target("bw", 0.70, "brief")
+T_INDEXER = Target("bw", 0.70, "brief")
+T_MOE_PREFILL = Target("tf", 0.50, "brief")
+T_ATTN_PREFILL = Target("tf", 0.35, "spec 7.3")
+T_MOE_DECODE = Target("bw", 0.60, "spec 7.4")
+T_ELEMENTWISE = Target("bw", 0.75, "spec 7.5")
+
+
+# ----------------------------------------------------------------------------------- shapes
+@dataclass
+class Shapes:
+    """Everything a case's size depends on: V4-Flash values, or tiny ones for --smoke."""
+
+    heads: int  # attention query heads
+    head_dim: int
+    topk: int  # CSA top-k compressed entries per query
+    window: int  # sliding window
+    csa_ratio: int
+    hca_ratio: int
+    batches: list  # decode batch sizes (queries, one per sequence)
+    contexts: list  # decode context lengths
+    prefill_queries: int  # attention prefill: queries of one sequence
+    prefill_context: int
+    idx_heads: int
+    idx_dim: int
+    block_size: int  # entries per page of the compressed / indexer pools
+    hidden: int
+    hc_n: int
+    prefill_tokens: int  # hc / norm / rope / gate prefill size
+    compress_tokens: int
+    compress_idx_dim: int
+    experts: int
+    moe_topk: int
+    moe_inter: int
+    moe_prefill: list
+    moe_decode: list
+    linear: dict  # name -> (N, K)
+    linear_tokens: list
+
+
+FLASH = Shapes(
+    heads=64, head_dim=512, topk=512, window=128, csa_ratio=4, hca_ratio=128,
+    batches=[1, 32, 128], contexts=[8192, 65536, 1048576], prefill_queries=4096, prefill_context=8192,
+    idx_heads=64, idx_dim=128, block_size=64,
+    hidden=4096, hc_n=4, prefill_tokens=4096,
+    compress_tokens=8192, compress_idx_dim=128,
+    experts=256, moe_topk=6, moe_inter=2048, moe_prefill=[4096, 16384], moe_decode=[1, 32, 128],
+    # Flash projections (q_lora 1024, 64 x 512 heads, o_groups 8 x rank 1024, indexer 64 x 128)
+    linear={"wq_a": (1024, 4096), "wq_b": (32768, 1024), "wkv": (512, 4096), "wo_b": (4096, 8192),
+            "idx.wq_b": (8192, 1024)},
+    linear_tokens=[1, 128, 4096],
+)
+
+SMOKE = Shapes(
+    heads=16, head_dim=128, topk=16, window=8, csa_ratio=4, hca_ratio=16,
+    batches=[1, 3], contexts=[128, 512], prefill_queries=16, prefill_context=128,
+    idx_heads=8, idx_dim=32, block_size=16,
+    hidden=64, hc_n=4, prefill_tokens=9,
+    compress_tokens=64, compress_idx_dim=128,
+    experts=8, moe_topk=2, moe_inter=64, moe_prefill=[24], moe_decode=[1, 3],
+    linear={"wq_a": (128, 256), "wkv": (64, 256)},
+    linear_tokens=[1, 5],
+)
+
+
+# ----------------------------------------------------------------------------------- context
+@dataclass
+class Ctx:
+    args: Any
+    smoke: bool
+    gpu: bool
+    dev: torch.device
+    sh: Shapes
+    hw: dict | None  # None in smoke mode: no roofline claims
+    hw_name: str
+    K: SimpleNamespace  # kernel modules
+    ref: Any  # ReferenceOps on dev
+    flush: torch.Tensor | None = None
+    notes: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # (kernel, case, why): cases not run
+    moe_weights: Any = None  # built once for moe and moe_fp4
+
+
+@dataclass
+class Case:
+    kernel: str
+    label: str
+    phase: str  # "decode" | "prefill"
+    run_cuda: Callable[[], Any]
+    run_ref: Callable[[], Any]
+    check: Callable[[Any, Any], tuple]  # (ok, short text, metrics dict)
+    bytes: float
+    flops: float
+    peak: str  # "bf16" | "fp8" | "fp32"
+    target: Target | None = None
+
+# ----------------------------------------------------------------------------------- checks
+def _cmp(got: torch.Tensor, ref: torch.Tensor) -> dict:
+    g, r = got.detach().float(), ref.detach().float()
+    if g.shape != r.shape:
+        return {"shape": f"{tuple(g.shape)} vs {tuple(r.shape)}", "max_abs": math.inf, "max_rel": math.inf}
+    if g.numel() == 0:
+        return {"max_abs": 0.0, "max_rel": 0.0, "finite": True}
+    d = (g - r).abs()
+    mx = float(d.max())
+    scale = float(r.abs().max())
+    return {"max_abs": mx, "max_rel": mx / max(scale, 1e-30), "finite": bool(torch.isfinite(g).all()),
+            "_d": d, "_r": r}
+
+
+def check_close(tol: float):
+    """OK when max |got - ref| / max |ref| <= tol (all parts of a tuple output) and got is finite."""
+    def check(got, ref):
+        gs = got if isinstance(got, (tuple, list)) else (got,)
+        rs = ref if isinstance(ref, (tuple, list)) else (ref,)
+        worst = {"max_abs": 0.0, "max_rel": 0.0}
+        ok = True
+        for g, r in zip(gs, rs):
+            m = _cmp(g, r)
+            if "shape" in m:
+                return False, f"shape {m['shape']}", {"shape": m["shape"]}
+            ok &= m["finite"] and m["max_rel"] <= tol
+            worst["max_abs"] = max(worst["max_abs"], m["max_abs"])
+            worst["max_rel"] = max(worst["max_rel"], m["max_rel"])
+        worst["tol"] = tol
+        return ok, f"abs {worst['max_abs']:.1e} rel {worst['max_rel']:.1e}", worst
+    return check
+
+
+def check_quantized(rtol: float, atol: float, max_frac: float):
+    """Fake-quantised outputs: an element sitting on an e4m3 / e2m1 rounding boundary may round the
+    other way after a last-bit difference upstream, so OK = at most max_frac of the elements outside
+    atol + rtol * |ref| (plus the max errors for the record)."""
+    def check(got, ref):
+        m = _cmp(got, ref)
+        if "shape" in m:
+            return False, f"shape {m['shape']}", {"shape": m["shape"]}
+        frac = float((m["_d"] > atol + rtol * m["_r"].abs()).float().mean()) if got.numel() else 0.0
+        ok = m["finite"] and frac <= max_frac
+        return ok, f"rel {m['max_rel']:.1e} off {frac * 100:.2f}%", \
+            {"max_abs": m["max_abs"], "max_rel": m["max_rel"], "frac_off": frac, "max_frac": max_frac}
+    return check
+
+
+def set_overlap(got: torch.Tensor, ref: torch.Tensor) -> dict:
+    """Per row |got ∩ ref| / |ref| over the valid (>= 0) picks; min and mean over rows."""
+    g, r = got.long(), ref.long()
+    if g.shape != r.shape:
+        return {"shape": f"{tuple(g.shape)} vs {tuple(r.shape)}"}
+    if r.numel() == 0:
+        return {"min": 1.0, "mean": 1.0, "same_count": True}
+    k = r.shape[1]
+    rs = r.sort(dim=1).values.contiguous()
+    pos = torch.searchsorted(rs, g.contiguous()).clamp(max=k - 1)
+    hit = (rs.gather(1, pos) == g) & (g >= 0)
+    n_ref, n_got = (r >= 0).sum(1), (g >= 0).sum(1)
+    ov = hit.sum(1).double() / n_ref.clamp(min=1).double()
+    ov = torch.where(n_ref == 0, (n_got == 0).double(), ov)
+    return {"min": float(ov.min()), "mean": float(ov.mean()), "same_count": bool((n_ref == n_got).all())}
+
+
+def check_topk(min_ovl: float = 0.95, mean_ovl: float = 0.99):
+    """Indexer picks: the same number of valid picks per query and (near-)equal sets. Scores that
+    tie within fp32 summation-order noise at the top-k cut may swap, hence not 100% required."""
+    def check(got, ref):
+        o = set_overlap(got, ref)
+        if "shape" in o:
+            return False, f"shape {o['shape']}", o
+        ok = o["same_count"] and o["min"] >= min_ovl and o["mean"] >= mean_ovl
+        return ok, f"ovl min {o['min']:.3f} mean {o['mean']:.4f}", o
+    return check
+
+
+def check_gate(tol: float):
+    """Gate: expert sets per token (overlap) and, on tokens whose sets agree, the weights by expert."""
+    def check(got, ref):
+        (gw, gi), (rw, ri) = got, ref
+        o = set_overlap(gi, ri)
+        if "shape" in o:
+            return False, f"shape {o['shape']}", o
+        gi_s, gp = gi.long().sort(dim=1)
+        ri_s, rp = ri.long().sort(dim=1)
+        same = (gi_s == ri_s).all(1)
+        m = _cmp(gw.gather(1, gp)[same], rw.float().gather(1, rp)[same]) if bool(same.any()) else {"max_rel": 0.0, "finite": True}
+        ok = o["mean"] >= 0.99 and m["finite"] and m["max_rel"] <= tol
+        o.update({"weights_max_rel": m["max_rel"], "tol": tol})
+        return ok, f"ovl {o['mean']:.4f} w rel {m['max_rel']:.1e}", o
+    return check
+
+
+# ----------------------------------------------------------------------------------- helpers
+def nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def randn(*shape, dtype=torch.bfloat16, dev, scale: float = 1.0) -> torch.Tensor:
+    x = torch.randn(*shape, device=dev, dtype=torch.float32 if dtype not in (torch.float32, torch.bfloat16) else dtype)
+    if scale != 1.0:
+        x.mul_(scale)
+    return x.to(dtype)
+
+
+def _chunks(n: int, step: int):
+    for s in range(0, n, step):
+        yield s, min(n, s + step)
+
+
+def pack_fp8_chunked(K, kv: torch.Tensor, step: int = 1 << 18) -> torch.Tensor:
+    """pack_fp8_kv in row chunks (its fp32 temporaries of a 128K-context pool would be many GB)."""
+    out = torch.empty(kv.shape[0], K.attention.row_bytes(kv.shape[1]), dtype=torch.uint8, device=kv.device)
+    for s, e in _chunks(kv.shape[0], step):
+        out[s:e] = K.attention.pack_fp8_kv(kv[s:e])
+    return out
+
+
+def unpack_fp8_into(K, packed: torch.Tensor, dst: torch.Tensor, step: int = 1 << 18) -> torch.Tensor:
+    """dst[:] = unpack_fp8_kv(packed) in dst's dtype (bf16: exact), chunked; returns dst."""
+    d = dst.shape[1]
+    for s, e in _chunks(packed.shape[0], step):
+        dst[s:e] = K.attention.unpack_fp8_kv(packed[s:e], d).to(dst.dtype)
+    return dst
+
+
+def too_big(ctx: Ctx, kernel: str, label: str, nbytes_: float) -> bool:
+    """Skip (and record) a case whose KV / key pool alone would pass --max-input-gb."""
+    cap = ctx.args.max_input_gb * 1e9
+    if nbytes_ <= cap:
+        return False
+    ctx.skipped.append((kernel, label, f"pool {nbytes_ / 1e9:.0f} GB > --max-input-gb {ctx.args.max_input_gb:g}"))
+    return True
+
+
+def _kfmt(n: int) -> str:
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20}M"
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+# =================================================================================== cases
+# Each builder is a generator of Cases for one kernel name; it builds inputs on ctx.dev lazily
+# (one case's inputs at a time, freed when the next case is built).
+
+
+def cases_attention(ctx: Ctx, fp8: bool):
+    """Sparse MQA decode (one query per sequence) over window + compressed rows, CSA and HCA layers,
+    then one CSA prefill case. KV rows bf16, or the packed FP8 layout (584 B rows at d = 512)."""
+    K, sh, dev = ctx.K, ctx.sh, ctx.dev
+    H, d, W = sh.heads, sh.head_dim, sh.window
+    name = "attention_fp8" if fp8 else "attention"
+    row = K.attention.row_bytes(d) if fp8 else 2 * d
+    scale = d ** -0.5
+
+    def make(q, w_kv, w_idx, c_kv, c_idx, sink, phase, label, target, splits=None):
+        T = q.shape[0]
+        valid_w, valid_c = w_idx[w_idx >= 0], c_idx[c_idx >= 0]
+        U = torch.unique(valid_w).numel() + torch.unique(valid_c).numel()
+        N = valid_w.numel() + valid_c.numel()
+        b = 2 * nbytes(q) + U * row + 4 * T * (w_idx.shape[1] + c_idx.shape[1]) + 4 * H
+        flops = 2 * H * (d + d) * N
+        if fp8:
+            w_p, c_p = pack_fp8_chunked(K, w_kv), pack_fp8_chunked(K, c_kv)
+            # the reference attends over the dequantised rows (exact in bf16), as the model's bf16 cache holds them
+            w_kv, c_kv = unpack_fp8_into(K, w_p, w_kv), unpack_fp8_into(K, c_p, c_kv)
+            run_cuda = lambda: K.attention.attention_fp8kv(q, w_p, w_idx, c_p, c_idx, sink, scale, d, splits=splits)  # noqa: E731
+        else:
+            run_cuda = lambda: K.attention.attention(q, w_kv, w_idx, c_kv, c_idx, sink, scale, splits=splits)  # noqa: E731
+        run_ref = lambda: ctx.ref.attention(q, w_kv, w_idx, c_kv, c_idx, sink, scale)  # noqa: E731
+        return Case(name, label, phase, run_cuda, run_ref, check_close(1e-2), b, flops, "bf16", target)
+
+    torch.manual_seed(1)
+    sink = randn(H, dtype=torch.float32, dev=dev, scale=0.5)
+    for L in sh.contexts:
+        for B in sh.batches:
+            for kind, ratio in (("csa", sh.csa_ratio), ("hca", sh.hca_ratio)):
+                S = L // ratio
+                if too_big(ctx, name, f"{kind} B={B} ctx={_kfmt(L)}", B * S * d * 2 * (1.6 if fp8 else 1)):
+                    continue
+                q = randn(B, H, d, dev=dev)
+                # window: the ring's W rows of each sequence + this step's new row (model: cat([ring, kv]))
+                w_kv = randn(B * W + B, d, dev=dev)
+                ar = torch.arange(B, device=dev)[:, None]
+                w_idx = torch.cat([B * W + ar, ar * W + torch.arange(W - 1, device=dev)[None, :]], 1).to(torch.int32)
+                c_kv = randn(B * S, d, dev=dev)
+                if kind == "csa":  # the indexer's top-k picks: distinct entries of the sequence, score order
+                    k = min(sh.topk, S)
+                    picks = torch.rand(B, S, device=dev).topk(k, dim=1).indices
+                else:  # HCA: every complete entry
+                    picks = torch.arange(S, device=dev)[None, :].expand(B, S)
+                c_idx = (ar * S + picks).to(torch.int32)
+                yield make(q, w_kv, w_idx, c_kv, c_idx, sink, "decode", f"{kind} B={B} ctx={_kfmt(L)}", T_ATTN_DECODE)
+                if B == sh.batches[0]:  # the same call without split-KV: what the split buys at small batch
+                    yield make(q, w_kv, w_idx, c_kv, c_idx, sink, "decode", f"{kind} B={B} ctx={_kfmt(L)} splits=1",
+                               T_ATTN_DECODE, splits=1)
+                del q, w_kv, w_idx, c_kv, c_idx, picks
+    # prefill: T queries of one sequence (each its own W-row window and top-k of the entries)
+    T, L = sh.prefill_queries, sh.prefill_context
+    S = L // sh.csa_ratio
+    q = randn(T, H, d, dev=dev)
+    w_kv = randn(T + W, d, dev=dev)
+    w_idx = (torch.arange(T, device=dev)[:, None] + W - torch.arange(W, device=dev)[None, :]).to(torch.int32)
+    c_kv = randn(S, d, dev=dev)
+    c_idx = torch.rand(T, S, device=dev).topk(min(sh.topk, S), dim=1).indices.to(torch.int32)
+    yield make(q, w_kv, w_idx, c_kv, c_idx, sink, "prefill", f"csa prefill T={T} ctx={_kfmt(L)}", T_ATTN_PREFILL)
+
+
+def cases_indexer(ctx: Ctx):
+    """Lightning-indexer decode: one query per sequence scores its ctx // 4 entries, top-k."""
+    K, sh, dev = ctx.K, ctx.sh, ctx.dev
+    Hi, Di, bs, topk = sh.idx_heads, sh.idx_dim, sh.block_size, sh.topk
+    torch.manual_seed(2)
+    for L in sh.contexts:
+        for B in sh.batches:
+            S = L // sh.csa_ratio
+            per = -(-S // bs)
+            nb = B * per + 1
+            if too_big(ctx, "indexer", f"B={B} ctx={_kfmt(L)}", nb * bs * Di * 2):
+                continue
+            pool = randn(nb, bs, Di, dev=dev)
+            table = torch.randperm(nb, device=dev)[:B * per].view(B, per).to(torch.int32)
+            q = randn(B, Hi, Di, dev=dev)
+            w = randn(B, Hi, dtype=torch.float32, dev=dev, scale=(Di * Hi) ** -0.5)
+            tok_slot = torch.arange(B, device=dev)
+            pos = torch.full((B,), L - 1, dtype=torch.long, device=dev)
+            b = B * S * Di * pool.element_size() + nbytes(q) + nbytes(w) + 4 * B * per + 4 * B * topk
+            flops = 2 * Hi * Di * S * B
+            args = (q, w, pool, table, tok_slot, pos, sh.csa_ratio, topk)
+            # max_visible = S: the host-side bound the model passes (a captured step passes the
+            # cache's capacity), so neither side reads the positions back
+            yield Case("indexer", f"B={B} ctx={_kfmt(L)} S={_kfmt(S)}", "decode",
+                       lambda a=args, S=S: K.indexer.indexer_topk(*a, max_visible=S),
+                       lambda a=args, S=S: ctx.ref.indexer_topk(*a, max_visible=S),
+                       check_topk(), b, flops, "bf16", T_INDEXER)
+            del pool, table, q, w, args
+
+
+def cases_compress(ctx: Ctx):
+    """Compressor prefill of one sequence: CSA main (ratio 4, overlapping, fp8), HCA (ratio 128,
+    fp8), indexer keys (ratio 4, overlapping, fp4); pool in bf16, state and inputs in fp32. Then
+    each in its decode form (`DecodeRows`, the CUDA-graph path) for every decode batch size."""
+    sh, dev = ctx.sh, ctx.dev
+    from v4.ops import CompressSpec
+    from v4.config import ModelConfig, yarn_inv_freq
+
+    rope = 64
+    inv = yarn_inv_freq(rope, 160000.0, ModelConfig().rope_scaling).to(dev, torch.float32)
+    torch.manual_seed(3)
+    for label, m, c, overlap, quant in (("csa", sh.csa_ratio, sh.head_dim, True, "fp8"),
+                                        ("hca", sh.hca_ratio, sh.head_dim, False, "fp8"),
+                                        ("indexer", sh.csa_ratio, sh.compress_idx_dim, True, "fp4")):
+        spec = CompressSpec(m, c, overlap, quant, rope, 1e-6)
+        case, norm_w = _compress_prefill_case(ctx, label, spec, inv)
+        yield case
+        del case
+        # decode (the captured form, DecodeRows): B sequences, one token each, every other one
+        # closing its window at this token; the rest go mid-window
+        for B in sh.batches:
+            yield _compress_decode_case(ctx, label, spec, inv, norm_w, B)
+
+
+def _compress_prefill_case(ctx: Ctx, label: str, spec, inv: torch.Tensor) -> tuple[Case, torch.Tensor]:
+    """The prefill case of one compressor (T tokens of one sequence) and its norm weight (the decode
+    cases reuse it)."""
+    K, sh, dev = ctx.K, ctx.sh, ctx.dev
+    m, c, overlap, quant = spec.ratio, spec.dim, spec.overlap, spec.quant
+    T, bs = sh.compress_tokens, sh.block_size
+    k = 2 if overlap else 1
+    E = T // m
+    per = -(-(E + 1) // bs)
+    kv = randn(T, k * c, dtype=torch.float32, dev=dev)
+    score = randn(T, k * c, dtype=torch.float32, dev=dev, scale=2.0)
+    ape = randn(m, k * c, dtype=torch.float32, dev=dev, scale=0.5)
+    norm_w = 1.0 + randn(c, dtype=torch.float32, dev=dev, scale=0.1)
+    table = torch.randperm(per + 2, device=dev)[:per].view(1, per).to(torch.int32)
+    seqs = [(0, 0, T, 0)]
+    st = {side: (torch.zeros(1, k * m, k * c, device=dev), torch.zeros(1, k * m, k * c, device=dev),
+                 torch.zeros(per + 2, bs, c, dtype=torch.bfloat16, device=dev)) for side in ("cuda", "ref")}
+    rows_written = (m if overlap else 0) + (T % m)
+    b = 2 * 4 * T * k * c + nbytes(ape) + 2 * E * c * 2 + 2 * 4 * rows_written * k * c + nbytes(norm_w)
+
+    def run(fn, side):
+        skv, sz, pool = st[side]
+        return fn(kv, score, ape, spec, norm_w, inv, skv, sz, pool, table, seqs)
+
+    def check(got, ref, base=check_quantized(2 ** -7, 1e-3, 0.01)):
+        ok, text, m_ = base(got, ref)
+        ok_p, _, mp = base(st["cuda"][2], st["ref"][2])
+        same_state = all(torch.equal(st["cuda"][i], st["ref"][i]) for i in (0, 1))
+        m_.update({"pool_frac_off": mp.get("frac_off"), "state_equal": same_state})
+        return ok and ok_p and same_state, text + ("" if same_state else " STATE"), m_
+
+    case = Case("compress", f"{label} m={m} c={c} {quant} T={_kfmt(T)}", "prefill",
+                lambda: run(K.compress.compress, "cuda"), lambda: run(ctx.ref.compress, "ref"),
+                check, b, 0.0, "fp32", T_ELEMENTWISE)
+    return case, norm_w
+
+
+def _compress_decode_case(ctx: Ctx, label: str, spec, inv: torch.Tensor, norm_w: torch.Tensor, B: int) -> Case:
+    """One decode step of B sequences through the compressor (`DecodeRows`, one launch)."""
+    K, sh, dev = ctx.K, ctx.sh, ctx.dev
+    from v4.ops import DecodeRows
+
+    m, c, overlap = spec.ratio, spec.dim, spec.overlap
+    bs = sh.block_size
+    k = 2 if overlap else 1
+    pos = torch.tensor([(1000 + i) * m + (m - 1 if i % 2 == 0 else i % m) for i in range(B)], device=dev)
+    rows = DecodeRows(torch.arange(B, device=dev), pos)
+    n_close = (B + 1) // 2
+    per = int(pos.max()) // m // bs + 1
+    table = torch.randperm(B * per, device=dev).view(B, per).to(torch.int32)
+    kv = randn(B, k * c, dtype=torch.float32, dev=dev)
+    score = randn(B, k * c, dtype=torch.float32, dev=dev, scale=2.0)
+    ape = randn(m, k * c, dtype=torch.float32, dev=dev, scale=0.5)
+    init = randn(B, k * m, k * c, dtype=torch.float32, dev=dev)
+    st = {side: (init.clone(), init.clone() * 0.5, torch.zeros(B * per, bs, c, dtype=torch.bfloat16, device=dev))
+          for side in ("cuda", "ref")}
+    del init
+    # read kv + score rows; closing rows read their k*m state rows (kv + score) and write the
+    # pool row and the returned row; every row writes state: one row, or m rows on closing (overlap)
+    b = (2 * 4 * B * k * c + n_close * (2 * 4 * k * m * k * c + 2 * c * 2)
+         + 2 * 4 * k * c * ((B - n_close) + n_close * (m if overlap else 0)))
+
+    def run(fn, side):
+        skv, sz, pool = st[side]
+        return fn(kv, score, ape, spec, norm_w, inv, skv, sz, pool, table, rows)
+
+    def check(got, ref, base=check_quantized(2 ** -7, 1e-3, 0.01)):
+        ok, text, m_ = base(got, ref)
+        same_state = all(torch.equal(st["cuda"][i], st["ref"][i]) for i in (0, 1))
+        m_["state_equal"] = same_state
+        return ok and same_state, text + ("" if same_state else " STATE"), m_
+
+    return Case("compress", f"{label} decode m={m} B={B} (1 launch)", "decode",
+                lambda: run(K.compress.compress, "cuda"), lambda: run(ctx.ref.compress, "ref"),
+                check, b, 0.0, "fp32", None)
+
+
+def _hc_tokens(sh: Shapes) -> list:
+    return list(sh.batches) + [sh.prefill_tokens]
+
+
+def cases_hc_pre(ctx: Ctx):
+    K, sh, dev = ctx.K, ctx.sh, ctx.dev
+    n, D = sh.hc_n, sh.hidden
+    torch.manual_seed(4)
+    rows = (2 + n) * n
+    fn = randn(rows, n * D, dtype=torch.float32, dev=dev, scale=(n * D) ** -0.5)
+    base = randn(rows, dtype=torch.float32, dev=dev, scale=0.5)
+    scale = torch.tensor([1.0, 1.0, 1.0], device=dev)
+    for T in _hc_tokens(sh):
+        X = randn(T, n, D, dev=dev)
+        b = nbytes(X) + nbytes(fn) + T * D * X.element_size() + 4 * T * (n + n * n)
+        flops = 2 * T * rows * n * D + 4 * T * n * D
+        args = (X, fn, base, scale, 20, 1e-6, 1e-6)
+        yield Case("hc_pre", f"T={T} n={n} D={D}", "decode" if T < sh.prefill_tokens else "prefill",
+                   lambda a=args: K.mhc.hc_pre(*a), lambda a=args: ctx.ref.hc_pre(*a),
+                   check_close(1e-2), b, flops, "fp32", T_ELEMENTWISE)
+
+
+def cases_hc_post(ctx: Ctx):
+    K, sh, dev = ctx.K, ctx.sh, ctx.dev
+    n, D = sh.hc_n, sh.hidden
+    torch.manual_seed(5)
+    for T in _hc_tokens(sh):
+        X = randn(T, n, D, dev=dev)
+        y = randn(T, D, dev=dev)
+        post = torch.rand(T, n, device=dev) * 2
+        comb = torch.softmax(torch.randn(T, n, n, device=dev), -1)
+        b = nbytes(y) + 2 * nbytes(X) + nbytes(post) + nbytes(comb)
+        args = (y, X, post, comb)
+        yield Case("hc_post", f"T={T} n={n} D={D}", "decode" if T < sh.prefill_tokens else "prefill",
+                   lambda a=args: K.mhc.hc_post(*a), lambda a=args: ctx.ref.hc_post(*a),
+                   check_close(1e-2), b, 2 * T * n * D * (n + 1), "fp32", T_ELEMENTWISE)
+
+
+def cases_rms_norm(ctx: Ctx):
+    K, sh, dev = ctx.K, ctx.sh, ctx.dev
+    torch.manual_seed(6)
+    for T in (sh.batches[-1], sh.prefill_tokens):
+        for what, shape, weighted in (("q heads", (T, sh.heads, sh.head_dim), False), ("hidden", (T, sh.hidden), True)):
+            x = randn(*shape, dev=dev)
+            w = (1.0 + randn(shape[-1], dtype=torch.float32, dev=dev, scale=0.1)) if weighted else None
+            b = 2 * nbytes(x) + nbytes(w)
+            args = (x, w, 1e-6)
+            yield Case("rms_norm", f"{what} {'x'.join(map(str, shape))}", "decode" if T < sh.prefill_tokens else "prefill",
+                       lambda a=args: K.norm_rope.rms_norm(*a), lambda a=args: ctx.ref.rms_norm(*a),
+                       check_close(1e-2), b, 0.0, "fp32", T_ELEMENTWISE)
+
+
+def cases_rope(ctx: Ctx):
+    K, sh, dev = ctx.K, ctx.sh, ctx.dev
+    from v4.config import yarn_inv_freq
+
+    torch.manual_seed(7)
+    inv = yarn_inv_freq(64, 10000.0, None).to(dev, torch.float32)
+    for T in (sh.batches[-1], sh.prefill_tokens):
+        x = randn(T, sh.heads, sh.head_dim, dev=dev)
+        pos = torch.randint(0, 1 << 17, (T,), device=dev)
+        b = 2 * nbytes(x) + nbytes(pos) + nbytes(inv)
+        args = (x, pos, inv)
+        yield Case("rope", f"q {T}x{sh.heads}x{sh.head_dim}", "decode" if T < sh.prefill_tokens else "prefill",
+                   lambda a=args: K.norm_rope.rope(*a), lambda a=args: ctx.ref.rope(*a),
+                   check_close(1e-2), b, 0.0, "fp32", T_ELEMENTWISE)
+
+
+def cases_gate(ctx: Ctx):
+    K, sh, dev = ctx.K, ctx.sh, ctx.dev
+    E, D, k = sh.experts, sh.hidden, sh.moe_topk
+    torch.manual_seed(8)
+    w = randn(E, D, dtype=torch.float32, dev=dev, scale=D ** -0.5)
+    bias = randn(E, dtype=torch.float32, dev=dev, scale=0.1)
+    for T in _hc_tokens(sh):
+        x = randn(T, D, dev=dev)
+        b = nbytes(x) + nbytes(w) + nbytes(bias) + 8 * T * k
+        args = (x, w, bias, None, None, k, 1.5)
+        yield Case("gate", f"T={T} E={E} D={D} top{k}", "decode" if T < sh.prefill_tokens else "prefill",
+                   lambda a=args: K.gate.moe_gate(*a), lambda a=args: ctx.ref.moe_gate(*a),
+                   check_gate(1e-4), b, 2 * T * E * D, "fp32", None)
+
+
+def _moe_weights(ctx: Ctx):
+    """Routed experts stored as FP4 (V4's format), their bf16 dequantisation (the bf16 grouped GEMM
+    runs on these values too), a bf16 shared expert and an FP8 one (V4's shared expert format)."""
+    K, sh, dev = ctx.K, ctx.sh, ctx.dev
+    from v4 import quant
+
+    E, D, I = sh.experts, sh.hidden, sh.moe_inter
+    torch.manual_seed(9)
+    bf = torch.bfloat16
+    w13 = torch.empty(E, 2 * I, D, dtype=bf, device=dev)
+    w2 = torch.empty(E, D, I, dtype=bf, device=dev)
+    q1, q3, q2 = [], [], []
+    for e in range(E):
+        for lst, shape, dst in ((q1, (I, D), w13[e, :I]), (q3, (I, D), w13[e, I:]), (q2, (D, I), w2[e])):
+            qw = quant.QuantizedWeight("fp4", *quant.quant_fp4(randn(*shape, dtype=torch.float32, dev=dev, scale=D ** -0.5)))
+            dst.copy_(qw.dequantize(torch.float32))
+            lst.append(qw)
+    f13, f2 = K.gemm.prepare_experts(q1, q3, q2, bf, dev)
+    del q1, q3, q2
+    s1, s3, s2 = (randn(*s, dtype=torch.float32, dev=dev, scale=D ** -0.5) for s in ((I, D), (I, D), (D, I)))
+    shared_bf = (torch.cat([s1, s3]).to(bf), s2.to(bf))
+    qs = [quant.QuantizedWeight("fp8", *quant.quant_fp8_block(t)) for t in (s1, s3, s2)]
+    p13, p2 = K.gemm.prepare_experts([qs[0]], [qs[1]], [qs[2]], bf, dev)
+    shared_fp8 = (p13[0], p2[0])
+    shared_fp8_ref = (torch.cat([qs[0].dequantize(), qs[1].dequantize()]).to(bf), qs[2].dequantize().to(bf))
+    dense13 = K.gemm.CudaWeight("dense", w13, None, bf, I)
+    dense2 = K.gemm.CudaWeight("dense", w2, None, bf, 0)
+    return SimpleNamespace(w13=w13, w2=w2, dense13=dense13, dense2=dense2, f13=f13, f2=f2,
+                           shared_bf=shared_bf, shared_bf_cuda=(K.gemm.CudaWeight("dense", shared_bf[0], None, bf, I),
+                                                                K.gemm.CudaWeight("dense", shared_bf[1], None, bf, 0)),
+                           shared_fp8=shared_fp8, shared_fp8_ref=shared_fp8_ref)
+
+
+def _cw_bytes_per_expert(w) -> int:
+    """Bytes of one expert of a stacked CudaWeight (data + scales, as stored)."""
+    e = w.data.shape[0]
+    return (nbytes(w.data) + nbytes(w.scale)) // e
+
+
+def _cw_bytes(w) -> int:
+    return nbytes(w.data) + nbytes(w.scale)
+
+
+def cases_moe(ctx: Ctx, fp4: bool):
+    """Routed top-k experts + shared expert. bf16: dense weights, no activation quant (prefill and
+    decode). fp4: routed FP4 + shared FP8 weights dequantised in-kernel, FP8 activation quant (V4's
+    exact mode), decode shapes; the reference runs on the dequantised bf16 weights."""
+    K, sh, dev = ctx.K, ctx.sh, ctx.dev
+    E, D, I, k = sh.experts, sh.hidden, sh.moe_inter, sh.moe_topk
+    if ctx.moe_weights is None:
+        ctx.moe_weights = _moe_weights(ctx)
+    wts = ctx.moe_weights
+    limit = 10.0
+    torch.manual_seed(10)
+    plan = ([(T, "decode") for T in sh.moe_decode] if fp4 else
+            [(T, "prefill") for T in sh.moe_prefill] + [(T, "decode") for T in sh.moe_decode])
+    for T, phase in plan:
+        x = randn(T, D, dev=dev)
+        ids = torch.rand(T, E, device=dev).topk(k, dim=1).indices.to(torch.int32)
+        rw = torch.softmax(torch.randn(T, k, device=dev), -1) * 1.5
+        touched = torch.unique(ids).numel()
+        if fp4:
+            w13c, w2c, shc, shr, aq = wts.f13, wts.f2, wts.shared_fp8, wts.shared_fp8_ref, True
+        else:
+            w13c, w2c, shc, shr, aq = wts.dense13, wts.dense2, wts.shared_bf_cuda, wts.shared_bf, False
+        b = (touched * (_cw_bytes_per_expert(w13c) + _cw_bytes_per_expert(w2c)) + _cw_bytes(shc[0]) + _cw_bytes(shc[1])
+             + 2 * nbytes(x) + 8 * T * k)
+        flops = 2 * 3 * D * I * (T * k + T)
+        target = (T_MOE_PREFILL if phase == "prefill" else T_MOE_DECODE)
+        yield Case("moe_fp4" if fp4 else "moe", f"T={T} E={E} top{k} D={D} I={I} ({touched} hit)", phase,
+                   lambda a=(x, ids, rw, w13c, w2c, shc, limit, aq): K.gemm.moe_experts(*a),
+                   lambda a=(x, ids, rw, wts.w13, wts.w2, shr, limit, aq): ctx.ref.moe_experts(*a),
+                   check_close(2.5e-2 if aq else 1e-2), b, flops, "bf16", target)
+
+
+def cases_linear_fp8(ctx: Ctx):
+    """FP8 block-scaled weights, FP8 activation quant in the prologue (exact mode): the native
+    fp8 x fp8 MMA on sm89+; the reference is F.linear over act_quant(x) and the dequantised weight."""
+    K, sh, dev = ctx.K, ctx.sh, ctx.dev
+    from v4 import quant
+
+    torch.manual_seed(11)
+    fp8_mma = K.gemm._fp8_mma_default(torch.empty(0, device=dev))
+    for name, (N, Kd) in sh.linear.items():
+        qw = quant.QuantizedWeight("fp8", *quant.quant_fp8_block(randn(N, Kd, dtype=torch.float32, dev=dev, scale=Kd ** -0.5)))
+        cw = K.gemm.prepare_linear(qw, torch.bfloat16, dev)
+        rw = ctx.ref.prepare_linear(qw, torch.bfloat16)
+        for M in sh.linear_tokens:
+            x = randn(M, Kd, dev=dev)
+            b = N * Kd + nbytes(cw.scale) + nbytes(x) + M * N * 2
+            yield Case("linear_fp8", f"{name} M={M} N={N} K={Kd}", "prefill" if M >= 1024 else "decode",
+                       lambda x=x, cw=cw: K.gemm.linear(x, cw, True), lambda x=x, rw=rw: ctx.ref.linear(x, rw, True),
+                       check_close(2.5e-2), b, 2 * M * N * Kd, "fp8" if fp8_mma else "bf16", None)
+
+
+KERNELS: dict[str, Callable] = {
+    "attention": lambda ctx: cases_attention(ctx, False),
+    "attention_fp8": lambda ctx: cases_attention(ctx, True),
+    "indexer": cases_indexer,
+    "compress": cases_compress,
+    "hc_pre": cases_hc_pre,
+    "hc_post": cases_hc_post,
+    "moe": lambda ctx: cases_moe(ctx, False),
+    "moe_fp4": lambda ctx: cases_moe(ctx, True),
+    "linear_fp8": cases_linear_fp8,
+    "gate": cases_gate,
+    "rms_norm": cases_rms_norm,
+    "rope": cases_rope,
+}
+MODULE_OF = {"attention": "attention", "attention_fp8": "attention", "indexer": "indexer", "compress": "compress",
+             "hc_pre": "mhc", "hc_post": "mhc", "moe": "gemm", "moe_fp4": "gemm", "linear_fp8": "gemm",
+             "gate": "gate", "rms_norm": "norm_rope", "rope": "norm_rope"}
