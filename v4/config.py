@@ -145,46 +145,7 @@ class ModelConfig:
         def bad(fieldname: str, why: str):
             raise ConfigError(f"{source}: field '{fieldname}' {why}")
 
-        ints_pos = [
-            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
-            "qk_rope_head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window",
-            "max_position_embeddings", "index_n_heads", "index_head_dim", "index_topk",
-            "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "hc_mult",
-            "hc_sinkhorn_iters",
-        ]
-        for k in ints_pos:
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                bad(k, f"must be a positive integer, got {v!r}")
-        for k in ["num_hash_layers", "num_nextn_predict_layers", "n_shared_experts"]:
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                bad(k, f"must be a non-negative integer, got {v!r}")
-        for k in ["rope_theta", "compress_rope_theta", "routed_scaling_factor", "swiglu_limit",
-                  "hc_eps", "rms_norm_eps"]:
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                bad(k, f"must be a positive number, got {v!r}")
-        if self.num_key_value_heads != 1:
-            bad("num_key_value_heads", f"must be 1 (V4 attention has one shared K=V head), got {self.num_key_value_heads}")
-        if self.qk_rope_head_dim % 2 or self.qk_rope_head_dim > self.head_dim:
-            bad("qk_rope_head_dim", f"must be even and at most head_dim={self.head_dim}, got {self.qk_rope_head_dim}")
-        if self.qk_rope_head_dim > self.index_head_dim:
-            bad("index_head_dim", f"must be at least qk_rope_head_dim={self.qk_rope_head_dim}, got {self.index_head_dim}")
-        if self.num_attention_heads % self.o_groups:
-            bad("o_groups", f"must divide num_attention_heads={self.num_attention_heads}, got {self.o_groups}")
-        if self.num_experts_per_tok > self.n_routed_experts:
-            bad("num_experts_per_tok", f"({self.num_experts_per_tok}) exceeds n_routed_experts={self.n_routed_experts}")
-        if self.num_hash_layers > self.num_hidden_layers:
-            bad("num_hash_layers", f"({self.num_hash_layers}) exceeds num_hidden_layers={self.num_hidden_layers}")
-        if self.scoring_func != "sqrtsoftplus":
-            bad("scoring_func", f"must be 'sqrtsoftplus' for DeepSeek V4, got {self.scoring_func!r}")
-        if self.hidden_act != "silu":
-            bad("hidden_act", f"must be 'silu', got {self.hidden_act!r}")
-        if self.tie_word_embeddings:
-            bad("tie_word_embeddings", "must be false (V4 has a separate head)")
-        if self.n_shared_experts > 1:
-            bad("n_shared_experts", f"must be 0 or 1, got {self.n_shared_experts}")
+        _check_rows(self, _MODEL_CHECKS, bad)
         n = self.num_hidden_layers + self.num_nextn_predict_layers
         if (
             self.num_nextn_predict_layers == 0
@@ -204,13 +165,12 @@ class ModelConfig:
             bad("compress_ratios", f"must list one ratio per layer plus one per MTP block ({n} entries), got {got}")
         self.compress_ratios = list(self.compress_ratios)
         for i, r in enumerate(self.compress_ratios):
-            if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            if not _non_negative_int(r):
                 bad("compress_ratios", f"entry {i} must be a non-negative integer, got {r!r}")
         for j in range(self.num_nextn_predict_layers):
             if self.compress_ratios[self.num_hidden_layers + j] != 0:
                 bad("compress_ratios", f"MTP entry {self.num_hidden_layers + j} must be 0 (the MTP block is sliding-only)")
-        if len({r for r in self.compress_ratios if r not in (0, CSA_RATIO)}) > 1:
-            bad("compress_ratios", "may use only one HCA ratio besides 0 and 4")
+        _check_rows(self, _LAYOUT_CHECKS, bad)
         if self.rope_scaling is not None:
             rs = self.rope_scaling
             t = rs.get("type", rs.get("rope_type"))
@@ -219,8 +179,7 @@ class ModelConfig:
             for k in ["factor", "original_max_position_embeddings", "beta_fast", "beta_slow"]:
                 if not isinstance(rs.get(k), (int, float)) or rs[k] <= 0:
                     bad("rope_scaling", f"needs a positive '{k}', got {rs.get(k)!r}")
-        if self.expert_dtype not in (None, "fp4", "fp8", "bf16"):
-            bad("expert_dtype", f"must be fp4, fp8 or bf16, got {self.expert_dtype!r}")
+        _check_rows(self, _STORAGE_CHECKS, bad)
 
     def short(self) -> str:
         return (f"{self.name}: {self.num_hidden_layers} layers, hidden {self.hidden_size}, "
@@ -241,6 +200,74 @@ _LAYER_TYPE_TO_KIND = {
     "compressed_sparse_attention": "csa",
     "heavily_compressed_attention": "hca",
 }
+
+
+# ---- ModelConfig.validate's tables ------------------------------------------------------------
+# Rows (field, check, message): `validate` raises "<source>: field '<field>' <message>" at the first row
+# whose check(config, value) is false, the message formatted with the config (c) and the field's value
+# (v). Rows run in order: the type rows come first, so the relations after them compare numbers.
+
+
+def _positive_int(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int) and v > 0
+
+
+def _non_negative_int(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int) and v >= 0
+
+
+def _positive_number(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0
+
+
+_POSITIVE_INTS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+    "qk_rope_head_dim", "q_lora_rank", "o_groups", "o_lora_rank", "sliding_window",
+    "max_position_embeddings", "index_n_heads", "index_head_dim", "index_topk",
+    "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "hc_mult",
+    "hc_sinkhorn_iters",
+)
+_NON_NEGATIVE_INTS = ("num_hash_layers", "num_nextn_predict_layers", "n_shared_experts")
+_POSITIVE_NUMBERS = (
+    "rope_theta", "compress_rope_theta", "routed_scaling_factor", "swiglu_limit", "hc_eps", "rms_norm_eps",
+)
+
+_MODEL_CHECKS = (
+    *((k, lambda c, v: _positive_int(v), "must be a positive integer, got {v!r}") for k in _POSITIVE_INTS),
+    *((k, lambda c, v: _non_negative_int(v), "must be a non-negative integer, got {v!r}") for k in _NON_NEGATIVE_INTS),
+    *((k, lambda c, v: _positive_number(v), "must be a positive number, got {v!r}") for k in _POSITIVE_NUMBERS),
+    ("num_key_value_heads", lambda c, v: v == 1,
+     "must be 1 (V4 attention has one shared K=V head), got {v}"),
+    ("qk_rope_head_dim", lambda c, v: not (v % 2 or v > c.head_dim),
+     "must be even and at most head_dim={c.head_dim}, got {v}"),
+    ("index_head_dim", lambda c, v: not c.qk_rope_head_dim > v,
+     "must be at least qk_rope_head_dim={c.qk_rope_head_dim}, got {v}"),
+    ("o_groups", lambda c, v: not c.num_attention_heads % v,
+     "must divide num_attention_heads={c.num_attention_heads}, got {v}"),
+    ("num_experts_per_tok", lambda c, v: not v > c.n_routed_experts,
+     "({v}) exceeds n_routed_experts={c.n_routed_experts}"),
+    ("num_hash_layers", lambda c, v: not v > c.num_hidden_layers,
+     "({v}) exceeds num_hidden_layers={c.num_hidden_layers}"),
+    ("scoring_func", lambda c, v: v == "sqrtsoftplus", "must be 'sqrtsoftplus' for DeepSeek V4, got {v!r}"),
+    ("hidden_act", lambda c, v: v == "silu", "must be 'silu', got {v!r}"),
+    ("tie_word_embeddings", lambda c, v: not v, "must be false (V4 has a separate head)"),
+    ("n_shared_experts", lambda c, v: not v > 1, "must be 0 or 1, got {v}"),
+)
+# after compress_ratios is a list of non-negative integers, one per layer and MTP block
+_LAYOUT_CHECKS = (
+    ("compress_ratios", lambda c, v: len({r for r in v if r not in (0, CSA_RATIO)}) <= 1,
+     "may use only one HCA ratio besides 0 and 4"),
+)
+_STORAGE_CHECKS = (
+    ("expert_dtype", lambda c, v: v in (None, "fp4", "fp8", "bf16"), "must be fp4, fp8 or bf16, got {v!r}"),
+)
+
+
+def _check_rows(cfg, rows, bad) -> None:
+    for fieldname, ok, message in rows:
+        v = getattr(cfg, fieldname)
+        if not ok(cfg, v):
+            bad(fieldname, message.format(c=cfg, v=v))
 
 
 def _normalise_hf_keys(d: dict, source: str) -> dict:
