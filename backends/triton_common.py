@@ -6,6 +6,7 @@ kernel families import them, so the backends round by construction the same way:
 - `round_bf16`: fp32 -> the nearest-even bf16 value, kept in fp32 (Triton's interpreter casts
   fp32 -> bf16 by truncation; the GPU, the NPU and torch round to nearest even);
 - `cast_rne`: `x.to(OUT)`, through `round_bf16` first where asked (the interpreter's bf16 casts);
+  `round_to`: the same rounding, the value kept in fp32;
 - `exp2i`, `ceil_log2`: exact powers of two and exponents from the fp32 bits (UE8M0 scales);
 - `round_fp`: round to a small float grid (FP8 e4m3: EMIN -6, MBITS 3; FP4 e2m1: EMIN 0,
   MBITS 1), ties to even, subnormals kept, sign of zero kept;
@@ -62,6 +63,16 @@ def cast_rne(x, OUT: tl.constexpr, RNE_BF16: tl.constexpr):
 
 
 @triton.jit
+def round_to(x, OUT: tl.constexpr, RNE_BF16: tl.constexpr):
+    """fp32 x rounded to OUT's precision, returned as fp32; with RNE_BF16 (the interpreter) by
+    `round_bf16` instead of the interpreter's truncating cast (which also flushes bf16 subnormals)."""
+    if RNE_BF16:
+        return round_bf16(x.to(tl.float32))
+    else:
+        return x.to(OUT).to(tl.float32)
+
+
+@triton.jit
 def exp2i(k):
     """Exact float32 2**k for int32 k in [-126, 127], from the bit pattern."""
     return ((k + 127) << 23).to(tl.float32, bitcast=True)
@@ -112,7 +123,7 @@ def sqrt_softplus(z):
 # ------------------------------------------------------------------------------------ harness
 
 # apply_kernel's OP codes
-OP_ROUND_BF16, OP_CAST_BF16, OP_EXP2I, OP_CEIL_LOG2, OP_E4M3, OP_E2M1, OP_SQRT_SOFTPLUS = range(7)
+OP_ROUND_BF16, OP_CAST_BF16, OP_EXP2I, OP_CEIL_LOG2, OP_E4M3, OP_E2M1, OP_SQRT_SOFTPLUS, OP_ROUND_TO_BF16 = range(8)
 
 
 @triton.jit
@@ -137,6 +148,8 @@ def apply_kernel(x_ptr, out_ptr, n, OP: tl.constexpr, RNE_BF16: tl.constexpr, BL
             y = round_fp(x, -6, 3)
         elif OP == 5:
             y = round_fp(x, 0, 1)
-        else:
+        elif OP == 6:
             y = sqrt_softplus(x)
+        else:
+            y = round_to(x, tl.bfloat16, RNE_BF16)
         tl.store(out_ptr + offs, y, mask=m)

@@ -261,7 +261,7 @@ class _Recorder:
 def record_grids(monkeypatch, launch=True):
     """[(kernel name, grid)] of every attention launch from here on (launch=False: grids only)."""
     log = []
-    for name in ("_sparse_mqa_sink_kernel", "_combine_splits_kernel"):
+    for name in ("_sink_attention_kernel", "_combine_splits_kernel"):
         monkeypatch.setattr(K, name, _Recorder(name, getattr(K, name), log, launch))
     return log
 
@@ -361,7 +361,7 @@ def test_auto_splits_decode_vs_prefill(monkeypatch):
         widx, cidx = torch.zeros(T, Kw, dtype=torch.int32), torch.zeros(T, Kc, dtype=torch.int32)
         K.attention(q, kv, widx, kv, cidx, sink, d ** -0.5)
         (name, (t, hb, splits)), *combine = grids
-        assert name == "_sparse_mqa_sink_kernel" and (t, hb) == (T, 2)
+        assert name == "_sink_attention_kernel" and (t, hb) == (T, 2)
         if T * hb >= 264:
             assert splits == 1 and not combine, grids
         else:

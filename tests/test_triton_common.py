@@ -66,6 +66,19 @@ def test_cast_rne_to_bf16_matches_torchs_cast():
     _same_bits(_apply(tc.OP_CAST_BF16, x, torch.bfloat16, rne=True), x.to(torch.bfloat16))
 
 
+def test_round_to_bf16_keeps_the_rounded_value_in_fp32():
+    x = _bf16_cases()
+    _same_bits(_apply(tc.OP_ROUND_TO_BF16, x, rne=True), x.to(torch.bfloat16).float())
+
+
+def test_every_helper_has_a_lowering_case():
+    from backends.ascend.kernels import common, lowering_cases
+
+    ops = {c.constexprs["OP"] for c in common.LOWERING_CASES}
+    assert ops == set(range(tc.OP_ROUND_TO_BF16 + 1))
+    assert all(c in lowering_cases() for c in common.LOWERING_CASES)
+
+
 def test_exp2i_is_exact_over_the_normal_range():
     k = torch.arange(-126, 128, dtype=torch.int32)
     _same_bits(_apply(tc.OP_EXP2I, k), torch.tensor([math.ldexp(1.0, int(i)) for i in k], dtype=torch.float32))

@@ -18,7 +18,7 @@ Written for the chip (spec ascend.md §2.2), not ported GPU tiles:
 
 from __future__ import annotations
 
-KERNEL_MODULES = ("attention", "indexer", "compress", "mhc", "gate")
+KERNEL_MODULES = ("common", "attention", "indexer", "compress", "mhc", "gate")  # common: backends/triton_common.py
 
 
 def lowering_cases():

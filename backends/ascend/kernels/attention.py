@@ -89,6 +89,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...triton_common import interpreting, round_bf16
 from . import launch
 from .launch import LoweringCase
 
@@ -149,8 +150,7 @@ def _fold_list(q, q_row, offs_h, hmask, stride_qh, m_i, l_i, acc,
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if EMULATE_BF16:  # what the NPU's cast to bf16 feeds the cube: nearest even, kept in fp32
-            pb = p.to(tl.int32, bitcast=True)
-            p = ((pb + 0x7FFF + ((pb >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+            p = round_bf16(p)
         elif not DOT_F32:
             p = p.to(v.dtype)
         acc = tl.dot(p, v, acc * alpha[:, None])
@@ -206,8 +206,7 @@ def _sink_attention_kernel(
         # l = 0 only for a -inf sink with no valid index (0 / 0): give 0 like a row that sees nothing
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         if ROUND_BF16_OUT:  # interpreter: its fp32 -> bf16 cast truncates; round to nearest even first
-            ob = o.to(tl.int32, bitcast=True)
-            o = ((ob + 0x7FFF + ((ob >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+            o = round_bf16(o)
         offs_v = v0 + tl.arange(0, DV)
         tl.store(o_ptr + t64 * stride_ot + offs_h[:, None] * stride_oh + offs_v[None, :],
                  o.to(o_ptr.dtype.element_ty), mask=hmask[:, None])
@@ -253,11 +252,6 @@ def _idx(i: torch.Tensor) -> torch.Tensor:
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _interpreting() -> bool:
-    # triton.jit picked the interpreter when the kernel was decorated (TRITON_INTERPRET at import)
-    return type(_sink_attention_kernel).__name__ == "InterpretedFunction"
 
 
 def attention(q: torch.Tensor, window_kv: torch.Tensor, window_idx: torch.Tensor,
@@ -321,7 +315,7 @@ def attention(q: torch.Tensor, window_kv: torch.Tensor, window_idx: torch.Tensor
         raise ValueError(f"attention: block_h / block_k must be powers of two >= 16, got {bh} / {bk}")
     launch.check_ub(f"attention BLOCK_H={bh} BLOCK_K={bk} DV={dv} d={d}", _ub_bytes(bh, bk, d, dv, load_es, dot_es))
 
-    interp = _interpreting()
+    interp = interpreting(_sink_attention_kernel)
     n_items = T * triton.cdiv(H, bh) * (d // dv)
     nprog = launch.programs("cube", n_items, q.device)
     _sink_attention_kernel[(nprog,)](

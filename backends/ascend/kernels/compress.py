@@ -88,6 +88,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...triton_common import interpreting, round_to
 from . import launch
 from .launch import LoweringCase
 
@@ -104,20 +105,7 @@ _INV_2PI: tl.constexpr = tl.constexpr(0.15915493667125702)
 
 # ---------------------------------------------------------------------------------------- kernel
 @triton.jit
-def _round_to(x, OUT_TY: tl.constexpr, RNE_BF16: tl.constexpr):
-    """fp32 x rounded to the pool dtype, returned as fp32 (the reference casts there, twice)."""
-    if RNE_BF16:
-        # the interpreter's fp32 -> bf16 cast truncates; the chip's (and torch's) rounds to
-        # nearest even, so round the bits by hand first (the cast of the result is then exact)
-        bits = x.to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        return bits.to(tl.float32, bitcast=True)
-    else:
-        return x.to(OUT_TY).to(tl.float32)
-
-
-@triton.jit
-def _pool_window(kv_ptr, z_ptr, ape_ptr, skv_ptr, sz_ptr, s_kv, s_z, s_ape, s_srow, st, jw, w0, have, off,
+def _softmax_pool_step(kv_ptr, z_ptr, ape_ptr, skv_ptr, sz_ptr, s_kv, s_z, s_ape, s_srow, st, jw, w0, have, off,
                  col0, cols, cmask, mx, sm, acc, M: tl.constexpr, CUR: tl.constexpr, BR: tl.constexpr):
     """Fold the m rows of window jw (relative to w0; -1 = the previous, complete window), channel
     half starting at col0, into the per-channel online softmax (running max, sum of exp,
@@ -205,12 +193,12 @@ def _compress_kernel(kv_ptr, z_ptr, ape_ptr, skv_ptr, sz_ptr, pool_ptr, out_ptr,
             # window j; plain: window j. Unrolled: a channel offset h * c with a loop-variable h
             # lost its 32-byte alignment and BiShengIR then padded every tile's channel axis 8x.
             for h in tl.static_range(NH):
-                mx, sm, acc = _pool_window(kv_ptr, z_ptr, ape_ptr, skv_ptr, sz_ptr, s_kv, s_z, s_ape, s_srow, st,
+                mx, sm, acc = _softmax_pool_step(kv_ptr, z_ptr, ape_ptr, skv_ptr, sz_ptr, s_kv, s_z, s_ape, s_srow, st,
                                            j - (NH - 1) + h, w0, have, off, h * c, cols, cmask, mx, sm, acc,
                                            M, CUR, BR)
-            x = _round_to(tl.where(cmask, acc / tl.where(cmask, sm, 1.0), 0.0), OUT_TY, RNE_BF16)
+            x = round_to(tl.where(cmask, acc / tl.where(cmask, sm, 1.0), 0.0), OUT_TY, RNE_BF16)
             rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / c + eps)
-            y = _round_to(wgt * (x * rstd), OUT_TY, RNE_BF16).to(OUT_TY)
+            y = round_to(wgt * (x * rstd), OUT_TY, RNE_BF16).to(OUT_TY)
 
             # The normalised row goes to the output row, and its rope lanes are read back from
             # there with their pair partners (the lanes one to the right for even lanes, one to
@@ -236,7 +224,7 @@ def _compress_kernel(kv_ptr, z_ptr, ape_ptr, skv_ptr, sz_ptr, pool_ptr, out_ptr,
             fh = n_hi.to(tl.float32)
             fl = (n - n_hi).to(tl.float32)
             red = ((((ang - fh * _P1) - fl * _P1) - fh * _P2) - fl * _P2) - n.to(tl.float32) * _P3
-            rot = _round_to(yc * tl.cos(red) + partner * tl.sin(red), OUT_TY, RNE_BF16).to(OUT_TY)
+            rot = round_to(yc * tl.cos(red) + partner * tl.sin(red), OUT_TY, RNE_BF16).to(OUT_TY)
             tl.store(rrow + rr, rot)
 
             blk = tl.load(bt_ptr + slot * s_bt + w // bs).to(tl.int64)
@@ -412,7 +400,7 @@ def compress(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, spec, nor
         state_kv.stride(0), state_kv.stride(1), pool.stride(0), pool.stride(1), block_table.stride(0),
         float(spec.eps),
         M=m, OVERLAP=overlap, BC=BC, BP=BP, BR=BR, BRS=BRS, BCS=BCS, PW=PW,
-        RNE_BF16=launch.interpreting() and pool.dtype == torch.bfloat16,
+        RNE_BF16=interpreting(_compress_kernel) and pool.dtype == torch.bfloat16,
     )
     return out[:E]
 

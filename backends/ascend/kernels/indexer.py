@@ -70,6 +70,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...triton_common import interpreting
 from . import launch
 from .launch import LoweringCase
 
@@ -204,7 +205,7 @@ def indexer_scores(q: torch.Tensor, weights: torch.Tensor, k_pool: torch.Tensor,
     tiles = min(tiles, n_tiles)
     n_groups = triton.cdiv(n_tiles, tiles)
     nprog = launch.programs("cube", T * n_groups, q.device)
-    interp = type(_indexer_score_kernel).__name__ == "InterpretedFunction"
+    interp = interpreting(_indexer_score_kernel)
     _indexer_score_kernel[(nprog,)](
         q, weights, k_pool, bt, slot, nvis, out,
         T, H, bs, s_max, n_groups, tiles, nprog,

@@ -34,10 +34,6 @@ CHIPS = {
 DEFAULT_CHIP = "Ascend910B3"
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def chip_name() -> str:
     """The chip the kernels are sized for: DSV4_ASCEND_CHIP, else the A2 default."""
     name = os.environ.get("DSV4_ASCEND_CHIP", DEFAULT_CHIP)
@@ -72,7 +68,9 @@ def cores(kind: str, device=None) -> int:
 def programs(kind: str, work: int, device=None) -> int:
     """Grid size: one program per core, never more programs than work items (at least 1)."""
     n = cores(kind, device)
-    if interpreting():
+    from ...triton_common import interpreting  # here: AscendOps imports this module without triton
+
+    if interpreting():  # no kernel at hand: whether one decorated now would be interpreted
         n = min(n, 4)  # the interpreter runs programs one after another: fewer is just as correct
     return max(1, min(n, int(work)))
 

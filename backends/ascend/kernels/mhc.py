@@ -69,6 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...triton_common import interpreting, pow2, round_bf16
 from .launch import LoweringCase, check_ub, programs
 
 _BLOCK_T = 16  # tokens per work item of the collapse kernel: the cube's M fractal
@@ -80,7 +81,7 @@ _MIN_DOT = 16  # smallest dot extent used (cube fractal; also upstream Triton's 
 
 
 @triton.jit
-def _round_bf16_rne(v):
+def round_bf16(v):
     # fp32 -> the nearest-even bf16 value, kept in fp32 (the interpreter's own cast truncates)
     b = v.to(tl.int32, bitcast=True)
     b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
@@ -191,7 +192,7 @@ def _hc_collapse_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, u_ptr, post_ptr, com
                 xs = tl.load(x_blk + t[:, None] * K + s * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
                 u += pre_s[:, None] * xs
             if ROUND_BF16:
-                u = _round_bf16_rne(u)
+                u = round_bf16(u)
             tl.store(u_blk + t[:, None] * D + d[None, :], u.to(u_ptr.dtype.element_ty), mask=m2)
 
 
@@ -219,7 +220,7 @@ def _hc_post_kernel(y_ptr, x_ptr, post_ptr, comb_ptr, out_ptr, T, D,
             xs = tl.load(x_tok + s * D + d, mask=d_ok, other=0.0).to(tl.float32)
             acc += cs[:, None] * xs[None, :]
         if ROUND_BF16:
-            acc = _round_bf16_rne(acc)
+            acc = round_bf16(acc)
         tl.store(out_ptr + tok64 * (N * D) + j[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=j_ok[:, None] & d_ok[None, :])
 
@@ -234,14 +235,6 @@ def _check_dtypes(op: str, **tensors) -> None:
             raise ValueError(f"{op}: {name} is float64; Ascend kernels have no fp64 (use fp32 or bf16)")
         if not t.is_floating_point():
             raise ValueError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
-
-
-def _interpreting(kernel) -> bool:
-    return type(kernel).__name__ == "InterpretedFunction"
-
-
-def _pow2(v: int) -> int:
-    return triton.next_power_of_2(max(1, int(v)))
 
 
 def collapse_ub_bytes(block_k: int, block_d: int, x_bytes: int, fn_bytes: int, pp: int, cc: int,
@@ -268,10 +261,10 @@ def _collapse(X, fn, base, scale, sinkhorn: bool, iters: int, hc_eps: float, nor
     comb = torch.empty(T, n, n, dtype=torch.float32, device=X.device)
     if T == 0:
         return u, post, comb
-    NP = max(4, _pow2(n))  # NP*NP >= 16: the comb dot keeps the cube's minimum extent
-    PP = max(_MIN_DOT, _pow2(2 * n if sinkhorn else n))
-    block_k = max(_MIN_DOT, min(_MAX_BLOCK_K, _pow2(n * D)))
-    block_d = min(_MAX_BLOCK_D, _pow2(D))
+    NP = max(4, pow2(n))  # NP*NP >= 16: the comb dot keeps the cube's minimum extent
+    PP = max(_MIN_DOT, pow2(2 * n if sinkhorn else n))
+    block_k = max(_MIN_DOT, min(_MAX_BLOCK_K, pow2(n * D)))
+    block_d = min(_MAX_BLOCK_D, pow2(D))
     check_ub("mhc collapse", collapse_ub_bytes(block_k, block_d, X.element_size(), fn.element_size(), PP,
                                                NP * NP if sinkhorn else 0))
     n_blocks = triton.cdiv(T, _BLOCK_T)
@@ -281,7 +274,7 @@ def _collapse(X, fn, base, scale, sinkhorn: bool, iters: int, hc_eps: float, nor
         T, D, int(iters), float(hc_eps), float(norm_eps),
         N=n, NP=NP, PP=PP, ROWS_PP=2 * n if sinkhorn else n, CC=NP * NP, SINKHORN=sinkhorn,
         BLOCK_T=_BLOCK_T, BLOCK_K=block_k, BLOCK_D=block_d,
-        ROUND_BF16=_interpreting(kern) and X.dtype == torch.bfloat16,
+        ROUND_BF16=interpreting(kern) and X.dtype == torch.bfloat16,
     )
     return u, post, comb
 
@@ -314,7 +307,7 @@ def hc_head(X: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.
 
 
 def _post_block_d(T: int, D: int, device) -> int:
-    block_d = min(_POST_BLOCK_D, _pow2(D))
+    block_d = min(_POST_BLOCK_D, pow2(D))
     cores = programs("vector", 1 << 30, device)
     while block_d > _POST_MIN_BLOCK_D and T * triton.cdiv(D, block_d) < cores:
         block_d //= 2
@@ -332,14 +325,14 @@ def hc_post(y: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Te
     out = torch.empty_like(X)
     if T == 0:
         return out
-    NP = _pow2(n)
+    NP = pow2(n)
     block_d = _post_block_d(T, D, X.device)
     check_ub("mhc post", post_ub_bytes(block_d, X.element_size(), NP))
     items = T * triton.cdiv(D, block_d)
     kern = _hc_post_kernel
     kern[(programs("vector", items, X.device),)](
         y.contiguous(), X, post.contiguous(), comb.contiguous(), out, T, D,
-        N=n, NP=NP, BLOCK_D=block_d, ROUND_BF16=_interpreting(kern) and X.dtype == torch.bfloat16,
+        N=n, NP=NP, BLOCK_D=block_d, ROUND_BF16=interpreting(kern) and X.dtype == torch.bfloat16,
     )
     return out
 

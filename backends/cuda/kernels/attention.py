@@ -105,7 +105,7 @@ import triton.language as tl
 
 from v4 import quant
 
-from .bits import with_sign_of
+from ...triton_common import interpreting, round_bf16, with_sign_of
 from .launch import target_programs
 
 ROPE_DIM = 64
@@ -213,13 +213,6 @@ def _kv_tile(kv_ptr, kv16_ptr, rows, valid, stride_kv, stride_kv16,
 
 
 @triton.jit
-def _round_bf16(x):
-    """fp32 -> the nearest-even bf16 value, still in fp32 (the interpreter's own cast truncates)."""
-    b = x.to(tl.int32, bitcast=True)
-    return ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _fold_chunk(q, m_i, l_i, acc, idx, valid, kv_ptr, kv16_ptr, stride_kv, stride_kv16, scale_log2,
                 D: tl.constexpr, BLOCK_K: tl.constexpr, NOPE: tl.constexpr, FP8: tl.constexpr,
                 NATIVE_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr, PREC: tl.constexpr):
@@ -236,7 +229,7 @@ def _fold_chunk(q, m_i, l_i, acc, idx, valid, kv_ptr, kv16_ptr, stride_kv, strid
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if EMULATE:  # interpreter: round as the GPU cast does, keep fp32 for the product
         if DOT_DTYPE == tl.bfloat16:
-            p = _round_bf16(p)
+            p = round_bf16(p)
         else:
             p = p.to(DOT_DTYPE).to(tl.float32)
     else:
@@ -246,7 +239,7 @@ def _fold_chunk(q, m_i, l_i, acc, idx, valid, kv_ptr, kv16_ptr, stride_kv, strid
 
 
 @triton.jit
-def _attend_list(q, m_i, l_i, acc, idx_ptr, lo, hi, kv_ptr, kv16_ptr, stride_kv, stride_kv16, scale_log2,
+def _fold_list(q, m_i, l_i, acc, idx_ptr, lo, hi, kv_ptr, kv16_ptr, stride_kv, stride_kv16, scale_log2,
                  D: tl.constexpr, BLOCK_K: tl.constexpr, NOPE: tl.constexpr, FP8: tl.constexpr,
                  NATIVE_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
                  PREC: tl.constexpr, SKIP_EMPTY: tl.constexpr):
@@ -279,7 +272,7 @@ def _attend_list(q, m_i, l_i, acc, idx_ptr, lo, hi, kv_ptr, kv16_ptr, stride_kv,
 
 
 @triton.jit
-def _sparse_mqa_sink_kernel(
+def _sink_attention_kernel(
     q_ptr, o_ptr, sink_ptr,
     w_ptr, w16_ptr, widx_ptr, c_ptr, c16_ptr, cidx_ptr,
     pm_ptr, pl_ptr, pacc_ptr,
@@ -316,11 +309,11 @@ def _sparse_mqa_sink_kernel(
     nw = tl.cdiv(Kw, BLOCK_K)
     c0 = split * chunks_per_split
     c1 = c0 + chunks_per_split
-    m_i, l_i, acc = _attend_list(q, m_i, l_i, acc, widx_ptr + t * stride_widx,
+    m_i, l_i, acc = _fold_list(q, m_i, l_i, acc, widx_ptr + t * stride_widx,
                                  c0 * BLOCK_K, tl.minimum(c1 * BLOCK_K, Kw),
                                  w_ptr, w16_ptr, stride_w, stride_w16,
                                  scale_log2, D, BLOCK_K, NOPE, FP8, NATIVE_FP8, DOT_DTYPE, EMULATE, PREC, SKIP_EMPTY)
-    m_i, l_i, acc = _attend_list(q, m_i, l_i, acc, cidx_ptr + t * stride_cidx,
+    m_i, l_i, acc = _fold_list(q, m_i, l_i, acc, cidx_ptr + t * stride_cidx,
                                  tl.maximum(c0 - nw, 0) * BLOCK_K, tl.minimum(tl.maximum(c1 - nw, 0) * BLOCK_K, Kc),
                                  c_ptr, c16_ptr, stride_c, stride_c16,
                                  scale_log2, D, BLOCK_K, NOPE, FP8, NATIVE_FP8, DOT_DTYPE, EMULATE, PREC, SKIP_EMPTY)
@@ -336,7 +329,7 @@ def _sparse_mqa_sink_kernel(
     else:
         o = acc / l_i[:, None]
         if ROUND_BF16_OUT:  # interpreter: its fp32 -> bf16 cast truncates; round to nearest even first
-            o = _round_bf16(o)
+            o = round_bf16(o)
         tl.store(o_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
                  o.to(o_ptr.dtype.element_ty), mask=hmask[:, None])
 
@@ -369,7 +362,7 @@ def _combine_splits_kernel(
         m = m_new
     o = o / l[:, None]
     if ROUND_BF16_OUT:
-        o = _round_bf16(o)
+        o = round_bf16(o)
     tl.store(o_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
              o.to(o_ptr.dtype.element_ty), mask=hmask[:, None])
 
@@ -383,7 +376,7 @@ _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl
 
 # triton.jit picks the interpreter when the kernel is decorated (TRITON_INTERPRET at import); read
 # once here so that tests may wrap the kernel objects to record their launch grids
-_INTERPRETING = type(_sparse_mqa_sink_kernel).__name__ == "InterpretedFunction"
+_INTERPRETING = interpreting(_sink_attention_kernel)
 
 
 def _check_common(q, window_idx, comp_idx, sink):
@@ -470,7 +463,7 @@ def _launch(q, w_rows, w16, widx, c_rows, c16, cidx, sink, scale, fp8, nope, dot
         pm = torch.empty((T, splits, H), dtype=torch.float32, device=q.device)
         pl = torch.empty_like(pm)
         pacc = torch.empty((T, splits, H, d), dtype=torch.float32, device=q.device)
-    _sparse_mqa_sink_kernel[(T, head_blocks, splits)](
+    _sink_attention_kernel[(T, head_blocks, splits)](
         q, out, sink,
         w_rows, w16, widx, c_rows, c16, cidx,
         pm, pl, pacc,

@@ -29,8 +29,6 @@ the only per-sequence Python is integer arithmetic on `seqs`.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -39,18 +37,13 @@ from triton.language.extra import libdevice
 from v4.ops import DecodeRows
 from v4.ops import acc as acc_dtype  # the accumulation dtype; `acc` in the kernels is the accumulator
 
-from .bits import with_sign_of
+from ...triton_common import cast_rne, ceil_log2, exp2i, interpreting, round_fp
 
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _QUANT = {"none": 0, "fp8": 1, "fp4": 2}
 _FP8_BLOCK, _FP4_BLOCK = 64, 32
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-# ---------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _softmax_pool_step(run_max, run_sum, acc, x, z):
     """Fold candidate rows x [R, C] with scores z [R, C] (-inf = no candidate) into the per-channel
@@ -113,45 +106,6 @@ def _compress_pool_kernel(kv_ptr, z_ptr, ape_ptr, skv_ptr, sz_ptr, pooled_ptr, e
 
 
 @triton.jit
-def _to(x, OUT: tl.constexpr, RNE_BF16: tl.constexpr):
-    """x.to(OUT). RNE_BF16 (interpreter only): round fp32 -> bf16 to nearest-even by hand first,
-    because the interpreter's fp32 -> bf16 cast truncates while the GPU's rounds to nearest-even."""
-    if RNE_BF16:
-        bits = x.to(tl.float32).to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        return bits.to(tl.float32, bitcast=True).to(OUT)
-    else:
-        return x.to(OUT)
-
-
-@triton.jit
-def _exp2i(k):
-    """Exact float32 2**k for int32 k in [-126, 127], from the bit pattern."""
-    return ((k + 127) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _ceil_log2(a):
-    """ceil(log2(a)) for positive normal float32 a, exactly (from the exponent and mantissa bits)."""
-    bits = a.to(tl.int32, bitcast=True)
-    return ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-
-
-@triton.jit
-def _round_grid(v, EMIN: tl.constexpr, MBITS: tl.constexpr):
-    """Round float32 v (already clamped to the format's range) to the nearest value with MBITS
-    mantissa bits and minimum normal exponent EMIN (subnormals below), ties to even."""
-    bits = v.to(tl.int32, bitcast=True)
-    ev = tl.maximum(((bits >> 23) & 0xFF) - 127, EMIN)
-    y = tl.abs(v) * _exp2i(MBITS - ev)  # exact: scaling by a power of two
-    n = y.to(tl.int32)  # truncation; y < 2**(MBITS + 2)
-    frac = y - n.to(tl.float32)  # exact
-    n = n + ((frac > 0.5) | ((frac == 0.5) & ((n & 1) == 1))).to(tl.int32)
-    r = n.to(tl.float32) * _exp2i(ev - MBITS)
-    return with_sign_of(r, bits)
-
-
-@triton.jit
 def _block_fake_quant(x, NB: tl.constexpr, BLK: tl.constexpr, valid, QMAX: tl.constexpr,
                       FLOOR: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr):
     """Fake quant of float32 x [NB * BLK] in blocks of BLK: s = 2**ceil(log2(max(amax, FLOOR) / QMAX)),
@@ -159,9 +113,9 @@ def _block_fake_quant(x, NB: tl.constexpr, BLK: tl.constexpr, valid, QMAX: tl.co
     xb = tl.reshape(x, [NB, BLK])
     vb = tl.reshape(valid, [NB, BLK])
     amax = tl.max(tl.where(vb, tl.abs(xb), 0.0), axis=1)
-    k = _ceil_log2(tl.div_rn(tl.maximum(amax, FLOOR), QMAX))
-    v = tl.minimum(tl.maximum(xb * _exp2i(-k)[:, None], -QMAX), QMAX)
-    q = _round_grid(v, EMIN, MBITS) * _exp2i(k)[:, None]
+    k = ceil_log2(tl.div_rn(tl.maximum(amax, FLOOR), QMAX))
+    v = tl.minimum(tl.maximum(xb * exp2i(-k)[:, None], -QMAX), QMAX)
+    q = round_fp(v, EMIN, MBITS) * exp2i(k)[:, None]
     return tl.reshape(tl.where(vb, q, xb), [NB * BLK])
 
 
@@ -173,12 +127,12 @@ def _finish_row(x, cols, cm, w, c, R, NOPE, eps, hscale, nw_ptr, inv_ptr,
     """One pooled entry row [BLOCK_C] (accumulator dtype) of window w -> the pool row (dtype OUT):
     cast to the pool dtype, RMSNorm, RoPE at position w * M, exact-mode fake quant."""
     # RMSNorm of the entry cast to the pool dtype (as the reference: rms_norm(pooled.to(out_dtype)))
-    x = _to(x, OUT, RNE_BF16).to(FACC)
+    x = cast_rne(x, OUT, RNE_BF16).to(FACC)
     if IS64:
         r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / c + eps)
     else:
         r = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(x * x, axis=0), c.to(tl.float32)) + eps))
-    y = _to(tl.load(nw_ptr + cols, mask=cm, other=0.0).to(FACC) * (x * r), OUT, RNE_BF16).to(FACC)
+    y = cast_rne(tl.load(nw_ptr + cols, mask=cm, other=0.0).to(FACC) * (x * r), OUT, RNE_BF16).to(FACC)
 
     # interleaved RoPE of the last R dims at the window's first position w * m
     ev, od = tl.split(tl.reshape(y, [BLOCK_C // 2, 2]))
@@ -194,7 +148,7 @@ def _finish_row(x, cols, cm, w, c, R, NOPE, eps, hscale, nw_ptr, inv_ptr,
         sn = tl.sin(ang)
     ev2 = tl.where(rm, ev * cs - od * sn, ev)
     od2 = tl.where(rm, ev * sn + od * cs, od)
-    y = _to(tl.reshape(tl.join(ev2, od2), [BLOCK_C]), OUT, RNE_BF16)
+    y = cast_rne(tl.reshape(tl.join(ev2, od2), [BLOCK_C]), OUT, RNE_BF16)
 
     if QUANT == 1:  # FP8 e4m3 fake quant of the nope dims, one power-of-two scale per 64
         nope = cols < NOPE  # the rope dims keep their value (and, in fp64 runs, their precision)
@@ -207,7 +161,7 @@ def _finish_row(x, cols, cm, w, c, R, NOPE, eps, hscale, nw_ptr, inv_ptr,
             # once per unrolled iteration ("constexpr cannot be reassigned")
             a, bb = tl.split(tl.permute(tl.reshape(h, [BLOCK_C // (2 << st), 2, 1 << st]), (0, 2, 1)))
             h = tl.reshape(tl.permute(tl.join(a + bb, a - bb), (0, 2, 1)), [BLOCK_C])
-        h = _to(h * hscale, OUT, RNE_BF16).to(tl.float32)
+        h = cast_rne(h * hscale, OUT, RNE_BF16).to(tl.float32)
         y = _block_fake_quant(h, BLOCK_C // 32, 32, cols < c, 6.0, 6.0 * 2.0**-126, 0, 1).to(OUT)
     return y
 
@@ -433,7 +387,7 @@ def _finish_consts(spec, quant, kv, pool, inv_freq) -> tuple[dict, int]:
         BC = max(BC, _FP8_BLOCK)
     elif quant == 2 and (BC != c or c < _FP4_BLOCK):
         raise ValueError(f"compress: fp4 mode needs a power-of-two dim >= {_FP4_BLOCK}, got {c}")
-    interp = _interpreting()
+    interp = interpreting(_compress_finish_kernel)
     fa = acc_dtype(pool.dtype)
     scalars = dict(c=c, R=R, NOPE=c - spec.rope_dim, bs=pool.shape[1], eps=float(spec.eps), hscale=float(c) ** -0.5)
     consts = dict(M=spec.ratio, QUANT=quant, BLOCK_C=BC, LOG2C=BC.bit_length() - 1, OUT=_TL[pool.dtype],
@@ -446,7 +400,7 @@ def _emit(kv, score, ape, spec, quant, norm_weight, inv_freq, state_kv, state_sc
           seq_d, ent_d, E):
     m, c = spec.ratio, spec.dim
     args, BC = _finish_consts(spec, quant, kv, pool, inv_freq)
-    interp = _interpreting()
+    interp = interpreting(_compress_finish_kernel)
     a = acc_dtype(kv.dtype)
     KM = 2 * m if spec.overlap else m
 

@@ -56,7 +56,7 @@ import triton.language as tl
 
 from v4 import quant
 
-from .bits import with_sign_of
+from ...triton_common import cast_rne, ceil_log2, exp2i, round_fp
 
 FP8_BLOCK = 128
 FP4_BLOCK = 32
@@ -239,18 +239,6 @@ def _as_weight(w, split_half: bool = False) -> CudaWeight:
 
 
 @triton.jit
-def _to(x, DT: tl.constexpr, SOFT: tl.constexpr):
-    """Cast with round-to-nearest-even; SOFT: bf16 rounding by bit arithmetic (the interpreter truncates)."""
-    if SOFT and DT == tl.bfloat16 and x.dtype != tl.bfloat16:
-        u = x.to(tl.float32).to(tl.int32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) & -65536
-        y = u.to(tl.float32, bitcast=True).to(tl.bfloat16)
-    else:
-        y = x.to(DT)
-    return y
-
-
-@triton.jit
 def _quant_rows(a):
     """a [R, B] fp32 -> (q, s [R]): FP8 fake-quant per row of the tile (v4.quant.act_quant_fp8).
 
@@ -261,17 +249,11 @@ def _quant_rows(a):
     # div_rn (as compress.py does): Triton may lower a plain fp32 `/` to an approximate division,
     # which could land one ulp above an exact power of two (amax = 448 * 2^k) and bump the scale
     amax = tl.div_rn(tl.maximum(tl.max(tl.abs(a), axis=1), 1e-4), 448.0)
-    bits = amax.to(tl.int32, bitcast=True)
-    e = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-    s = ((e + 127) << 23).to(tl.float32, bitcast=True)
-    inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    e = ceil_log2(amax)
+    s = exp2i(e)
+    inv = exp2i(-e)
     y = tl.minimum(tl.maximum(a * inv[:, None], -448.0), 448.0)
-    u = y.to(tl.int32, bitcast=True)
-    ay = tl.abs(y)
-    sub = (ay + 16384.0) - 16384.0  # fp32 ulp at 2^14 is 2^-9 = the e4m3 subnormal step
-    sub = with_sign_of(sub, u)  # -0 and tiny negatives give -0, like the e4m3 cast
-    u = (u + 0x7FFFF + ((u >> 20) & 1)) & -1048576  # keep 3 mantissa bits, ties to even
-    q = tl.where(ay < 0.015625, sub, u.to(tl.float32, bitcast=True))
+    q = round_fp(y, -6, 3)  # e4m3: 3 mantissa bits, subnormals below 2^-6
     return q, s
 
 
@@ -314,12 +296,12 @@ def _a_operand(a, A_QUANT: tl.constexpr, FP8_PATH: tl.constexpr, CDT: tl.constex
             # act_quant returns q * s in x's dtype (exact); the reference then casts to the working dtype
             op = q * sa[:, None]
             if a.dtype != tl.float32:
-                op = _to(op, a.dtype, SOFT)
-            op = _to(op, CDT, SOFT).to(DOT_DT)
+                op = cast_rne(op, a.dtype, SOFT)
+            op = cast_rne(op, CDT, SOFT).to(DOT_DT)
     else:
         sa = tl.full((a.shape[0],), 1.0, tl.float32)  # unused off the FP8 path
         if a.dtype != CDT:
-            op = _to(a, CDT, SOFT).to(DOT_DT)
+            op = cast_rne(a, CDT, SOFT).to(DOT_DT)
         else:
             op = a.to(DOT_DT)
     return op, sa
@@ -374,7 +356,7 @@ def _linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, st
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc = _gemm_loop(acc, a_base, rmask, w_ptr, s_ptr, wrows.to(tl.int64), cmask, K, stride_wn, stride_sn,
                      W_FMT, A_QUANT, FP8_PATH, CDT, DOT_DT, PREC, SOFT, BN, BK)
-    tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + wrows[None, :], _to(acc, CDT, SOFT),
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + wrows[None, :], cast_rne(acc, CDT, SOFT),
              mask=rmask[:, None] & cmask[None, :])
 
 
@@ -413,13 +395,13 @@ def _moe_up_kernel(x_ptr, tok_ptr, rw_ptr, tile_e_ptr, tile_r0_ptr, tile_r1_ptr,
         acc3 = _w_step(acc3, a_op, sa, w3, s3, wcols, cmask, k0, K, stride_wn, stride_sn,
                        W_FMT, FP8_PATH, CDT, DOT_DT, PREC, BN, BK)
     # the reference's x @ w13^T is a GEMM in the working dtype: round, then SwiGLU in fp32
-    h1 = tl.minimum(_to(acc1, CDT, SOFT).to(tl.float32), limit)
-    h3 = tl.minimum(tl.maximum(_to(acc3, CDT, SOFT).to(tl.float32), -limit), limit)
+    h1 = tl.minimum(cast_rne(acc1, CDT, SOFT).to(tl.float32), limit)
+    h3 = tl.minimum(tl.maximum(cast_rne(acc3, CDT, SOFT).to(tl.float32), -limit), limit)
     h = h1 * tl.sigmoid(h1) * h3
     if HAS_RW:
         h = h * tl.load(rw_ptr + rows, mask=rmask, other=0.0)[:, None]
     tl.store(h_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :],
-             _to(h, h_ptr.dtype.element_ty, SOFT), mask=rmask[:, None] & cmask[None, :])
+             cast_rne(h, h_ptr.dtype.element_ty, SOFT), mask=rmask[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -444,7 +426,7 @@ def _moe_down_kernel(h_ptr, tile_e_ptr, tile_r0_ptr, tile_r1_ptr, w_ptr, s_ptr, 
     acc = _gemm_loop(acc, a_base, rmask, w_ptr + e.to(tl.int64) * stride_we, s_ptr + e.to(tl.int64) * stride_se,
                      cols.to(tl.int64), cmask, K, stride_wn, stride_sn,
                      W_FMT, A_QUANT, FP8_PATH, CDT, DOT_DT, PREC, SOFT, BN, BK)
-    tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], _to(acc, CDT, SOFT),
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :], cast_rne(acc, CDT, SOFT),
              mask=rmask[:, None] & cmask[None, :])
 
 
@@ -464,7 +446,7 @@ def _moe_combine_kernel(y_ptr, pos_ptr, sh_ptr, out_ptr, T, D, stride_ym, stride
     if HAS_SHARED:
         acc += tl.load(sh_ptr + toks.to(tl.int64)[:, None] * stride_sm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + toks.to(tl.int64)[:, None] * stride_om + cols[None, :],
-             _to(acc, out_ptr.dtype.element_ty, SOFT), mask=mask)
+             cast_rne(acc, out_ptr.dtype.element_ty, SOFT), mask=mask)
 
 
 @triton.jit
@@ -476,7 +458,7 @@ def _act_quant_kernel(x_ptr, y_ptr, M, K, stride_xm, stride_ym, SOFT: tl.constex
     x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
     q, s = _quant_rows(x.to(tl.float32))
     tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :],
-             _to(q * s[:, None], y_ptr.dtype.element_ty, SOFT), mask=mask)
+             cast_rne(q * s[:, None], y_ptr.dtype.element_ty, SOFT), mask=mask)
 
 
 # ============================================================================================ launch glue

@@ -52,19 +52,15 @@ the packed sort value 96.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from v4.ops import acc as acc_dtype  # the accumulation dtype; `acc` in the kernels is the accumulator
 
+from ...triton_common import interpreting
+
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -217,7 +213,7 @@ def _launch_scores(out: torch.Tensor, q: torch.Tensor, weights: torch.Tensor, k_
     s_max = out.shape[1]
     if q.dtype not in _TL:
         raise TypeError(f"indexer_topk: unsupported q dtype {q.dtype}")
-    interp = _interpreting()
+    interp = interpreting(_indexer_score_kernel)
     BLOCK_N, TILES, num_warps = score_config(T, s_max, H, D, q.dtype, interp)
     n_tiles = triton.cdiv(s_max, BLOCK_N)
     grid = (T, triton.cdiv(n_tiles, TILES))
@@ -256,7 +252,7 @@ def _launch_topk(scores: torch.Tensor, nvis: torch.Tensor, out: torch.Tensor, ra
     topk = out.shape[1]
     BLOCK_K = max(16, triton.next_power_of_2(min(topk, s_max)))
     if rank_sort is None:
-        rank_sort = _interpreting() and BLOCK_K <= 1024
+        rank_sort = interpreting(_topk_kernel) and BLOCK_K <= 1024
     # a scan tile of 1024 fp32 scores is 8 per thread at 4 warps; the sort holds BLOCK_K int64
     _topk_kernel[(T,)](scores, nvis, out, s_max, topk, scores.stride(0), out.stride(0),
                        BLOCK=1024, BLOCK_K=BLOCK_K, RANK_SORT=rank_sort, num_warps=4 if BLOCK_K <= 512 else 8)
