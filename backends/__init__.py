@@ -1,7 +1,9 @@
 """Backend registry: which ops run where.
 
 A backend declares its name, device type, whether it can run here (and if not, a sentence that
-says what to install), the ops it implements and the dtypes / numerics modes it supports.
+says what to install), the ops it implements, the dtypes / numerics modes it supports and its own
+settings (`BackendOption`: `runtime.backend_options.<backend>.<option>` in a runtime YAML,
+`--<backend>-<option>` on the command line, validated here against the declaration).
 `get_ops` hands the model an object with every op of the op set (the contract: `v4.ops.Ops`); ops
 a backend lacks are filled from `reference` only when the runtime allows fallback, and the filled
 ops are reported.
@@ -17,7 +19,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable
 
-from v4.errors import BackendUnavailable
+from v4.errors import BackendUnavailable, ConfigError
 from v4.ops import OP_NAMES  # the op set; its contract (types, signatures) is v4.ops. Also read as backends.OP_NAMES
 
 # Ops that consume prepared weights. A backend's weight form is its own, so these ops and the
@@ -27,6 +29,35 @@ WEIGHT_HOOKS = ("prepare_linear", "prepare_experts")
 
 # `auto` tries these in order.
 AUTO_ORDER = ("cuda", "ascend", "reference")
+
+
+@dataclass(frozen=True)
+class BackendOption:
+    """One setting a backend declares in its package's `OPTIONS` (read without probing the backend).
+
+    It is `runtime.backend_options: {<backend>: {<name>: value}}` in a runtime YAML and
+    `--<backend>-<name>` on the command line (`add_option_flags`), and reaches only that backend, as
+    `make_ops(device, <name>=value)`, whose default must be `default`."""
+
+    name: str
+    default: object
+    choices: tuple = ()  # the accepted values (empty: any value `check` accepts)
+    help: str = ""
+    check: Callable | None = None  # value -> None, or what is wrong with it ("must be ..."), beyond `choices`
+
+    def flag(self, backend: str) -> str:
+        return f"--{backend}-{self.name.replace('_', '-')}"
+
+    def as_dict(self, backend: str) -> dict:
+        """For `dsv4 backends --json`."""
+        return {"name": self.name, "field": f"runtime.backend_options.{backend}.{self.name}",
+                "flag": self.flag(backend), "default": self.default, "choices": list(self.choices), "help": self.help}
+
+    def problem(self, value) -> str | None:
+        """None when `value` is acceptable, else what is wrong with it (to follow a field name)."""
+        if self.choices and value not in self.choices:
+            return f"must be one of {', '.join(map(str, self.choices))}, got {value!r}"
+        return self.check(value) if self.check is not None else None
 
 
 @dataclass
@@ -40,12 +71,15 @@ class BackendInfo:
     modes: tuple
     notes: str = ""
     auto: bool = True  # may `auto` pick it (False for check-only modes such as Triton's interpreter)
+    options: tuple = ()  # its settings (BackendOption), from the package's OPTIONS; `probe` fills them in
 
 
 @dataclass
 class _Entry:
-    # package that defines `probe() -> BackendInfo` and `make_ops(device) -> ops`, and optionally
-    # `readiness_report() -> str` (what a real run of it needs on this machine; `dsv4 backends` prints it)
+    # package that defines `probe() -> BackendInfo` and `make_ops(device, **options) -> ops`, and optionally
+    # `OPTIONS` (its BackendOption declarations: the keyword arguments of make_ops) and
+    # `readiness_report() -> str` (what a real run of it needs on this machine; `dsv4 backends` prints it).
+    # The package itself imports no kernels (only probe / make_ops do), so OPTIONS is cheap to read.
     module: str
     probe: Callable | None = None
 
@@ -78,9 +112,78 @@ def probe(name: str) -> BackendInfo:
     except Exception as e:  # noqa: BLE001 - any import failure is a reason, not a crash
         return BackendInfo(name, "?", False, f"cannot import {_REGISTRY[name].module}: {e}", frozenset(), (), ())
     try:
-        return mod.probe()
+        info = mod.probe()
     except Exception as e:  # noqa: BLE001
-        return BackendInfo(name, "?", False, f"{_REGISTRY[name].module}.probe() failed: {e}", frozenset(), (), ())
+        info = BackendInfo(name, "?", False, f"{_REGISTRY[name].module}.probe() failed: {e}", frozenset(), (), ())
+    info.options = tuple(getattr(mod, "OPTIONS", ()))  # declared whether or not the backend can run here
+    return info
+
+
+# ------------------------------------------------------------------ backend options
+def declared_options(name: str) -> tuple:
+    """The settings backend `name` declares (its package's OPTIONS), without probing it: a runtime
+    config that names an option of a backend missing here still validates (and reads the same)."""
+    if name not in _REGISTRY:
+        raise BackendUnavailable(f"unknown backend {name!r}; choose one of: {', '.join(_REGISTRY)}")
+    try:
+        mod = importlib.import_module(_REGISTRY[name].module)
+    except Exception:  # noqa: BLE001 - `probe` says why; a backend that cannot be imported declares nothing
+        return ()
+    return tuple(getattr(mod, "OPTIONS", ()))
+
+
+def check_options(options) -> dict:
+    """`runtime.backend_options` ({backend: {option: value}}) against every backend's declaration.
+    Returns a copy; raises ConfigError naming the field (`runtime.backend_options.ascend.weights`)."""
+    where = "runtime.backend_options"
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"field '{where}' must be a mapping of backend name -> {{option: value}}, "
+                          f"e.g. {{ascend: {{weights: w8a8}}}}; got {options!r}")
+    out = {}
+    for backend, opts in options.items():
+        if backend not in _REGISTRY:
+            raise ConfigError(f"field '{where}' names unknown backend {backend!r}; backends: {', '.join(_REGISTRY)}")
+        declared = {o.name: o for o in declared_options(backend)}
+        opts = {} if opts is None else opts
+        if not isinstance(opts, dict):
+            raise ConfigError(f"field '{where}.{backend}' must be a mapping of option -> value, got {opts!r}")
+        for key, value in opts.items():
+            if key not in declared:
+                raise ConfigError(f"field '{where}.{backend}': backend '{backend}' has no option {key!r} "
+                                  f"(it declares: {', '.join(declared) or 'none'})")
+            why = declared[key].problem(value)
+            if why is not None:
+                raise ConfigError(f"field '{where}.{backend}.{key}' {why}")
+        out[backend] = dict(opts)
+    return out
+
+
+def _dest(backend: str, opt: BackendOption) -> str:
+    return f"backend_option__{backend}__{opt.name}"
+
+
+def add_option_flags(parser) -> None:
+    """One flag per option every registered backend declares (`--ascend-weights`, ...), each
+    overriding `runtime.backend_options.<backend>.<option>`; `option_overrides` reads them back."""
+    group = parser.add_argument_group("backend options (runtime.backend_options; each reaches its own backend only)")
+    for backend in _REGISTRY:
+        for opt in declared_options(backend):
+            group.add_argument(opt.flag(backend), dest=_dest(backend, opt), choices=list(opt.choices) or None,
+                               help=f"overrides runtime.backend_options.{backend}.{opt.name}: {opt.help} "
+                                    f"(default {opt.default})")
+
+
+def option_overrides(args) -> dict:
+    """{backend: {option: value}} of the flags `add_option_flags` added and the command line set."""
+    out: dict = {}
+    for backend in _REGISTRY:
+        for opt in declared_options(backend):
+            value = getattr(args, _dest(backend, opt), None)
+            if value is not None:
+                out.setdefault(backend, {})[opt.name] = value
+    return out
 
 
 def resolve(name: str) -> str:
@@ -184,4 +287,11 @@ def format_matrix(infos: list[BackendInfo] | None = None) -> str:
     for i in infos:
         status = "available" if i.available else f"unavailable: {i.reason}"
         lines.append(f"{i.name}: {status}" + (f" ({i.notes})" if i.notes else ""))
+    opts = [(i.name, o) for i in infos for o in i.options]
+    if opts:
+        lines.append("")
+        lines.append("backend options (runtime.backend_options: {backend: {option: value}}, or the flag):")
+        for name, o in opts:
+            values = "|".join(map(str, o.choices)) or "value"
+            lines.append(f"  {name}.{o.name} = {values} (default {o.default}; {o.flag(name)}): {o.help}")
     return "\n".join(lines)

@@ -39,6 +39,8 @@ def _dtype(s: str) -> str:
 
 
 def _model_args(p):
+    from v4.runtime import add_runtime_flags
+
     g = p.add_mutually_exclusive_group()
     g.add_argument("--checkpoint", help="checkpoint directory (config.json + *.safetensors)")
     g.add_argument("--config", help="model config with seeded random weights (tiny, small, tiny-v4, ...); default: the "
@@ -48,10 +50,10 @@ def _model_args(p):
     p.add_argument("--mode", choices=["plain", "exact"], help="numerics mode (default: the config's, plain)")
     p.add_argument("--seed-weights", type=int, default=None,
                    help="seed of the random weights used with --config (default 0); a checkpoint's weights are fixed")
-    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"],
-                   help="greedy continuation as captured CUDA graphs where the backend can capture (default: "
-                        "runtime.cuda_graphs, auto = the cuda backend on a GPU; on = also the emulated path without "
-                        "one); each bundle's options.decode says how it decoded")
+    add_runtime_flags(p, "greedy continuation replayed from captured graphs where the backend can capture "
+                      "(default: runtime.decode_graphs, auto = the backend's graphs where its device has them: CUDA "
+                      "graphs on cuda; on = also the emulated path without them); each bundle's options.decode says "
+                      "how it decoded")
 
 
 def _prompt_args(p, required: bool):
@@ -183,7 +185,9 @@ def _plan(a, backend: str, dtype: str | None, mode: str | None):
     from . import record as R
 
     suite = R.load_suite(a.suite or "smoke") if (a.suite or not a.prompts) else None
-    over = {"backend": backend, "dtype": dtype, "mode": mode, "device": a.device, "cuda_graphs": a.cuda_graphs}
+    from v4.runtime import runtime_flag_overrides
+
+    over = {"backend": backend, "dtype": dtype, "mode": mode, "device": a.device, **runtime_flag_overrides(a)}
     for k in ("tensor_parallel_size", "data_parallel_size", "enable_expert_parallel", "moe_comm"):
         over[k] = getattr(a, k, None)
     built = R.build(a.checkpoint, a.config, a.runtime, over, seed=a.seed_weights)
@@ -200,7 +204,7 @@ def _plan(a, backend: str, dtype: str | None, mode: str | None):
         prefill_chunk=a.prefill_chunk if a.prefill_chunk is not None else sopt.get("prefill_chunk", built.runtime.prefill_chunk),
         batching=not a.no_batch,
         block_size=built.runtime.block_size,
-        cuda_graphs=built.runtime.cuda_graphs,
+        decode_graphs=built.runtime.decode_graphs,
         speculative_config=_speculative(a, built),
     )
     bos = built.cfg.bos_token_id

@@ -63,7 +63,7 @@ class Options:
     prefill_chunk: int = 0  # 0 = whole prompt (or batch) in one step
     batching: bool = True  # False: every prompt alone, ignoring batch groups
     block_size: int = 64
-    cuda_graphs: str = "off"  # greedy continuation as captured graphs: runtime.cuda_graphs (auto | on | off)
+    decode_graphs: str = "off"  # greedy continuation as captured graphs: runtime.decode_graphs (auto | on | off)
     speculative_config: str | dict | None = None  # greedy continuation with MTP speculative decoding (runtime field)
 
     def validate(self):
@@ -254,7 +254,7 @@ def build(checkpoint=None, config=None, runtime_file=None, overrides=None, seed:
     cfg, rt = resolve(checkpoint, config, runtime_file, overrides)
     if rt.tensor_parallel_size * rt.data_parallel_size > 1:
         return _build_ranks(checkpoint, config, runtime_file, overrides, seed, cfg, rt)
-    ops = backends.get_ops(rt.backend, rt.device, rt.allow_fallback, rt.mode, rt.dtype, rt.backend_options())
+    ops = backends.get_ops(rt.backend, rt.device, rt.allow_fallback, rt.mode, rt.dtype, rt.backend_options)
     if checkpoint is not None:
         cfg, tensors = W.load_checkpoint(checkpoint, cfg, progress=False)
         winfo = {"source": "checkpoint", "path": str(checkpoint), "hash": W.checkpoint_hash(checkpoint)}
@@ -376,12 +376,12 @@ def record(model, prompts: list, opts: Options | None = None, ranks=None) -> tup
 
 
 def decode_mode(opts: Options, model) -> str:
-    """How the greedy continuation decodes (v4.engine.graph_mode). `cuda_graphs: on` means "where the
+    """How the greedy continuation decodes (v4.engine.graph_mode). `decode_graphs: on` means "where the
     backend can capture": `parity run` passes one setting to every backend, and each bundle's
     options.decode says how that recording decoded."""
-    if opts.cuda_graphs == "on" and not getattr(model.ops, "capturable", False):
+    if opts.decode_graphs == "on" and not getattr(model.ops, "capturable", False):
         return "off"
-    return graph_mode(opts.cuda_graphs, model)
+    return graph_mode(opts.decode_graphs, model)
 
 
 def _record_group(model, prompts, group, opts, keep_layers, last_k, N, tensors, hook_order, per_prompt_hooks,

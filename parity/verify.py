@@ -31,12 +31,12 @@ def golden_prompts(g: BD.Bundle) -> list:
     return out
 
 
-def golden_options(g: BD.Bundle, block_size: int, cuda_graphs: str = "off") -> R.Options:
-    """The golden recording's options; how this machine decodes (cuda_graphs) is its own runtime's."""
+def golden_options(g: BD.Bundle, block_size: int, decode_graphs: str = "off") -> R.Options:
+    """The golden recording's options; how this machine decodes (decode_graphs) is its own runtime's."""
     o = g.meta.get("options") or {}
     return R.Options(greedy_tokens=int(g.meta.get("greedy_tokens", o.get("greedy_tokens", 8))), layers=o.get("layers", "all"),
                      logits=o.get("logits", "all"), prefill_chunk=int(o.get("prefill_chunk", 0)),
-                     batching=bool(o.get("batching", True)), block_size=block_size, cuda_graphs=cuda_graphs)
+                     batching=bool(o.get("batching", True)), block_size=block_size, decode_graphs=decode_graphs)
 
 
 def rebuild(g: BD.Bundle, backend: str, dtype: str | None, checkpoint: str | None, device: str | None,
@@ -75,7 +75,7 @@ def run(golden: str, backend: str, dtype: str | None = None, checkpoint: str | N
     with tempfile.TemporaryDirectory(prefix="dsv4-verify-") as tmp:
         built = rebuild(g, backend, dt, checkpoint, device, runtime, Path(tmp))
         prompts = golden_prompts(g)
-        opts = golden_options(g, built.runtime.block_size, built.runtime.cuda_graphs)
+        opts = golden_options(g, built.runtime.block_size, built.runtime.decode_graphs)
         mine = R.record_bundle(built, prompts, opts, g.meta.get("suite"), g.meta.get("prompts_file"), out)
     c = compare(g, mine, profile)
     print(RP.render(c))

@@ -6,7 +6,7 @@ import torch
 import backends
 from backends import ascend
 from v4 import cli
-from v4.config import RuntimeConfig, load_config_file
+from v4.config import ConfigDeprecationWarning, RuntimeConfig, build_runtime, load_config_file
 from v4.errors import BackendUnavailable, ConfigError
 
 HAVE_NPU_STACK = ascend._installed("torch_npu")
@@ -64,9 +64,57 @@ def test_weight_option_reaches_the_backend(monkeypatch):
 
 
 def test_runtime_config_validates_ascend_weights():
-    assert RuntimeConfig.from_dict({"ascend_weights": "w8a8"}).backend_options() == {"ascend": {"weights": "w8a8"}}
+    rt = RuntimeConfig.from_dict({"backend_options": {"ascend": {"weights": "w8a8"}}})
+    assert rt.backend_options == {"ascend": {"weights": "w8a8"}}
+    with pytest.raises(ConfigError, match="runtime.backend_options.ascend.weights' must be one of dequant, w8a8"):
+        RuntimeConfig.from_dict({"backend_options": {"ascend": {"weights": "int4"}}})
+    with pytest.raises(ConfigError, match="has no option 'wieghts'"):
+        RuntimeConfig.from_dict({"backend_options": {"ascend": {"wieghts": "w8a8"}}})
+
+
+def test_old_ascend_weights_field_still_works_and_says_the_new_form():
+    with pytest.warns(ConfigDeprecationWarning, match=r"'runtime.ascend_weights' is deprecated; write "
+                      r"'runtime.backend_options: \{ascend: \{weights: w8a8\}\}' instead"):
+        assert RuntimeConfig.from_dict({"ascend_weights": "w8a8"}).backend_options == {"ascend": {"weights": "w8a8"}}
     with pytest.raises(ConfigError, match="runtime.ascend_weights"):
         RuntimeConfig.from_dict({"ascend_weights": "int4"})
+    with pytest.warns(ConfigDeprecationWarning), pytest.raises(ConfigError, match="disagree"):
+        RuntimeConfig.from_dict({"ascend_weights": "w8a8", "backend_options": {"ascend": {"weights": "dequant"}}})
+
+
+def test_weights_option_is_declared_by_the_backend_and_becomes_a_flag(capsys):
+    opts = {o.name: o for o in backends.declared_options("ascend")}
+    assert opts["weights"].choices == ("dequant", "w8a8") and opts["weights"].default == "dequant"
+    assert backends.probe("ascend").options == backends.declared_options("ascend")  # available or not
+    args = cli.build_parser().parse_args(["generate", "--config", "tiny", "--ascend-weights", "w8a8", "--ids", "1"])
+    over = cli._overrides(args)
+    assert over["backend_options"] == {"ascend": {"weights": "w8a8"}} and "ascend_weights" not in over
+    # the flag beats the runtime file, option by option
+    rt = build_runtime({"backend_options": {"ascend": {"weights": "dequant"}}}, over, env={})
+    assert rt.backend_options == {"ascend": {"weights": "w8a8"}}
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["generate", "--ascend-weights", "int4"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_graph_capture_is_acl_graph_on_an_npu_only(monkeypatch):
+    """The capture hook of the ascend backend: nothing on CPU (the emulation has no graphs), torch_npu's
+    NPUGraph through v4.graphs.StreamCapture on an NPU (faked here: no NPU), imported only then."""
+    import sys
+    import types
+
+    from v4.graphs import StreamCapture
+
+    monkeypatch.setenv(ascend.EMULATE_ENV, "1")
+    ops = backends.get_ops("ascend", dtype="float32")
+    assert ops.capturable is False  # compress plans on the host: decode stays eager for now
+    assert ops.graph_capture(torch.device("cpu")) is None
+    npu_api = types.SimpleNamespace(NPUGraph=object)
+    monkeypatch.setitem(sys.modules, "torch_npu", types.ModuleType("torch_npu"))
+    monkeypatch.setattr(torch, "npu", npu_api, raising=False)
+    cap = ops.graph_capture(types.SimpleNamespace(type="npu", index=0))
+    assert isinstance(cap, StreamCapture) and cap.mode == "npu"
+    assert cap.api is npu_api and cap.graph_class is npu_api.NPUGraph and "NPUGraph" in cap.what
 
 
 def test_ascend_runtime_config_file():

@@ -61,6 +61,18 @@ def test_backends_json(capsys):
         if not backends.probe(name).available:
             assert data[name]["available"] is False
             assert data[name]["reason"]
+    # each backend's own settings: runtime.backend_options.<backend>.<option> and the flag made from it
+    assert data["reference"]["options"] == [] and data["cuda"]["options"] == []
+    (w,) = data["ascend"]["options"]
+    assert (w["field"], w["flag"], w["default"], w["choices"]) == (
+        "runtime.backend_options.ascend.weights", "--ascend-weights", "dequant", ["dequant", "w8a8"])
+
+
+def test_backends_prints_each_backends_own_readiness_report(capsys, monkeypatch):
+    """`dsv4 backends` asks every backend for its report (backends.readiness_reports), naming none."""
+    monkeypatch.setattr(backends, "readiness_reports", lambda: ["report one", "report two"])
+    code, out, _ = run(capsys, "backends")
+    assert code == 0 and out.rstrip().endswith("report one\n\nreport two")
 
 
 # ----------------------------------------------------------------------------- info

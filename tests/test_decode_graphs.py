@@ -13,6 +13,7 @@ and the engine with graphs on gives the same tokens as with graphs off.
 """
 
 import os
+import re
 
 import pytest
 import torch
@@ -23,7 +24,8 @@ if not torch.cuda.is_available():
 import backends  # noqa: E402
 from tests.conftest import rel_err, run_step  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from v4.config import ConfigError, RuntimeConfig, build_runtime, load_config_file  # noqa: E402
+from v4.config import (ConfigDeprecationWarning, ConfigError, RuntimeConfig, build_runtime,  # noqa: E402
+                       load_config_file)
 from v4.engine import LLM, SamplingParams, graph_mode  # noqa: E402
 from v4.errors import InputError  # noqa: E402
 from v4.graphs import DecodeGraphs, GraphCaptureError, HostSyncGuard, default_buckets  # noqa: E402
@@ -374,10 +376,24 @@ def test_graph_mode_choices(cfg, cuda_model):
 
 
 def test_runtime_field_accepts_yaml_booleans():
-    assert build_runtime({"cuda_graphs": False}).cuda_graphs == "off"
-    assert build_runtime({"cuda_graphs": True}).cuda_graphs == "on"
+    assert build_runtime({"decode_graphs": False}).decode_graphs == "off"
+    assert build_runtime({"decode_graphs": True}).decode_graphs == "on"
+    with pytest.raises(ConfigError, match="runtime.decode_graphs"):
+        build_runtime({"decode_graphs": "sometimes"})
+
+
+def test_old_cuda_graphs_field_still_works_and_says_the_new_name():
+    with pytest.warns(ConfigDeprecationWarning,
+                      match="'runtime.cuda_graphs' is deprecated; write 'runtime.decode_graphs: off'"):
+        assert build_runtime({"cuda_graphs": False}).decode_graphs == "off"
+    with pytest.warns(ConfigDeprecationWarning):
+        assert build_runtime({"cuda_graphs": True}).decode_graphs == "on"
     with pytest.raises(ConfigError, match="runtime.cuda_graphs"):
         build_runtime({"cuda_graphs": "sometimes"})
+    with pytest.warns(ConfigDeprecationWarning):  # the file's old name, the flag's new one: the flag wins
+        assert build_runtime({"cuda_graphs": "on"}, {"decode_graphs": "off"}).decode_graphs == "off"
+    with pytest.warns(ConfigDeprecationWarning), pytest.raises(ConfigError, match="disagree"):
+        build_runtime({"cuda_graphs": "on", "decode_graphs": "off"})
 
 
 def test_step_refuses_bad_layouts(cuda_model):
@@ -410,9 +426,156 @@ def test_cli_generate_with_graphs_on(capsys):
     from v4 import cli
 
     args = ["generate", "--config", "tiny", "--backend", "cuda", "--ids", "0,5,6,7", "--max-new-tokens", "4", "--json"]
-    assert cli.main(args + ["--cuda-graphs", "on"]) == 0
+    assert cli.main(args + ["--decode-graphs", "on"]) == 0
     on = json.loads(capsys.readouterr().out)
-    assert cli.main(args + ["--cuda-graphs", "off"]) == 0
+    assert cli.main(args + ["--decode-graphs", "off"]) == 0
     off = json.loads(capsys.readouterr().out)
     assert on["decode"] == ("cuda graphs" if GPU else "graph path, emulated") and off["decode"] == "eager"
     assert on["generated_ids"] == off["generated_ids"] and len(on["generated_ids"]) == 4
+    # the old flag: the same run, and one line on stderr naming the new one
+    with pytest.warns(ConfigDeprecationWarning, match="--cuda-graphs is deprecated; use --decode-graphs on"):
+        assert cli.main(args + ["--cuda-graphs", "on"]) == 0
+    assert json.loads(capsys.readouterr().out)["decode"] == on["decode"]
+    assert cli.main(args + ["--cuda-graphs", "on", "--decode-graphs", "off"]) == 2
+    assert "disagree" in capsys.readouterr().err
+
+
+def test_deprecation_warning_is_one_line_on_the_command_line():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "v4.cli", "info", "--config", "tiny", "--json", "--cuda-graphs", "off"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip() == "dsv4: warning: --cuda-graphs is deprecated; use --decode-graphs off"
+
+
+# ---------------------------------------------------------------- the capture protocol behind the backend
+
+
+class _FakeStreamAPI:
+    """torch.cuda / torch.npu's stream-graph API, recording what StreamCapture calls."""
+
+    def __init__(self):
+        self.calls = []
+        api = self
+
+        class Graph:
+            def __init__(self):
+                api.calls.append("Graph()")
+
+            def replay(self):
+                api.calls.append("replay")
+
+        class Ctx:
+            def __init__(self, name):
+                self.name = name
+
+            def __enter__(self):
+                api.calls.append(f"enter {self.name}")
+
+            def __exit__(self, *exc):
+                api.calls.append(f"exit {self.name}")
+
+        class Stream:
+            def __init__(self, name):
+                self.name = name
+
+            def wait_stream(self, other):
+                api.calls.append(f"{self.name} waits {other.name}")
+
+        self.Graph, self._ctx, self._stream = Graph, Ctx, Stream
+
+    def Stream(self, device):  # noqa: N802 - the torch name
+        self.calls.append(f"Stream({device})")
+        return self._stream("side")
+
+    def current_stream(self, device):
+        return self._stream("main")
+
+    def stream(self, s):
+        return self._ctx(f"stream {s.name}")
+
+    def graph_pool_handle(self):
+        self.calls.append("pool")
+        return "pool-1"
+
+    def graph(self, g, pool=None):
+        self.calls.append(f"graph(pool={pool})")
+        return self._ctx("capture")
+
+
+@pytest.mark.parametrize("mode,what", [("cuda", "CUDA graph"), ("npu", "ACL graph (torch.npu.NPUGraph)")])
+def test_stream_capture_is_one_protocol_for_cuda_and_npu_graphs(mode, what):
+    """CUDA graphs and ACL graphs go through the same StreamCapture: warm-up twice on a side stream,
+    one memory pool for every bucket, capture once; a replay reruns the graph and gives the outputs
+    captured. A host read mid-capture becomes one GraphCaptureError naming the setting to turn off."""
+    from v4.graphs import StreamCapture
+
+    api = _FakeStreamAPI()
+    cap = StreamCapture(mode, api, api.Graph, "dev:0", what)
+    runs = []
+    rec = cap.capture(lambda: runs.append(len(runs)) or "out", 4)
+    assert runs == [0, 1, 2] and api.calls == [
+        "Stream(dev:0)", "side waits main", "enter stream side", "exit stream side", "main waits side",
+        "pool", "Graph()", "graph(pool=pool-1)", "enter capture", "exit capture"]
+    api.calls.clear()
+    assert rec.replay() == "out" and api.calls == ["replay"] and len(runs) == 3
+    api.calls.clear()
+    cap.capture(lambda: None, 2)
+    assert "pool" not in api.calls and "graph(pool=pool-1)" in api.calls  # buckets share the pool
+
+    def host_read():
+        if api.calls[-1] == "enter capture":
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.raises(GraphCaptureError, match=f"batch 8 as a {re.escape(what)} failed.*decode_graphs: off"):
+        cap.capture(host_read, 8)
+
+
+def test_cuda_backend_hands_over_cuda_graphs_on_a_gpu_only(cuda_model):
+    from v4.graphs import StreamCapture
+
+    ops = cuda_model.ops
+    assert ops.graph_capture(torch.device("cpu")) is None  # the interpreter on CPU: emulation
+    cap = ops.graph_capture(torch.device("cuda", 0))
+    assert isinstance(cap, StreamCapture) and cap.mode == "cuda"
+    assert cap.api is torch.cuda and cap.graph_class is torch.cuda.CUDAGraph
+
+
+class _RecordingCapture:
+    """A backend's capture as the core sees it (mode, capture, replay), run eagerly under HostSyncGuard."""
+
+    mode = "fake"
+
+    def __init__(self):
+        self.captured = []
+
+    def capture(self, fn, batch):
+        self.captured.append(batch)
+        fn()  # the warm-up a real capture does
+
+        class Replay:
+            def replay(self):
+                with HostSyncGuard():
+                    return fn()
+
+        return Replay()
+
+
+def test_core_takes_the_capture_from_the_backend(cuda_model, monkeypatch):
+    """graph_mode and DecodeGraphs ask the ops for their device's graphs (`graph_capture`): with a
+    backend that hands one over, auto decodes through it, bucket by bucket, and gives the eager tokens."""
+    fake = _RecordingCapture()
+    monkeypatch.setattr(cuda_model.ops, "graph_capture", lambda device: fake)
+    assert graph_mode("auto", cuda_model) == "fake" and graph_mode("on", cuda_model) == "fake"
+    prompts = [[0, 9, 8, 7], [0, 44, 45]]
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    rt = RuntimeConfig(max_num_seqs=2, max_model_len=40)
+    off = LLM(cuda_model, rt, graphs="off").generate(prompts, params)
+    llm = LLM(cuda_model, rt)  # runtime.decode_graphs: auto
+    assert llm.graph_mode == "fake" and llm.runner.graphs.capturer is fake
+    assert [r.output_ids for r in llm.generate(prompts, params)] == [r.output_ids for r in off]
+    assert fake.captured == [2]
+    with pytest.raises(InputError, match="captures fake graphs"):
+        DecodeGraphs(cuda_model, cuda_model.new_cache(3, 16), 2, mode="cuda")

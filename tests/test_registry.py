@@ -149,6 +149,81 @@ def test_format_matrix_lists_every_op_and_reasons():
             assert f"{n}: unavailable: {info.reason}" in txt
 
 
+# ----------------------------------------------------------------------------- backend options
+
+
+def test_each_backend_declares_its_options_with_make_ops_defaults():
+    """OPTIONS are make_ops' keyword arguments, with the same defaults; probe() carries them whether
+    or not the backend can run here, and the matrix lists them."""
+    import inspect
+
+    for name in KNOWN:
+        mod = importlib.import_module(backends._REGISTRY[name].module)
+        params = inspect.signature(mod.make_ops).parameters
+        declared = backends.declared_options(name)
+        for opt in declared:
+            assert params[opt.name].default == opt.default, (name, opt.name)
+            assert opt.problem(opt.default) is None
+        assert backends.probe(name).options == declared
+    assert [o.name for o in backends.declared_options("ascend")] == ["weights"]
+    assert backends.declared_options("cuda") == () and backends.declared_options("reference") == ()
+    assert "ascend.weights = dequant|w8a8 (default dequant; --ascend-weights)" in backends.format_matrix()
+
+
+@pytest.mark.parametrize("options,needle", [
+    ({"cuda": {"weights": "w8a8"}}, "backend 'cuda' has no option 'weights' (it declares: none)"),
+    ({"gpu": {}}, "unknown backend 'gpu'; backends: reference, cuda, ascend"),
+    ({"ascend": {"weights": "int4"}},
+     "'runtime.backend_options.ascend.weights' must be one of dequant, w8a8, got 'int4'"),
+    ({"ascend": "w8a8"}, "'runtime.backend_options.ascend' must be a mapping"),
+    ("ascend=w8a8", "'runtime.backend_options' must be a mapping"),
+])
+def test_backend_options_are_checked_against_the_declarations(options, needle):
+    with pytest.raises(ConfigError) as ei:
+        build_runtime({"backend_options": options}, env={})
+    assert needle in str(ei.value)
+
+
+def _install_option_backend(monkeypatch):
+    """A registered backend that declares one option (`tile`); make_ops records what it got."""
+    got = []
+    mod = types.ModuleType("dsv4_test_option_backend")
+    mod.OPTIONS = (backends.BackendOption("tile", "64", ("64", "128"), "tile size"),)
+    mod.probe = lambda: backends.BackendInfo("tiles", "cpu", True, "", frozenset(backends.OP_NAMES),
+                                             ("float32",), ("plain",))
+
+    def make_ops(device=None, tile="64"):
+        got.append(tile)
+        return ReferenceOps(device or "cpu")
+
+    mod.make_ops = make_ops
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    monkeypatch.setitem(backends._REGISTRY, "tiles", backends._Entry(mod.__name__))
+    return got
+
+
+def test_option_flags_are_generated_from_the_declarations(monkeypatch):
+    """A backend's declared option becomes a flag of `dsv4 generate / serve / info` and of `dsv4 parity
+    record / run`, overrides runtime.backend_options, and reaches that backend's make_ops only."""
+    from v4 import cli
+
+    got = _install_option_backend(monkeypatch)
+    parser = cli.build_parser()
+    a = parser.parse_args(["generate", "--config", "tiny", "--tiles-tile", "128", "--ids", "1"])
+    over = cli._overrides(a)
+    assert over["backend_options"] == {"tiles": {"tile": "128"}}
+    rt = build_runtime({"backend_options": {"tiles": {"tile": "64"}, "ascend": {"weights": "w8a8"}}}, over, env={})
+    assert rt.backend_options == {"tiles": {"tile": "128"}, "ascend": {"weights": "w8a8"}}
+    backends.get_ops("tiles", backend_options=rt.backend_options)
+    assert got == ["128"]
+    assert cli._overrides(parser.parse_args(["generate", "--config", "tiny", "--ids", "1"]))["backend_options"] is None
+    for argv in (["parity", "record", "--suite", "smoke", "--out", "x", "--tiles-tile", "128"],
+                 ["parity", "run", "--tiles-tile", "128"], ["info", "--tiles-tile", "128"]):
+        assert getattr(parser.parse_args(argv), "backend_option__tiles__tile") == "128"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["generate", "--tiles-tile", "32"])
+
+
 # ----------------------------------------------------------------------------- selection precedence
 
 

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 
 from .errors import DSV4Error, InputError
 
@@ -23,6 +24,8 @@ USAGE_EXAMPLES = """examples:
 
 
 def _add_model_args(p):
+    from .runtime import add_runtime_flags
+
     g = p.add_mutually_exclusive_group()
     g.add_argument("--checkpoint", help="checkpoint directory (config.json + *.safetensors); default, when neither "
                    "--checkpoint nor --config is given: the trained tiny-v4 shipped in the package (v4/embedded/tiny-v4)")
@@ -33,11 +36,9 @@ def _add_model_args(p):
     p.add_argument("--device", help="torch device, e.g. cpu, cuda:0")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"])
     p.add_argument("--mode", choices=["plain", "exact"], help="numerics: plain (the math) or exact (official run-time quantisation)")
-    p.add_argument("--ascend-weights", choices=["dequant", "w8a8"],
-                   help="Ascend weight form: dequant (FP8/FP4 -> working dtype at load) or w8a8 (int8 weights, per-token int8 activations)")
-    p.add_argument("--cuda-graphs", choices=["auto", "on", "off"],
-                   help="overrides runtime.cuda_graphs: decode as captured CUDA graphs (auto: on for the cuda backend on a GPU; "
-                        "on without a GPU runs the captured path's checks eagerly)")
+    add_runtime_flags(p, "overrides runtime.decode_graphs: decode steps replayed from graphs the backend captures "
+                      "(CUDA graphs on cuda, ACL graphs on ascend); auto: where the backend's device has them; on "
+                      "elsewhere runs the captured path's checks eagerly")
     p.add_argument("--seed-weights", type=int, default=None,
                    help="seed of the random weights used with --config (default 0); a checkpoint's weights are fixed")
     p.set_defaults(pick_model=True)
@@ -82,10 +83,12 @@ def _add_engine_args(p):
 
 
 def _overrides(a):
-    keys = ("backend", "device", "dtype", "mode", "ascend_weights", "cuda_graphs", "max_num_seqs",
-            "max_num_batched_tokens", "max_model_len", "kv_cache_memory", "block_size", "tensor_parallel_size",
-            "data_parallel_size", "enable_expert_parallel", "moe_comm", "dist_timeout_s", "speculative_config")
-    return {k: getattr(a, k, None) for k in keys}
+    from .runtime import runtime_flag_overrides
+
+    keys = ("backend", "device", "dtype", "mode", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+            "kv_cache_memory", "block_size", "tensor_parallel_size", "data_parallel_size", "enable_expert_parallel",
+            "moe_comm", "dist_timeout_s", "speculative_config")
+    return {**{k: getattr(a, k, None) for k in keys}, **runtime_flag_overrides(a)}
 
 
 def cmd_generate(a) -> int:
@@ -256,7 +259,8 @@ def cmd_backends(a) -> int:
     import backends
 
     if a.json:
-        print(json.dumps([{**i.__dict__, "ops": sorted(i.ops)} for i in backends.matrix()], indent=1))
+        print(json.dumps([{**i.__dict__, "ops": sorted(i.ops), "options": [o.as_dict(i.name) for o in i.options]}
+                          for i in backends.matrix()], indent=1))
     else:
         print(backends.format_matrix())
         for report in backends.readiness_reports():
@@ -327,9 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    return f"dsv4: warning: {message}\n"  # one line, as errors are (not the file and source line)
+
+
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         if getattr(a, "pick_model", False):
             pick_model(a)
@@ -339,6 +348,8 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

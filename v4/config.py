@@ -311,6 +311,11 @@ def _normalise_hf_keys(d: dict, source: str) -> dict:
 BACKENDS = ("auto", "reference", "cuda", "ascend")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 MODES = ("plain", "exact")
+GRAPH_SETTINGS = ("auto", "on", "off")  # runtime.decode_graphs
+
+
+class ConfigDeprecationWarning(FutureWarning):
+    """A deprecated runtime field or flag was used: it still works, and the warning names the new form."""
 
 
 @dataclass
@@ -327,8 +332,12 @@ class RuntimeConfig:
     kv_cache_memory: int | str | None = None  # byte budget of the cache ("2GiB"); None: room for every slot
     block_size: int = 64  # entries per page of the compressed / indexer pools
     prefill_chunk: int = 0  # most prompt tokens of one sequence per step (vLLM's long_prefill_token_threshold); 0 = no cap
-    ascend_weights: str = "dequant"  # Ascend: "dequant" FP8/FP4 -> working dtype at load, or "w8a8" int8
-    cuda_graphs: str = "auto"  # decode as captured CUDA graphs: auto (on for the cuda backend on a GPU) | on | off
+    # decode steps replayed from graphs the backend captures (CUDA graphs on cuda, ACL graphs on ascend):
+    # auto (the backend's graphs where its device has them) | on (else the emulated path's checks) | off
+    decode_graphs: str = "auto"
+    # settings each backend declares for itself (BackendInfo.options; `dsv4 backends` lists them), e.g.
+    # {"ascend": {"weights": "w8a8"}}; each reaches its own backend's make_ops only
+    backend_options: dict = field(default_factory=dict)
     # multi-device (v4.dist; vLLM's names): ranks = tensor_parallel_size x data_parallel_size
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -340,6 +349,8 @@ class RuntimeConfig:
     speculative_config: dict | str | None = None
 
     RENAMED = {"max_batch": "max_num_seqs", "max_seq_len": "max_model_len"}
+    # old field -> its new place under runtime: still read, with a ConfigDeprecationWarning (`upgrade`)
+    DEPRECATED = {"cuda_graphs": ("decode_graphs",), "ascend_weights": ("backend_options", "ascend", "weights")}
 
     @property
     def speculative(self) -> "SpeculativeConfig | None":
@@ -348,9 +359,6 @@ class RuntimeConfig:
     @property
     def kv_cache_bytes(self) -> int | None:
         return parse_bytes(self.kv_cache_memory, "runtime.kv_cache_memory")
-
-    def backend_options(self) -> dict:
-        return {"ascend": {"weights": self.ascend_weights}}
 
     def validate(self, source: str = "runtime") -> None:
         if self.backend not in BACKENDS:
@@ -363,12 +371,17 @@ class RuntimeConfig:
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"{source}: field 'runtime.{k}' must be a positive integer, got {v!r}")
-        if self.ascend_weights not in ("dequant", "w8a8"):
-            raise ConfigError(f"{source}: field 'runtime.ascend_weights' must be dequant or w8a8, got {self.ascend_weights!r}")
-        if isinstance(self.cuda_graphs, bool):  # YAML 1.1 reads a bare on / off as a boolean
-            self.cuda_graphs = "on" if self.cuda_graphs else "off"
-        if self.cuda_graphs not in ("auto", "on", "off"):
-            raise ConfigError(f"{source}: field 'runtime.cuda_graphs' must be auto, on or off, got {self.cuda_graphs!r}")
+        self.decode_graphs = _graph_setting(self.decode_graphs)
+        if self.decode_graphs not in GRAPH_SETTINGS:
+            raise ConfigError(f"{source}: field 'runtime.decode_graphs' must be auto, on or off, "
+                              f"got {self.decode_graphs!r}")
+        if self.backend_options:  # checked against each backend's declaration (the registry, imported only then)
+            import backends
+
+            try:
+                self.backend_options = backends.check_options(self.backend_options)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
         for k in ("tensor_parallel_size", "data_parallel_size"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -392,8 +405,43 @@ class RuntimeConfig:
                               "for now; drop --speculative-config or run with -tp 1 -dp 1")
 
     @classmethod
+    def upgrade(cls, d: dict, source: str = "runtime") -> dict:
+        """A copy of runtime dict `d` with each deprecated field (`DEPRECATED`) moved to its new place,
+        after checking its value under the name it was given; each one used is said in one
+        ConfigDeprecationWarning. Giving an old and a new field different values is an error."""
+        d = dict(d)
+        for old, path in cls.DEPRECATED.items():
+            if old not in d:
+                continue
+            value = d.pop(old)
+            new = "runtime." + ".".join(path)
+            if path == ("decode_graphs",):
+                value = _graph_setting(value)
+            form = value
+            for key in reversed(path[1:]):
+                form = f"{{{key}: {form}}}"
+            why = _setting_problem(path, value)
+            if why is not None:
+                raise ConfigError(f"{source}: field 'runtime.{old}' (now {new}) {why}")
+            warnings.warn(f"{source}: field 'runtime.{old}' is deprecated; write 'runtime.{path[0]}: {form}' instead",
+                          ConfigDeprecationWarning, stacklevel=3)
+            node = d
+            for i, key in enumerate(path[:-1]):
+                child = node.get(key)
+                if child is not None and not isinstance(child, dict):
+                    raise ConfigError(f"{source}: field 'runtime.{'.'.join(path[:i + 1])}' must be a mapping, "
+                                      f"got {child!r}")
+                node[key] = node = dict(child or {})
+            if path[-1] in node and _graph_setting(node[path[-1]]) != value:
+                raise ConfigError(f"{source}: fields 'runtime.{old}' (deprecated) and '{new}' disagree "
+                                  f"({value!r} vs {node[path[-1]]!r}); keep only {new}")
+            node[path[-1]] = value
+        return d
+
+    @classmethod
     def from_dict(cls, d: dict, source: str = "runtime") -> "RuntimeConfig":
         known = {f.name for f in dataclasses.fields(cls)}
+        d = cls.upgrade(d, source)
         for old, new in cls.RENAMED.items():
             if old in d:
                 raise ConfigError(f"{source}: field 'runtime.{old}' is now 'runtime.{new}' (vLLM's name); rename it")
@@ -403,6 +451,25 @@ class RuntimeConfig:
         rc = cls(**d)
         rc.validate(source)
         return rc
+
+
+def _graph_setting(value):
+    """YAML 1.1 reads a bare on / off as a boolean: back to the word."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+def _setting_problem(path: tuple, value) -> str | None:
+    """What is wrong with `value` for the runtime field at `path` (a deprecated field's new place)."""
+    if path == ("decode_graphs",):
+        return None if value in GRAPH_SETTINGS else f"must be auto, on or off, got {value!r}"
+    if path[0] == "backend_options":
+        import backends
+
+        declared = {o.name: o for o in backends.declared_options(path[1])}
+        return declared[path[2]].problem(value) if path[2] in declared else None
+    return None
 
 
 @dataclass
@@ -513,16 +580,28 @@ def load_config_file(name_or_path: str) -> tuple[ModelConfig | None, dict]:
     return ModelConfig.from_dict(md, source=str(path)), {}
 
 
+def _merge_options(base: dict, over: dict) -> dict:
+    """runtime.backend_options of the file with the flags' on top, option by option."""
+    out = dict(base)
+    for backend, opts in over.items():
+        mine = out.get(backend)
+        out[backend] = {**mine, **opts} if isinstance(mine, dict) and isinstance(opts, dict) else opts
+    return out
+
+
 def build_runtime(base: dict, cli_overrides: dict | None = None, env: dict | None = None) -> RuntimeConfig:
     """Config file < CLI flags < environment (DSV4_BACKEND), as design.md orders them."""
-    d = dict(base)
-    for k, v in (cli_overrides or {}).items():
-        if v is not None:
-            d[k] = v
+    source = "runtime configuration"
+    d = RuntimeConfig.upgrade(base, source)  # deprecated names in the file, then in the flags: the flags win
+    over = RuntimeConfig.upgrade({k: v for k, v in (cli_overrides or {}).items() if v is not None}, source)
+    for k, v in over.items():
+        if k == "backend_options" and isinstance(d.get(k), dict) and isinstance(v, dict):
+            v = _merge_options(d[k], v)
+        d[k] = v
     env = os.environ if env is None else env
     if env.get("DSV4_BACKEND"):
         d["backend"] = env["DSV4_BACKEND"]
-    return RuntimeConfig.from_dict(d, source="runtime configuration")
+    return RuntimeConfig.from_dict(d, source=source)
 
 
 def yarn_inv_freq(rope_dim: int, base: float, rope_scaling: dict | None):

@@ -1,8 +1,8 @@
-"""Decode steps replayed from captured graphs (CUDA graphs on NVIDIA GPUs).
+"""Decode steps replayed from captured graphs: the bucket policy here, the capture behind the backend.
 
 A V4 decode step launches a few hundred small kernels; at small batch sizes the host's launch
-overhead, not the GPU, sets the pace. `DecodeGraphs` captures the whole decode step once per batch
-size ("bucket") as a CUDA graph and replays it, so a step costs one graph launch.
+overhead, not the device, sets the pace. `DecodeGraphs` captures the whole decode step once per
+batch size ("bucket") as a graph and replays it, so a step costs one graph launch.
 
 What makes the step capturable is `v4.model.DecodeBatch`: the batch layout (slots, positions, token
 ids) lives in static device buffers that the host overwrites before each replay, and nothing in the
@@ -11,17 +11,23 @@ step reads device data back or sizes a tensor from it (index widths come from th
 checked, cache blocks reserved before the replay and `cache.seq_len` advanced after it. The engine's
 runner (`v4/engine/runner.py`) calls `step` for every step made only of decode tokens.
 
-Buckets: 1, 2, 4, 8, then multiples of 8 up to `max_batch` (the engine's max_num_seqs). A step of n
-sequences runs the smallest bucket >= n; the rows past n are padding on a scratch cache slot that no sequence owns (position 0,
-token 0), so they write only that slot's ring row and compressor state and are never read.
+Buckets (the core's policy): 1, 2, 4, 8, then multiples of 8 up to `max_batch` (the engine's
+max_num_seqs). A step of n sequences runs the smallest bucket >= n; the rows past n are padding on a
+scratch cache slot that no sequence owns (position 0, token 0), so they write only that slot's ring
+row and compressor state and are never read.
 
-Modes:
-- "cuda": one `torch.cuda.CUDAGraph` per bucket, captured on first use after a warm-up run (which
-  compiles the Triton kernels) with every row on the scratch slot; all buckets share one memory pool.
-- "emulate": where there is no GPU (the cuda backend in Triton's interpreter on CPU). Nothing is
-  captured: each step runs the same DecodeBatch forward on the same static buffers, under
-  `HostSyncGuard`, which raises on every op that a capture would reject (a device -> host read, an
-  output shaped by tensor contents). That is how CI checks the captured path without a GPU.
+How a bucket is captured and replayed is the backend's (`GraphCapture`): an ops object whose every
+op is graph-safe says so with `capturable = True` and hands over its device's graphs from
+`ops.graph_capture(device)` (None where that device has none). Modes (`GraphCapture.mode`):
+- "cuda": the cuda backend on a GPU: one `torch.cuda.CUDAGraph` per bucket (`StreamCapture`);
+- "npu": the ascend backend on an NPU: one `torch.npu.NPUGraph` per bucket, torch_npu's ACL graph
+  (vllm-ascend's ACLGraphWrapper), through the same `StreamCapture` on the `torch.npu` API;
+- "emulate": where the device has no graphs (the cuda backend in Triton's interpreter on CPU).
+  Nothing is captured: each step runs the same DecodeBatch forward on the same static buffers,
+  under `HostSyncGuard`, which raises on every op that a capture would reject (a device -> host
+  read, an output shaped by tensor contents). That is how CI checks the captured path without a GPU.
+A captured bucket is warmed up first (which compiles the Triton kernels) with every row on the
+scratch slot; all buckets share one memory pool.
 """
 
 from __future__ import annotations
@@ -34,8 +40,8 @@ from .batch import DecodeBatch
 
 aten = torch.ops.aten
 
-# Ops that read device memory on the host or size their output from tensor contents: a CUDA graph
-# capture fails on them ("operation not permitted when stream is capturing"), or worse, bakes the
+# Ops that read device memory on the host or size their output from tensor contents: a graph capture
+# (CUDA or ACL) fails on them ("operation not permitted when stream is capturing"), or worse, bakes the
 # value seen at capture time into every replay.
 _HOST_READS = {
     aten._local_scalar_dense: "reads a tensor element on the host (.item(), int(t), bool(t), if t)",
@@ -61,9 +67,9 @@ def _refuse_tolist(*_args, **_kwargs):
 
 
 class HostSyncGuard(TorchDispatchMode):
-    """Raise on every op that a CUDA graph capture would reject (see `_HOST_READS`), on any device.
+    """Raise on every op that a graph capture would reject (see `_HOST_READS`), on any device.
 
-    On a GPU the capture itself refuses such ops; on CPU nothing would, so the emulated mode and the
+    On a GPU or NPU the capture itself refuses such ops; on CPU nothing would, so the emulated mode and the
     tests run the decode step under this guard. Boolean-mask indexing and
     `repeat_interleave(repeats_tensor)` without `output_size` count too (they call nonzero / a sum
     read-back internally, below the dispatcher where this mode cannot see), and so does
@@ -93,6 +99,94 @@ class HostSyncGuard(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+# ------------------------------------------------------------------ capture: the backend's side
+class GraphCapture:
+    """How a backend records a decode step and replays it: the protocol behind `DecodeGraphs`.
+
+    `capture(fn, batch)` runs `fn` (the step of one bucket on the static buffers; warm-up included)
+    and returns an object whose `replay()` reruns the recorded step on the buffers' current contents
+    and returns fn's outputs (the same tensors every time). `mode` names the kind ("cuda", "npu",
+    "emulate": the runner's `graph_mode` and `DECODE_LABEL`)."""
+
+    mode: str = ""
+
+    def capture(self, fn, batch: int):
+        raise NotImplementedError
+
+
+class EmulatedCapture(GraphCapture):
+    """No graph: every replay runs the step again, eagerly, under `HostSyncGuard` (the CPU check of
+    the captured path: the same static buffers and the same refusals as a real capture)."""
+
+    mode = "emulate"
+
+    def capture(self, fn, batch: int):
+        return _Emulated(fn)
+
+
+class _Emulated:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def replay(self):
+        with HostSyncGuard():
+            return self.fn()
+
+
+class StreamCapture(GraphCapture):
+    """A capture through torch's stream-graph API, which `torch.cuda` (CUDA graphs) and `torch.npu`
+    (torch_npu's ACL graphs) share: `Stream`, `current_stream`, `stream`, `graph_pool_handle`,
+    `graph(g, pool=...)` and a graph class with `replay()`. A backend builds it in its
+    `ops.graph_capture(device)` with its API module and graph class; the warm-up on a side stream,
+    the one memory pool and the capture are the same for both.
+
+    mode: "cuda" | "npu"; what: the graph's name in messages ("CUDA graph")."""
+
+    def __init__(self, mode: str, api, graph_class, device, what: str):
+        self.mode, self.api, self.graph_class, self.device, self.what = mode, api, graph_class, device, what
+        self.pool = None  # every bucket's graph shares one memory pool
+
+    def capture(self, fn, batch: int):
+        api = self.api
+        side = api.Stream(self.device)
+        side.wait_stream(api.current_stream(self.device))
+        with api.stream(side):  # warm-up off the capture stream: Triton compiles, allocator settles
+            for _ in range(2):
+                fn()
+        api.current_stream(self.device).wait_stream(side)
+        if self.pool is None:
+            self.pool = api.graph_pool_handle()
+        graph = self.graph_class()
+        try:
+            with api.graph(graph, pool=self.pool):
+                out = fn()
+        except RuntimeError as e:  # a host read or sync inside the step: the runtime refuses it mid-capture
+            raise GraphCaptureError(f"capturing the decode step of batch {batch} as a {self.what} failed ({e}); "
+                                    "set runtime.decode_graphs: off (--decode-graphs off) to decode eagerly, and "
+                                    "report this with the backend's op list (`dsv4 backends`)") from e
+        return _Recorded(graph, out)
+
+
+class _Recorded:
+    def __init__(self, graph, out):
+        self.graph, self.out = graph, out
+
+    def replay(self):
+        self.graph.replay()
+        return self.out
+
+
+def native_capture(model) -> GraphCapture | None:
+    """The backend's graphs for the model's device (`ops.graph_capture`), or None: the backend
+    cannot capture its decode step (`capturable` false) or this device has no graphs."""
+    ops = model.ops
+    hook = getattr(ops, "graph_capture", None)
+    if not getattr(ops, "capturable", False) or hook is None:
+        return None
+    return hook(model.device)
+
+
+# ------------------------------------------------------------------ buckets and replay: the core's side
 def default_buckets(max_batch: int) -> list[int]:
     sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(8, max_batch, 8))
     return sorted(set(sizes) | {max_batch})
@@ -111,16 +205,23 @@ class DecodeGraphs:
     """
 
     def __init__(self, model, cache, max_batch: int, mode: str = "auto", buckets: list[int] | None = None, q: int = 1):
+        """mode: "auto" (the backend's graphs for this device, else the emulation), the backend's own
+        mode ("cuda", "npu": it must be the one `ops.graph_capture` gives here) or "emulate"."""
         if not getattr(model.ops, "capturable", False):
             raise InputError(f"backend '{model.ops.name}' does not support graph-captured decode "
-                             "(set runtime.cuda_graphs: off, or use the cuda backend)")
+                             "(set runtime.decode_graphs: off, or use the cuda backend)")
         dev = model.device
+        native = native_capture(model)
         if mode == "auto":
-            mode = "cuda" if dev.type == "cuda" else "emulate"
-        if mode not in ("cuda", "emulate"):
-            raise InputError(f"graph mode must be auto, cuda or emulate, got {mode!r}")
-        if mode == "cuda" and dev.type != "cuda":
-            raise InputError(f"CUDA graphs need the model on a CUDA device, it is on {dev}")
+            mode = native.mode if native is not None else "emulate"
+        if mode == "emulate":
+            self.capturer = EmulatedCapture()
+        elif native is not None and native.mode == mode:
+            self.capturer = native
+        else:
+            here = f"{native.mode} graphs" if native is not None else "no graphs: only emulate"
+            raise InputError(f"graph mode {mode!r}: backend '{model.ops.name}' on {dev} captures {here}; "
+                             "use auto, emulate or that mode")
         self.model, self.cache, self.mode, self.q = model, cache, mode, q
         self.buckets = sorted(buckets or default_buckets(max_batch))
         if self.buckets[-1] < max_batch or self.buckets[0] < 1:
@@ -132,8 +233,7 @@ class DecodeGraphs:
         self._buf = torch.zeros(2, B, dtype=torch.long, device=dev)
         self._ids = torch.zeros(B * q, dtype=torch.long, device=dev)
         self._pad()
-        self._graphs: dict[int, tuple] = {}
-        self._pool = None
+        self._graphs: dict[int, object] = {}  # bucket -> what the capturer recorded (its replay() gives the outputs)
 
     @property
     def max_batch(self) -> int:
@@ -167,28 +267,9 @@ class DecodeGraphs:
         return self.model.head_logits(X, batch, "all"), X, inputs
 
     def _capture(self, B: int) -> None:
-        """Warm up (Triton compiles) and capture bucket B with every row on the scratch slot."""
-        if self.mode == "emulate":  # nothing to record: every step runs under HostSyncGuard instead
-            self._graphs[B] = (None, None)
-            return
+        """Record bucket B (the backend's capture warms it up first) with every row on the scratch slot."""
         self._pad()
-        side = torch.cuda.Stream(self.model.device)
-        side.wait_stream(torch.cuda.current_stream(self.model.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._forward(B)
-        torch.cuda.current_stream(self.model.device).wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = self._forward(B)
-        except RuntimeError as e:  # a host read or sync inside the step: CUDA refuses it mid-capture
-            raise GraphCaptureError(f"capturing the decode step of batch {B} as a CUDA graph failed ({e}); "
-                                    "set runtime.cuda_graphs: off (--cuda-graphs off) to decode eagerly, and report "
-                                    "this with the backend's op list (`dsv4 backends`)") from e
-        self._graphs[B] = (graph, out)
+        self._graphs[B] = self.capturer.capture(lambda: self._forward(B), B)
 
     def capture_all(self) -> None:
         """Capture every bucket now, largest first (they share one memory pool)."""
@@ -218,7 +299,8 @@ class DecodeGraphs:
             raise InputError(f"decode step: {n} slots, {len(positions)} positions, {len(ids)} token ids; give one "
                              f"slot and position per sequence (at least one) and {q} token id(s) each")
         if self.model.hook is not None:
-            raise InputError("a captured decode step records no hooks; detach model.hook (or set runtime.cuda_graphs: off)")
+            raise InputError("a captured decode step records no hooks; detach model.hook "
+                             "(or set runtime.decode_graphs: off)")
         V = self.model.cfg.vocab_size
         for t in ids:
             if not 0 <= int(t) < V:
@@ -233,12 +315,7 @@ class DecodeGraphs:
         self._buf[:, :n].copy_(torch.tensor([list(slots), list(positions)], dtype=torch.long), non_blocking=False)
         self._ids[:n * q].copy_(torch.tensor(list(ids), dtype=torch.long), non_blocking=False)
         self._pad(n)
-        graph, out = self._graphs[B]
-        if graph is None:
-            with HostSyncGuard():
-                out = self._forward(B)
-        else:
-            graph.replay()
+        out = self._graphs[B].replay()
         for s, p in zip(slots, positions):
             self.cache.seq_len[s] = p + q
         return out

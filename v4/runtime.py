@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, RuntimeConfig, build_runtime, load_config_file
-from .errors import ConfigError
+from .config import (GRAPH_SETTINGS, ConfigDeprecationWarning, ModelConfig, RuntimeConfig, build_runtime,
+                     load_config_file)
+from .errors import ConfigError, InputError
 from .model import Transformer
 from .tokenizer import load_tokenizer
 
@@ -63,7 +65,7 @@ def load(checkpoint: str | None = None, config: str | None = None, runtime_file:
 
     checkpoint = default_checkpoint(checkpoint, config)
     cfg, rt = resolve(checkpoint, config, runtime_file, overrides)
-    ops = backends.get_ops(rt.backend, rt.device, rt.allow_fallback, rt.mode, rt.dtype, rt.backend_options())
+    ops = backends.get_ops(rt.backend, rt.device, rt.allow_fallback, rt.mode, rt.dtype, rt.backend_options)
     if checkpoint is not None:
         cfg, tensors = W.load_checkpoint(checkpoint, cfg, progress=progress, device=ops.device)
     else:
@@ -86,3 +88,34 @@ def random_weights(cfg: ModelConfig, seed: int = 0) -> dict:
     from .weights import expected_tensors, init_tensor
 
     return {name: init_tensor(name, spec, cfg, seed) for name, spec in expected_tensors(cfg).items()}
+
+
+# ------------------------------------------------------------------ runtime flags both command lines share
+def add_runtime_flags(p, decode_help: str) -> None:
+    """--decode-graphs (runtime.decode_graphs; its old name --cuda-graphs still works, with a
+    deprecation warning) and one flag per option each backend declares (`--ascend-weights`, ...:
+    `backends.add_option_flags`). Read back with `runtime_flag_overrides`."""
+    import backends
+
+    p.add_argument("--decode-graphs", choices=list(GRAPH_SETTINGS), help=decode_help)
+    p.add_argument("--cuda-graphs", choices=list(GRAPH_SETTINGS), help="deprecated: use --decode-graphs")
+    backends.add_option_flags(p)
+
+
+def runtime_flag_overrides(a) -> dict:
+    """{"decode_graphs": ..., "backend_options": {...}} from the flags of `add_runtime_flags` (None
+    where unset). A namespace that still carries the old `ascend_weights` (a caller's own flag) passes
+    it on as the deprecated runtime field."""
+    import backends
+
+    decode = getattr(a, "decode_graphs", None)
+    old = getattr(a, "cuda_graphs", None)
+    if old is not None:
+        if decode is not None and decode != old:
+            raise InputError(f"--cuda-graphs {old} and --decode-graphs {decode} disagree; give only --decode-graphs")
+        warnings.warn(f"--cuda-graphs is deprecated; use --decode-graphs {old}", ConfigDeprecationWarning, stacklevel=2)
+        decode = old
+    over = {"decode_graphs": decode, "backend_options": backends.option_overrides(a) or None}
+    if getattr(a, "ascend_weights", None) is not None:
+        over["ascend_weights"] = a.ascend_weights
+    return over

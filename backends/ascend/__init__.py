@@ -19,10 +19,19 @@ import os
 import shutil
 from dataclasses import dataclass
 
+from .. import BackendOption
 from .. import installed as _installed
 
 EMULATE_ENV = "DSV4_ASCEND_EMULATE"
 DTYPES = ("float32", "bfloat16", "float16")
+WEIGHT_FORMATS = ("dequant", "w8a8")
+
+# This backend's settings: runtime.backend_options.ascend.<name>, --ascend-<name>; make_ops takes them.
+OPTIONS = (
+    BackendOption("weights", "dequant", WEIGHT_FORMATS,
+                  "weight form: dequant (FP8/FP4 -> working dtype at load) or w8a8 (int8 weights, per-token int8 "
+                  "activations)"),
+)
 
 
 def emulate_requested() -> bool:
@@ -156,6 +165,7 @@ def probe():
 
 
 def make_ops(device=None, weights: str = "dequant", chip: str | None = None):
+    """weights: OPTIONS' `weights`; chip: A2 / A3 / 950 for the kernels' tiles (default: the one found here)."""
     from .ops import AscendOps
 
     if emulate_requested():

@@ -21,10 +21,10 @@ Op by op (A2 = 910B, A3 = 910C; the 950 column is what the code does there, unte
 | linear | torch matmul (aclnn) for dequantised weights; W8A8: `npu_dynamic_quant` + `npu_quant_matmul` | A2/A3 have no FP8 / FP4 matmul |
 | grouped_out_proj | torch bmm (aclnn BatchMatMul) for wo_a, then `linear` for wo_b | |
 
-Weights (`runtime.ascend_weights`): "dequant" (default) dequantises FP8 / FP4 checkpoint weights
-at load into the working dtype; "w8a8" additionally quantises every projection the model keeps in
-the 16-bit working dtype to int8 per output channel (activations per token at run time). The
-projections the model keeps in fp32 (compressor, indexer weights, head) stay float.
+Weights (`runtime.backend_options.ascend.weights`, `--ascend-weights`): "dequant" (default) dequantises
+FP8 / FP4 checkpoint weights at load into the working dtype; "w8a8" additionally quantises every
+projection the model keeps in the 16-bit working dtype to int8 per output channel (activations per
+token at run time). The projections the model keeps in fp32 (compressor, indexer weights, head) stay float.
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ from backends.reference.ops import compress_rows_on_host
 from v4 import quant
 from v4.ops import DecodeRows, acc
 
+from . import WEIGHT_FORMATS  # declared with the backend's options (runtime.backend_options.ascend.weights)
 from .kernels import launch
 
 IMPLEMENTED: tuple[str, ...] = (
     "rms_norm", "rope", "hc_pre", "hc_post", "hc_head", "compress", "indexer_topk", "attention",
     "moe_gate", "moe_experts", "linear", "grouped_out_proj",
 )
-WEIGHT_FORMATS = ("dequant", "w8a8")
 
 # CANN op limits the adapter checks before choosing the CANN path (ascend.md §1.4, the op docs)
 _LI_MAX_HEADS = 64
@@ -97,10 +97,14 @@ class GroupedWeights:
 
 class AscendOps:
     name = "ascend"
+    # not graph-safe yet: `compress` plans a DecodeBatch step on the host (compress_rows_on_host), so
+    # decode runs eagerly here; `graph_capture` is what the step will be captured with once it is
+    capturable = False
 
     def __init__(self, device="cpu", npu=None, weights: str = "dequant", chip: str | None = None):
         if weights not in WEIGHT_FORMATS:
-            raise ValueError(f"runtime.ascend_weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
+            raise ValueError(f"runtime.backend_options.ascend.weights (formerly runtime.ascend_weights) must be one of "
+                             f"{', '.join(WEIGHT_FORMATS)}, got {weights!r}")
         self.device = torch.device(device)
         self.npu = npu if npu is not None else importlib.import_module("torch_npu")
         self.emulated = bool(getattr(self.npu, "EMULATED", False))
@@ -117,6 +121,18 @@ class AscendOps:
         from .comm import AscendCommunicator
 
         return AscendCommunicator
+
+    def graph_capture(self, device):
+        """Decode graphs on `device` (v4.graphs.GraphCapture): torch_npu's ACL graphs
+        (`torch.npu.NPUGraph`, what vllm-ascend's ACLGraphWrapper captures) on an NPU, through the same
+        `StreamCapture` as the cuda backend's CUDA graphs; None elsewhere (the CPU emulation has no
+        graphs: HostSyncGuard stands in). torch_npu is imported here, on an NPU, never before."""
+        if getattr(device, "type", str(device).split(":")[0]) != "npu":
+            return None
+        importlib.import_module("torch_npu")  # registers torch.npu (already done by the real make_ops)
+        from v4.graphs import StreamCapture
+
+        return StreamCapture("npu", torch.npu, torch.npu.NPUGraph, device, "ACL graph (torch.npu.NPUGraph)")
 
     def _took(self, op: str, path: str) -> None:
         self.path[op] = path

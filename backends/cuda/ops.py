@@ -26,11 +26,21 @@ IMPLEMENTED: tuple[str, ...] = (
 class CudaOps:
     name = "cuda"
     # every op is graph-safe for a `DecodeBatch` step (no host reads, shapes from shapes only), so
-    # v4.graphs may capture the decode step as a CUDA graph
+    # v4.graphs may capture the decode step: as a CUDA graph on a GPU (`graph_capture`), under the
+    # HostSyncGuard emulation in Triton's interpreter on CPU
     capturable = True
 
     def __init__(self, device="cuda"):
         self.device = torch.device(device)
+
+    def graph_capture(self, device):
+        """Decode graphs on `device` (v4.graphs.GraphCapture): CUDA graphs on a GPU; None elsewhere
+        (Triton's interpreter on CPU has no graphs: `decode_graphs: on` runs the emulation there)."""
+        if torch.device(device).type != "cuda":
+            return None
+        from v4.graphs import StreamCapture
+
+        return StreamCapture("cuda", torch.cuda, torch.cuda.CUDAGraph, device, "CUDA graph")
 
     # weights stay in their stored form (bf16 / FP8 blocks / FP4) and are dequantised in-kernel
     def prepare_linear(self, w, dtype):

@@ -182,10 +182,10 @@ def _rank_ops(rt, local: int, world: int):
     """The backend's ops on this rank's device: cuda/npu:LOCAL_RANK, or the CPU (its cores shared)."""
     import backends
 
-    ops = backends.get_ops(rt.backend, rt.device, rt.allow_fallback, rt.mode, rt.dtype, rt.backend_options())
+    ops = backends.get_ops(rt.backend, rt.device, rt.allow_fallback, rt.mode, rt.dtype, rt.backend_options)
     if ops.device.type in ("cuda", "npu") and ops.device.index != local:  # one device per rank, by local rank
         ops = backends.get_ops(rt.backend, f"{ops.device.type}:{local}", rt.allow_fallback, rt.mode, rt.dtype,
-                               rt.backend_options())
+                               rt.backend_options)
     if ops.device.type == "cpu" and torchrun_env() is None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # ranks share this node's cores
     if ops.device.type in ("cuda", "npu"):  # NCCL / HCCL bind a communicator to the current device

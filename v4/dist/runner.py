@@ -24,8 +24,8 @@ log = logging.getLogger("dsv4")
 
 class TPRunner(ModelRunner):
     def __init__(self, model, rt):
-        if rt.cuda_graphs == "on":
-            log.warning("runtime.cuda_graphs is on, but decode graphs are off in multi-device runs (a replay would "
+        if rt.decode_graphs == "on":
+            log.warning("runtime.decode_graphs is on, but decode graphs are off in multi-device runs (a replay would "
                         "need the step plan's layout first); decoding eagerly")
         super().__init__(model, rt, graphs="off")
         self.comm = model.comm

@@ -15,28 +15,34 @@ import torch
 
 from ..batch import StepBatch
 from ..cache import CacheGeometry, KVCache
-from ..config import RuntimeConfig
+from ..config import GRAPH_SETTINGS, RuntimeConfig
 from ..errors import InputError
 from ..model import Transformer
 from .scheduler import ScheduledSeq
 
 log = logging.getLogger("dsv4")
 
-DECODE_LABEL = {"off": "eager", "cuda": "cuda graphs", "emulate": "graph path, emulated"}
+DECODE_LABEL = {"off": "eager", "cuda": "cuda graphs", "npu": "npu graphs (ACL graph)",
+                "emulate": "graph path, emulated"}
 
 
 def graph_mode(setting: str, model: Transformer) -> str:
-    """runtime.cuda_graphs (auto | on | off) -> how decode runs: "off" (eager), "cuda" (captured CUDA
-    graphs) or "emulate" (the captured path's static buffers and checks, run eagerly: no GPU here)."""
+    """runtime.decode_graphs (auto | on | off) -> how decode runs: "off" (eager), the backend's graphs
+    for the model's device (`ops.graph_capture`: "cuda" = CUDA graphs on the cuda backend, "npu" = ACL
+    graphs on ascend) or "emulate" (the captured path's static buffers and checks, run eagerly: this
+    device has no graphs). auto = the backend's graphs where it has them, else eager."""
+    from ..graphs import native_capture
+
     capturable = getattr(model.ops, "capturable", False)
-    if setting == "off" or (setting == "auto" and not (capturable and model.device.type == "cuda")):
+    native = native_capture(model)
+    if setting == "off" or (setting == "auto" and native is None):
         return "off"
-    if setting not in ("auto", "on"):
-        raise InputError(f"runtime.cuda_graphs must be auto, on or off, got {setting!r}")
+    if setting not in GRAPH_SETTINGS:
+        raise InputError(f"runtime.decode_graphs must be auto, on or off, got {setting!r}")
     if not capturable:
-        raise InputError(f"runtime.cuda_graphs is on, but backend '{model.ops.name}' cannot capture its decode step "
+        raise InputError(f"runtime.decode_graphs is on, but backend '{model.ops.name}' cannot capture its decode step "
                          "(only the cuda backend can); set it to auto or off")
-    return "cuda" if model.device.type == "cuda" else "emulate"
+    return native.mode if native is not None else "emulate"
 
 
 class ModelRunner:
@@ -46,7 +52,7 @@ class ModelRunner:
         self.model = model
         spec = rt.speculative
         self.q = 1 + spec.num_speculative_tokens if spec is not None else 1
-        self.graph_mode = graph_mode(rt.cuda_graphs if graphs is None else graphs, model)
+        self.graph_mode = graph_mode(rt.decode_graphs if graphs is None else graphs, model)
         extra = 1 if self.graph_mode != "off" else 0  # the graphs' padding rows run on a scratch slot
         self.cache = self._allocate_cache(rt, extra)
         self.graphs = None
