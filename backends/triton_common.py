@@ -12,7 +12,7 @@ kernel families import them, so the backends round by construction the same way:
   MBITS 1), ties to even, subnormals kept, sign of zero kept;
 - `with_sign_of`: copy a sign bit by bit (unary minus is 0 - x in some Triton versions);
 - `sqrt_softplus`: the MoE gate score, softplus as the reference (torch) defines it.
-Host side: `interpreting` and `pow2`.
+Host side: `interpreting`, `pow2` and `gate_buffers` (the MoE gate launches' outputs and operands).
 
 `apply_kernel` runs one helper elementwise; tests/test_triton_common.py checks every helper with it
 against torch, and backends/ascend/kernels/common.py lists its lowering cases.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -40,6 +41,15 @@ def interpreting(kernel=None) -> bool:
 def pow2(n: int) -> int:
     """The smallest power of two >= max(1, n) (tile sizes)."""
     return triton.next_power_of_2(max(1, int(n)))
+
+
+def gate_buffers(x, weight, k: int):
+    """A MoE gate launch's outputs (weights fp32 [T, k], expert ids int32 [T, k]) and its operands
+    x [T, K], weight [E, K] with contiguous rows: (w_out, id_out, x, weight)."""
+    T = x.shape[0]
+    w_out = torch.empty(T, k, dtype=torch.float32, device=x.device)
+    id_out = torch.empty(T, k, dtype=torch.int32, device=x.device)
+    return w_out, id_out, x.contiguous(), weight.contiguous()
 
 
 # ------------------------------------------------------------------------------------ jit helpers

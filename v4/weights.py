@@ -129,100 +129,120 @@ def _field_values(expr: str, cfg: ModelConfig) -> str:
     return ", ".join(parts)
 
 
-def expected_tensors(cfg: ModelConfig) -> dict[str, TensorSpec]:
-    """Every tensor of the official checkpoint for `cfg` (scales of FP8/FP4 weights not listed)."""
-    ns = _cfg_namespace(cfg)
-    specs: dict[str, TensorSpec] = {}
-    memo: dict[str, tuple[int, str]] = {}
+class _SpecTable:
+    """Collects TensorSpecs in order; dims are ints or formulas in config.json field names."""
 
-    def value(d: str) -> tuple[int, str]:
-        if d not in memo:
-            memo[d] = (int(eval(d, {"__builtins__": {}}, ns)), d.replace("//", "/"))  # noqa: S307 - our own formulas
-        return memo[d]
+    def __init__(self, cfg: ModelConfig):
+        self.ns = _cfg_namespace(cfg)
+        self.specs: dict[str, TensorSpec] = {}
+        self.memo: dict[str, tuple[int, str]] = {}
 
-    def add(name: str, role: str, *dims) -> None:
+    def value(self, d: str) -> tuple[int, str]:
+        if d not in self.memo:
+            self.memo[d] = (int(eval(d, {"__builtins__": {}}, self.ns)), d.replace("//", "/"))  # noqa: S307 - our own formulas
+        return self.memo[d]
+
+    def add(self, name: str, role: str, *dims) -> None:
         shape, exprs = [], []
         for d in dims:
             if isinstance(d, int):
                 shape.append(d)
                 exprs.append(str(d))
             else:
-                v, e = value(d)
+                v, e = self.value(d)
                 shape.append(v)
                 exprs.append(e)
-        specs[name] = TensorSpec(tuple(shape), role, tuple(exprs))
+        self.specs[name] = TensorSpec(tuple(shape), role, tuple(exprs))
 
-    D = "hidden_size"
-    hc_rows = "(2+hc_mult)*hc_mult"
-    hc_cols = "hc_mult*hidden_size"
 
-    def block(prefix: str, layer: int, mtp: bool) -> None:
-        add(f"{prefix}attn_norm.weight", "float", D)
-        add(f"{prefix}ffn_norm.weight", "float", D)
-        for unit in ("attn", "ffn"):
-            add(f"{prefix}hc_{unit}_fn", "fp32", hc_rows, hc_cols)
-            add(f"{prefix}hc_{unit}_base", "fp32", hc_rows)
-            add(f"{prefix}hc_{unit}_scale", "fp32", 3)
-        a = f"{prefix}attn."
-        add(f"{a}wq_a.weight", "fp8able", "q_lora_rank", D)
-        add(f"{a}q_norm.weight", "float", "q_lora_rank")
-        add(f"{a}wq_b.weight", "fp8able", "num_attention_heads*head_dim", "q_lora_rank")
-        add(f"{a}wkv.weight", "fp8able", "head_dim", D)
-        add(f"{a}kv_norm.weight", "float", "head_dim")
-        add(f"{a}wo_a.weight", "fp8able", "o_groups*o_lora_rank", "num_attention_heads*head_dim//o_groups")
-        add(f"{a}wo_b.weight", "fp8able", D, "o_groups*o_lora_rank")
-        add(f"{a}attn_sink", "fp32", "num_attention_heads")
-        ratio = cfg.layer_ratio(layer)
-        r = f"compress_ratios[{layer}]"
-        if ratio > 0:
-            kc = "2*head_dim" if ratio == CSA_RATIO else "head_dim"
-            add(f"{a}compressor.wkv.weight", "float", kc, D)
-            add(f"{a}compressor.wgate.weight", "float", kc, D)
-            add(f"{a}compressor.ape", "fp32", r, kc)
-            add(f"{a}compressor.norm.weight", "float", "head_dim")
-        if ratio == CSA_RATIO:
-            ix = f"{a}indexer."
-            add(f"{ix}wq_b.weight", "fp8able", "index_n_heads*index_head_dim", "q_lora_rank")
-            add(f"{ix}weights_proj.weight", "float", "index_n_heads", D)
-            add(f"{ix}compressor.wkv.weight", "float", "2*index_head_dim", D)
-            add(f"{ix}compressor.wgate.weight", "float", "2*index_head_dim", D)
-            add(f"{ix}compressor.ape", "fp32", r, "2*index_head_dim")
-            add(f"{ix}compressor.norm.weight", "float", "index_head_dim")
-        f = f"{prefix}ffn."
-        add(f"{f}gate.weight", "float", "n_routed_experts", D)
-        if not mtp and cfg.is_hash_layer(layer):
-            add(f"{f}gate.tid2eid", "index", "vocab_size", "num_experts_per_tok")
-        else:
-            add(f"{f}gate.bias", "fp32", "n_routed_experts")
-        for e in range(cfg.n_routed_experts):
-            add(f"{f}experts.{e}.w1.weight", "expert", "moe_intermediate_size", D)
-            add(f"{f}experts.{e}.w2.weight", "expert", D, "moe_intermediate_size")
-            add(f"{f}experts.{e}.w3.weight", "expert", "moe_intermediate_size", D)
-        if cfg.n_shared_experts == 1:
-            add(f"{f}shared_experts.w1.weight", "fp8able", "moe_intermediate_size", D)
-            add(f"{f}shared_experts.w2.weight", "fp8able", D, "moe_intermediate_size")
-            add(f"{f}shared_experts.w3.weight", "fp8able", "moe_intermediate_size", D)
+_D = "hidden_size"
+_HC_ROWS = "(2+hc_mult)*hc_mult"
+_HC_COLS = "hc_mult*hidden_size"
 
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, TensorSpec]:
+    """Every tensor of the official checkpoint for `cfg` (scales of FP8/FP4 weights not listed)."""
+    table = _SpecTable(cfg)
+    add, D = table.add, _D
     add("embed.weight", "float", "vocab_size", D)
     for layer in range(cfg.num_hidden_layers):
-        block(f"layers.{layer}.", layer, mtp=False)
+        _block_tensors(add, cfg, f"layers.{layer}.", layer, mtp=False)
     for j in range(cfg.num_nextn_predict_layers):
         p = f"mtp.{j}."
         add(f"{p}e_proj.weight", "fp8able", D, D)
         add(f"{p}h_proj.weight", "fp8able", D, D)
         add(f"{p}enorm.weight", "float", D)
         add(f"{p}hnorm.weight", "float", D)
-        block(p, cfg.num_hidden_layers + j, mtp=True)
+        _block_tensors(add, cfg, p, cfg.num_hidden_layers + j, mtp=True)
         add(f"{p}norm.weight", "float", D)
-        add(f"{p}hc_head_fn", "fp32", "hc_mult", hc_cols)
-        add(f"{p}hc_head_base", "fp32", "hc_mult")
-        add(f"{p}hc_head_scale", "fp32", 1)
+        _hc_head_tensors(add, p)
     add("norm.weight", "float", D)
-    add("hc_head_fn", "fp32", "hc_mult", hc_cols)
-    add("hc_head_base", "fp32", "hc_mult")
-    add("hc_head_scale", "fp32", 1)
+    _hc_head_tensors(add, "")
     add("head.weight", "float", "vocab_size", D)
-    return specs
+    return table.specs
+
+
+def _hc_head_tensors(add, prefix: str) -> None:
+    add(f"{prefix}hc_head_fn", "fp32", "hc_mult", _HC_COLS)
+    add(f"{prefix}hc_head_base", "fp32", "hc_mult")
+    add(f"{prefix}hc_head_scale", "fp32", 1)
+
+
+def _block_tensors(add, cfg: ModelConfig, prefix: str, layer: int, mtp: bool) -> None:
+    """One transformer block's tensors (a main layer's or an MTP module's)."""
+    add(f"{prefix}attn_norm.weight", "float", _D)
+    add(f"{prefix}ffn_norm.weight", "float", _D)
+    for unit in ("attn", "ffn"):
+        add(f"{prefix}hc_{unit}_fn", "fp32", _HC_ROWS, _HC_COLS)
+        add(f"{prefix}hc_{unit}_base", "fp32", _HC_ROWS)
+        add(f"{prefix}hc_{unit}_scale", "fp32", 3)
+    _attention_tensors(add, cfg, f"{prefix}attn.", layer)
+    _ffn_tensors(add, cfg, f"{prefix}ffn.", layer, mtp)
+
+
+def _attention_tensors(add, cfg: ModelConfig, a: str, layer: int) -> None:
+    D = _D
+    add(f"{a}wq_a.weight", "fp8able", "q_lora_rank", D)
+    add(f"{a}q_norm.weight", "float", "q_lora_rank")
+    add(f"{a}wq_b.weight", "fp8able", "num_attention_heads*head_dim", "q_lora_rank")
+    add(f"{a}wkv.weight", "fp8able", "head_dim", D)
+    add(f"{a}kv_norm.weight", "float", "head_dim")
+    add(f"{a}wo_a.weight", "fp8able", "o_groups*o_lora_rank", "num_attention_heads*head_dim//o_groups")
+    add(f"{a}wo_b.weight", "fp8able", D, "o_groups*o_lora_rank")
+    add(f"{a}attn_sink", "fp32", "num_attention_heads")
+    ratio = cfg.layer_ratio(layer)
+    r = f"compress_ratios[{layer}]"
+    if ratio > 0:
+        kc = "2*head_dim" if ratio == CSA_RATIO else "head_dim"
+        add(f"{a}compressor.wkv.weight", "float", kc, D)
+        add(f"{a}compressor.wgate.weight", "float", kc, D)
+        add(f"{a}compressor.ape", "fp32", r, kc)
+        add(f"{a}compressor.norm.weight", "float", "head_dim")
+    if ratio == CSA_RATIO:
+        ix = f"{a}indexer."
+        add(f"{ix}wq_b.weight", "fp8able", "index_n_heads*index_head_dim", "q_lora_rank")
+        add(f"{ix}weights_proj.weight", "float", "index_n_heads", D)
+        add(f"{ix}compressor.wkv.weight", "float", "2*index_head_dim", D)
+        add(f"{ix}compressor.wgate.weight", "float", "2*index_head_dim", D)
+        add(f"{ix}compressor.ape", "fp32", r, "2*index_head_dim")
+        add(f"{ix}compressor.norm.weight", "float", "index_head_dim")
+
+
+def _ffn_tensors(add, cfg: ModelConfig, f: str, layer: int, mtp: bool) -> None:
+    D = _D
+    add(f"{f}gate.weight", "float", "n_routed_experts", D)
+    if not mtp and cfg.is_hash_layer(layer):
+        add(f"{f}gate.tid2eid", "index", "vocab_size", "num_experts_per_tok")
+    else:
+        add(f"{f}gate.bias", "fp32", "n_routed_experts")
+    for e in range(cfg.n_routed_experts):
+        add(f"{f}experts.{e}.w1.weight", "expert", "moe_intermediate_size", D)
+        add(f"{f}experts.{e}.w2.weight", "expert", D, "moe_intermediate_size")
+        add(f"{f}experts.{e}.w3.weight", "expert", "moe_intermediate_size", D)
+    if cfg.n_shared_experts == 1:
+        add(f"{f}shared_experts.w1.weight", "fp8able", "moe_intermediate_size", D)
+        add(f"{f}shared_experts.w2.weight", "fp8able", D, "moe_intermediate_size")
+        add(f"{f}shared_experts.w3.weight", "fp8able", "moe_intermediate_size", D)
 
 
 def scale_name(weight_name: str) -> str:
@@ -843,6 +863,66 @@ def _encode(name: str, value: torch.Tensor, form: str) -> list[tuple[str, torch.
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
+def _written_config(cfg: ModelConfig, quant: str) -> ModelConfig:
+    """The config.json `init_checkpoint` writes beside the weights of `quant`."""
+    if quant == "fp8":
+        for fname in ("hidden_size", "moe_intermediate_size"):
+            v = getattr(cfg, fname)
+            if v % FP4_BLOCK or v % 2:
+                raise CheckpointError(
+                    f"cannot write FP4 routed experts: {fname}={v} is not a multiple of {FP4_BLOCK}; "
+                    f"change {fname} or use quant='bf16'"
+                )
+        return dataclasses.replace(cfg, quantization_config=dict(OFFICIAL_QUANT_CONFIG), expert_dtype="fp4")
+    return dataclasses.replace(cfg, quantization_config=None, expert_dtype=None)
+
+
+_Unit = tuple[str, TensorSpec, str, int]  # (name, spec, stored form, stored bytes)
+
+
+def _plan_shards(specs: dict[str, TensorSpec], quant: str, max_shard_bytes: int) -> tuple[list[_Unit], list[list[_Unit]]]:
+    """Plan shards (sizes are known from shapes, so N is known before writing): (units, shards)."""
+    units: list[_Unit] = []
+    for name, spec in specs.items():
+        form = _stored_form(spec, quant)
+        nbytes = sum(math.prod(s) * _ST_DTYPES[dt][1] for _, dt, s in _stored_entries(name, spec, form))
+        units.append((name, spec, form, nbytes))
+    shards: list[list[_Unit]] = [[]]
+    cur = 0
+    for u in units:
+        if shards[-1] and cur + u[3] > max_shard_bytes:
+            shards.append([])
+            cur = 0
+        shards[-1].append(u)
+        cur += u[3]
+    return units, shards
+
+
+def _write_shard(path: Path, fname: str, shard: list[_Unit], cfg: ModelConfig, seed: int, weight_map: dict[str, str],
+                 pbar) -> int:
+    """Encode and write one shard, recording its tensors in weight_map; returns their bytes."""
+    from safetensors.torch import save_file
+
+    total_size = 0
+    tensors: dict[str, torch.Tensor] = {}
+    for name, spec, form, nbytes in shard:
+        value = init_tensor(name, spec, cfg, seed)
+        for sname, t in _encode(name, value, form):
+            tensors[sname] = t
+            weight_map[sname] = fname
+            total_size += t.numel() * t.element_size()
+        del value
+        pbar.update(1)
+    expect = {sn: (dt, tuple(s)) for name, spec, form, _ in shard for sn, dt, s in _stored_entries(name, spec, form)}
+    for sname, t in tensors.items():
+        got = (_TORCH_TO_ST.get(t.dtype), tuple(t.shape))
+        if got != expect[sname]:  # pragma: no cover - guards the codec contract
+            raise RuntimeError(f"internal: {sname} encoded as {got}, expected {expect[sname]}")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    del tensors
+    return total_size
+
+
 def init_checkpoint(
     cfg: ModelConfig,
     out_dir,
@@ -863,17 +943,7 @@ def init_checkpoint(
     if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise CheckpointError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
     cfg.validate()
-    if quant == "fp8":
-        for fname in ("hidden_size", "moe_intermediate_size"):
-            v = getattr(cfg, fname)
-            if v % FP4_BLOCK or v % 2:
-                raise CheckpointError(
-                    f"cannot write FP4 routed experts: {fname}={v} is not a multiple of {FP4_BLOCK}; "
-                    f"change {fname} or use quant='bf16'"
-                )
-        cfg_out = dataclasses.replace(cfg, quantization_config=dict(OFFICIAL_QUANT_CONFIG), expert_dtype="fp4")
-    else:
-        cfg_out = dataclasses.replace(cfg, quantization_config=None, expert_dtype=None)
+    cfg_out = _written_config(cfg, quant)
 
     out = Path(out_dir)
     try:
@@ -881,28 +951,13 @@ def init_checkpoint(
     except OSError as e:
         raise CheckpointError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
 
-    specs = expected_tensors(cfg)
-    # ---- plan shards (sizes are known from shapes, so N is known before writing) ---------------
-    units: list[tuple[str, TensorSpec, str, int]] = []
-    for name, spec in specs.items():
-        form = _stored_form(spec, quant)
-        nbytes = sum(math.prod(s) * _ST_DTYPES[dt][1] for _, dt, s in _stored_entries(name, spec, form))
-        units.append((name, spec, form, nbytes))
-    shards: list[list[tuple[str, TensorSpec, str, int]]] = [[]]
-    cur = 0
-    for u in units:
-        if shards[-1] and cur + u[3] > max_shard_bytes:
-            shards.append([])
-            cur = 0
-        shards[-1].append(u)
-        cur += u[3]
+    units, shards = _plan_shards(expected_tensors(cfg), quant, max_shard_bytes)
     n = len(shards)
     names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for old in out.glob("model-*-of-*.safetensors"):  # stale shards of an earlier write
         if _SHARD_RE.match(old.name) and old.name not in names:
             old.unlink()
 
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     weight_map: dict[str, str] = {}
@@ -911,22 +966,7 @@ def init_checkpoint(
     try:
         for fname, shard in zip(names, shards):
             pbar.set_postfix_str(fname, refresh=False)
-            tensors: dict[str, torch.Tensor] = {}
-            for name, spec, form, nbytes in shard:
-                value = init_tensor(name, spec, cfg, seed)
-                for sname, t in _encode(name, value, form):
-                    tensors[sname] = t
-                    weight_map[sname] = fname
-                    total_size += t.numel() * t.element_size()
-                del value
-                pbar.update(1)
-            expect = {sn: (dt, tuple(s)) for name, spec, form, _ in shard for sn, dt, s in _stored_entries(name, spec, form)}
-            for sname, t in tensors.items():
-                got = (_TORCH_TO_ST.get(t.dtype), tuple(t.shape))
-                if got != expect[sname]:  # pragma: no cover - guards the codec contract
-                    raise RuntimeError(f"internal: {sname} encoded as {got}, expected {expect[sname]}")
-            save_file(tensors, str(out / fname), metadata={"format": "pt"})
-            del tensors
+            total_size += _write_shard(out / fname, fname, shard, cfg, seed, weight_map, pbar)
     finally:
         pbar.close()
 

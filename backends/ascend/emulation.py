@@ -68,20 +68,9 @@ def npu_rotary_mul(input: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, rota
 # ------------------------------------------------------------------------------------------ indexer
 
 
-def npu_lightning_indexer(query, key, weights, *, actual_seq_lengths_query=None, actual_seq_lengths_key=None,
-                          block_table=None, layout_query="BSND", layout_key="BSND", sparse_count=2048, sparse_mode=3,
-                          pre_tokens=2**63 - 1, next_tokens=2**63 - 1, return_value=False):
-    """Top-`sparse_count` keys per query by score_s = sum_h w_h relu(q_h . k_s) (DeepSeek's lightning
-    indexer), int32 positions within the query's batch row, -1 where fewer keys are visible.
-
-    Emulated: layout_query "TND" (actual_seq_lengths_query = prefix sums, required) and layout_key
-    "PA_BSND" (key [block_count, block_size, N2 = 1, D] through block_table [B, max_blocks]).
-    sparse_mode 3 (rightDownCausal): query i of a batch row with Sq queries and Sk keys sees keys
-    j <= i + Sk - Sq; sparse_mode 0: all Sk keys. Returns (indices int32 [T, N2, sparse_count],
-    values): values are the selected scores in query's dtype with return_value, else an empty tensor
-    (the tuple of the Meta registration; the doc page's "-> Tensor" names only the first).
-    [doc silent] order of the selected positions (we return descending score) and scores in fp32.
-    """
+def _check_indexer_args(query, key, weights, actual_seq_lengths_query, actual_seq_lengths_key, block_table,
+                        layout_query, layout_key, sparse_count, sparse_mode, pre_tokens, next_tokens) -> None:
+    """The arguments `npu_lightning_indexer` emulates, checked in the order it reports them."""
     op = "npu_lightning_indexer"
     _need(layout_query == "TND" and layout_key == "PA_BSND", op,
           f"only layout_query='TND' with layout_key='PA_BSND' is emulated, got {layout_query!r}/{layout_key!r}")
@@ -109,6 +98,29 @@ def npu_lightning_indexer(query, key, weights, *, actual_seq_lengths_query=None,
           f"actual_seq_lengths_query must be non-decreasing prefix sums ending at T={T}")
     _need(actual_seq_lengths_key.shape == (B,) and block_table.dim() == 2 and block_table.shape[0] == B, op,
           f"actual_seq_lengths_key must be [B={B}] and block_table [B, max_blocks]")
+
+
+def npu_lightning_indexer(query, key, weights, *, actual_seq_lengths_query=None, actual_seq_lengths_key=None,
+                          block_table=None, layout_query="BSND", layout_key="BSND", sparse_count=2048, sparse_mode=3,
+                          pre_tokens=2**63 - 1, next_tokens=2**63 - 1, return_value=False):
+    """Top-`sparse_count` keys per query by score_s = sum_h w_h relu(q_h . k_s) (DeepSeek's lightning
+    indexer), int32 positions within the query's batch row, -1 where fewer keys are visible.
+
+    Emulated: layout_query "TND" (actual_seq_lengths_query = prefix sums, required) and layout_key
+    "PA_BSND" (key [block_count, block_size, N2 = 1, D] through block_table [B, max_blocks]).
+    sparse_mode 3 (rightDownCausal): query i of a batch row with Sq queries and Sk keys sees keys
+    j <= i + Sk - Sq; sparse_mode 0: all Sk keys. Returns (indices int32 [T, N2, sparse_count],
+    values): values are the selected scores in query's dtype with return_value, else an empty tensor
+    (the tuple of the Meta registration; the doc page's "-> Tensor" names only the first).
+    [doc silent] order of the selected positions (we return descending score) and scores in fp32.
+    """
+    op = "npu_lightning_indexer"
+    _check_indexer_args(query, key, weights, actual_seq_lengths_query, actual_seq_lengths_key, block_table,
+                        layout_query, layout_key, sparse_count, sparse_mode, pre_tokens, next_tokens)
+    T, N1, D = query.shape
+    bs = key.shape[1]
+    cu = actual_seq_lengths_query.tolist()
+    B = len(cu)
     out = torch.full((T, 1, sparse_count), -1, dtype=torch.int32, device=query.device)
     vals = torch.full((T, 1, sparse_count), float("-inf"), dtype=torch.float32, device=query.device)
     flat = key.view(-1, D)

@@ -225,53 +225,76 @@ class ReferenceOps:
                                          state_score, pool, block_table, seqs)
         m, c = spec.ratio, spec.dim
         cur = m if spec.overlap else 0  # first state row of the current window
-        bs = pool.shape[1]
         emitted = []
         # Tokens whose window stays open only join their sequence's state (most decode tokens): one
         # indexed write for all of them. Sequences that close a window go through the loop below.
+        self._join_open_windows(kv, score, ape, m, cur, state_kv, state_score, seqs)
+        for slot, start, n, off in seqs:
+            if start % m + n < m:  # (n == 0 included) done above: no window closes
+                continue
+            entries = self._compress_sequence(kv, score, ape, spec, norm_weight, inv_freq, state_kv, state_score,
+                                              pool, block_table, slot, start, n, off)
+            if entries is not None:
+                emitted.append(entries)
+        if not emitted:
+            return pool.new_zeros((0, c))
+        return torch.cat(emitted)
+
+    @staticmethod
+    def _join_open_windows(kv, score, ape, m: int, cur: int, state_kv, state_score, seqs) -> None:
+        """Write the tokens of every sequence whose window stays open into its state, in one indexed write."""
         joining = [(slot, start % m + j, off + j) for slot, start, n, off in seqs if start % m + n < m for j in range(n)]
         if joining:
             slot_t, row_t, tok_t = torch.tensor(joining, device=kv.device).unbind(1)
             state_kv[slot_t, cur + row_t] = kv[tok_t]
             state_score[slot_t, cur + row_t] = score[tok_t] + ape[row_t].to(score.dtype)
-        for slot, start, n, off in seqs:
-            if start % m + n < m:  # (n == 0 included) done above: no window closes
-                continue
-            pos = torch.arange(start, start + n, device=kv.device)
-            z_new = score[off:off + n] + ape[pos % m].to(score.dtype)
-            w0 = start // m
-            have = start - w0 * m  # tokens of window w0 already in state
-            toks_kv = torch.cat([state_kv[slot, cur:cur + have], kv[off:off + n]])
-            toks_z = torch.cat([state_score[slot, cur:cur + have], z_new])
-            nwin = (have + n) // m
-            if nwin:
-                wkv = toks_kv[: nwin * m].view(nwin, m, -1)
-                wz = toks_z[: nwin * m].view(nwin, m, -1)
-                if spec.overlap:
-                    # Entry w pools 2m candidates per channel: first half of window w-1, second half of w.
-                    prev_kv = torch.cat([state_kv[slot, None, :m, :c], wkv[:-1, :, :c]])
-                    prev_z = torch.cat([state_score[slot, None, :m, :c], wz[:-1, :, :c]])
-                    if w0 == 0:  # window -1 does not exist: its candidates get zero weight
-                        prev_z[0] = float("-inf")
-                    cand_kv = torch.cat([prev_kv, wkv[:, :, c:]], dim=1)
-                    cand_z = torch.cat([prev_z, wz[:, :, c:]], dim=1)
-                else:
-                    cand_kv, cand_z = wkv, wz
-                pooled = (cand_kv * torch.softmax(cand_z, dim=1)).sum(1)  # [nwin, c]
-                widx = torch.arange(w0, w0 + nwin, device=kv.device)
-                entries = self._finish_entries(pooled, widx * m, spec, norm_weight, inv_freq, pool.dtype)
-                phys = block_table[slot, widx // bs].long() * bs + widx % bs
-                pool.view(-1, c)[phys] = entries
-                emitted.append(entries)
-                if spec.overlap:
-                    state_kv[slot, :m] = wkv[-1]
-                    state_score[slot, :m] = wz[-1]
-            left = (have + n) - nwin * m
-            state_kv[slot, cur:cur + left] = toks_kv[nwin * m:]
-            state_score[slot, cur:cur + left] = toks_z[nwin * m:]
-        if not emitted:
-            return pool.new_zeros((0, c))
-        return torch.cat(emitted)
+
+    def _compress_sequence(self, kv, score, ape, spec: CompressSpec, norm_weight, inv_freq, state_kv, state_score,
+                           pool, block_table, slot: int, start: int, n: int, off: int):
+        """One sequence's n new tokens from `start`: pool and store every window they close, keep the
+        rest in state. Returns the closed windows' entries [nwin, c], or None when none closed."""
+        m, c = spec.ratio, spec.dim
+        cur = m if spec.overlap else 0
+        bs = pool.shape[1]
+        pos = torch.arange(start, start + n, device=kv.device)
+        z_new = score[off:off + n] + ape[pos % m].to(score.dtype)
+        w0 = start // m
+        have = start - w0 * m  # tokens of window w0 already in state
+        toks_kv = torch.cat([state_kv[slot, cur:cur + have], kv[off:off + n]])
+        toks_z = torch.cat([state_score[slot, cur:cur + have], z_new])
+        nwin = (have + n) // m
+        entries = None
+        if nwin:
+            wkv = toks_kv[: nwin * m].view(nwin, m, -1)
+            wz = toks_z[: nwin * m].view(nwin, m, -1)
+            cand_kv, cand_z = self._window_candidates(wkv, wz, spec, state_kv, state_score, slot, w0)
+            pooled = (cand_kv * torch.softmax(cand_z, dim=1)).sum(1)  # [nwin, c]
+            widx = torch.arange(w0, w0 + nwin, device=kv.device)
+            entries = self._finish_entries(pooled, widx * m, spec, norm_weight, inv_freq, pool.dtype)
+            phys = block_table[slot, widx // bs].long() * bs + widx % bs
+            pool.view(-1, c)[phys] = entries
+            if spec.overlap:
+                state_kv[slot, :m] = wkv[-1]
+                state_score[slot, :m] = wz[-1]
+        left = (have + n) - nwin * m
+        state_kv[slot, cur:cur + left] = toks_kv[nwin * m:]
+        state_score[slot, cur:cur + left] = toks_z[nwin * m:]
+        return entries
+
+    @staticmethod
+    def _window_candidates(wkv, wz, spec: CompressSpec, state_kv, state_score, slot: int, w0: int):
+        """The candidates each closed window's entry pools ([nwin, m or 2m, c] values and scores)."""
+        if not spec.overlap:
+            return wkv, wz
+        m, c = spec.ratio, spec.dim
+        # Entry w pools 2m candidates per channel: first half of window w-1, second half of w.
+        prev_kv = torch.cat([state_kv[slot, None, :m, :c], wkv[:-1, :, :c]])
+        prev_z = torch.cat([state_score[slot, None, :m, :c], wz[:-1, :, :c]])
+        if w0 == 0:  # window -1 does not exist: its candidates get zero weight
+            prev_z[0] = float("-inf")
+        cand_kv = torch.cat([prev_kv, wkv[:, :, c:]], dim=1)
+        cand_z = torch.cat([prev_z, wz[:, :, c:]], dim=1)
+        return cand_kv, cand_z
 
     def _finish_entries(self, pooled, positions, spec: CompressSpec, norm_weight, inv_freq, out_dtype):
         """norm -> rope at the window's first position -> fake quant (exact mode)."""

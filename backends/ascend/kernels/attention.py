@@ -254,17 +254,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def attention(q: torch.Tensor, window_kv: torch.Tensor, window_idx: torch.Tensor,
-              comp_kv: torch.Tensor | None, comp_idx: torch.Tensor | None,
-              sink: torch.Tensor, scale: float, *, block_h: int | None = None,
-              block_k: int | None = None, block_v: int | None = None) -> torch.Tensor:
-    """`ReferenceOps.attention` (without `chunk`) as one Triton-Ascend kernel; see the module docstring.
-
-    q: [T, H, d]; window_kv: [Nw, d]; window_idx: [T, Kw] int; comp_kv: [Nc, d] or None;
-    comp_idx: [T, Kc] int or None (Kc may be 0); sink: [H]. Output [T, H, d] in q's dtype.
-    block_h / block_k / block_v override the tile choice (block_v: the value slice DV, a power of
-    two dividing d); the override must fit the Unified Buffer budget.
-    """
+def _check_inputs(q, window_kv, window_idx, comp_kv, comp_idx, sink) -> bool:
+    """The shapes and dtypes `attention` supports, in the order it reports them; returns whether a
+    compressed part is attended (comp_idx given with Kc > 0)."""
     if q.dim() != 3:
         raise ValueError(f"attention expects q [T, H, d], got {tuple(q.shape)}")
     T, H, d = q.shape
@@ -291,18 +283,12 @@ def attention(q: torch.Tensor, window_kv: torch.Tensor, window_idx: torch.Tensor
                              "(run fp64 on the reference backend)")
         if x.dtype not in _FLOATS:
             raise ValueError(f"attention (Ascend kernel): {name} must be float32/bfloat16/float16, got {x.dtype}")
+    return has_comp
 
-    out = torch.empty((T, H, d), dtype=q.dtype, device=q.device)
-    if T == 0 or H == 0:
-        return out
-    q = _rows(q)
-    w = _rows(window_kv)
-    widx = _idx(window_idx)
-    c = _rows(comp_kv) if has_comp else w
-    cidx = _idx(comp_idx) if has_comp else widx
-    Kc = cidx.shape[1] if has_comp else 0
-    sink = sink.reshape(H).to(torch.float32).contiguous()
 
+def _launch_tiles(q, w, c, H: int, d: int, block_h, block_k, block_v) -> tuple[bool, int, int, int]:
+    """(fp32 products?, BLOCK_H, BLOCK_K, DV) for these operands, overrides applied and checked against
+    the Unified Buffer budget."""
     # one 16-bit dtype throughout: 16-bit products; anything else: fp32 products
     dot_f32 = q.dtype == torch.float32 or len({q.dtype, w.dtype, c.dtype}) > 1
     load_es = max(x.element_size() for x in (q, w, c))
@@ -314,6 +300,34 @@ def attention(q: torch.Tensor, window_kv: torch.Tensor, window_idx: torch.Tensor
     if bh < 16 or bk < 16 or bh & (bh - 1) or bk & (bk - 1):
         raise ValueError(f"attention: block_h / block_k must be powers of two >= 16, got {bh} / {bk}")
     launch.check_ub(f"attention BLOCK_H={bh} BLOCK_K={bk} DV={dv} d={d}", _ub_bytes(bh, bk, d, dv, load_es, dot_es))
+    return dot_f32, bh, bk, dv
+
+
+def attention(q: torch.Tensor, window_kv: torch.Tensor, window_idx: torch.Tensor,
+              comp_kv: torch.Tensor | None, comp_idx: torch.Tensor | None,
+              sink: torch.Tensor, scale: float, *, block_h: int | None = None,
+              block_k: int | None = None, block_v: int | None = None) -> torch.Tensor:
+    """`ReferenceOps.attention` (without `chunk`) as one Triton-Ascend kernel; see the module docstring.
+
+    q: [T, H, d]; window_kv: [Nw, d]; window_idx: [T, Kw] int; comp_kv: [Nc, d] or None;
+    comp_idx: [T, Kc] int or None (Kc may be 0); sink: [H]. Output [T, H, d] in q's dtype.
+    block_h / block_k / block_v override the tile choice (block_v: the value slice DV, a power of
+    two dividing d); the override must fit the Unified Buffer budget.
+    """
+    has_comp = _check_inputs(q, window_kv, window_idx, comp_kv, comp_idx, sink)
+    T, H, d = q.shape
+    out = torch.empty((T, H, d), dtype=q.dtype, device=q.device)
+    if T == 0 or H == 0:
+        return out
+    q = _rows(q)
+    w = _rows(window_kv)
+    widx = _idx(window_idx)
+    c = _rows(comp_kv) if has_comp else w
+    cidx = _idx(comp_idx) if has_comp else widx
+    Kc = cidx.shape[1] if has_comp else 0
+    sink = sink.reshape(H).to(torch.float32).contiguous()
+
+    dot_f32, bh, bk, dv = _launch_tiles(q, w, c, H, d, block_h, block_k, block_v)
 
     interp = interpreting(_sink_attention_kernel)
     n_items = T * triton.cdiv(H, bh) * (d // dv)

@@ -342,11 +342,8 @@ def _tiles(m: int, c: int, R: int, overlap: bool):
     return BC, BP, BR, BRS, BCS, max(pool_bytes, state_bytes)
 
 
-def compress(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, spec, norm_weight: torch.Tensor,
-             inv_freq: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
-             pool: torch.Tensor, block_table: torch.Tensor, seqs: list) -> torch.Tensor:
-    """Same contract as `ReferenceOps.compress`: updates state and pool in place and returns the
-    emitted entries [E, c] (pool dtype) in batch order. Plain mode only (spec.quant == "none")."""
+def _check_inputs(kv, score, ape, spec, norm_weight, inv_freq, state_kv, state_score, pool) -> None:
+    """The dtypes, shapes and strides `compress` supports, in the order it reports them."""
     if spec.quant != "none":
         raise NotImplementedError(
             f"compress: quant mode {spec.quant!r} (exact-mode FP8 / Hadamard+FP4 fake quant) is not implemented "
@@ -379,6 +376,15 @@ def compress(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, spec, nor
     if pool.shape[-1] != c or pool.stride(-1) != 1:
         raise ValueError(f"compress: pool must be [blocks, block_size, {c}] with contiguous rows")
 
+
+def compress(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, spec, norm_weight: torch.Tensor,
+             inv_freq: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
+             pool: torch.Tensor, block_table: torch.Tensor, seqs: list) -> torch.Tensor:
+    """Same contract as `ReferenceOps.compress`: updates state and pool in place and returns the
+    emitted entries [E, c] (pool dtype) in batch order. Plain mode only (spec.quant == "none")."""
+    _check_inputs(kv, score, ape, spec, norm_weight, inv_freq, state_kv, state_score, pool)
+    m, c, overlap = int(spec.ratio), int(spec.dim), bool(spec.overlap)
+    R = 2 * inv_freq.numel()
     plan, n_items, E = _plan(seqs, m, overlap, kv.device)
     if n_items == 0:
         return pool.new_zeros((0, c))

@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...triton_common import interpreting, pow2, sqrt_softplus
+from ...triton_common import gate_buffers, interpreting, pow2, sqrt_softplus
 from .launch import LoweringCase, check_ub, programs
 
 _BLOCK_E = 64
@@ -170,13 +170,8 @@ def _logits_blocks(T: int, E: int):
     return block_t, block_e
 
 
-def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-             tid2eid: torch.Tensor | None, token_ids: torch.Tensor | None, topk: int, route_scale: float):
-    """sqrt(softplus(x W^T)) scores; experts by hash table or top-k of score + bias.
-
-    Returns (weights fp32 [T, k], expert ids int32 [T, k]). Top-k ids come in descending order of
-    score + bias, ties broken towards the lower expert index; hash ids in the table's order.
-    """
+def _check_inputs(x, weight, bias, tid2eid, token_ids, topk) -> int:
+    """The dtypes and shapes `moe_gate` supports, in the order it reports them; returns k."""
     hashed = tid2eid is not None
     named = dict(x=x, weight=weight) | ({} if bias is None else dict(bias=bias))
     for name, t in named.items():
@@ -201,12 +196,23 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         k = int(topk)
     if not 1 <= k <= E:
         raise ValueError(f"moe_gate: need 1 <= k <= experts, got k={k}, E={E}")
-    w_out = torch.empty(T, k, dtype=torch.float32, device=x.device)
-    id_out = torch.empty(T, k, dtype=torch.int32, device=x.device)
+    return k
+
+
+def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             tid2eid: torch.Tensor | None, token_ids: torch.Tensor | None, topk: int, route_scale: float):
+    """sqrt(softplus(x W^T)) scores; experts by hash table or top-k of score + bias.
+
+    Returns (weights fp32 [T, k], expert ids int32 [T, k]). Top-k ids come in descending order of
+    score + bias, ties broken towards the lower expert index; hash ids in the table's order.
+    """
+    hashed = tid2eid is not None
+    k = _check_inputs(x, weight, bias, tid2eid, token_ids, topk)
+    T, K = x.shape
+    E = weight.shape[0]
+    w_out, id_out, x, weight = gate_buffers(x, weight, k)
     if T == 0:
         return w_out, id_out
-    x = x.contiguous()
-    weight = weight.contiguous()
 
     # ---- 1. logits (cube)
     logits = torch.empty(T, E, dtype=torch.float32, device=x.device)

@@ -299,11 +299,35 @@ def compress(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, spec, nor
     quant = _QUANT.get(spec.quant)
     if quant is None:
         raise ValueError(f"compress: unknown quant mode {spec.quant!r}")
-    overlap = bool(spec.overlap)
-    cur = m if overlap else 0
-    dev = kv.device
+    plan = _plan_host(seqs, m, bool(spec.overlap))
+    E = plan["E"]
+    if not (E or plan["t_slot"] or plan["s_slot"]):
+        return pool.new_zeros((0, c))
+    seq_d, (t_slot_d, t_row_d, t_src_d, t_ape_d), (s_slot_d, s_row_d, s_src_d), ent_d = _upload_plan(plan, kv.device)
 
-    # ---- host bookkeeping on the Python ints of `seqs`
+    if E:
+        out = _emit(kv, score, ape, spec, quant, norm_weight, inv_freq, state_kv, state_score, pool,
+                    block_table, seq_d, ent_d, E)
+    else:
+        out = pool.new_zeros((0, c))
+
+    # ---- state update (after the pool kernel has read the state)
+    ns, nt = len(plan["s_slot"]), len(plan["t_slot"])
+    if ns:
+        keep_kv, keep_z = state_kv[s_slot_d, s_src_d], state_score[s_slot_d, s_src_d]
+    if nt:
+        state_kv[t_slot_d, t_row_d] = kv[t_src_d].to(state_kv.dtype)
+        state_score[t_slot_d, t_row_d] = (score[t_src_d] + ape[t_ape_d].to(score.dtype)).to(state_score.dtype)
+    if ns:
+        state_kv[s_slot_d, s_row_d] = keep_kv
+        state_score[s_slot_d, s_row_d] = keep_z
+    return out
+
+
+def _plan_host(seqs, m: int, overlap: bool) -> dict:
+    """Host bookkeeping on the Python ints of `seqs`: the emitting sequences' table, their window
+    counts, and the state rows written from new tokens (t_*) and from state rows (s_*)."""
+    cur = m if overlap else 0
     seq_tab: list[int] = []  # per emitting sequence: slot, w0, have, off, first entry
     counts: list[int] = []
     t_slot: list[int] = []  # state rows written from new tokens: (slot, row) <- token, ape row
@@ -341,37 +365,28 @@ def compress(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, spec, nor
         t_row.extend(range(cur + lo - nwin * m, cur + total - nwin * m))
         t_src.extend(range(off + lo - have, off + n))
         t_ape.extend(range(lo - nwin * m, total - nwin * m))
+    return dict(seq_tab=seq_tab, counts=counts, t_slot=t_slot, t_row=t_row, t_src=t_src, t_ape=t_ape,
+                s_slot=s_slot, s_row=s_row, s_src=s_src, E=E)
 
+
+def _upload_plan(plan: dict, dev: torch.device):
+    """The plan's index lists in one host->device copy, cut back into (seq table, 4 token-row index
+    vectors, 3 state-row index vectors, entry -> sequence map)."""
+    seq_tab, t_slot, s_slot = plan["seq_tab"], plan["t_slot"], plan["s_slot"]
     nt, ns = len(t_slot), len(s_slot)
-    if not (E or nt or ns):
-        return pool.new_zeros((0, c))
-    host = [torch.tensor(seq_tab + t_slot + t_row + t_src + t_ape + s_slot + s_row + s_src, dtype=torch.int64)]
-    if E:
+    host = [torch.tensor(seq_tab + t_slot + plan["t_row"] + plan["t_src"] + plan["t_ape"]
+                         + s_slot + plan["s_row"] + plan["s_src"], dtype=torch.int64)]
+    if plan["E"]:
+        counts = plan["counts"]
         host.append(torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)))
     idx = torch.cat(host).to(dev, non_blocking=True) if dev.type != "cpu" else torch.cat(host)
     o = len(seq_tab)
     seq_d = idx[:o]
-    t_slot_d, t_row_d, t_src_d, t_ape_d = (idx[o + k * nt:o + (k + 1) * nt] for k in range(4))
+    t_d = tuple(idx[o + k * nt:o + (k + 1) * nt] for k in range(4))
     o += 4 * nt
-    s_slot_d, s_row_d, s_src_d = (idx[o + k * ns:o + (k + 1) * ns] for k in range(3))
+    s_d = tuple(idx[o + k * ns:o + (k + 1) * ns] for k in range(3))
     ent_d = idx[o + 3 * ns:]
-
-    if E:
-        out = _emit(kv, score, ape, spec, quant, norm_weight, inv_freq, state_kv, state_score, pool,
-                    block_table, seq_d, ent_d, E)
-    else:
-        out = pool.new_zeros((0, c))
-
-    # ---- state update (after the pool kernel has read the state)
-    if ns:
-        keep_kv, keep_z = state_kv[s_slot_d, s_src_d], state_score[s_slot_d, s_src_d]
-    if nt:
-        state_kv[t_slot_d, t_row_d] = kv[t_src_d].to(state_kv.dtype)
-        state_score[t_slot_d, t_row_d] = (score[t_src_d] + ape[t_ape_d].to(score.dtype)).to(state_score.dtype)
-    if ns:
-        state_kv[s_slot_d, s_row_d] = keep_kv
-        state_score[s_slot_d, s_row_d] = keep_z
-    return out
+    return seq_d, t_d, s_d, ent_d
 
 
 def _finish_consts(spec, quant, kv, pool, inv_freq) -> tuple[dict, int]:

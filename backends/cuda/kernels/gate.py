@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...triton_common import sqrt_softplus
+from ...triton_common import gate_buffers, sqrt_softplus
 from .launch import MAX_SPLITS, target_programs
 
 _BLOCK_T = 16
@@ -111,12 +111,9 @@ def moe_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     k = tid2eid.shape[1] if hashed else int(topk)
     assert hashed or bias is not None, "moe_gate: a non-hash gate needs its bias"
     assert 1 <= k <= E, "moe_gate: 1 <= k <= experts"
-    w_out = torch.empty(T, k, dtype=torch.float32, device=x.device)
-    id_out = torch.empty(T, k, dtype=torch.int32, device=x.device)
+    w_out, id_out, x, weight = gate_buffers(x, weight, k)
     if T == 0:
         return w_out, id_out
-    x = x.contiguous()
-    weight = weight.contiguous()
     # 16-bit x 16-bit on tensor cores (exact products, fp32 accumulation). Triton's interpreter
     # multiplies bf16 operands of tl.dot as their raw uint16 bits, so there they go through fp32.
     lowp = x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cuda"
