@@ -380,7 +380,7 @@ def _trim_pstats(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- main
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "small.yaml"), help="model config (default configs/small.yaml)")
     ap.add_argument("--contexts", default="128,1024,8192", help="comma-separated prompt lengths (default 128,1024,8192)")
@@ -400,6 +400,38 @@ def main(argv=None) -> int:
                     help="instead of the benchmark, profile our decode at context CTX (default 8192)")
     ap.add_argument("--profiler", choices=("cprofile", "torch", "both"), default="both")
     ap.add_argument("--profile-top", type=int, default=25)
+    return ap
+
+
+def _run_contexts(hf, ours, contexts: list[int], args) -> list[dict]:
+    rows = []
+    for ctx in contexts:
+        t0 = time.perf_counter()
+        r = run_context(hf, ours, ctx, args)
+        r["wall_s"] = time.perf_counter() - t0
+        rows.append(r)
+        log(f"context {ctx}: ours {r['ours_ms']:.1f} ms/tok, transformers {r['hf_ms']:.1f} ms/tok, "
+            f"agree {r['token_agree']}/{r['steps']}, prefill ours {r['ours_prefill_s']:.1f}s / "
+            f"transformers {r['hf_prefill_s']:.1f}s, {r['wall_s']:.0f}s for this context")
+    return rows
+
+
+def _write_json(args, rows: list[dict], summary: dict, total: float, transformers_version: str) -> None:
+    doc = {"config": args.config, "torch": torch.__version__, "transformers": transformers_version,
+           "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
+           "ours_chunk": args.ours_chunk, "hf_chunk": args.hf_chunk, "rows": rows,
+           "summary": {k: ({str(a): b for a, b in v.items()} if isinstance(v, dict) else v) for k, v in summary.items()},
+           "total_wall_s": total}
+    text = json.dumps(doc, indent=2)
+    if args.json == "-":
+        print(text)
+    else:
+        Path(args.json).write_text(text + "\n")
+        log(f"figures written to {args.json}")
+
+
+def main(argv=None) -> int:
+    ap = _parser()
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -423,30 +455,12 @@ def main(argv=None) -> int:
         log(f"\ntotal wall time {time.perf_counter() - t_start:.0f}s")
         return 0
 
-    rows = []
-    for ctx in contexts:
-        t0 = time.perf_counter()
-        r = run_context(hf, ours, ctx, args)
-        r["wall_s"] = time.perf_counter() - t0
-        rows.append(r)
-        log(f"context {ctx}: ours {r['ours_ms']:.1f} ms/tok, transformers {r['hf_ms']:.1f} ms/tok, "
-            f"agree {r['token_agree']}/{r['steps']}, prefill ours {r['ours_prefill_s']:.1f}s / "
-            f"transformers {r['hf_prefill_s']:.1f}s, {r['wall_s']:.0f}s for this context")
+    rows = _run_contexts(hf, ours, contexts, args)
     summary = report(rows, args)
     total = time.perf_counter() - t_start
     log(f"\ntotal wall time {total:.0f}s")
     if args.json:
-        doc = {"config": args.config, "torch": torch.__version__, "transformers": transformers.__version__,
-               "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
-               "ours_chunk": args.ours_chunk, "hf_chunk": args.hf_chunk, "rows": rows,
-               "summary": {k: ({str(a): b for a, b in v.items()} if isinstance(v, dict) else v) for k, v in summary.items()},
-               "total_wall_s": total}
-        text = json.dumps(doc, indent=2)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-            log(f"figures written to {args.json}")
+        _write_json(args, rows, summary, total, transformers.__version__)
     bad = [r["context"] for r in rows if not r["oracle_agrees"]]
     if bad:
         log(f"correctness check FAILED at context(s) {', '.join(map(str, bad))}: transformers {transformers.__version__} "

@@ -182,6 +182,33 @@ def warm_up(llm, vocab: int) -> None:
     llm.stats = EngineStats()
 
 
+def _admit(llm, reqs: list[Request], nxt: int, wave: int | None, now: float, rid2req: dict, res) -> int:
+    """Add the requests due at `now` (see `serve`); returns the index of the next one to add."""
+    n = len(reqs)
+    if wave is None:
+        while nxt < n and reqs[nxt].arrival <= now:
+            r = reqs[nxt]
+            rid2req[llm.add_request(r.prompt, r.sampling())] = r
+            res.tokens[r.index] = []
+            nxt += 1
+    elif nxt < n and not llm.has_unfinished() and reqs[min(n, nxt + wave) - 1].arrival <= now:
+        for r in reqs[nxt:nxt + wave]:
+            rid2req[llm.add_request(r.prompt, r.sampling())] = r
+            res.tokens[r.index] = []
+        nxt = min(n, nxt + wave)
+    return nxt
+
+
+def _abort_unfinished(llm, rid2req: dict, res) -> None:
+    for rid, r in rid2req.items():
+        if r.index not in res.finish:
+            llm.abort(rid)
+    for _ in range(10):  # collect the abort outputs
+        if not llm.has_unfinished():
+            break
+        llm.step()
+
+
 def serve(llm, reqs: list[Request], wave: int | None, max_s: float, bar, label: str) -> ModeResult:
     """Feed `reqs` to `llm` on the wall clock and step it until all are done.
 
@@ -206,17 +233,7 @@ def serve(llm, reqs: list[Request], wave: int | None, max_s: float, bar, label: 
         if res.steps >= max_steps:
             res.stopped = f"step bound {max_steps} reached (an engine that makes no progress?)"
             break
-        if wave is None:
-            while nxt < n and reqs[nxt].arrival <= now:
-                r = reqs[nxt]
-                rid2req[llm.add_request(r.prompt, r.sampling())] = r
-                res.tokens[r.index] = []
-                nxt += 1
-        elif nxt < n and not llm.has_unfinished() and reqs[min(n, nxt + wave) - 1].arrival <= now:
-            for r in reqs[nxt:nxt + wave]:
-                rid2req[llm.add_request(r.prompt, r.sampling())] = r
-                res.tokens[r.index] = []
-            nxt = min(n, nxt + wave)
+        nxt = _admit(llm, reqs, nxt, wave, now, rid2req, res)
         if not llm.has_unfinished():  # idle until the next admission is due
             due = reqs[nxt].arrival if wave is None else reqs[min(n, nxt + wave) - 1].arrival
             time.sleep(min(max(0.0, due - now), 0.01))
@@ -239,13 +256,7 @@ def serve(llm, reqs: list[Request], wave: int | None, max_s: float, bar, label: 
         res.stopped = "loop bound reached"
     end = time.perf_counter() - t0
     if res.stopped:
-        for rid, r in rid2req.items():
-            if r.index not in res.finish:
-                llm.abort(rid)
-        for _ in range(10):  # collect the abort outputs
-            if not llm.has_unfinished():
-                break
-            llm.step()
+        _abort_unfinished(llm, rid2req, res)
     first = reqs[0].arrival if reqs else 0.0
     res.wall_s = (max(res.finish.values()) if res.finish and not res.stopped else end) - first
     res.stats = llm.stats.as_dict()
@@ -311,14 +322,7 @@ def fmt(x: float, spec: str) -> str:
     return "n/a" if x != x else format(x, spec)
 
 
-def report(results: dict[str, ModeResult], reqs: list[Request], args) -> dict:
-    sums = {m: r.summary(reqs) for m, r in results.items()}
-    ref = "serial" if "serial" in results else next(iter(results))
-    cmp = compare(results, reqs, ref)
-    base = sums.get("serial")
-    for m, s in sums.items():
-        s["ratio_to_one_at_a_time"] = s["tok_s"] / base["tok_s"] if base and base["tok_s"] > 0 else None
-        s["token_check"] = {k: v for k, v in cmp[m].items()}
+def _log_table(sums: dict, cmp: dict, ref: str) -> None:
     log("")
     hdr = (f"{'mode':<19} | {'seqs':>4} | {'done':>7} | {'out tok':>7} | {'wall s':>7} | {'tok/s':>7} | "
            f"{'x one-at-a-time':>15} | {'p50 lat s':>9} | {'p99 lat s':>9} | {'steps':>5} | {'preempt':>7} | "
@@ -334,9 +338,9 @@ def report(results: dict[str, ModeResult], reqs: list[Request], args) -> dict:
             f"{fmt(s['latency_p50_s'], '9.1f')} | {fmt(s['latency_p99_s'], '9.1f')} | {s['steps']:>5} | "
             f"{st.get('num_preemptions', 0):>7} | {st.get('prefill_s', 0):9.1f} | {st.get('decode_s', 0):8.1f} | "
             + ("(reference)" if m == ref else f"{c['differ']}/{c['compared']}"))
-    for m, s in sums.items():
-        if s["stopped"]:
-            log(f"note: {LABEL[m]} stopped early: {s['stopped']}")
+
+
+def _log_rates(sums: dict) -> None:
     # where the time goes: prefill and decode token rates per way (decode batches; prefill hardly does)
     log("")
     for m, s in sums.items():
@@ -346,6 +350,9 @@ def report(results: dict[str, ModeResult], reqs: list[Request], args) -> dict:
             f"{st.get('prefill_tokens', 0)} tokens in {st.get('prefill_s', 0):.1f}s; decode-only steps "
             f"{fmt(dr or float('nan'), '.1f')} tok/s over {st.get('decode_tokens', 0)} tokens in {st.get('decode_s', 0):.1f}s "
             f"({st.get('decode_steps', 0)} steps, {st.get('decode_tokens', 0) / max(1, st.get('decode_steps', 0)):.1f} seqs/step)")
+
+
+def _log_token_diffs(cmp: dict, ref: str, args) -> None:
     for m, c in cmp.items():
         if m != ref and c["differ"]:
             ex = ", ".join(f"#{d['request']} at token {d['first_diff']}/{d['of']}" for d in c["details"][:8])
@@ -355,23 +362,44 @@ def report(results: dict[str, ModeResult], reqs: list[Request], args) -> dict:
     differ = sum(c["differ"] for m, c in cmp.items() if m != ref)
     if len(cmp) > 1 and not differ:
         log(f"tokens: all {len(cmp)} ways generated identical greedy tokens for every request compared")
+
+
+def _target_summary(summary: dict, sums: dict, base: dict, args) -> None:
+    """The engine-vs-one-at-a-time target, logged and added to `summary`."""
+    ratio = sums["engine"]["ratio_to_one_at_a_time"]
+    summary["target_ratio"], summary["engine_ratio"] = TARGET_RATIO, ratio
+    summary["target_applies"] = args.concurrency == TARGET_CONCURRENCY
+    verdict = "PASS" if ratio >= TARGET_RATIO else "MISS"
+    summary["target_pass"] = ratio >= TARGET_RATIO
+    log(f"\ntarget: engine throughput >= {TARGET_RATIO:g}x one at a time at {TARGET_CONCURRENCY} concurrent "
+        f"sequences: {ratio:.2f}x at --concurrency {args.concurrency}  {verdict}"
+        + ("" if args.concurrency == TARGET_CONCURRENCY else f" (the target is stated for {TARGET_CONCURRENCY})")
+        + (" (smoke: tiny model, not the target's setting)" if args.smoke else ""))
+    e, o = sums["engine"]["engine_stats"], base["engine_stats"]
+    if e.get("decode_tok_per_s") and o.get("decode_tok_per_s") and e.get("prefill_tok_per_s") and o.get("prefill_tok_per_s"):
+        summary["decode_rate_ratio"] = e["decode_tok_per_s"] / o["decode_tok_per_s"]
+        summary["prefill_rate_ratio"] = e["prefill_tok_per_s"] / o["prefill_tok_per_s"]
+        log(f"engine / one at a time: decode-only steps {summary['decode_rate_ratio']:.2f}x the token rate, "
+            f"prefill-containing steps {summary['prefill_rate_ratio']:.2f}x")
+
+
+def report(results: dict[str, ModeResult], reqs: list[Request], args) -> dict:
+    sums = {m: r.summary(reqs) for m, r in results.items()}
+    ref = "serial" if "serial" in results else next(iter(results))
+    cmp = compare(results, reqs, ref)
+    base = sums.get("serial")
+    for m, s in sums.items():
+        s["ratio_to_one_at_a_time"] = s["tok_s"] / base["tok_s"] if base and base["tok_s"] > 0 else None
+        s["token_check"] = {k: v for k, v in cmp[m].items()}
+    _log_table(sums, cmp, ref)
+    for m, s in sums.items():
+        if s["stopped"]:
+            log(f"note: {LABEL[m]} stopped early: {s['stopped']}")
+    _log_rates(sums)
+    _log_token_diffs(cmp, ref, args)
     summary = {"reference_mode": ref, "requests_differing": {m: c["differ"] for m, c in cmp.items() if m != ref}}
     if "engine" in sums and base:
-        ratio = sums["engine"]["ratio_to_one_at_a_time"]
-        summary["target_ratio"], summary["engine_ratio"] = TARGET_RATIO, ratio
-        summary["target_applies"] = args.concurrency == TARGET_CONCURRENCY
-        verdict = "PASS" if ratio >= TARGET_RATIO else "MISS"
-        summary["target_pass"] = ratio >= TARGET_RATIO
-        log(f"\ntarget: engine throughput >= {TARGET_RATIO:g}x one at a time at {TARGET_CONCURRENCY} concurrent "
-            f"sequences: {ratio:.2f}x at --concurrency {args.concurrency}  {verdict}"
-            + ("" if args.concurrency == TARGET_CONCURRENCY else f" (the target is stated for {TARGET_CONCURRENCY})")
-            + (" (smoke: tiny model, not the target's setting)" if args.smoke else ""))
-        e, o = sums["engine"]["engine_stats"], base["engine_stats"]
-        if e.get("decode_tok_per_s") and o.get("decode_tok_per_s") and e.get("prefill_tok_per_s") and o.get("prefill_tok_per_s"):
-            summary["decode_rate_ratio"] = e["decode_tok_per_s"] / o["decode_tok_per_s"]
-            summary["prefill_rate_ratio"] = e["prefill_tok_per_s"] / o["prefill_tok_per_s"]
-            log(f"engine / one at a time: decode-only steps {summary['decode_rate_ratio']:.2f}x the token rate, "
-                f"prefill-containing steps {summary['prefill_rate_ratio']:.2f}x")
+        _target_summary(summary, sums, base, args)
     return {"modes": sums, "summary": summary}
 
 
@@ -650,7 +678,7 @@ def write_json(doc: dict, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- main
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--config", default=None, help="model config (default small; --smoke: tiny)")
@@ -681,7 +709,11 @@ def main(argv=None) -> int:
                     help="--speculative: serve each run this many times and keep the fastest (default 1)")
     ap.add_argument("--spec-concurrency", default=None, metavar="C1,C2",
                     help="--speculative: the concurrencies (max_num_seqs) to measure at (default 1,8; smoke 1,4)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _resolve_args(ap, args) -> list[str]:
+    """Fill the smoke/full defaults and check the flags; returns the ways to run, in order."""
     if args.speculative is not None:
         for k, (smoke, full) in SPEC_DEFAULTS.items():
             if getattr(args, k) is None:
@@ -703,6 +735,42 @@ def main(argv=None) -> int:
     if args.requests < 1 or args.concurrency < 1 or args.rate <= 0 or args.max_seconds <= 0:
         ap.error("need --requests >= 1, --concurrency >= 1, --rate > 0, --max-seconds > 0")
     args.max_model_len = args.prompt_range[1] + args.output_range[1]
+    return modes
+
+
+def _run_modes(model, modes, reqs, args) -> dict:
+    results: dict[str, ModeResult] = {}
+    for mode in modes:
+        t0 = time.perf_counter()
+        res = run_mode(model, mode, reqs, args)
+        results[mode] = res
+        s = res.summary(reqs)
+        log(f"{LABEL[mode]}: {s['output_tokens']} tokens in {s['wall_s']:.1f}s = {s['tok_s']:.2f} tok/s, "
+            f"p50 {s['latency_p50_s']:.1f}s, p99 {s['latency_p99_s']:.1f}s ({time.perf_counter() - t0:.0f}s incl. set-up)"
+            + (f"; STOPPED: {res.stopped}" if res.stopped else ""))
+        if res.profile:
+            log(f"\n=== cProfile: the engine way, top {args.profile_top} by self time ===\n{res.profile}")
+    return results
+
+
+def _write_json(doc: dict, args, cmd: str, config_name: str, reqs, total: float) -> None:
+    doc.update(command=cmd, config=config_name, dtype=args.dtype, threads=torch.get_num_threads(), torch=torch.__version__,
+               args={k: v for k, v in vars(args).items() if k not in ("prompt_range", "output_range")},
+               workload=[{"index": r.index, "prompt_tokens": len(r.prompt), "max_tokens": r.max_tokens,
+                          "arrival_s": r.arrival} for r in reqs],
+               total_wall_s=total)
+    text = json.dumps(doc, indent=2, default=str)
+    if args.json == "-":
+        print(text)
+    else:
+        Path(args.json).write_text(text + "\n")
+        log(f"results written to {args.json}")
+
+
+def main(argv=None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    modes = _resolve_args(ap, args)
     torch.set_num_threads(args.threads)
     cmd = "python " + shlex.join(sys.argv if argv is None else [sys.argv[0], *argv])
     if args.speculative is not None:
@@ -730,17 +798,7 @@ def main(argv=None) -> int:
         f"max_model_len {args.max_model_len}, block_size {args.block_size}; static waves of {args.concurrency}; "
         f"safety stop {args.max_seconds:g}s per way")
 
-    results: dict[str, ModeResult] = {}
-    for mode in modes:
-        t0 = time.perf_counter()
-        res = run_mode(model, mode, reqs, args)
-        results[mode] = res
-        s = res.summary(reqs)
-        log(f"{LABEL[mode]}: {s['output_tokens']} tokens in {s['wall_s']:.1f}s = {s['tok_s']:.2f} tok/s, "
-            f"p50 {s['latency_p50_s']:.1f}s, p99 {s['latency_p99_s']:.1f}s ({time.perf_counter() - t0:.0f}s incl. set-up)"
-            + (f"; STOPPED: {res.stopped}" if res.stopped else ""))
-        if res.profile:
-            log(f"\n=== cProfile: the engine way, top {args.profile_top} by self time ===\n{res.profile}")
+    results = _run_modes(model, modes, reqs, args)
     doc = report(results, reqs, args)
     total = time.perf_counter() - t_start
     log(f"\ntotal wall time {total:.0f}s")
@@ -748,17 +806,7 @@ def main(argv=None) -> int:
     if mismatch:
         log("MISMATCH: in float64 every way must generate the same tokens (see above)")
     if args.json:
-        doc.update(command=cmd, config=cfg.name, dtype=args.dtype, threads=torch.get_num_threads(), torch=torch.__version__,
-                   args={k: v for k, v in vars(args).items() if k not in ("prompt_range", "output_range")},
-                   workload=[{"index": r.index, "prompt_tokens": len(r.prompt), "max_tokens": r.max_tokens,
-                              "arrival_s": r.arrival} for r in reqs],
-                   total_wall_s=total)
-        text = json.dumps(doc, indent=2, default=str)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-            log(f"results written to {args.json}")
+        _write_json(doc, args, cmd, cfg.name, reqs, total)
     return 1 if mismatch else 0
 
 

@@ -67,11 +67,7 @@ def _prompt_args(p, required: bool):
     p.add_argument("--no-batch", action="store_true", help="record every prompt alone, ignoring batch groups")
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("parity", help="record, compare and check cross-backend / cross-machine parity",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ps = p.add_subparsers(dest="parity_cmd", required=True)
-
+def _add_record_parser(ps):
     r = ps.add_parser("record", help="record a golden bundle (ids, logits, greedy tokens, hook tensors)")
     r.add_argument("--backend", default="auto", help="backend registry name (reference, cuda, ascend, auto)")
     r.add_argument("--dtype", type=_dtype, help="fp64 | fp32 | bf16 | fp16 (default: the runtime's)")
@@ -87,7 +83,10 @@ def add_parser(sub) -> None:
     r.add_argument("--speculative-config", help="decode the greedy continuation with MTP speculative decoding, e.g. "
                    "'{\"method\": \"mtp\", \"num_speculative_tokens\": 2}' (recorded in the bundle's options)")
     r.set_defaults(fn=cmd_record)
+    return r
 
+
+def _add_compare_parser(ps):
     c = ps.add_parser("compare", help="score bundle B against bundle A")
     c.add_argument("a", help="baseline bundle (e.g. reference fp64)")
     c.add_argument("b", help="bundle to score")
@@ -97,7 +96,10 @@ def add_parser(sub) -> None:
     c.add_argument("--no-mask", action="store_true",
                    help="compare every token at every hook, also after its top-k picks or experts differed upstream")
     c.set_defaults(fn=cmd_compare)
+    return c
 
+
+def _add_run_parser(ps):
     u = ps.add_parser("run", help="record several backends here and compare them against the first")
     u.add_argument("--backends", default="auto",
                    help="comma list of name[:dtype[:mode]], the first is the baseline; auto = reference:fp64 "
@@ -109,7 +111,10 @@ def add_parser(sub) -> None:
     u.add_argument("--out", help="keep the bundles in this directory (default: a temporary directory)")
     u.add_argument("--report", help="directory for one report per comparison")
     u.set_defaults(fn=cmd_run)
+    return u
 
+
+def _add_ops_parser(ps):
     o = ps.add_parser("ops", help="every op of the op set on random boundary inputs against reference in fp64")
     o.add_argument("--backend", default="reference")
     o.add_argument("--dtype", type=_dtype, default="float32")
@@ -118,7 +123,10 @@ def add_parser(sub) -> None:
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--profile", help="tolerance profile (default: from --dtype and --mode)")
     o.set_defaults(fn=cmd_ops)
+    return o
 
+
+def _add_verify_parser(ps):
     v = ps.add_parser("verify", help="on this machine: op suite + model parity of a backend against a golden bundle, one verdict")
     v.add_argument("golden", help="golden bundle recorded elsewhere (e.g. reference fp64 on a GPU or CPU machine)")
     v.add_argument("--backend", default="auto", help="backend to verify here (ascend, cuda, reference, auto)")
@@ -131,8 +139,16 @@ def add_parser(sub) -> None:
     v.add_argument("--report", help="directory for report.json, report.md (+ per_layer.png)")
     v.add_argument("--skip-ops", action="store_true", help="model parity only")
     v.set_defaults(fn=cmd_verify)
+    return v
 
-    for sp in (r, c, u, o, v):
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("parity", help="record, compare and check cross-backend / cross-machine parity",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ps = p.add_subparsers(dest="parity_cmd", required=True)
+    subs = [_add_record_parser(ps), _add_compare_parser(ps), _add_run_parser(ps), _add_ops_parser(ps),
+            _add_verify_parser(ps)]
+    for sp in subs:
         sp.add_argument("--threads", type=int,
                         help="torch CPU threads (default: torch's); 1 is fastest for the tiny config on a busy machine")
 

@@ -384,20 +384,35 @@ def decode_mode(opts: Options, model) -> str:
     return graph_mode(opts.decode_graphs, model)
 
 
+def _group_engine(model, opts, n_seqs: int, lens: list[int], N: int, ranks):
+    """The engine one batch group records with (sized for it; on the ranks' engines when distributed)."""
+    # the greedy continuation decodes the way this runtime serves: captured graphs when it would
+    graphs = "on" if N > 1 and decode_mode(opts, model) != "off" else "off"
+    rt = RuntimeConfig(max_num_seqs=n_seqs, max_num_batched_tokens=sum(lens), max_model_len=max(lens) + N + 2,
+                       block_size=opts.block_size, prefill_chunk=opts.prefill_chunk,
+                       speculative_config=opts.speculative_config)
+    if ranks is None:
+        return LLM(model, rt, graphs=graphs, buckets=[n_seqs], logits="all")
+    return ranks.engine(rt, logits="all", assign="first")
+
+
+def _store_group(tensors, group, seqs, wanted, logit_rows, g_ids, g_logits, N: int, vocab_size: int) -> None:
+    """A recorded group's per-prompt tensors, under the bundle's names."""
+    for r, i in enumerate(group):
+        pos = list(wanted[r])
+        tensors[f"prompt.{i}.input_ids"] = torch.tensor(seqs[r], dtype=torch.int64)
+        tensors[f"prompt.{i}.logit_positions"] = torch.tensor(pos, dtype=torch.int64)
+        tensors[f"prompt.{i}.logits"] = torch.stack(logit_rows[r]).to("cpu", torch.float32)
+        tensors[f"prompt.{i}.greedy_ids"] = torch.tensor(g_ids[r][:N], dtype=torch.int64)
+        tensors[f"prompt.{i}.greedy_logits"] = torch.stack(g_logits[r][:N]) if N else torch.zeros(0, vocab_size)
+
+
 def _record_group(model, prompts, group, opts, keep_layers, last_k, N, tensors, hook_order, per_prompt_hooks,
                   ranks=None):
     cfg = model.cfg
     seqs = [prompts[i].ids for i in group]
     lens = [len(s) for s in seqs]
-    # the greedy continuation decodes the way this runtime serves: captured graphs when it would
-    graphs = "on" if N > 1 and decode_mode(opts, model) != "off" else "off"
-    rt = RuntimeConfig(max_num_seqs=len(group), max_num_batched_tokens=sum(lens), max_model_len=max(lens) + N + 2,
-                       block_size=opts.block_size, prefill_chunk=opts.prefill_chunk,
-                       speculative_config=opts.speculative_config)
-    if ranks is None:
-        llm = LLM(model, rt, graphs=graphs, buckets=[len(group)], logits="all")
-    else:
-        llm = ranks.engine(rt, logits="all", assign="first")
+    llm = _group_engine(model, opts, len(group), lens, N, ranks)
     # at least one token, so that the prompt is computed when greedy_tokens is 0 (the token is dropped)
     params = SamplingParams(temperature=0.0, max_tokens=max(N, 1), ignore_eos=True)
     rid = {llm.add_request(s, params): r for r, s in enumerate(seqs)}
@@ -439,13 +454,7 @@ def _record_group(model, prompts, group, opts, keep_layers, last_k, N, tensors, 
             g_logits[r] += [rec.logits[first + i].to("cpu", torch.float32) for i in range(len(out.new_token_ids))]
         if all(running[i].num_computed >= lens[r] for i, r in rid.items()):
             model.hook = None  # every prompt is in: the greedy continuation records no hooks
-    for r, i in enumerate(group):
-        pos = list(wanted[r])
-        tensors[f"prompt.{i}.input_ids"] = torch.tensor(seqs[r], dtype=torch.int64)
-        tensors[f"prompt.{i}.logit_positions"] = torch.tensor(pos, dtype=torch.int64)
-        tensors[f"prompt.{i}.logits"] = torch.stack(logit_rows[r]).to("cpu", torch.float32)
-        tensors[f"prompt.{i}.greedy_ids"] = torch.tensor(g_ids[r][:N], dtype=torch.int64)
-        tensors[f"prompt.{i}.greedy_logits"] = torch.stack(g_logits[r][:N]) if N else torch.zeros(0, cfg.vocab_size)
+    _store_group(tensors, group, seqs, wanted, logit_rows, g_ids, g_logits, N, cfg.vocab_size)
 
 
 def _split_hooks(cfg, step_hooks, rows, starts, step_lens, offsets, group, per_prompt_hooks, keep=None):

@@ -315,20 +315,9 @@ def greedy(model, ids: list[int], n: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------- README
-def write_readme(out: Path) -> None:
-    """<out>/README.md from training.json, train_log.json and eval.json (all written by main)."""
-    meta = json.loads((out / "training.json").read_text())
-    log = json.loads((out / "train_log.json").read_text())
-    ev = json.loads((out / "eval.json").read_text())
-    h, s = ev["heldout"], ev["sample"]
-
-    def avg(recs, k):
-        return sum(r[k] for r in recs) / len(recs)
-
-    n = max(1, len(log) // 10)
-    rows = [f"| {r['step']} | {r['lr']:.2e} | {r['ce']:.3f} | {r['mtp_ce']:.3f} | {r['indexer_kl']:.3f} | {r['elapsed_s']:.0f} |"
-            for r in log[::n] + ([log[-1]] if (len(log) - 1) % n else [])]
-    lines = [
+def _readme_intro(meta: dict, ev: dict) -> list[str]:
+    """README.md: what tiny-v4 is and how it was made."""
+    return [
         "# tiny-v4: a trained tiny DeepSeek V4 (issue 14)",
         "",
         f"A {ev['parameters'] / 1e6:.2f} M-parameter V4 with every feature (sliding window, CSA with the lightning "
@@ -358,6 +347,12 @@ def write_readme(out: Path) -> None:
         "(Python version, stdlib file-list sha256, held-out file list) in `training.json` and in the shard's "
         "safetensors metadata.",
         "",
+    ]
+
+
+def _readme_data(meta: dict) -> list[str]:
+    """README.md: the data section."""
+    return [
         "## Data",
         "",
         f"{meta['data']}: {meta['stdlib_file_count']} files of Python {meta['python_version']}'s stdlib "
@@ -368,6 +363,19 @@ def write_readme(out: Path) -> None:
         "(`../tiny-v4-heldout/sample.json`, PSF licence beside it) are the fixed input of "
         "`tests/test_embedded_model.py`.",
         "",
+    ]
+
+
+def _readme_curve(log: list[dict]) -> list[str]:
+    """README.md: the loss curve section."""
+
+    def avg(recs, k):
+        return sum(r[k] for r in recs) / len(recs)
+
+    n = max(1, len(log) // 10)
+    rows = [f"| {r['step']} | {r['lr']:.2e} | {r['ce']:.3f} | {r['mtp_ce']:.3f} | {r['indexer_kl']:.3f} | {r['elapsed_s']:.0f} |"
+            for r in log[::n] + ([log[-1]] if (len(log) - 1) % n else [])]
+    return [
         "## Loss curve (training batches)",
         "",
         "| step | lr | CE | MTP CE | indexer KL | s |",
@@ -377,6 +385,12 @@ def write_readme(out: Path) -> None:
         f"First 10 steps: CE {avg(log[:10], 'ce'):.3f}, MTP CE {avg(log[:10], 'mtp_ce'):.3f}; last 10 steps: CE "
         f"{avg(log[-10:], 'ce'):.3f}, MTP CE {avg(log[-10:], 'mtp_ce'):.3f} (nats/token).",
         "",
+    ]
+
+
+def _readme_quality(h: dict, s: dict) -> list[str]:
+    """README.md: the held-out quality section."""
+    return [
         "## Held-out quality (through `load_checkpoint` and our forward, FP8/FP4 weights as stored)",
         "",
         f"Every held-out file, cut into chunks of 256 tokens, each from a fresh cache: {h['tokens']} predicted "
@@ -396,13 +410,22 @@ def write_readme(out: Path) -> None:
         "## Greedy continuations of held-out prompts (48 tokens at most)",
         "",
     ]
+
+
+def write_readme(out: Path) -> None:
+    """<out>/README.md from training.json, train_log.json and eval.json (all written by main)."""
+    meta = json.loads((out / "training.json").read_text())
+    log = json.loads((out / "train_log.json").read_text())
+    ev = json.loads((out / "eval.json").read_text())
+    h, s = ev["heldout"], ev["sample"]
+
+    lines = [*_readme_intro(meta, ev), *_readme_data(meta), *_readme_curve(log), *_readme_quality(h, s)]
     for g in ev["greedy"]:
         lines += [f"`{g['file']}`, prompt then continuation:", "", "```python", g["prompt"] + g["continuation"], "```", ""]
     (out / "README.md").write_text("\n".join(lines))
 
 
-# ------------------------------------------------------------------------------------- main
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "v4" / "embedded" / "tiny-v4"))
     ap.add_argument("--config", default=str(ROOT / "configs" / "tiny-v4.yaml"))
@@ -420,51 +443,11 @@ def main(argv=None) -> int:
     ap.add_argument("--heldout-sample-out", default=str(ROOT / "v4" / "embedded" / "tiny-v4-heldout"),
                     help="where the small held-out text sample (the test's fixed input) and its licence go")
     ap.add_argument("--readme-only", action="store_true", help="only (re)write <out>/README.md from the run's JSON files")
-    a = ap.parse_args(argv)
-    if a.readme_only:
-        write_readme(Path(a.out))
-        return 0
-    torch.set_num_threads(a.threads)
-    random.seed(a.seed)
-    torch.manual_seed(a.seed)
-    t_start = time.time()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    return ap
 
-    cfg, _ = load_config_file(a.config)
-    cfg.name = "tiny-v4"
-    root, files = stdlib_files()
-    train_f, held_f, list_hash = split_files(root, files)
-    train_texts, held_texts = [read(f) for f in train_f], [read(f) for f in held_f]
-    print(f"data: {len(files)} stdlib files ({sum(map(len, train_texts)) / 1e6:.1f} M chars train, "
-          f"{len(held_f)} held out, {sum(map(len, held_texts)) / 1e6:.2f} M chars), list sha256 {list_hash[:16]}", flush=True)
 
-    tok = train_tokenizer(train_texts, cfg.vocab_size)
-    assert tok.get_vocab_size() <= cfg.vocab_size, tok.get_vocab_size()
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS_TEXT, "eos_token": EOS_TEXT,
-        "add_bos_token": True, "add_eos_token": False, "model_max_length": cfg.max_position_embeddings,
-        "clean_up_tokenization_spaces": False}, indent=2, ensure_ascii=False) + "\n")
-    train_docs = encode_docs(tok, train_texts, cfg.bos_token_id, cfg.eos_token_id)
-    held_docs = encode_docs(tok, held_texts, cfg.bos_token_id, cfg.eos_token_id)
-    stream = torch.tensor([i for d in train_docs for i in d], dtype=torch.long)
-    nbytes = token_bytes(tok, cfg.vocab_size)
-    counts = torch.bincount(stream, minlength=cfg.vocab_size).double() + 1.0  # add-one smoothing
-    unigram_logp = (counts / counts.sum()).log()
-    print(f"tokenizer: {tok.get_vocab_size()} ids; train stream {stream.numel()} tokens "
-          f"({nbytes[stream].sum().item() / stream.numel():.2f} bytes/token)", flush=True)
-
-    # ---- training ------------------------------------------------------------------------------
-    ops = ref_ops.ReferenceOps()
-    params = trainable(cfg, a.seed)
-    train_p = [p for p in params.values() if p.requires_grad]
-    decay = [p for p in train_p if p.dim() == 2]
-    no_decay = [p for p in train_p if p.dim() != 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
-    n_params = sum(p.numel() for p in params.values() if p.is_floating_point())
-    print(f"model: {n_params / 1e6:.2f} M parameters ({sum(p.numel() for p in train_p) / 1e6:.2f} M trained by gradient)", flush=True)
+def _train(a, cfg, params: dict, ops, opt, train_p: list, stream: torch.Tensor):
+    """The optimizer steps (until --steps or the --minutes cap): (log records, start time, stopped early?)."""
     gen = torch.Generator().manual_seed(a.seed)
     L2 = a.seq_len + 2
     log, t0, stopped_early = [], time.time(), False
@@ -496,9 +479,11 @@ def main(argv=None) -> int:
         if step % a.log_every == 0 or step == a.steps - 1:
             print(f"step {step + 1:5d}/{a.steps}  lr {lr:.2e}  ce {rec['ce']:.3f}  mtp {rec['mtp_ce']:.3f}  "
                   f"kl {rec['indexer_kl']:.3f}  |g| {gnorm:.2f}  {rec['elapsed_s']:.0f}s", flush=True)
-    train_s = time.time() - t0
+    return log, t0, stopped_early
 
-    # ---- export --------------------------------------------------------------------------------
+
+def _training_meta(a, argv, root: Path, files: list[Path], held_f: list[Path], list_hash: str, log: list,
+                   train_s: float, stopped_early: bool) -> dict:
     meta = {
         "data": "Python standard library *.py (PSF licence)", "python_version": platform.python_version(),
         "stdlib_file_count": len(files), "stdlib_file_list_sha256": list_hash,
@@ -512,13 +497,11 @@ def main(argv=None) -> int:
         "stopped_early": stopped_early, "torch": torch.__version__, "threads": a.threads,
         "command": "python tools/train_tiny.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    size = export(cfg, params, out, meta)
-    (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (out / "train_log.json").write_text(json.dumps(log) + "\n")
-    print(f"wrote {out}: {size / 1e6:.2f} MB of tensors", flush=True)
+    return meta
 
-    # ---- the held-out sample the test reads -----------------------------------------------------
-    sample_dir = Path(a.heldout_sample_out)
+
+def _write_heldout_sample(sample_dir: Path, root: Path, held_f: list[Path]):
+    """The held-out sample the test reads, and the PSF licence beside it: (files picked, {path: text})."""
     sample_dir.mkdir(parents=True, exist_ok=True)
     lic = root / "LICENSE.txt"
     picks = held_f[:: max(1, len(held_f) // SAMPLE_FILES)][:SAMPLE_FILES]
@@ -530,24 +513,23 @@ def main(argv=None) -> int:
         (sample_dir / "LICENSE-PSF.txt").write_text(
             "The text in sample.json is taken from the Python standard library's source "
             f"(Python {platform.python_version()}), distributed under the PSF licence below.\n\n" + read(lic))
+    return picks, sample
 
-    # ---- evaluation through the loader --------------------------------------------------------
-    res, model, lcfg = eval_checkpoint(out, held_docs, unigram_logp, nbytes, a.eval_chunk)
-    sample_docs = encode_docs(tok, list(sample.values()), cfg.bos_token_id, cfg.eos_token_id)
-    sres, _, _ = eval_checkpoint(out, sample_docs, unigram_logp, nbytes, a.eval_chunk)
+
+def _greedy_prompts(model, tok, bos: int, root: Path, picks: list[Path]) -> list[dict]:
     prompts = []
     for f in picks:
         text = read(f)
         cut = text.find("\ndef ")
         cut = cut + 1 if cut >= 0 else 0
         p = text[cut:cut + 60]
-        pid = [cfg.bos_token_id] + tok.encode(p, add_special_tokens=False).ids
+        pid = [bos] + tok.encode(p, add_special_tokens=False).ids
         cont = tok.decode(greedy(model, pid, 48))
         prompts.append({"file": f.relative_to(root).as_posix(), "prompt": p, "continuation": cont})
-    res = {"heldout": res, "sample": sres, "greedy": prompts, "train_seconds": round(train_s, 1),
-           "total_seconds": round(time.time() - t_start, 1), "parameters": n_params, "checkpoint_bytes": size,
-           "first_logged": log[0] if log else None, "last_logged": log[-1] if log else None}
-    (out / "eval.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+    return prompts
+
+
+def _print_eval(res: dict, sres: dict, prompts: list[dict]) -> None:
     h = res["heldout"]
     print(f"held-out: {h['tokens']} tokens, {h['bytes']} bytes; CE {h['ce_nats_per_token']:.3f} nats/token "
           f"({h['bits_per_byte']:.3f} bits/byte) vs unigram {h['unigram_ce_nats_per_token']:.3f} "
@@ -555,6 +537,92 @@ def main(argv=None) -> int:
     print(f"sample (the test's input): CE {sres['ce_nats_per_token']:.3f} vs unigram {sres['unigram_ce_nats_per_token']:.3f}")
     for p in prompts:
         print(f"--- {p['file']}\n{p['prompt']}|{p['continuation']}")
+
+
+def _prepare_data(cfg, out: Path):
+    """The stdlib split, the tokenizer (saved in out) and the encoded data: (root, files, held-out files,
+    file-list hash, tokenizer, held-out docs, training stream, bytes per token, unigram log-probs)."""
+    root, files = stdlib_files()
+    train_f, held_f, list_hash = split_files(root, files)
+    train_texts, held_texts = [read(f) for f in train_f], [read(f) for f in held_f]
+    print(f"data: {len(files)} stdlib files ({sum(map(len, train_texts)) / 1e6:.1f} M chars train, "
+          f"{len(held_f)} held out, {sum(map(len, held_texts)) / 1e6:.2f} M chars), list sha256 {list_hash[:16]}", flush=True)
+
+    tok = train_tokenizer(train_texts, cfg.vocab_size)
+    assert tok.get_vocab_size() <= cfg.vocab_size, tok.get_vocab_size()
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS_TEXT, "eos_token": EOS_TEXT,
+        "add_bos_token": True, "add_eos_token": False, "model_max_length": cfg.max_position_embeddings,
+        "clean_up_tokenization_spaces": False}, indent=2, ensure_ascii=False) + "\n")
+    train_docs = encode_docs(tok, train_texts, cfg.bos_token_id, cfg.eos_token_id)
+    held_docs = encode_docs(tok, held_texts, cfg.bos_token_id, cfg.eos_token_id)
+    stream = torch.tensor([i for d in train_docs for i in d], dtype=torch.long)
+    nbytes = token_bytes(tok, cfg.vocab_size)
+    counts = torch.bincount(stream, minlength=cfg.vocab_size).double() + 1.0  # add-one smoothing
+    unigram_logp = (counts / counts.sum()).log()
+    print(f"tokenizer: {tok.get_vocab_size()} ids; train stream {stream.numel()} tokens "
+          f"({nbytes[stream].sum().item() / stream.numel():.2f} bytes/token)", flush=True)
+    return root, files, held_f, list_hash, tok, held_docs, stream, nbytes, unigram_logp
+
+
+def _optimizer(a, params: dict):
+    """AdamW over the gradient-trained parameters (weight decay on matrices): (those parameters, optimizer)."""
+    train_p = [p for p in params.values() if p.requires_grad]
+    decay = [p for p in train_p if p.dim() == 2]
+    no_decay = [p for p in train_p if p.dim() != 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
+    return train_p, opt
+
+
+# ------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = _parser()
+    a = ap.parse_args(argv)
+    if a.readme_only:
+        write_readme(Path(a.out))
+        return 0
+    torch.set_num_threads(a.threads)
+    random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    t_start = time.time()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    cfg, _ = load_config_file(a.config)
+    cfg.name = "tiny-v4"
+    root, files, held_f, list_hash, tok, held_docs, stream, nbytes, unigram_logp = _prepare_data(cfg, out)
+
+    # ---- training ------------------------------------------------------------------------------
+    ops = ref_ops.ReferenceOps()
+    params = trainable(cfg, a.seed)
+    train_p, opt = _optimizer(a, params)
+    n_params = sum(p.numel() for p in params.values() if p.is_floating_point())
+    print(f"model: {n_params / 1e6:.2f} M parameters ({sum(p.numel() for p in train_p) / 1e6:.2f} M trained by gradient)", flush=True)
+    log, t0, stopped_early = _train(a, cfg, params, ops, opt, train_p, stream)
+    train_s = time.time() - t0
+
+    # ---- export --------------------------------------------------------------------------------
+    meta = _training_meta(a, argv, root, files, held_f, list_hash, log, train_s, stopped_early)
+    size = export(cfg, params, out, meta)
+    (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "train_log.json").write_text(json.dumps(log) + "\n")
+    print(f"wrote {out}: {size / 1e6:.2f} MB of tensors", flush=True)
+
+    # ---- the held-out sample the test reads -----------------------------------------------------
+    picks, sample = _write_heldout_sample(Path(a.heldout_sample_out), root, held_f)
+
+    # ---- evaluation through the loader --------------------------------------------------------
+    res, model, lcfg = eval_checkpoint(out, held_docs, unigram_logp, nbytes, a.eval_chunk)
+    sample_docs = encode_docs(tok, list(sample.values()), cfg.bos_token_id, cfg.eos_token_id)
+    sres, _, _ = eval_checkpoint(out, sample_docs, unigram_logp, nbytes, a.eval_chunk)
+    prompts = _greedy_prompts(model, tok, cfg.bos_token_id, root, picks)
+    res = {"heldout": res, "sample": sres, "greedy": prompts, "train_seconds": round(train_s, 1),
+           "total_seconds": round(time.time() - t_start, 1), "parameters": n_params, "checkpoint_bytes": size,
+           "first_logged": log[0] if log else None, "last_logged": log[-1] if log else None}
+    (out / "eval.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
+    _print_eval(res, sres, prompts)
     write_readme(out)
     return 0
 

@@ -91,10 +91,51 @@ def _overrides(a):
     return {**{k: getattr(a, k, None) for k in keys}, **runtime_flag_overrides(a)}
 
 
+def _generate_prompts(a, tokenizer) -> list[list[int]]:
+    """The prompts of `dsv4 generate` as token ids (--ids, or each --prompt encoded)."""
+    if a.ids is not None:
+        try:
+            return [[int(x) for x in a.ids.split(",") if x.strip() != ""]]
+        except ValueError:
+            raise InputError(f"--ids must be comma-separated integers, got {a.ids!r}") from None
+    return [tokenizer.encode(p) for p in a.prompt]
+
+
+def _sampling_params(a, vocab_size: int):
+    """SamplingParams from the flags, validated; errors name the flag."""
+    from .engine import SamplingParams
+
+    params = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p, seed=a.seed,
+                            max_tokens=a.max_new_tokens, min_tokens=a.min_tokens, stop=a.stop or [],
+                            stop_token_ids=a.stop_token_ids or [], ignore_eos=a.ignore_eos, logprobs=a.logprobs)
+    try:
+        params.validate(vocab_size)
+    except InputError as e:  # the messages start with the parameter's name: give the flag's instead
+        name, rest = str(e).split(" ", 1)
+        raise InputError(f"--{name.replace('_', '-')} {rest}") from None
+    return params
+
+
+def _print_generate_summary(L, llm, prompts, results, load_s: float, t: dict) -> None:
+    """The stderr summary of a text-mode `dsv4 generate`."""
+    print(llm.runner.cache_summary, file=sys.stderr)
+    n_out = sum(len(r.output_ids) for r in results)
+    reasons = ", ".join(sorted({r.finish_reason for r in results}))
+    print(f"[{L.cfg.name} on {L.model.ops.name}/{L.runtime.dtype}/{L.runtime.mode}: {len(prompts)} prompt(s), "
+          f"{sum(map(len, prompts))} prompt tokens, {n_out} generated ({reasons}); load {load_s:.2f}s, "
+          f"prefill {t['prefill_s']:.3f}s, decode {t['decode_tok_per_s'] or 0:.1f} tok/s, "
+          f"{t['num_preemptions']} preemptions]", file=sys.stderr)
+    spec = _spec_summary(llm)
+    if spec is not None:
+        print(f"[speculative: k={spec['num_speculative_tokens']}, {spec['num_drafts']} verifications, mean acceptance "
+              f"length {spec['mean_acceptance_length'] or 0:.2f}, acceptance per position "
+              f"{', '.join(f'{x:.2f}' for x in spec['acceptance_rate_per_pos'])}]", file=sys.stderr)
+
+
 def cmd_generate(a) -> int:
     import dataclasses
 
-    from .engine import DECODE_LABEL, LLM, SamplingParams
+    from .engine import DECODE_LABEL, LLM
     from .runtime import load
 
     if (a.prompt is None) == (a.ids is None):
@@ -106,21 +147,8 @@ def cmd_generate(a) -> int:
     L = ctx.loaded if ctx is not None else load(a.checkpoint, a.config, a.runtime, _overrides(a), seed=a.seed_weights,
                                                 progress=not a.json)
     load_s = time.perf_counter() - t0
-    if a.ids is not None:
-        try:
-            prompts = [[int(x) for x in a.ids.split(",") if x.strip() != ""]]
-        except ValueError:
-            raise InputError(f"--ids must be comma-separated integers, got {a.ids!r}") from None
-    else:
-        prompts = [L.tokenizer.encode(p) for p in a.prompt]
-    params = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p, seed=a.seed,
-                            max_tokens=a.max_new_tokens, min_tokens=a.min_tokens, stop=a.stop or [],
-                            stop_token_ids=a.stop_token_ids or [], ignore_eos=a.ignore_eos, logprobs=a.logprobs)
-    try:
-        params.validate(L.cfg.vocab_size)
-    except InputError as e:  # the messages start with the parameter's name: give the flag's instead
-        name, rest = str(e).split(" ", 1)
-        raise InputError(f"--{name.replace('_', '-')} {rest}") from None
+    prompts = _generate_prompts(a, L.tokenizer)
+    params = _sampling_params(a, L.cfg.vocab_size)
     # the cache is sized for the work at hand: no more sequence slots than prompts
     rt = dataclasses.replace(L.runtime, max_num_seqs=min(L.runtime.max_num_seqs, len(prompts)))
     llm = LLM(L.model, rt, L.tokenizer) if ctx is None else ctx.engine(rt)
@@ -145,18 +173,7 @@ def cmd_generate(a) -> int:
         else:
             print(res.text)
     if not a.json:
-        print(llm.runner.cache_summary, file=sys.stderr)
-        n_out = sum(len(r.output_ids) for r in results)
-        reasons = ", ".join(sorted({r.finish_reason for r in results}))
-        print(f"[{L.cfg.name} on {L.model.ops.name}/{L.runtime.dtype}/{L.runtime.mode}: {len(prompts)} prompt(s), "
-              f"{sum(map(len, prompts))} prompt tokens, {n_out} generated ({reasons}); load {load_s:.2f}s, "
-              f"prefill {t['prefill_s']:.3f}s, decode {t['decode_tok_per_s'] or 0:.1f} tok/s, "
-              f"{t['num_preemptions']} preemptions]", file=sys.stderr)
-        spec = _spec_summary(llm)
-        if spec is not None:
-            print(f"[speculative: k={spec['num_speculative_tokens']}, {spec['num_drafts']} verifications, mean acceptance "
-                  f"length {spec['mean_acceptance_length'] or 0:.2f}, acceptance per position "
-                  f"{', '.join(f'{x:.2f}' for x in spec['acceptance_rate_per_pos'])}]", file=sys.stderr)
+        _print_generate_summary(L, llm, prompts, results, load_s, t)
     return 0
 
 
