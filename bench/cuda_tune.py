@@ -79,7 +79,7 @@ def rel(a, b) -> float:
 # --------------------------------------------------------------------------------- the sweeps
 def attention_cases(light: bool = False):
     """Decode at ctx 64K: CSA (128 window + 512 top-k rows) and HCA (128 + 512 entries), B = 128 and 1."""
-    from backends.cuda.kernels import attention as A
+    from backends.cuda.kernels import attention
 
     H, d, W, L, K = SH["H"], SH["d"], SH["W"], SH["ctx"], SH["topk"]
     big, small = SH["att_batches"]
@@ -97,15 +97,15 @@ def attention_cases(light: bool = False):
                      else torch.arange(S, device=DEV)[None, :].expand(B, S))
             c_idx = (ar * S + picks).to(torch.int32)
             n = w_idx.numel() + c_idx.numel()
-            row = A.row_bytes(d) if fp8 else 2 * d
+            row = attention.row_bytes(d) if fp8 else 2 * d
             nbytes = 2 * q.numel() * 2 + n * row + 4 * n
             if fp8:
-                wp, cp = A.pack_fp8_kv(w_kv), A.pack_fp8_kv(c_kv)
+                wp, cp = attention.pack_fp8_kv(w_kv), attention.pack_fp8_kv(c_kv)
                 fn = (lambda q=q, wp=wp, w_idx=w_idx, cp=cp, c_idx=c_idx, **kw:
-                      A.attention_fp8kv(q, wp, w_idx, cp, c_idx, sink, d ** -0.5, d, **kw))
+                      attention.attention_fp8kv(q, wp, w_idx, cp, c_idx, sink, d ** -0.5, d, **kw))
             else:
                 fn = (lambda q=q, w_kv=w_kv, w_idx=w_idx, c_kv=c_kv, c_idx=c_idx, **kw:
-                      A.attention(q, w_kv, w_idx, c_kv, c_idx, sink, d ** -0.5, **kw))
+                      attention.attention(q, w_kv, w_idx, c_kv, c_idx, sink, d ** -0.5, **kw))
             variants = [{}]
             for bh in (16, 32, 64):
                 for bk in (16, 32, 64):
@@ -119,7 +119,7 @@ def attention_cases(light: bool = False):
 
 def indexer_cases(light: bool = False):
     """Score kernel variants (BLOCK_N, TILES, num_warps) at B x ctx, S = ctx / 4 bf16 keys of 128 dims."""
-    from backends.cuda.kernels import indexer as X
+    from backends.cuda.kernels import indexer
 
     Hi, Di, bs, K = SH["Hi"], SH["Di"], SH["bs"], SH["topk"]
     torch.manual_seed(2)
@@ -139,45 +139,45 @@ def indexer_cases(light: bool = False):
         nbytes = B * S * Di * 2 + q.numel() * 2 + w.numel() * 4 + 4 * B * per
 
         def score(cfg=None, pool=pool, q=q, w=w, table=table, slot=slot, nvis=nvis, scores=scores):
-            orig = X.score_config
+            orig = indexer.score_config
             if cfg:
-                X.score_config = lambda *a, **k: cfg
+                indexer.score_config = lambda *a, **k: cfg
             try:
-                X._launch_scores(scores, q, w, pool, table, slot, nvis, fill=False)
+                indexer._launch_scores(scores, q, w, pool, table, slot, nvis, fill=False)
             finally:
-                X.score_config = orig
+                indexer.score_config = orig
             return scores
 
         variants = [{}] + [dict(cfg=(bn, t, nw)) for bn in (32, 64, 128) for t in (1, 4, 16) for nw in (4, 8)]
         yield f"indexer scores B={B} ctx={_ctx(L)}", score, variants, nbytes, 2 * Hi * Di * S * B, "bw"
         yield (f"indexer top-k only B={B} ctx={_ctx(L)}", lambda scores=scores, nvis=nvis, out=out:
-               (X._launch_topk(scores, nvis, out), out)[1], [{}], B * S * 4 + 4 * B * K, 0, "bw")
+               (indexer._launch_topk(scores, nvis, out), out)[1], [{}], B * S * 4 + 4 * B * K, 0, "bw")
 
 
 def moe_cases(light: bool = False):
     """bf16 routed experts (+ shared), T = 4096 tokens, top-6 of 256, D 4096, I 2048: (BN, BK, warps, stages)."""
-    from backends.cuda.kernels import gemm as G
+    from backends.cuda.kernels import gemm
 
     # light (--warm-only): 16 experts give the same row tile (and so the same kernels) in 1/16 of the memory
     m = SH["moe"]
     E, D, I, k, T = (m["E_light"] if light else m["E"]), m["D"], m["I"], m["k"], m["T"]
     torch.manual_seed(9)
-    w13 = G.CudaWeight("dense", randn(E, 2 * I, D, scale=D ** -0.5), None, torch.bfloat16, I)
-    w2 = G.CudaWeight("dense", randn(E, D, I, scale=I ** -0.5), None, torch.bfloat16, 0)
-    sh = (G.CudaWeight("dense", randn(2 * I, D, scale=D ** -0.5), None, torch.bfloat16, I),
-          G.CudaWeight("dense", randn(D, I, scale=I ** -0.5), None, torch.bfloat16, 0))
+    w13 = gemm.CudaWeight("dense", randn(E, 2 * I, D, scale=D ** -0.5), None, torch.bfloat16, I)
+    w2 = gemm.CudaWeight("dense", randn(E, D, I, scale=I ** -0.5), None, torch.bfloat16, 0)
+    sh = (gemm.CudaWeight("dense", randn(2 * I, D, scale=D ** -0.5), None, torch.bfloat16, I),
+          gemm.CudaWeight("dense", randn(D, I, scale=I ** -0.5), None, torch.bfloat16, 0))
     x = randn(T, D)
     ids = torch.rand(T, E, device=DEV).topk(k, dim=1).indices.to(torch.int32)
     rw = torch.softmax(torch.randn(T, k, device=DEV), -1)
 
     def run(tiles=None):
-        orig = G._tiles
+        orig = gemm._tiles
         if tiles:
-            G._tiles = lambda M, N, w, aq, soft: (M, *tiles)
+            gemm._tiles = lambda M, N, w, aq, soft: (M, *tiles)
         try:
-            return G.moe_experts(x, ids, rw, w13, w2, sh, 10.0, False)
+            return gemm.moe_experts(x, ids, rw, w13, w2, sh, 10.0, False)
         finally:
-            G._tiles = orig
+            gemm._tiles = orig
 
     variants = [{}] + [dict(tiles=(bn, bk, nw, ns)) for bn in (64, 128, 256) for bk in (32, 64, 128)
                        for nw in (4, 8) for ns in (3, 4)]

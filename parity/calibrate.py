@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import record as R
+from . import record
 from .bundle import Bundle
 from .compare import compare
 
@@ -37,9 +37,9 @@ HIGHER_IS_WORSE = ("nmax", "kl", "nonfinite")
 def _bundle(model, dtype, mode, seed, prompts, opts) -> Bundle:
     """model: ("checkpoint", DIR) or ("config", NAME); the seed applies to a config only."""
     ckpt, config = (model[1], None) if model[0] == "checkpoint" else (None, model[1])
-    built = R.build(ckpt, config, None, {"backend": "reference", "dtype": dtype, "mode": mode}, seed=seed)
-    tensors, info = R.record(built.model, prompts, opts)
-    return Bundle(f"{_label(model)}/{dtype}/{mode}/seed{seed}", R.make_meta(built, prompts, opts, info), tensors)
+    built = record.build(ckpt, config, None, {"backend": "reference", "dtype": dtype, "mode": mode}, seed=seed)
+    tensors, info = record.record(built.model, prompts, opts)
+    return Bundle(f"{_label(model)}/{dtype}/{mode}/seed{seed}", record.make_meta(built, prompts, opts, info), tensors)
 
 
 def _label(model) -> str:
@@ -76,18 +76,18 @@ def _collect(worst: dict, key, comp):
 def _jobs(a, model) -> list:
     """[(model, prompts, options, label, seeds)]: each suite on the main model, then --small / --long."""
     seeds = [int(x) for x in a.seeds.split(",")] if model[0] == "config" else [0]
-    tok = R.build(*((model[1], None) if model[0] == "checkpoint" else (None, model[1])), None,
+    tok = record.build(*((model[1], None) if model[0] == "checkpoint" else (None, model[1])), None,
                   {"backend": "reference"}).tokenizer
     jobs = []
     for s in a.suites.split(","):
-        suite = R.load_suite(s)
-        jobs.append((model, R.suite_prompts(suite, tok, 0), R.Options(**suite.options), _label(model), seeds))
+        suite = record.load_suite(s)
+        jobs.append((model, record.suite_prompts(suite, tok, 0), record.Options(**suite.options), _label(model), seeds))
     if a.small:
-        jobs.append((("config", "small"), [R.Prompt(R.generated_ids(128, 7, 0))], R.Options(greedy_tokens=4),
+        jobs.append((("config", "small"), [record.Prompt(record.generated_ids(128, 7, 0))], record.Options(greedy_tokens=4),
                      "small", [0]))
     if a.long:
-        jobs.append((model, [R.Prompt(R.heldout_ids(0, 4000, tok, 0))],
-                     R.Options(greedy_tokens=4, logits="last:64", prefill_chunk=1024), _label(model) + " 4000 tokens",
+        jobs.append((model, [record.Prompt(record.heldout_ids(0, 4000, tok, 0))],
+                     record.Options(greedy_tokens=4, logits="last:64", prefill_chunk=1024), _label(model) + " 4000 tokens",
                      seeds[:1]))
     return jobs
 

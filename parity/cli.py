@@ -168,10 +168,10 @@ def _choose_model(a) -> None:
     else the shipped trained tiny-v4 checkpoint, said on stderr in one line."""
     from v4.runtime import DEFAULT_CHECKPOINT, DEFAULT_MODEL_NOTE
 
-    from . import record as R
+    from . import record
 
     if a.checkpoint is None and a.config is None:
-        suite = R.load_suite(a.suite or "smoke") if (a.suite or not a.prompts) else None
+        suite = record.load_suite(a.suite or "smoke") if (a.suite or not a.prompts) else None
         if suite is not None and suite.config:
             a.config = suite.config
         else:
@@ -198,22 +198,22 @@ def _speculative(a, built):
 
 def _plan(a, backend: str, dtype: str | None, mode: str | None):
     """(built model, prompts, options, suite name, prompts file) from the CLI arguments (after _choose_model)."""
-    from . import record as R
+    from . import record
 
-    suite = R.load_suite(a.suite or "smoke") if (a.suite or not a.prompts) else None
+    suite = record.load_suite(a.suite or "smoke") if (a.suite or not a.prompts) else None
     from v4.runtime import runtime_flag_overrides
 
     over = {"backend": backend, "dtype": dtype, "mode": mode, "device": a.device, **runtime_flag_overrides(a)}
     for k in ("tensor_parallel_size", "data_parallel_size", "enable_expert_parallel", "moe_comm"):
         over[k] = getattr(a, k, None)
-    built = R.build(a.checkpoint, a.config, a.runtime, over, seed=a.seed_weights)
+    built = record.build(a.checkpoint, a.config, a.runtime, over, seed=a.seed_weights)
     if getattr(a, "model_note", None):
         print(a.model_note, file=sys.stderr)
         a.model_note = None
     if built.model is None:  # a rank other than 0 under torchrun: no prompts of its own
         return built, None, None, None, None
     sopt = suite.options if suite else {}
-    opts = R.Options(
+    opts = record.Options(
         greedy_tokens=a.greedy if a.greedy is not None else sopt.get("greedy_tokens", 8),
         layers=a.layers or sopt.get("layers", "all"),
         logits=a.logits or sopt.get("logits", "all"),
@@ -224,21 +224,21 @@ def _plan(a, backend: str, dtype: str | None, mode: str | None):
         speculative_config=_speculative(a, built),
     )
     bos = built.cfg.bos_token_id
-    prompts = R.suite_prompts(suite, built.tokenizer, bos) if suite else R.load_prompts_file(a.prompts, built.tokenizer, bos)
+    prompts = record.suite_prompts(suite, built.tokenizer, bos) if suite else record.load_prompts_file(a.prompts, built.tokenizer, bos)
     return built, prompts, opts, (suite.name if suite else None), a.prompts
 
 
 def _record_one(a, backend, dtype, mode, out=None):
-    from . import record as R
+    from . import record
 
     built, prompts, opts, suite, pfile = _plan(a, backend, dtype, mode)
     if built.model is None:
         built.ranks.follow()
         return None
     if built.ranks is None:
-        return R.record_bundle(built, prompts, opts, suite, pfile, out)
+        return record.record_bundle(built, prompts, opts, suite, pfile, out)
     try:
-        return R.record_bundle(built, prompts, opts, suite, pfile, out)
+        return record.record_bundle(built, prompts, opts, suite, pfile, out)
     finally:
         built.ranks.close()
 
@@ -259,18 +259,18 @@ def cmd_record(a) -> int:
 # ---------------------------------------------------------------------------------------- compare
 def cmd_compare(a) -> int:
     _threads(a)
-    from . import bundle as BD
-    from . import report as RP
+    from . import bundle
+    from . import report
     from .compare import compare
 
-    A, B = BD.read(a.a), BD.read(a.b)
+    A, B = bundle.read(a.a), bundle.read(a.b)
     floor = None
     if a.floor:
-        floor = compare(B, BD.read(a.floor), a.profile, mask=not a.no_mask)
+        floor = compare(B, bundle.read(a.floor), a.profile, mask=not a.no_mask)
     c = compare(A, B, a.profile, floor, mask=not a.no_mask)
-    print(RP.render(c))
+    print(report.render(c))
     if a.report:
-        files = RP.write(c, a.report)
+        files = report.write(c, a.report)
         print(f"report: {', '.join(str(f) for f in files)}")
     return c.exit_code
 
@@ -309,7 +309,7 @@ def parse_backends(spec: str, mode: str | None) -> list:
 
 def cmd_run(a) -> int:
     _threads(a)
-    from . import report as RP
+    from . import report
     from .compare import compare, merge_floors
 
     if a.repeat < 1:
@@ -343,16 +343,16 @@ def cmd_run(a) -> int:
         for k in range(1, len(recs)):
             floor = merge_floors(floors[0], floors[k])
             c = compare(recs[0], recs[k], a.profile, floor)
-            print("\n" + RP.render(c))
+            print("\n" + report.render(c))
             if a.report:
                 d = Path(a.report) / f"{k}-{recs[k].label().replace('/', '-')}"
-                RP.write(c, d)
+                report.write(c, d)
                 print(f"report: {d}")
             summary.append((recs[k].label(), c))
             code = max(code, c.exit_code)
         print(f"\nsummary (baseline {recs[0].label()}, {time.perf_counter() - t_all:.1f}s):")
         for label, c in summary:
-            print(f"  {label:28s} {'PASS' if c.passed else 'FAIL'}  profile {c.profile.name:9s} {RP.first_break_line(c)}")
+            print(f"  {label:28s} {'PASS' if c.passed else 'FAIL'}  profile {c.profile.name:9s} {report.first_break_line(c)}")
         return code
     finally:
         if not a.out:

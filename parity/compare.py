@@ -28,8 +28,8 @@ import torch
 
 from v4.config import CSA_RATIO
 
-from . import metrics as M
-from . import profiles as P
+from . import metrics
+from . import profiles
 from .bundle import Bundle, check_comparable
 
 INDEX_HOOKS = (".attn.indexer_topk", ".ffn.route_ids")
@@ -58,7 +58,7 @@ class Row:
 class Comparison:
     a: dict  # summary of A's metadata
     b: dict
-    profile: P.Profile
+    profile: profiles.Profile
     rows: list
     notes: list
     floor_used: bool = False
@@ -136,17 +136,17 @@ def _apply_mask(name: str, pair, tok_mask: torch.Tensor, cfg: dict):
     return (a[keep], b[keep], pick(sa), pick(sb)), int((~keep).sum())
 
 
-def _metrics(kind: str, a, b, sa, sb, prof: P.Profile) -> dict:
+def _metrics(kind: str, a, b, sa, sb, prof: profiles.Profile) -> dict:
     if a.shape != b.shape:
         return {"shape_mismatch": True, "shape_a": list(a.shape), "shape_b": list(b.shape)}
     if kind == "index":
-        return M.set_overlap(a, b, sa, sb, tie_rtol=prof.tie_rtol if sa is not None else 0.0)
+        return metrics.set_overlap(a, b, sa, sb, tie_rtol=prof.tie_rtol if sa is not None else 0.0)
     if kind == "logits":
-        return M.logits_metrics(a, b)
-    return M.tensor_metrics(a, b)
+        return metrics.logits_metrics(a, b)
+    return metrics.tensor_metrics(a, b)
 
 
-def _pooled(kind: str, pairs: list, prof: P.Profile) -> dict:
+def _pooled(kind: str, pairs: list, prof: profiles.Profile) -> dict:
     """Metrics over every prompt at once (rows / elements of all prompts concatenated)."""
     bad = next((p for p in pairs if p[0].shape != p[1].shape), None)
     if bad is not None:
@@ -154,7 +154,7 @@ def _pooled(kind: str, pairs: list, prof: P.Profile) -> dict:
     if kind == "tensor":
         a = torch.cat([p[0].reshape(-1) for p in pairs])
         b = torch.cat([p[1].reshape(-1) for p in pairs])
-        return M.tensor_metrics(a, b)
+        return metrics.tensor_metrics(a, b)
     pairs = [p for p in pairs if p[0].numel()] or pairs[:1]  # index rows are [S, K]: cat along S
     a = torch.cat([p[0] for p in pairs])
     b = torch.cat([p[1] for p in pairs])
@@ -189,7 +189,7 @@ def _greedy_pooled(per: list) -> dict:
             "k": per[0]["k"] if per else None}
 
 
-def compare(A: Bundle, B: Bundle, profile: P.Profile | str | None = None, floor: "Comparison | None" = None,
+def compare(A: Bundle, B: Bundle, profile: profiles.Profile | str | None = None, floor: "Comparison | None" = None,
             mask: bool = True) -> Comparison:
     """B scored against A. Raises NotComparable (exit 2) when they cannot be compared. `floor`:
     a comparison of B (or A) against a second recording of itself, for the noise floor.
@@ -200,9 +200,9 @@ def compare(A: Bundle, B: Bundle, profile: P.Profile | str | None = None, floor:
     report) and name the worst prompt."""
     notes = check_comparable(A, B)
     if profile is None:
-        prof = P.default_for(A.meta["dtype"], B.meta["dtype"], B.meta["mode"])
+        prof = profiles.default_for(A.meta["dtype"], B.meta["dtype"], B.meta["mode"])
     elif isinstance(profile, str):
-        prof = P.get(profile)
+        prof = profiles.get(profile)
     else:
         prof = profile
     hooks = [h for h in A.hooks if h in B.hooks and not h.endswith(AUX_HOOKS)]
@@ -226,18 +226,18 @@ def compare(A: Bundle, B: Bundle, profile: P.Profile | str | None = None, floor:
         if mask and kind == "index":
             for i, (a, b, _, _) in enumerate(raw):
                 if a.shape == b.shape and a.dim() == 2 and a.shape[0] == tok_masks[i].numel():
-                    tok_masks[i] |= M.differing_rows(a, b)
+                    tok_masks[i] |= metrics.differing_rows(a, b)
     pairs = [(A.t(i, "logits"), B.t(i, "logits"), None, None) for i in range(n)]
     per = [_metrics("logits", *p, prof) for p in pairs]
     pooled = _pooled("logits", pairs, prof)
     pooled["max_pos"] = max_pos
     rows.append(Row("logits", "logits", None, pooled, _worst_prompt("logits", per), per_prompt=per))
-    per = [M.greedy_metrics(A.t(i, "greedy_ids"), B.t(i, "greedy_ids"), A.t(i, "greedy_logits"), B.t(i, "greedy_logits"),
+    per = [metrics.greedy_metrics(A.t(i, "greedy_ids"), B.t(i, "greedy_ids"), A.t(i, "greedy_logits"), B.t(i, "greedy_logits"),
                             k=max(prof.greedy_topk, 1)) for i in range(n)]
     rows.append(Row("greedy", "greedy", None, _greedy_pooled(per), _worst_prompt("greedy", per), per_prompt=per))
     fl = {r.name: r.metrics for r in floor.rows} if floor is not None else {}
     for r in rows:
-        r.failed = P.judge(r.kind, r.metrics, prof, fl.get(r.name))
+        r.failed = profiles.judge(r.kind, r.metrics, prof, fl.get(r.name))
     return Comparison(summary(A), summary(B), prof, rows, notes, floor_used=floor is not None)
 
 

@@ -23,8 +23,8 @@ import torch
 
 from backends.reference.ops import ReferenceOps
 from v4.ops import CompressSpec, DecodeRows, acc
-from . import metrics as M
-from . import profiles as P
+from . import metrics
+from . import profiles
 
 LENGTHS = (1, 3, 4, 5, 127, 128, 129)
 H, HD, ROPE, DM, NHC = 4, 128, 64, 64, 4  # heads, head dim, rope dims, hidden, mHC streams
@@ -50,7 +50,7 @@ class OpsReport:
     backend: str
     dtype: str
     mode: str
-    profile: P.Profile
+    profile: profiles.Profile
     results: list
 
     @property
@@ -338,22 +338,22 @@ def _compare_case(kind, truth_out, mine_out, truth_args, mine_args, prof):
     tens, idx = [], []
     if kind == "tensor":
         for a, b in zip(_outputs(truth_out), _outputs(mine_out)):
-            tens.append(M.tensor_metrics(a, b))
+            tens.append(metrics.tensor_metrics(a, b))
     elif kind == "compress":
-        tens.append(M.tensor_metrics(truth_out, mine_out))
+        tens.append(metrics.tensor_metrics(truth_out, mine_out))
         for k in (6, 7, 8):  # state_kv, state_score, pool after the call
-            tens.append(M.tensor_metrics(truth_args[k], mine_args[k]))
+            tens.append(metrics.tensor_metrics(truth_args[k], mine_args[k]))
     elif kind == "indexer":
         a, b = truth_out.cpu(), mine_out.cpu()
-        idx.append(M.set_overlap(a, b, _indexer_true_scores(truth_args, a), _indexer_true_scores(truth_args, b),
+        idx.append(metrics.set_overlap(a, b, _indexer_true_scores(truth_args, a), _indexer_true_scores(truth_args, b),
                                  tie_rtol=prof.tie_rtol, tie_atol=1e-12))
     elif kind == "gate":
         (wa, ia), (wb, ib) = truth_out, (mine_out[0].cpu(), mine_out[1].cpu())
-        idx.append(M.set_overlap(ia, ib, _gate_true_scores(truth_args, ia), _gate_true_scores(truth_args, ib),
+        idx.append(metrics.set_overlap(ia, ib, _gate_true_scores(truth_args, ia), _gate_true_scores(truth_args, ib),
                                  tie_rtol=prof.tie_rtol, tie_atol=1e-12))
         if torch.equal(ia.long().sort(-1).values, ib.long().sort(-1).values):
             oa, ob = ia.long().argsort(-1), ib.long().argsort(-1)
-            tens.append(M.tensor_metrics(wa.gather(1, oa), wb.gather(1, ob)))
+            tens.append(metrics.tensor_metrics(wa.gather(1, oa), wb.gather(1, ob)))
     return tens, idx
 
 
@@ -364,7 +364,7 @@ def run(backend: str = "reference", dtype: str = "float32", mode: str = "plain",
 
     ops = backends.get_ops(backend, device, True, mode, dtype)  # fallback only to name what B lacks
     dt = DTYPES[dtype]
-    prof = P.get(profile) if profile else P.default_for("float64", dtype, mode)
+    prof = profiles.get(profile) if profile else profiles.default_for("float64", dtype, mode)
     ref = ReferenceOps("cpu")
     sides = _Sides(ops, dt, ref)
     results = []
@@ -385,13 +385,13 @@ def run(backend: str = "reference", dtype: str = "float32", mode: str = "plain",
             res.cases += 1
             for m in tens:
                 m["max_pos"] = _max_pos(op, truth_args)
-                f = P.judge("tensor", m, prof)
+                f = profiles.judge("tensor", m, prof)
                 if worst_t is None or m["cosine"] < worst_t["cosine"] or m["nmax"] > worst_t["nmax"]:
                     worst_t = _merge_worst(worst_t, m)
                 if f and not res.failed:
                     res.failed, res.worst_case = f, case
             for m in idx:
-                f = P.judge("index", m, prof)
+                f = profiles.judge("index", m, prof)
                 worst_i = m if worst_i is None or m["mean"] < worst_i["mean"] or m["min_row"] < worst_i["min_row"] else worst_i
                 if f and not res.failed:
                     res.failed, res.worst_case = f, case

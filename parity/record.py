@@ -245,7 +245,7 @@ def tensors_hash(tensors: dict) -> str:
 def build(checkpoint=None, config=None, runtime_file=None, overrides=None, seed: int = 0) -> Built:
     """`v4.runtime.load`, but keeping the weights' hash for the bundle."""
     import backends
-    from v4 import weights as W
+    from v4 import weights
     from v4.model import Transformer
     from v4.runtime import DTYPES, default_checkpoint, random_weights, resolve
     from v4.tokenizer import load_tokenizer
@@ -256,8 +256,8 @@ def build(checkpoint=None, config=None, runtime_file=None, overrides=None, seed:
         return _build_ranks(checkpoint, config, runtime_file, overrides, seed, cfg, rt)
     ops = backends.get_ops(rt.backend, rt.device, rt.allow_fallback, rt.mode, rt.dtype, rt.backend_options)
     if checkpoint is not None:
-        cfg, tensors = W.load_checkpoint(checkpoint, cfg, progress=False)
-        winfo = {"source": "checkpoint", "path": str(checkpoint), "hash": W.checkpoint_hash(checkpoint)}
+        cfg, tensors = weights.load_checkpoint(checkpoint, cfg, progress=False)
+        winfo = {"source": "checkpoint", "path": str(checkpoint), "hash": weights.checkpoint_hash(checkpoint)}
     else:
         tensors = random_weights(cfg, seed)
         winfo = {"source": "random", "seed": seed, "hash": tensors_hash(tensors)}
@@ -268,7 +268,7 @@ def build(checkpoint=None, config=None, runtime_file=None, overrides=None, seed:
 def _build_ranks(checkpoint, config, runtime_file, overrides, seed, cfg, rt) -> Built:
     """Rank 0 of a multi-device recording (the other ranks are spawned, or started by torchrun).
     The weights' hash is that of the whole model, so the bundle compares with a one-device one."""
-    from v4 import weights as W
+    from v4 import weights
     from v4.dist.launch import LoadArgs, start
     from v4.runtime import random_weights
 
@@ -276,7 +276,7 @@ def _build_ranks(checkpoint, config, runtime_file, overrides, seed, cfg, rt) -> 
     if ctx.rank != 0:
         return Built(None, cfg, rt, None, {}, ctx)
     if checkpoint is not None:
-        winfo = {"source": "checkpoint", "path": str(checkpoint), "hash": W.checkpoint_hash(checkpoint)}
+        winfo = {"source": "checkpoint", "path": str(checkpoint), "hash": weights.checkpoint_hash(checkpoint)}
     else:
         winfo = {"source": "random", "seed": seed, "hash": tensors_hash(random_weights(cfg, seed))}
     L = ctx.loaded
@@ -482,14 +482,14 @@ def record_bundle(built: Built, prompts: list, opts: Options | None = None, suit
                   prompts_file: str | None = None, out=None):
     """record() + metadata -> a Bundle, written to `out` when given. What `dsv4 parity record`
     runs; tests hand it a Built whose model carries deliberately perturbed ops."""
-    from . import bundle as BD
+    from . import bundle
 
     opts = opts or Options()
     tensors, info = record(built.model, prompts, opts, built.ranks)
     meta = make_meta(built, prompts, opts, info, suite, prompts_file)
     if out is not None:
-        return BD.write(out, tensors, meta)
-    return BD.Bundle("(memory)", meta, tensors)
+        return bundle.write(out, tensors, meta)
+    return bundle.Bundle("(memory)", meta, tensors)
 
 
 def _spec_meta(opts: Options) -> dict | None:

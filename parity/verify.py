@@ -18,29 +18,29 @@ from pathlib import Path
 
 from v4.errors import InputError
 
-from . import bundle as BD
-from . import record as R
+from . import bundle
+from . import record
 
 
-def golden_prompts(g: BD.Bundle) -> list:
+def golden_prompts(g: bundle.Bundle) -> list:
     """The golden bundle's prompts, as token ids (text is kept for the report only)."""
     out = []
     for p in g.meta["prompts"]:
         i = p["index"]
-        out.append(R.Prompt(ids=g.t(i, "input_ids").tolist(), text=p.get("text"), batch=p.get("batch"), name=p.get("name")))
+        out.append(record.Prompt(ids=g.t(i, "input_ids").tolist(), text=p.get("text"), batch=p.get("batch"), name=p.get("name")))
     return out
 
 
-def golden_options(g: BD.Bundle, block_size: int, decode_graphs: str = "off") -> R.Options:
+def golden_options(g: bundle.Bundle, block_size: int, decode_graphs: str = "off") -> record.Options:
     """The golden recording's options; how this machine decodes (decode_graphs) is its own runtime's."""
     o = g.meta.get("options") or {}
-    return R.Options(greedy_tokens=int(g.meta.get("greedy_tokens", o.get("greedy_tokens", 8))), layers=o.get("layers", "all"),
+    return record.Options(greedy_tokens=int(g.meta.get("greedy_tokens", o.get("greedy_tokens", 8))), layers=o.get("layers", "all"),
                      logits=o.get("logits", "all"), prefill_chunk=int(o.get("prefill_chunk", 0)),
                      batching=bool(o.get("batching", True)), block_size=block_size, decode_graphs=decode_graphs)
 
 
-def rebuild(g: BD.Bundle, backend: str, dtype: str | None, checkpoint: str | None, device: str | None,
-            runtime: str | None, workdir: Path) -> R.Built:
+def rebuild(g: bundle.Bundle, backend: str, dtype: str | None, checkpoint: str | None, device: str | None,
+            runtime: str | None, workdir: Path) -> record.Built:
     """The golden bundle's model on `backend` here."""
     w = g.meta["weights"]
     over = {"backend": backend, "dtype": dtype or g.meta["dtype"], "mode": g.meta["mode"], "device": device}
@@ -48,22 +48,22 @@ def rebuild(g: BD.Bundle, backend: str, dtype: str | None, checkpoint: str | Non
         if checkpoint is None:
             raise InputError(f"{g.path} was recorded from checkpoint {w.get('path')}: pass --checkpoint DIR with that "
                              f"checkpoint on this machine (its hash must be {w['hash'][:12]})")
-        return R.build(checkpoint, None, runtime, over)
+        return record.build(checkpoint, None, runtime, over)
     if checkpoint is not None:
         raise InputError(f"{g.path} was recorded with random weights (seed {w.get('seed')}); drop --checkpoint")
     cfg_path = workdir / "config.json"  # the golden bundle carries its whole model config
     cfg_path.write_text(json.dumps(g.meta["model"]["config"]))
-    return R.build(None, str(cfg_path), runtime, over, seed=int(w["seed"]))
+    return record.build(None, str(cfg_path), runtime, over, seed=int(w["seed"]))
 
 
 def run(golden: str, backend: str, dtype: str | None = None, checkpoint: str | None = None, device: str | None = None,
         runtime: str | None = None, profile: str | None = None, out: str | None = None, report: str | None = None,
         skip_ops: bool = False, seed: int = 0) -> int:
     from . import opcheck
-    from . import report as RP
+    from .report import render as render_report, write as write_report
     from .compare import compare
 
-    g = BD.read(golden)
+    g = bundle.read(golden)
     dt = dtype or g.meta["dtype"]
     ops_ok = True
     if not skip_ops:
@@ -76,11 +76,11 @@ def run(golden: str, backend: str, dtype: str | None = None, checkpoint: str | N
         built = rebuild(g, backend, dt, checkpoint, device, runtime, Path(tmp))
         prompts = golden_prompts(g)
         opts = golden_options(g, built.runtime.block_size, built.runtime.decode_graphs)
-        mine = R.record_bundle(built, prompts, opts, g.meta.get("suite"), g.meta.get("prompts_file"), out)
+        mine = record.record_bundle(built, prompts, opts, g.meta.get("suite"), g.meta.get("prompts_file"), out)
     c = compare(g, mine, profile)
-    print(RP.render(c))
+    print(render_report(c))
     if report:
-        files = RP.write(c, report)
+        files = write_report(c, report)
         print(f"report: {', '.join(str(f) for f in files)}")
     verdict = ops_ok and c.passed
     where = mine.meta["backend"]["device_name"]

@@ -61,13 +61,13 @@ def resolve(checkpoint: str | None, config: str | None, runtime_file: str | None
 def load(checkpoint: str | None = None, config: str | None = None, runtime_file: str | None = None,
          overrides: dict | None = None, seed: int = 0, progress: bool = True) -> Loaded:
     import backends
-    from . import weights as W
+    from . import weights
 
     checkpoint = default_checkpoint(checkpoint, config)
     cfg, rt = resolve(checkpoint, config, runtime_file, overrides)
     ops = backends.get_ops(rt.backend, rt.device, rt.allow_fallback, rt.mode, rt.dtype, rt.backend_options)
     if checkpoint is not None:
-        cfg, tensors = W.load_checkpoint(checkpoint, cfg, progress=progress, device=ops.device)
+        cfg, tensors = weights.load_checkpoint(checkpoint, cfg, progress=progress, device=ops.device)
     else:
         log.info("no checkpoint given: seeded random weights (seed %d) for config '%s'", seed, cfg.name)
         tensors = random_weights(cfg, seed)

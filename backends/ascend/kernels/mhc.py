@@ -81,14 +81,6 @@ _MIN_DOT = 16  # smallest dot extent used (cube fractal; also upstream Triton's 
 
 
 @triton.jit
-def round_bf16(v):
-    # fp32 -> the nearest-even bf16 value, kept in fp32 (the interpreter's own cast truncates)
-    b = v.to(tl.int32, bitcast=True)
-    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
-    return b.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _hc_collapse_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr, u_ptr, post_ptr, comb_ptr,
                         T, D, iters, hc_eps, norm_eps,
                         N: tl.constexpr, NP: tl.constexpr, PP: tl.constexpr, ROWS_PP: tl.constexpr,
