@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA backend on a real GPU, in one prepared run (issue 10): versions, the CUDA tests run
-# natively (pytest -m cuda), the op parity suite, model parity on the boundaries suite, the real
+# natively (pytest -m gpu), the op parity suite, model parity on the boundaries suite, the real
 # CUDA-graph capture/replay tests, then bench/cuda_kernels.py at V4-Flash shapes with a time budget;
 # optionally the tiling sweeps of bench/cuda_tune.py and Nsight Compute on the default tilings.
 #
@@ -54,11 +54,11 @@ echo "== 2-5. side by side: native CUDA tests | op parity, then model parity | T
 PIDS=""
 if want tests; then
     (
-        timeout -k 10 220 python3 -m pytest -m cuda $XDIST $PTO -q -rfE -p no:cacheprovider \
-            tests/test_cuda_*.py tests/test_decode_graphs.py
+        timeout -k 10 220 python3 -m pytest -m gpu $XDIST $PTO -q -rfE -p no:cacheprovider \
+            tests/backends/cuda
         rc=$?
-        echo "== 5. real CUDA-graph capture and replay (tests/test_decode_graphs.py, Triton cache warm)"
-        timeout -k 10 60 python3 -m pytest -q -rfE -p no:cacheprovider tests/test_decode_graphs.py \
+        echo "== 5. real CUDA-graph capture and replay (tests/backends/cuda/test_decode_graphs.py, Triton cache warm)"
+        timeout -k 10 60 python3 -m pytest -q -rfE -p no:cacheprovider tests/backends/cuda/test_decode_graphs.py \
             -k "graph_steps_match or engine_with_graphs or hooks_attached or cli_generate_with_graphs or graph_mode_choices"
         exit $(( rc != 0 || $? != 0 ))
     ) >"$OUT_DIR/tests.log" 2>&1 &

@@ -7,7 +7,7 @@ LOWERING_CASES must all PASS (they prove the tool itself works: a vector kernel 
 shape the real kernels use, a row reduction, and a cube `tl.dot` GEMM). BROKEN_CASES must all FAIL,
 each at a different stage (front-end fp64 rejection, an op verifier in HFusion->HIVM, Unified Buffer
 overflow in HIVM memory planning), so the check can be shown to catch what it claims to catch.
-tests/test_ascend_lowering.py runs both.
+tests/backends/ascend/test_lowering.py runs both.
 """
 
 from __future__ import annotations

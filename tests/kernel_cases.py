@@ -1,5 +1,5 @@
-"""Inputs and checks shared by the CUDA and the Ascend Triton-kernel tests (tests/test_cuda_*.py,
-tests/test_ascend_*.py).
+"""Inputs and checks shared by the CUDA and the Ascend Triton-kernel tests (tests/backends/cuda/,
+tests/backends/ascend/).
 
 Device-independent: everything here builds CPU tensors and compares against the reference backend
 on CPU. Where a kernel is called, the test passes it in, with a `to_device` callable for its

@@ -1,0 +1,392 @@
+"""CUDA-backend sparse MQA attention (backends/cuda/kernels/attention.py) against the reference op.
+
+Without a GPU the Triton kernel runs in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1,
+set here before triton is imported); with one it runs on it. Ground truth: ReferenceOps("cpu")
+.attention in fp64 on the same (already rounded) inputs. Index lists are built with the model's
+own step-layout helpers (`v4.cache.window_rows`, `visible_entry_rows`, `entry_rows`) over packed step batches,
+so the kernel sees exactly the layouts the model hands it: -1 before position 0, full 128-row
+windows, empty / smaller-than-top-k compressed pools, mixed prefill + decode batches, paged pools.
+"""
+
+from functools import partial
+
+import pytest
+import torch
+
+from backends.cuda.kernels import attention as K
+from tests.kernel_cases import attention_truth, check_rel, gen, layer_inputs, qs, run_attention
+from v4 import quant
+from v4.model import StepBatch
+
+GPU = torch.cuda.is_available()
+
+pytestmark = pytest.mark.gpu  # bench/gpu_check.sh runs these natively on a GPU
+
+torch.set_num_threads(1)
+DEV = "cuda" if GPU else "cpu"
+D64 = torch.float64
+BF16 = torch.bfloat16
+# max |out - truth| / max |truth|: fp32 is summation order only; bf16 adds the rounding of the
+# probabilities before P V (as the official kernels do) and of the output
+TOL = {torch.float32: 5e-6, BF16: 8e-3, torch.float16: 1.5e-3}
+
+
+def dev(t):
+    return None if t is None else t.to(DEV)
+
+
+check = partial(check_rel, tol=TOL)
+# run(q, wkv, widx, ckv, cidx, sink, scale, what, **blocks): K.attention on DEV against fp64 truth
+run = partial(run_attention, K.attention, TOL, to_device=dev)
+
+
+# ---------------------------------------------------------------- attention (bf16 / fp32 KV)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("T", [1, 3, 4, 5, 127, 128, 129])
+def test_prefill_window_and_hca(T, dtype):
+    # one sequence from position 0: window rows before 0 are -1; HCA entries j < (t+1)//4
+    # (none at all for T < 4: the model passes comp_idx with Kc = 0 then)
+    batch = StepBatch([0], [0], [T], torch.device("cpu"))
+    wkv, widx, ckv, cidx = layer_inputs(batch, 1, "hca", 128, dtype, seed=T)
+    assert (widx < 0).any() and (T >= 4) == (cidx.shape[1] > 0)
+    H = 8 if T < 100 else 4
+    q, sink = qs(T, H, 128, dtype, seed=100 + T)
+    # long prefills: one 128-index chunk per list (the interpreter pays per chunk and per program;
+    # the default, smaller chunks are exercised by every other test)
+    blocks = {"block_k": 128} if T > 100 and not GPU else {}
+    run(q, wkv, widx, ckv, cidx, sink, 128 ** -0.5, f"prefill T={T}", **blocks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_decode_windows_just_closed_and_csa_topk_beyond_pool(dtype):
+    # decode batch: positions 127 (window just full: Kw = 128, no -1), 128 and 300 (ring wrapped),
+    # 5 (window mostly -1, top-k larger than the 1 visible entry), 2 (no entry: all-(-1) comp row)
+    starts = [127, 128, 300, 5, 2]
+    batch = StepBatch([0, 1, 2, 3, 4], starts, [1] * 5, torch.device("cpu"))
+    wkv, widx, ckv, cidx = layer_inputs(batch, 5, "csa", 128, dtype, seed=7, topk=64)
+    assert (widx[:3] >= 0).all() and (widx[3:] < 0).any()
+    assert (cidx[4] < 0).all() and (cidx[3] >= 0).sum() == 1
+    q, sink = qs(5, 8, 128, dtype, seed=8)
+    run(q, wkv, widx, ckv, cidx, sink, 128 ** -0.5, "decode csa")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_mixed_packed_batch(dtype):
+    # prefill from 0, a decode step, a prefill chunk continuing at 7, a long decode: paged pools
+    batch = StepBatch([2, 0, 3, 1], [0, 130, 7, 517], [6, 1, 5, 1], torch.device("cpu"))
+    for kind, seed in (("hca", 11), ("csa", 12)):
+        wkv, widx, ckv, cidx = layer_inputs(batch, 4, kind, 128, dtype, seed=seed, topk=24, scatter=kind == "csa")
+        q, sink = qs(batch.num_tokens, 8, 128, dtype, seed=seed + 50)
+        run(q, wkv, widx, ckv, cidx, sink, 128 ** -0.5, f"mixed batch {kind}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_sliding_only_comp_none_and_empty(dtype):
+    batch = StepBatch([0, 1], [0, 200], [4, 1], torch.device("cpu"))
+    wkv, widx, _, _ = layer_inputs(batch, 2, "sliding", 128, dtype, seed=21)
+    q, sink = qs(5, 8, 128, dtype, seed=22)
+    a = run(q, wkv, widx, None, None, sink, 128 ** -0.5, "comp None")
+    ckv = torch.randn(3, 128).to(dtype)
+    b = run(q, wkv, widx, ckv, torch.zeros(5, 0, dtype=torch.int32), sink, 128 ** -0.5, "Kc = 0")
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_all_minus_one_rows_give_zero_and_large_logits(dtype):
+    # rows whose lists are entirely -1 (window and compressed) see only the sink: o = 0;
+    # scale 1 makes logits ~ +-30 so the running max is rescaled many times; -1 interspersed;
+    # Kw, Kc not multiples of any block size
+    g, r = gen(31)
+    T, H, d = 6, 8, 128
+    wkv, ckv = r(50, d).to(dtype), r(40, d).to(dtype)
+    widx = torch.randint(-1, 50, (T, 77), generator=g, dtype=torch.int32)
+    cidx = torch.randint(-1, 40, (T, 37), generator=g, dtype=torch.int32)
+    widx[2], cidx[2] = -1, -1
+    cidx[4] = -1  # window only
+    widx[5] = -1  # compressed only
+    q, sink = qs(T, H, d, dtype, seed=32)
+    out = run(q, wkv, widx, ckv, cidx, sink, 1.0, "all -1 rows / large logits", block_k=16)
+    assert (out[2] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_head_dim_512(dtype):
+    # V4's shape: d = 512 (448 nope + 64 rope), 16 heads
+    batch = StepBatch([0], [130], [2], torch.device("cpu"))
+    wkv, widx, ckv, cidx = layer_inputs(batch, 1, "csa", 512, dtype, seed=41, topk=40, scatter=True)
+    q, sink = qs(2, 16, 512, dtype, seed=42)
+    run(q, wkv, widx, ckv, cidx, sink, 512 ** -0.5, "d=512")
+
+
+def test_sink_dominates_and_head_blocks():
+    # H not a multiple of the head block; one head's sink far above its logits: that head's output ~ 0
+    g, r = gen(51)
+    T, H, d = 3, 20, 128
+    wkv = r(30, d)
+    widx = torch.randint(-1, 30, (T, 40), generator=g, dtype=torch.int32)
+    q, sink = qs(T, H, d, torch.float32, seed=52)
+    sink[3] = 60.0
+    out = run(q, wkv, widx, None, None, sink, 128 ** -0.5, "H=20")
+    assert out[:, 3].abs().max() < 1e-15
+
+
+def test_fp16_and_mixed_dtypes():
+    # fp16 throughout: fp16 products; bf16 q over an fp32 cache: exact fp32 products, bf16 output
+    batch = StepBatch([0, 1], [0, 40], [2, 1], torch.device("cpu"))
+    wkv, widx, ckv, cidx = layer_inputs(batch, 2, "hca", 128, torch.float32, seed=55)
+    q, sink = qs(3, 8, 128, torch.float32, seed=56)
+    run(q.half(), wkv.half(), widx, ckv.half(), cidx, sink, 128 ** -0.5, "fp16")
+    out = K.attention(dev(q.to(BF16)), dev(wkv), dev(widx), dev(ckv), dev(cidx), dev(sink), 128 ** -0.5)
+    ref = attention_truth(q.to(BF16), wkv, widx, ckv, cidx, sink, 128 ** -0.5)
+    check(out, ref, BF16, "bf16 q, fp32 kv")
+    assert float((out.cpu().double() - ref).abs().max()) <= 2 ** -8 * float(ref.abs().max())  # output rounding only
+
+
+def test_rejects_non_power_of_two_head_dim():
+    q = torch.zeros(1, 2, 96, device=DEV)
+    with pytest.raises(AssertionError, match="power of two"):
+        K.attention(q, torch.zeros(4, 96, device=DEV), torch.zeros(1, 4, dtype=torch.int32, device=DEV),
+                    None, None, torch.zeros(2, device=DEV), 1.0)
+
+
+# ---------------------------------------------------------------- FP8 KV rows
+
+
+def test_row_bytes():
+    assert K.row_bytes(512) == 584  # 448 e4m3 + 64 bf16 + 7 ue8m0 + 1 pad (spec §3.3)
+    assert K.row_bytes(128) == 200  # 64 e4m3 + 64 bf16 + 1 ue8m0 + 7 pad
+
+
+def awkward_kv(N, d, seed, dtype=torch.float32):
+    """Rows whose 64-dim blocks span many magnitudes: zero blocks (amax floor), tiny values (e4m3
+    subnormals), blocks whose amax is exactly 448 * 2^k, large values."""
+    g, r = gen(seed)
+    kv = r(N, d)
+    nb = d // 64
+    kv = (kv.view(N, nb, 64) * torch.exp2(torch.randint(-24, 20, (N, nb, 1), generator=g).float())).view(N, d)
+    kv[0, :64] = 0.0
+    kv[1, :64] = 1e-9 * r(64)
+    kv[2, :64] = kv[2, :64] / kv[2, :64].abs().max() * 448 * 2.0**-3
+    return kv.to(dtype)
+
+
+@pytest.mark.parametrize("d", [128, 512])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_pack_unpack_matches_kv_fake_quant(d, dtype):
+    kv = awkward_kv(9, d, seed=d, dtype=dtype)
+    packed = K.pack_fp8_kv(dev(kv))
+    nope, nsc = d - 64, (d - 64) // 64
+    assert packed.dtype == torch.uint8 and packed.shape == (9, K.row_bytes(d))
+    back = K.unpack_fp8_kv(packed, d).cpu()
+    assert back.dtype == torch.float32
+    fq = quant.kv_fake_quant_fp8(kv, 64).float()
+    assert torch.equal(back[:, :nope], fq[:, :nope])  # nope dims: exactly the exact-mode fake quant
+    assert torch.equal(back[:, nope:], kv[:, nope:].to(BF16).float())  # rope dims: bf16
+    # byte layout: e4m3 | bf16 rope | ue8m0 scales | zero pad
+    p = packed.cpu()
+    s = quant.pow2_scale(kv[:, :nope].float().view(9, nsc, 64).abs().amax(-1), quant.FP8_MAX, quant.FP8_AMAX_FLOOR)
+    assert torch.equal(p[:, nope + 128: nope + 128 + nsc], quant.ue8m0_encode(s).view(torch.uint8))
+    assert (p[:, nope + 128 + nsc:] == 0).all()
+    assert torch.equal(p[:, nope: nope + 128].contiguous().view(BF16), kv[:, nope:].to(BF16))
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_fp8_decode_every_code(native):
+    # every e4m3 byte except the NaN codes 0x7f / 0xff, with random scales and rope dims: with one
+    # index per query and sink = -inf the output is the dequantised row itself, bit for bit
+    d, g = 128, torch.Generator().manual_seed(61)
+    codes = torch.tensor([c for c in range(256) if c not in (0x7F, 0xFF)] + [0, 0], dtype=torch.uint8)
+    N = codes.numel() // 64
+    packed = torch.zeros(N, K.row_bytes(d), dtype=torch.uint8)
+    packed[:, :64] = codes.view(N, 64)
+    packed[:, 64:192] = torch.randn(N, 64, generator=g).to(BF16).view(torch.uint8)
+    packed[:, 192] = torch.randint(100, 150, (N,), generator=g).to(torch.uint8)
+    idx = torch.arange(N, dtype=torch.int32).view(N, 1)
+    q = torch.zeros(N, 1, d)
+    sink = torch.full((1,), float("-inf"))
+    out = K.attention_fp8kv(dev(q), dev(packed), dev(idx), None, None, dev(sink), 1.0, d, native_fp8=native)
+    assert torch.equal(out[:, 0].cpu(), K.unpack_fp8_kv(packed, d))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("native", [False, True])
+def test_attention_fp8kv_matches_reference_on_unpacked(dtype, native):
+    batch = StepBatch([1, 0, 2], [0, 140, 9], [4, 1, 2], torch.device("cpu"))
+    wkv, widx, ckv, cidx = layer_inputs(batch, 3, "csa", 128, torch.float32, seed=71, topk=20, scatter=True)
+    wp, cp = K.pack_fp8_kv(wkv), K.pack_fp8_kv(ckv)
+    q, sink = qs(batch.num_tokens, 8, 128, dtype, seed=73)
+    out = K.attention_fp8kv(dev(q), dev(wp), dev(widx), dev(cp), dev(cidx), dev(sink), 128 ** -0.5, 128,
+                            native_fp8=native)
+    ref = attention_truth(q, K.unpack_fp8_kv(wp, 128), widx, K.unpack_fp8_kv(cp, 128), cidx, sink, 128 ** -0.5)
+    check(out, ref, dtype, "fp8 kv")
+    # and the same as the bf16/fp32 kernel on the unpacked rows
+    plain = K.attention(dev(q), dev(K.unpack_fp8_kv(wp, 128)), dev(widx), dev(K.unpack_fp8_kv(cp, 128)), dev(cidx),
+                        dev(sink), 128 ** -0.5)
+    check(out, plain.cpu().to(D64), dtype, "fp8 kv vs unpacked")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_attention_fp8kv_head_dim_512(dtype):
+    batch = StepBatch([0], [260], [2], torch.device("cpu"))
+    wkv, widx, ckv, cidx = layer_inputs(batch, 1, "hca", 512, torch.float32, seed=81)
+    wp, cp = K.pack_fp8_kv(wkv), K.pack_fp8_kv(ckv)
+    assert wp.shape[1] == 584
+    q, sink = qs(2, 16, 512, dtype, seed=82)
+    out = K.attention_fp8kv(dev(q), dev(wp), dev(widx), dev(cp), dev(cidx), dev(sink), 512 ** -0.5, 512)
+    ref = attention_truth(q, K.unpack_fp8_kv(wp, 512), widx, K.unpack_fp8_kv(cp, 512), cidx, sink, 512 ** -0.5)
+    check(out, ref, dtype, "fp8 kv d=512")
+
+
+# ---------------------------------------------------------------- split-KV (flash-decoding)
+
+
+class _Recorder:
+    """Stands in for a Triton kernel object: notes each launch grid, then launches (or not)."""
+
+    def __init__(self, name, kernel, log, launch):
+        self.name, self.kernel, self.log, self.launch = name, kernel, log, launch
+
+    def __getitem__(self, grid):
+        self.log.append((self.name, tuple(grid)))
+        return self.kernel[grid] if self.launch else (lambda *args, **kwargs: None)
+
+
+def record_grids(monkeypatch, launch=True):
+    """[(kernel name, grid)] of every attention launch from here on (launch=False: grids only)."""
+    log = []
+    for name in ("_sink_attention_kernel", "_combine_splits_kernel"):
+        monkeypatch.setattr(K, name, _Recorder(name, getattr(K, name), log, launch))
+    return log
+
+
+def n_chunks(widx, cidx, block_k):
+    kc = 0 if cidx is None else cidx.shape[1]
+    return -(-widx.shape[1] // block_k) + -(-kc // block_k)
+
+
+# decode batches: window still filling (-1 rows), just closed (127), wrapped (128, 300), long
+# (700: 175 HCA entries), no compressed entry yet (2)
+DECODE_STARTS = {1: [700], 3: [5, 127, 128], 4: [300, 0, 129, 64], 5: [127, 128, 700, 5, 2]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("kind", ["sliding", "hca", "csa"])
+@pytest.mark.parametrize("T", [1, 3, 4, 5])
+def test_split_kv_decode(T, kind, dtype):
+    # forced splits: 1 (single kernel), 2, 3, 7 (ranges over part of the window list, the list
+    # boundary, part of the compressed list) and more splits than chunks (empty splits)
+    batch = StepBatch(list(range(T)), DECODE_STARTS[T], [1] * T, torch.device("cpu"))
+    wkv, widx, ckv, cidx = layer_inputs(batch, T, kind, 64, dtype, seed=90 + T, topk=40, scatter=True)
+    q, sink = qs(T, 4, 64, dtype, seed=95 + T)
+    chunks = n_chunks(widx, cidx, 32)
+    for splits in (1, 2, 3, 7, chunks + 2):
+        run(q, wkv, widx, ckv, cidx, sink, 64 ** -0.5, f"{kind} T={T} splits={splits}", block_k=32, splits=splits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_split_kv_minus_one_ranges(dtype):
+    # Kw = 64, Kc = 32, 16-index chunks: 4 window + 2 compressed chunks; 3 splits of 2 chunks:
+    # split 1 (window 32..63) holds only -1 for every row. Row 2: all -1 (output exactly 0);
+    # row 3: split 0 (the sink's) sees only -1, the others see rows; scale 1: logits ~ +-30
+    g, r = gen(97)
+    T, H, d = 4, 4, 64
+    wkv, ckv = r(60, d).to(dtype), r(30, d).to(dtype)
+    widx = torch.randint(0, 60, (T, 64), generator=g, dtype=torch.int32)
+    cidx = torch.randint(-1, 30, (T, 32), generator=g, dtype=torch.int32)
+    widx[:, 32:] = -1
+    widx[2], cidx[2] = -1, -1
+    widx[3, :32] = -1
+    q, sink = qs(T, H, d, dtype, seed=98)
+    for splits in (1, 3, 6, 10):
+        out = run(q, wkv, widx, ckv, cidx, sink, 1.0, f"-1 ranges splits={splits}", block_k=16, splits=splits)
+        assert (out[2] == 0).all()
+        # the old per-chunk branch (skip_empty=True) instead of the default trailing -1 trim + branch-free
+        # loop, which folds the inner all -1 chunks in as no-ops: the same answers
+        out = run(q, wkv, widx, ckv, cidx, sink, 1.0, f"-1 ranges splits={splits} skip", block_k=16,
+                  splits=splits, skip_empty=True, num_stages=2)
+        assert (out[2] == 0).all()
+
+
+def test_split_kv_combine_tiles():
+    # the merge's own tiles: H = 20 -> two head tiles (the second one ragged), d = 256 -> two d tiles
+    g, r = gen(103)
+    T, H, d = 2, 20, 256
+    wkv, ckv = r(50, d), r(40, d)
+    widx = torch.randint(-1, 50, (T, 45), generator=g, dtype=torch.int32)
+    cidx = torch.randint(-1, 40, (T, 21), generator=g, dtype=torch.int32)
+    q, sink = qs(T, H, d, torch.float32, seed=104)
+    run(q, wkv, widx, ckv, cidx, sink, d ** -0.5, "H=20 d=256 splits=3", splits=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_split_kv_fp8(dtype):
+    batch = StepBatch([1, 0, 2], [0, 140, 9], [4, 1, 2], torch.device("cpu"))
+    wkv, widx, ckv, cidx = layer_inputs(batch, 3, "csa", 128, torch.float32, seed=99, topk=40, scatter=True)
+    wp, cp = K.pack_fp8_kv(wkv), K.pack_fp8_kv(ckv)
+    q, sink = qs(batch.num_tokens, 4, 128, dtype, seed=100)
+    ref = attention_truth(q, K.unpack_fp8_kv(wp, 128), widx, K.unpack_fp8_kv(cp, 128), cidx, sink, 128 ** -0.5)
+    chunks = n_chunks(widx, cidx, 32)
+    for splits in (1, 3, 7, chunks + 2):
+        out = K.attention_fp8kv(dev(q), dev(wp), dev(widx), dev(cp), dev(cidx), dev(sink), 128 ** -0.5, 128,
+                                block_k=32, splits=splits)
+        check(out, ref, dtype, f"fp8 kv splits={splits}")
+
+
+def test_split_kv_rejects_bad_splits():
+    q = torch.zeros(1, 2, 64, device=DEV)
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="splits"):
+            K.attention(q, torch.zeros(4, 64, device=DEV), torch.zeros(1, 4, dtype=torch.int32, device=DEV),
+                        None, None, torch.zeros(2, device=DEV), 1.0, splits=bad)
+
+
+def test_auto_splits_decode_vs_prefill(monkeypatch):
+    # a 132-SM GPU's target (2 programs per SM); grids only, at V4's shapes (H = 64, d = 512,
+    # Kw = 128, Kc = 512 top-k): decode splits the lists, a prefill-sized T fills the GPU alone
+    monkeypatch.setattr(K, "target_programs", lambda device: 264)
+    grids = record_grids(monkeypatch, launch=False)
+    H, d, Kw, Kc = 64, 512, 128, 512
+    sink = torch.zeros(H)
+    for T in (1, 8, 64, 256):
+        del grids[:]
+        q = torch.zeros(T, H, d, dtype=BF16)
+        kv = torch.zeros(16, d, dtype=BF16)
+        widx, cidx = torch.zeros(T, Kw, dtype=torch.int32), torch.zeros(T, Kc, dtype=torch.int32)
+        K.attention(q, kv, widx, kv, cidx, sink, d ** -0.5)
+        (name, (t, hb, splits)), *combine = grids
+        assert name == "_sink_attention_kernel" and (t, hb) == (T, 2)
+        if T * hb >= 264:
+            assert splits == 1 and not combine, grids
+        else:
+            assert 1 < splits <= n_chunks(widx, cidx, 32) and t * hb * splits <= 264, grids
+            assert [n for n, _ in combine] == ["_combine_splits_kernel"]
+        K.attention_fp8kv(q, torch.zeros(16, K.row_bytes(d), dtype=torch.uint8), widx,
+                          torch.zeros(16, K.row_bytes(d), dtype=torch.uint8), cidx, sink, d ** -0.5, d)
+        assert (grids[-1][1][2] > 1) == (T * 2 < 264)  # fp8: the same decision, in its own chunk sizes
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_split_choice_ignores_index_contents(monkeypatch, fp8):
+    # CUDA-graph safety: equal shapes launch equal grids whatever the indices hold (all -1, or
+    # all valid), and both results are right
+    monkeypatch.setattr(K, "target_programs", lambda device: 64)
+    grids = record_grids(monkeypatch)
+    batch = StepBatch([0, 1], [300, 40], [1, 1], torch.device("cpu"))
+    wkv, widx, ckv, cidx = layer_inputs(batch, 2, "csa", 128, torch.float32, seed=101, topk=32)
+    q, sink = qs(2, 4, 128, torch.float32, seed=102)
+    if fp8:
+        wp, cp = K.pack_fp8_kv(wkv), K.pack_fp8_kv(ckv)
+        wkv, ckv = K.unpack_fp8_kv(wp, 128), K.unpack_fp8_kv(cp, 128)
+    seen = []
+    for w, c in ((widx, cidx), (torch.full_like(widx, -1), torch.full_like(cidx, -1))):
+        del grids[:]
+        if fp8:
+            out = K.attention_fp8kv(dev(q), dev(wp), dev(w), dev(cp), dev(c), dev(sink), 128 ** -0.5, 128)
+        else:
+            out = K.attention(dev(q), dev(wkv), dev(w), dev(ckv), dev(c), dev(sink), 128 ** -0.5)
+        check(out, attention_truth(q, wkv, w, ckv, c, sink, 128 ** -0.5), torch.float32, f"fp8={fp8}")
+        seen.append(list(grids))
+    assert seen[0] == seen[1] and seen[0][0][1][2] > 1, seen
+    assert (out == 0).all()
