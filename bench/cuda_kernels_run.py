@@ -51,7 +51,6 @@ def copy_bandwidth(ctx: Ctx) -> float:
     a = torch.empty(n, dtype=torch.uint8, device=ctx.dev)
     b = torch.empty_like(a)
     t, _ = bench(ctx, lambda: b.copy_(a), 2, 10)
-    del a, b
     return 2 * n / t
 
 def run_case(ctx: Ctx, case: Case) -> dict:

@@ -26,7 +26,7 @@ from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledSeq, Scheduler
 from .spec_decode import MTPDrafter, Verified
-from .sequence import FinishReason, RequestOutput, Sequence, SequenceStatus, TokenLogprobs
+from .sequence import FinishReason, RequestOutput, Sequence, TokenLogprobs
 
 
 @dataclass
