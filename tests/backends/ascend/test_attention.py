@@ -18,7 +18,6 @@ from backends.ascend.kernels import launch
 from tests.kernel_cases import attention_truth, check_rel, gen, layer_inputs, qs, run_attention
 from v4.model import StepBatch
 
-torch.set_num_threads(1)
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 # max |out - truth| / max |truth|: fp32 is summation order only; 16-bit adds the rounding of P
 # before P V (as the official kernels do) and of the output

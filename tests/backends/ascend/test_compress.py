@@ -24,8 +24,6 @@ from backends.ascend.kernels import launch
 from backends.reference.ops import ReferenceOps
 from v4.ops import CompressSpec
 
-torch.set_num_threads(1)
-
 REF = ReferenceOps("cpu")
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 C, ROPE = 64, 32

@@ -22,8 +22,6 @@ from tests.kernel_cases import (
     tie_free,
 )
 
-torch.set_num_threads(1)
-
 D64 = torch.float64
 BF16 = torch.bfloat16
 TOKENS = [1, 3, 4, 5, 127, 128, 129]  # around the 16-token blocks and the persistent loop's wrap

@@ -22,7 +22,6 @@ GPU = torch.cuda.is_available()
 
 pytestmark = pytest.mark.gpu  # bench/gpu_check.sh runs these natively on a GPU
 
-torch.set_num_threads(1)
 DEV = "cuda" if GPU else "cpu"
 D64 = torch.float64
 BF16 = torch.bfloat16

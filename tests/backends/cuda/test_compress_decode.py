@@ -11,19 +11,11 @@ import pytest
 import torch
 
 from backends.cuda.kernels.compress import compress
-from tests.backends.cuda.test_indexer_compress import _assert_entries, _compress_inputs, _spec
+from tests.backends.cuda.test_indexer_compress import BF16, F32, F64, _assert_entries, _compress_inputs, _spec, dev
 from tests.kernel_cases import REF
 from v4.ops import DecodeRows
 
 pytestmark = pytest.mark.gpu  # bench/gpu_check.sh runs these natively on a GPU
-
-torch.set_num_threads(1)
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
-
-
-def dev(t):
-    return t.to(DEV)
 
 
 def _decode_lockstep(spec, starts, order_per_step, *, seed=0, bs=3, dtype=F32, pad_rows=0):

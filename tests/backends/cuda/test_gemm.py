@@ -19,7 +19,6 @@ GPU = torch.cuda.is_available()
 
 pytestmark = pytest.mark.gpu  # bench/gpu_check.sh runs these natively on a GPU
 
-torch.set_num_threads(1)
 DEV = "cuda" if GPU else "cpu"
 REF = ReferenceOps("cpu")
 

@@ -23,8 +23,6 @@ from v4.ops import CompressSpec
 
 pytestmark = pytest.mark.gpu  # bench/gpu_check.sh runs these natively on a GPU
 
-torch.set_num_threads(1)
-
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 

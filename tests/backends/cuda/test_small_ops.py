@@ -24,8 +24,6 @@ from tests.kernel_cases import (
 
 pytestmark = pytest.mark.gpu  # bench/gpu_check.sh runs these natively on a GPU
 
-torch.set_num_threads(1)
-
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 D64 = torch.float64
 BF16 = torch.bfloat16
