@@ -87,6 +87,7 @@ def test_dp2_tp2_ep4_on_four_ranks_equals_one_process(one_process, tmp_path):
     assert [got["greedy"][i] for i in range(len(PROMPTS))] == ref_greedy
 
 
+@pytest.mark.slow  # > 20 s on 2 CPU cores
 def test_ascend_emulated_ep_path_equals_its_one_process_run(monkeypatch, tmp_path):
     """The Ascend backend, emulated on CPU, under DP2 + EP2: its MC2-shaped dispatch / combine over gloo."""
     import backends

@@ -68,6 +68,7 @@ def test_parity_run_reference_vs_ascend_passes_and_says_emulated(emulate, capsys
     assert "PASS" in out.split("summary")[-1]
 
 
+@pytest.mark.slow  # > 20 s on 2 CPU cores
 def test_parity_verify_against_a_golden_bundle(emulate, capsys, tmp_path, monkeypatch):
     monkeypatch.delenv(ascend.EMULATE_ENV)  # the golden side: reference fp64 on this CPU
     golden = tmp_path / "golden"

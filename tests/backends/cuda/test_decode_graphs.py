@@ -191,6 +191,7 @@ def _eager_steps(m, prompts, steps, g_seed=1):
     return out
 
 
+@pytest.mark.slow  # > 20 s on 2 CPU cores
 def test_graph_steps_match_eager_steps_on_the_cuda_backend(cuda_model):
     # 3 sequences, then 2, then 1 (buckets 4, 2, 1); the first step closes the window (position 15)
     # and entries of every compressor (positions 3, 15, 31)
@@ -272,6 +273,7 @@ def test_two_layouts_give_the_same_ops_and_launches(cuda_model, launches):
     assert len(traces[0][1]) > 20 and traces[0][0] == traces[1][0] and traces[0][1] == traces[1][1]
 
 
+@pytest.mark.slow  # > 20 s on 2 CPU cores
 def test_engine_with_graphs_gives_the_tokens_of_the_eager_engine(cuda_model):
     # 3 prompts, 2 sequences at once: the third joins when the first leaves, in the same persistent cache;
     # decode-only steps replay the graphs (buckets 1 and 2), mixed steps run eagerly
@@ -292,6 +294,7 @@ def test_engine_with_graphs_gives_the_tokens_of_the_eager_engine(cuda_model):
     assert llm.kv_cache_usage() == 0.0
 
 
+@pytest.mark.slow  # > 20 s on 2 CPU cores
 def test_speculative_engine_with_graphs_gives_the_tokens_of_the_eager_engine(cuda_model):
     # verification steps (every sequence with k = 2 drafts: 3 tokens each) replay the q = 3 graphs;
     # random weights reject most drafts, so the rows they wrote are taken back after every replay

@@ -24,6 +24,7 @@ def _pair(mode="plain"):
     return mk(ref), mk(cuda)
 
 
+@pytest.mark.slow  # > 20 s on 2 CPU cores
 def test_prefill_and_decode_match_reference_on_every_layer_type():
     ref, cuda = _pair()
     ids = torch.randint(3, 500, (41,), generator=torch.Generator().manual_seed(2))  # windows, CSA, HCA close
@@ -37,6 +38,7 @@ def test_prefill_and_decode_match_reference_on_every_layer_type():
     assert rel_err(torch.cat(rows).cpu(), want) < 1e-5
 
 
+@pytest.mark.slow  # > 20 s on 2 CPU cores
 def test_parity_run_reference_vs_cuda_passes_the_fp32_profile(capsys, tmp_path):
     from v4 import cli
 
