@@ -21,14 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from backends.conformance_cases import BOUNDARY_CASES
 from backends.reference.ops import ReferenceOps
-from v4.ops import CompressSpec, DecodeRows, acc
+from v4.ops import DecodeRows, acc
 from . import metrics
 from . import profiles
-
-LENGTHS = (1, 3, 4, 5, 127, 128, 129)
-H, HD, ROPE, DM, NHC = 4, 128, 64, 64, 4  # heads, head dim, rope dims, hidden, mHC streams
-
 
 @dataclass
 class OpResult:
@@ -78,204 +75,15 @@ class _Sides:
         raise ValueError(role)
 
 
+# ---------------------------------------------------------------------------------------- cases
+# The boundary cases live in the one conformance case set (backends/conformance_cases.py, read by
+# the tests and the benches too): each case builder yields (case name, args as [(role, value)],
+# kwargs, comparator name); the comparator turns (truth outputs, B outputs, truth inputs) into metrics.
+CASES = BOUNDARY_CASES
+
+
 def _g(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def _randn(g, *shape, std=1.0):
-    return torch.randn(*shape, generator=g, dtype=torch.float64) * std
-
-
-# ---------------------------------------------------------------------------------------- cases
-# Each case builder yields (case name, args as [(role, value)], kwargs, comparator name); the
-# comparator turns (truth outputs, B outputs, truth inputs) into metrics.
-
-def _cases_rms_norm(g, mode):
-    for T in LENGTHS:
-        yield f"T={T}", [("D", _randn(g, T, DM) * 3), ("acc", 1 + _randn(g, DM, std=0.1)), ("raw", 1e-6)], {}, "tensor"
-    yield "T=5,no weight", [("D", _randn(g, 5, H, HD)), ("raw", None), ("raw", 1e-6)], {}, "tensor"
-
-
-def _inv_freq():
-    from v4.config import yarn_inv_freq
-
-    return yarn_inv_freq(ROPE, 160000.0, {"factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32, "beta_slow": 1})
-
-
-def _cases_rope(g, mode):
-    for T in LENGTHS:
-        for inverse in (False, True):
-            pos = torch.arange(T) + int(torch.randint(0, 5000, (1,), generator=g))
-            yield (f"T={T},{'inverse' if inverse else 'forward'}",
-                   [("D", _randn(g, T, H, HD)), ("raw", pos), ("acc", _inv_freq())], {"inverse": inverse}, "tensor")
-
-
-def _cases_linear(g, mode):
-    for T in LENGTHS:
-        yield f"T={T}", [("D", _randn(g, T, DM)), ("W", _randn(g, 96, DM, std=DM ** -0.5))], {"act_quant": mode == "exact"}, "tensor"
-
-
-def _cases_grouped_out_proj(g, mode):
-    G, R = 2, 16
-    for T in LENGTHS:
-        yield (f"T={T}", [("D", _randn(g, T, H * HD)), ("W", _randn(g, G * R, H * HD // G, std=(H * HD // G) ** -0.5)),
-                          ("W", _randn(g, DM, G * R, std=(G * R) ** -0.5)), ("raw", G)], {"act_quant": mode == "exact"}, "tensor")
-
-
-def _hc_params(g, rows):
-    return [("acc", _randn(g, rows, NHC * DM, std=(NHC * DM) ** -0.5)), ("acc", _randn(g, rows, std=0.1))]
-
-
-def _cases_hc_pre(g, mode):
-    for T in LENGTHS:
-        fn, base = _hc_params(g, (2 + NHC) * NHC)
-        yield (f"T={T}", [("D", _randn(g, T, NHC, DM)), fn, base, ("acc", 1 + _randn(g, 3, std=0.1)),
-                          ("raw", 20), ("raw", 1e-6), ("raw", 1e-6)], {}, "tensor")
-
-
-def _cases_hc_post(g, mode):
-    for T in LENGTHS:
-        comb = torch.softmax(_randn(g, T, NHC, NHC), -1)
-        yield (f"T={T}", [("D", _randn(g, T, DM)), ("D", _randn(g, T, NHC, DM)), ("acc", 2 * torch.sigmoid(_randn(g, T, NHC))),
-                          ("acc", comb)], {}, "tensor")
-
-
-def _cases_hc_head(g, mode):
-    for T in LENGTHS:
-        fn, base = _hc_params(g, NHC)
-        yield (f"T={T}", [("D", _randn(g, T, NHC, DM)), fn, base, ("acc", 1 + _randn(g, 1, std=0.1)),
-                          ("raw", 1e-6), ("raw", 1e-6)], {}, "tensor")
-
-
-def _cases_compress(g, mode):
-    """Per case: a list of sequences (start, n) in one packed call, with random partial-window
-    state for sequences that start mid-window."""
-    bs = 16  # pool block size: 129 tokens at ratio 4 = 32 entries span 2 blocks
-    plans = [[(0, T)] for T in LENGTHS] + [
-        [(3, 1)],  # the window closes at this step's only token
-        [(4, 1)],  # one token after a close: nothing emitted
-        [(6, 7)],  # starts mid-window, closes one, leaves a partial one
-        [(0, 1), (15, 1), (2, 129), (0, 5)],  # several sequences in one packed call
-    ]
-    quant = {"overlap": "fp4" if mode == "exact" else "none", "plain": "fp8" if mode == "exact" else "none"}
-    for m, overlap in ((4, True), (16, False), (128, False)):
-        for seqs in plans:
-            if m == 128 and max(s + n for s, n in seqs) < 100:
-                continue  # ratio 128 only matters where a window can close
-            k = 2 if overlap else 1
-            c = HD
-            slots = len(seqs)
-            T = sum(n for _, n in seqs)
-            max_e = max((s + n) // m for s, n in seqs) + 1
-            nb = -(-max_e // bs)
-            table = torch.arange(slots * nb, dtype=torch.int32).view(slots, nb).flip(1).contiguous()  # non-trivial paging
-            state_kv, state_score = torch.zeros(slots, k * m, k * c, dtype=torch.float64), torch.zeros(slots, k * m, k * c, dtype=torch.float64)
-            for slot, (s, _) in enumerate(seqs):
-                state_kv[slot] = _randn(g, k * m, k * c)
-                state_score[slot] = _randn(g, k * m, k * c)
-            packed, off = [], 0
-            for slot, (s, n) in enumerate(seqs):
-                packed.append((slot, s, n, off))
-                off += n
-            spec = CompressSpec(m, c, overlap, quant["overlap" if overlap else "plain"], ROPE, 1e-6)
-            name = f"m={m},seqs={[(s, n) for s, n in seqs]}"
-            yield (name, [("acc", _randn(g, T, k * c)), ("acc", _randn(g, T, k * c)), ("acc", _randn(g, m, k * c, std=0.1)),
-                          ("raw", spec), ("acc", 1 + _randn(g, c, std=0.1)), ("acc", _inv_freq()), ("acc", state_kv),
-                          ("acc", state_score), ("D", torch.zeros(slots * nb, bs, c, dtype=torch.float64)), ("raw", table),
-                          ("raw", packed)], {}, "compress")
-        # decode form (DecodeRows, what a captured decode step passes): one token per sequence, the
-        # first window closing, a sequence's first token, a later window closing, mid-window
-        k = 2 if overlap else 1
-        pos = [m - 1, 0, 5 * m + m - 1, 3 * m + 1]
-        slots = len(pos)
-        nb = -(-(max(pos) // m + 1) // bs)
-        table = torch.arange(slots * nb, dtype=torch.int32).view(slots, nb).flip(1).contiguous()
-        spec = CompressSpec(m, HD, overlap, quant["overlap" if overlap else "plain"], ROPE, 1e-6)
-        yield (f"m={m},decode rows at {pos}",
-               [("acc", _randn(g, slots, k * HD)), ("acc", _randn(g, slots, k * HD)), ("acc", _randn(g, m, k * HD, std=0.1)),
-                ("raw", spec), ("acc", 1 + _randn(g, HD, std=0.1)), ("acc", _inv_freq()),
-                ("acc", _randn(g, slots, k * m, k * HD)), ("acc", _randn(g, slots, k * m, k * HD)),
-                ("D", torch.zeros(slots * nb, bs, HD, dtype=torch.float64)), ("raw", table),
-                ("rows", DecodeRows(torch.tensor([2, 0, 3, 1]), torch.tensor([pos[2], pos[0], pos[3], pos[1]])))],
-               {}, "compress")
-
-
-def _cases_indexer_topk(g, mode):
-    Hi, Di, bs = 8, 128, 16
-    for T, start, topk, m in [(1, 0, 4, 4), (3, 0, 4, 4), (4, 0, 4, 4), (5, 0, 4, 4), (5, 0, 8, 4),
-                              (127, 0, 8, 4), (128, 0, 8, 4), (129, 0, 8, 4), (1, 128, 16, 4), (3, 1, 4, 4),
-                              (129, 0, 4, 128), (17, 0, 2, 16)]:
-        # one sequence, positions start .. start+T-1; pool filled for every entry that may be visible
-        n_ent = (start + T) // m
-        nb = max(1, -(-n_ent // bs))
-        table = torch.arange(nb, dtype=torch.int32).flip(0).view(1, nb).contiguous()
-        pos = torch.arange(start, start + T)
-        name = f"T={T},start={start},topk={topk},ratio={m},entries={n_ent}" + (" (empty pool)" if n_ent == 0 else "")
-        yield (name, [("D", _randn(g, T, Hi, Di)), ("acc", _randn(g, T, Hi, std=(Di * Hi) ** -0.5)), ("D", _randn(g, nb, bs, Di)),
-                      ("raw", table), ("raw", torch.zeros(T, dtype=torch.long)), ("raw", pos), ("raw", m), ("raw", topk)],
-               {}, "indexer")
-    # two sequences packed in one call
-    T1, T2 = 5, 129
-    table = torch.tensor([[2, 0], [1, 3]], dtype=torch.int32)
-    yield ("two sequences T=5,129", [("D", _randn(g, T1 + T2, Hi, Di)), ("acc", _randn(g, T1 + T2, Hi, std=(Di * Hi) ** -0.5)),
-                                     ("D", _randn(g, 4, bs, Di)), ("raw", table),
-                                     ("raw", torch.cat([torch.zeros(T1, dtype=torch.long), torch.ones(T2, dtype=torch.long)])),
-                                     ("raw", torch.cat([torch.arange(T1), torch.arange(T2)])), ("raw", 4), ("raw", 8)], {}, "indexer")
-
-
-def _cases_attention(g, mode):
-    W = 16
-    for T in LENGTHS:
-        for comp in ("none", "some", "empty"):
-            pos = torch.arange(T)
-            p = pos[:, None] - torch.arange(W)[None, :]
-            widx = torch.where(p >= 0, p, -1).to(torch.int32)  # the window just closed / is still filling
-            Nc = 40
-            if comp == "none":
-                cidx, ckv = None, None
-            elif comp == "empty":
-                cidx, ckv = torch.full((T, 4), -1, dtype=torch.int32), _randn(g, Nc, HD)
-            else:
-                cidx = torch.randint(0, Nc, (T, 8), generator=g, dtype=torch.int32)
-                cidx[torch.rand(T, 8, generator=g) < 0.3] = -1
-                ckv = _randn(g, Nc, HD)
-            yield (f"T={T},compressed={comp}", [("D", _randn(g, T, H, HD)), ("D", _randn(g, T, HD)), ("raw", widx),
-                                                ("D", ckv), ("raw", cidx), ("acc", _randn(g, H)), ("raw", HD ** -0.5)], {}, "tensor")
-
-
-def _cases_moe_gate(g, mode):
-    E, k, V = 8, 2, 512
-    for T in LENGTHS:
-        for hashed in (False, True):
-            ids = torch.randint(0, V, (T,), generator=g)
-            tid2eid = torch.argsort(torch.rand(V, E, generator=g), 1)[:, :k].contiguous() if hashed else None
-            yield (f"T={T},{'hash' if hashed else 'bias top-k'}",
-                   [("D", _randn(g, T, DM)), ("acc", _randn(g, E, DM, std=DM ** -0.5)), ("acc", None if hashed else _randn(g, E, std=0.1)),
-                    ("raw", tid2eid), ("raw", ids), ("raw", k), ("raw", 1.5)], {}, "gate")
-
-
-def _cases_moe_experts(g, mode):
-    E, k, I = 8, 2, 64
-    for T in LENGTHS:
-        for shared in (True, False):
-            ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
-            w = torch.softmax(_randn(g, T, k), -1) * 1.5
-            # per-expert stored weights (W1, W3 [I, D], W2 [D, I]), brought into each backend's
-            # form by its own prepare_experts, as the model does
-            routed = ([_randn(g, I, DM, std=DM ** -0.5) for _ in range(E)], [_randn(g, I, DM, std=DM ** -0.5) for _ in range(E)],
-                      [_randn(g, DM, I, std=I ** -0.5) for _ in range(E)])
-            sh = ([_randn(g, I, DM, std=DM ** -0.5)], [_randn(g, I, DM, std=DM ** -0.5)], [_randn(g, DM, I, std=I ** -0.5)]) if shared else None
-            yield (f"T={T},{'shared' if shared else 'no shared'}",
-                   [("D", _randn(g, T, DM) * 2), ("raw", ids), ("acc", w), ("experts", routed), ("shared", sh),
-                    ("raw", 10.0)], {"act_quant": mode == "exact"}, "tensor")
-
-
-CASES = {
-    "rms_norm": _cases_rms_norm, "rope": _cases_rope, "hc_pre": _cases_hc_pre, "hc_post": _cases_hc_post,
-    "hc_head": _cases_hc_head, "compress": _cases_compress, "indexer_topk": _cases_indexer_topk,
-    "attention": _cases_attention, "moe_gate": _cases_moe_gate, "moe_experts": _cases_moe_experts,
-    "linear": _cases_linear, "grouped_out_proj": _cases_grouped_out_proj,
-}
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -392,7 +200,8 @@ def run(backend: str = "reference", dtype: str = "float32", mode: str = "plain",
                     res.failed, res.worst_case = f, case
             for m in idx:
                 f = profiles.judge("index", m, prof)
-                worst_i = m if worst_i is None or m["mean"] < worst_i["mean"] or m["min_row"] < worst_i["min_row"] else worst_i
+                worse = worst_i is None or m["mean"] < worst_i["mean"] or m["min_row"] < worst_i["min_row"]
+                worst_i = m if worse else worst_i
                 if f and not res.failed:
                     res.failed, res.worst_case = f, case
         res.tensor, res.index = worst_t, worst_i
@@ -439,7 +248,8 @@ def render(r: OpsReport) -> str:
                      f"{t['share_1e3']:.4f}" if t else "-", f"{t['share_5e3']:.4f}" if t else "-",
                      f"{i['mean']:.4f} worst row {i['min_row']:.2f}" if i else "-", verdict])
     w = [max(len(row[k]) for row in rows) for k in range(len(head))]
-    lines = [f"ops of backend {r.backend} in {r.dtype} ({r.mode}) vs reference in float64, profile {r.profile.name}", ""]
+    lines = [f"ops of backend {r.backend} in {r.dtype} ({r.mode}) vs reference in float64, "
+             f"profile {r.profile.name}", ""]
     lines += ["  ".join(s.ljust(w[k]) for k, s in enumerate(row)).rstrip() for row in rows[:1]]
     lines.append("  ".join("-" * x for x in w))
     lines += ["  ".join(s.ljust(w[k]) for k, s in enumerate(row)).rstrip() for row in rows[1:]]

@@ -13,7 +13,7 @@ import torch
 
 from backends.ascend.kernels import indexer as I
 from backends.ascend.kernels import launch
-from tests.kernel_cases import REF, entry_scores64, gen, indexer_case, random_table
+from backends.conformance_cases import REF, entry_scores64, gen, indexer_case, random_table
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 

@@ -1,4 +1,6 @@
-"""Ascend Triton kernels for mHC (hc_pre / hc_post / hc_head) and the MoE gate against the reference.
+"""Ascend Triton kernels for mHC (hc_pre / hc_post / hc_head) and the MoE gate: what is specific to
+the Ascend kernels (stream / D sub-tiles, empty and fp64 inputs, extreme logits, lowering cases).
+The per-op cases over every backend are tests/conformance/test_small_ops.py.
 
 The kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set before triton is
 imported): numerics only; Ascend legality is the lowering check's job (backends.ascend.lowering).
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from backends.ascend.kernels import gate, mhc
-from tests.kernel_cases import (
+from backends.conformance_cases import (
     REF,
     check_as_ref,
     gate_compare,
@@ -19,12 +21,10 @@ from tests.kernel_cases import (
     hc_check,
     hc_params,
     rng,
-    tie_free,
 )
 
 D64 = torch.float64
 BF16 = torch.bfloat16
-TOKENS = [1, 3, 4, 5, 127, 128, 129]  # around the 16-token blocks and the persistent loop's wrap
 DTYPES = [torch.float32, BF16]
 EPS = 1e-6
 
@@ -32,25 +32,6 @@ EPS = 1e-6
 # ---------------------------------------------------------------- mHC
 def _hc_check(X, fn, base, scale, iters, dtype):
     return hc_check(mhc.hc_pre, X, fn, base, scale, iters, dtype, eps=EPS)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", TOKENS)
-def test_hc_pre(T, dtype):
-    n, D = 4, 64
-    r = rng(200 + T)
-    X = r(T, n, D).to(dtype)
-    comb = _hc_check(X, *hc_params(r, n, D, (2 + n) * n), 20, dtype)
-    # the last Sinkhorn step normalises columns; rows converge more slowly
-    torch.testing.assert_close(comb.sum(-2), torch.ones(T, n), rtol=0, atol=1e-4)
-    torch.testing.assert_close(comb.sum(-1), torch.ones(T, n), rtol=0, atol=2e-2)
-
-
-@pytest.mark.parametrize("iters", [1, 2])
-def test_hc_pre_few_sinkhorn_iterations(iters):
-    n, D = 4, 64
-    r = rng(300 + iters)
-    _hc_check(r(5, n, D), *hc_params(r, n, D, (2 + n) * n), iters, torch.float32)
 
 
 @pytest.mark.parametrize("n", [2, 3])
@@ -66,31 +47,6 @@ def test_hc_pre_several_sub_tiles(dtype):
     n, D = 4, 640  # nD = 2560: 10 K sub-tiles of 256, D in 3 sub-tiles of 256 (the last one partial)
     r = rng(400)
     _hc_check(r(18, n, D).to(dtype), *hc_params(r, n, D, (2 + n) * n), 20, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", [1, 4, 5, 129])
-def test_hc_head(T, dtype):
-    n, D = 4, 64
-    r = rng(600 + T)
-    X = r(T, n, D).to(dtype)
-    fn, base, scale = hc_params(r, n, D, n)
-    out = mhc.hc_head(X, fn, base, scale, EPS, EPS)
-    truth = REF.hc_head(X.to(D64), fn.to(D64), base.to(D64), scale.to(D64), EPS, EPS)
-    check_as_ref(out, REF.hc_head(X, fn, base, scale, EPS, EPS), truth, dtype, "hc_head")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", TOKENS)
-def test_hc_post(T, dtype):
-    n, D = 4, 96  # D not a power of two: the D sub-tile is masked
-    r = rng(500 + T)
-    X, y = r(T, n, D).to(dtype), r(T, D).to(dtype)
-    post = 2 * torch.sigmoid(r(T, n))
-    comb = torch.softmax(r(T, n, n), -1)
-    out = mhc.hc_post(y, X, post, comb)
-    truth = REF.hc_post(y.to(D64), X.to(D64), post.to(D64), comb.to(D64))
-    check_as_ref(out, REF.hc_post(y, X, post, comb), truth, dtype, "hc_post")
 
 
 def test_hc_post_several_d_tiles():
@@ -118,58 +74,6 @@ def test_hc_empty_and_fp64_rejected():
 
 
 # ---------------------------------------------------------------- MoE gate
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", TOKENS)
-def test_moe_gate_topk_with_bias(T, dtype):
-    E, D, k, rs = 8, 64, 2, 1.5
-    r = rng(700 + T)
-    x, W = r(T, D).to(dtype), r(E, D, s=D ** -0.5)
-    bias = r(E, s=0.3)  # as large as the score spread: it changes the selection
-    s = gate_scores64(x, W)
-    sel = s + bias.to(D64)
-    tie_free(sel, k)
-    out = gate.moe_gate(x, W, bias, None, None, k, rs)
-    gate_compare(out, gate_truth(x, W, bias, None, None, k, rs), sel)
-    if T >= 127:  # enough tokens that some pick must differ
-        unbiased = s.topk(k, dim=-1).indices.sort(-1).values
-        assert not torch.equal(unbiased, out[1].long().sort(-1).values), "the bias should steer some picks"
-
-
-def test_moe_gate_topk_equals_experts():
-    E, D, rs = 8, 64, 2.0
-    r = rng(750)
-    x, W, bias = r(7, D), r(E, D, s=D ** -0.5), r(E, s=0.3)
-    s = gate_scores64(x, W)
-    out = gate.moe_gate(x, W, bias, None, None, E, rs)
-    gate_compare(out, gate_truth(x, W, bias, None, None, E, rs), s + bias.to(D64))
-    assert torch.equal(out[1].long().sort(-1).values, torch.arange(E).expand(7, E))
-
-
-def test_moe_gate_bf16_weight_experts_not_a_power_of_two():
-    E, D, k, rs = 40, 160, 6, 2.5  # bf16 x bf16 (16-bit dot path on the NPU); E spans a partial expert block
-    r = rng(800)
-    x, W, bias = r(20, D).to(BF16), r(E, D, s=D ** -0.5).to(BF16), r(E, s=0.1)
-    sel = gate_scores64(x, W) + bias.to(D64)
-    tie_free(sel, k)
-    out = gate.moe_gate(x, W, bias, None, None, k, rs)
-    gate_compare(out, gate_truth(x, W, bias, None, None, k, rs), sel)
-
-
-@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
-@pytest.mark.parametrize("T", [1, 5, 129])
-def test_moe_gate_hash(T, index_dtype):
-    E, D, k, V, rs = 8, 64, 2, 50, 1.5
-    r = rng(900 + T)
-    x, W = r(T, D).to(BF16), r(E, D, s=D ** -0.5)
-    g = torch.Generator().manual_seed(T)
-    tid2eid = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(V)])  # int64 [V, k]
-    toks = torch.randint(0, V, (T,), generator=g)
-    w, ids = gate.moe_gate(x, W, None, tid2eid.to(index_dtype), toks.to(index_dtype), k, rs)
-    tw, tids = gate_truth(x, W, None, tid2eid, toks, k, rs)
-    assert ids.dtype == torch.int32 and torch.equal(ids, tids)  # hash order is the table's
-    torch.testing.assert_close(w.double(), tw, rtol=1e-5, atol=1e-6)
-
-
 def test_moe_gate_softplus_extreme_logits():
     """Logits from -60 to 80: no overflow, and tiny scores (sqrt(e^-60) ~ 1e-13) keep relative accuracy."""
     E, k, rs = 8, 2, 1.0
@@ -186,14 +90,6 @@ def test_moe_gate_softplus_extreme_logits():
     x2, b0 = x[:2], torch.zeros(E)  # the tie-free rows, through the top-k path
     out = gate.moe_gate(x2, W, b0, None, None, 3, rs)
     gate_compare(out, gate_truth(x2, W, b0, None, None, 3, rs), gate_scores64(x2, W))
-
-
-def test_moe_gate_ties_go_to_the_lowest_index():
-    E, D, k = 64, 96, 6
-    x = torch.zeros(3, D)  # every score is sqrt(ln 2): a full tie
-    w, ids = gate.moe_gate(x, torch.randn(E, D), torch.zeros(E), None, None, k, 1.5)
-    assert torch.equal(ids, torch.arange(k, dtype=torch.int32).expand(3, k))
-    torch.testing.assert_close(w, torch.full((3, k), 1.5 / k))
 
 
 def test_moe_gate_empty_and_fp64_rejected():

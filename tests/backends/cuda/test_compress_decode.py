@@ -12,7 +12,7 @@ import torch
 
 from backends.cuda.kernels.compress import compress
 from tests.backends.cuda.test_indexer_compress import BF16, F32, F64, _assert_entries, _compress_inputs, _spec, dev
-from tests.kernel_cases import REF
+from backends.conformance_cases import REF
 from v4.ops import DecodeRows
 
 pytestmark = pytest.mark.gpu  # bench/gpu_check.sh runs these natively on a GPU
@@ -102,7 +102,8 @@ def test_decode_rows_reference_form_matches_list_form():
     pool = torch.zeros(nb, 3, spec.dim)
     kv, z = torch.randn(2, 2 * spec.dim), torch.randn(2, 2 * spec.dim)
     a = [t.clone() for t in (skv, sz, pool)]
-    out = REF.compress(kv, z, ape, spec, norm_w, inv, *a[:2], a[2], table, DecodeRows(torch.tensor([1, 0]), torch.tensor([5, 7])))
+    rows = DecodeRows(torch.tensor([1, 0]), torch.tensor([5, 7]))
+    out = REF.compress(kv, z, ape, spec, norm_w, inv, *a[:2], a[2], table, rows)
     ref = REF.compress(kv, z, ape, spec, norm_w, inv, skv, sz, pool, table, [(1, 5, 1, 0), (0, 7, 1, 1)])
     assert out.shape == (2, spec.dim) and not bool(out[0].any()) and torch.equal(out[1], ref[0])
     assert torch.equal(a[0], skv) and torch.equal(a[1], sz) and torch.equal(a[2], pool)

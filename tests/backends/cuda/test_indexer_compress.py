@@ -18,7 +18,7 @@ import torch
 
 from backends.cuda.kernels.compress import compress
 from backends.cuda.kernels.indexer import indexer_topk
-from tests.kernel_cases import REF, entry_scores64, gen, indexer_case, random_table
+from backends.conformance_cases import REF, entry_scores64, gen, indexer_case, random_table
 from v4.ops import CompressSpec
 
 pytestmark = pytest.mark.gpu  # bench/gpu_check.sh runs these natively on a GPU

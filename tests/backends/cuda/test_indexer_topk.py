@@ -16,7 +16,7 @@ import triton.language as tl
 
 from backends.cuda.kernels import indexer as I
 from tests.backends.cuda.test_indexer_compress import _check_topk
-from tests.kernel_cases import entry_scores64, gen, indexer_case, random_table
+from backends.conformance_cases import entry_scores64, gen, indexer_case, random_table
 from v4.graphs import GraphCaptureError, HostSyncGuard
 
 pytestmark = pytest.mark.gpu  # bench/gpu_check.sh runs these natively on a GPU

@@ -1,0 +1,120 @@
+"""The small ops (rms_norm, rope, hc_pre, hc_post, hc_head, moe_gate) over every backend with a kernel
+for them: reference, cuda (Triton; interpreted on CPU without a GPU) and ascend (Triton-Ascend,
+interpreted). One parametrised test per op over the one case set (backends/conformance_cases.py).
+
+Ground truth is the reference backend in fp64 on the same (already rounded) inputs; each result
+must be as close to it as the reference itself is in the working dtype, within a small floor
+(`check_as_ref`). The gate's picks must be the fp64 reference's expert sets.
+"""
+
+import pytest
+import torch
+
+from backends.conformance_cases import (
+    F64,
+    KERNEL_CASES,
+    REF,
+    backends_of,
+    check_as_ref,
+    gate_compare,
+    gate_scores64,
+    gate_truth,
+    hc_check,
+    impl,
+    tie_free,
+)
+
+GPU = torch.cuda.is_available()
+
+
+def _params(op):
+    out = []
+    for backend in backends_of(op):
+        marks = [pytest.mark.gpu] if backend == "cuda" else []  # bench/gpu_check.sh runs these on a GPU
+        out += [pytest.param(backend, case, id=f"{backend}-{case.name}", marks=marks) for case in KERNEL_CASES[op]]
+    return out
+
+
+def _dev(backend):
+    dev = "cuda" if backend == "cuda" and GPU else "cpu"
+    return lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t
+
+
+def _f64(args):
+    return tuple(a.to(F64) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def _run(op, backend, case):
+    args, kwargs = case.build()
+    out = impl(op, backend)(*map(_dev(backend), args), **kwargs)
+    return args, kwargs, out
+
+
+def _as_ref(op, backend, case):
+    args, kwargs, out = _run(op, backend, case)
+    lowp = getattr(REF, op)(*args, **kwargs)
+    check_as_ref(out, lowp, getattr(REF, op)(*_f64(args), **kwargs), case.dtype, f"{op} {case.name}")
+    return args, kwargs, out, lowp
+
+
+@pytest.mark.parametrize("backend,case", _params("rms_norm"))
+def test_rms_norm(backend, case):
+    _as_ref("rms_norm", backend, case)
+
+
+@pytest.mark.parametrize("backend,case", _params("rope"))
+def test_rope(backend, case):
+    args, _, out, lowp = _as_ref("rope", backend, case)
+    # same fp32 formula for the angle: matches the reference in the working dtype tightly
+    # (bf16: at most a rounding flip, one unit in the last place)
+    tol = dict(rtol=0, atol=4e-6) if case.dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-5)
+    torch.testing.assert_close(out.cpu(), lowp, **tol)
+    nope = case.extra["nope"]
+    assert torch.equal(out.cpu()[..., :nope], args[0][..., :nope]), "nope dims must be copied unchanged"
+
+
+@pytest.mark.parametrize("backend,case", _params("hc_pre"))
+def test_hc_pre(backend, case):
+    (X, fn, base, scale, iters, eps, _), _ = case.build()
+    comb = hc_check(impl("hc_pre", backend), X, fn, base, scale, iters, case.dtype, to_device=_dev(backend), eps=eps)
+    if case.extra["sums"]:
+        T, n = X.shape[:2]
+        # the last Sinkhorn step normalises columns; rows converge more slowly
+        torch.testing.assert_close(comb.cpu().sum(-2), torch.ones(T, n), rtol=0, atol=1e-4)
+        torch.testing.assert_close(comb.cpu().sum(-1), torch.ones(T, n), rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend,case", _params("hc_post"))
+def test_hc_post(backend, case):
+    _as_ref("hc_post", backend, case)
+
+
+@pytest.mark.parametrize("backend,case", _params("hc_head"))
+def test_hc_head(backend, case):
+    _as_ref("hc_head", backend, case)
+
+
+@pytest.mark.parametrize("backend,case", _params("moe_gate"))
+def test_moe_gate(backend, case):
+    (x, W, bias, tid2eid, toks, k, rs), _, (w, ids) = _run("moe_gate", backend, case)
+    w, ids = w.cpu(), ids.cpu()
+    assert w.dtype == torch.float32 and ids.dtype == torch.int32
+    if case.extra.get("ties"):
+        assert torch.equal(ids, torch.arange(k, dtype=torch.int32).expand(x.shape[0], k))
+        torch.testing.assert_close(w, torch.full((x.shape[0], k), rs / k))
+        return
+    if case.extra.get("hash"):
+        tw, tids = gate_truth(x, W, None, tid2eid.long(), toks.long(), k, rs)
+        assert torch.equal(ids, tids)  # hash order is the table's
+        torch.testing.assert_close(w.double(), tw, rtol=1e-5, atol=1e-6)
+        return
+    s = gate_scores64(x, W)
+    sel = s + bias.to(F64)
+    if "steer_from" in case.extra or case.extra.get("tie_free"):
+        tie_free(sel, k)
+    gate_compare((w, ids), gate_truth(x, W, bias, None, None, k, rs), sel)
+    if x.shape[0] >= case.extra.get("steer_from", 1 << 30):  # enough tokens that some pick must differ
+        unbiased = s.topk(k, dim=-1).indices.sort(-1).values
+        assert not torch.equal(unbiased, ids.long().sort(-1).values), "the bias should steer some picks"
+    if case.extra.get("all"):
+        assert torch.equal(ids.long().sort(-1).values, torch.arange(k).expand(x.shape[0], k))
