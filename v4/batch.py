@@ -27,7 +27,9 @@ class StepBatch:
         self.num_tokens = self.offsets[-1]
         self.cu_seqlens = torch.tensor(self.offsets, dtype=torch.int32, device=dev)
         rep = torch.tensor(self.lens, device=dev)
-        self.tok_row = torch.repeat_interleave(torch.arange(len(self.lens), device=dev), rep)  # [T] sequence of each token
+        self.tok_row = torch.repeat_interleave(
+            torch.arange(len(self.lens), device=dev), rep
+        )  # [T] sequence of each token
         self.row_slot = torch.tensor(self.slots, device=dev)  # [B] cache slot of each sequence
         self.tok_slot = self.row_slot[self.tok_row]  # [T]
         self.tok_start = torch.tensor(self.starts, device=dev)[self.tok_row]  # [T] first new position of its sequence

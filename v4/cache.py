@@ -47,10 +47,16 @@ class BlockTable:
     def ensure(self, slot: int, n_entries: int) -> None:
         need = math.ceil(n_entries / self.block_size)
         if need > self.max_blocks_per_seq:
-            raise InputError(f"sequence needs {n_entries} entries at ratio {self.ratio}, more than the cache was sized for; raise runtime.max_seq_len")
+            raise InputError(
+                f"sequence needs {n_entries} entries at ratio {self.ratio}, more than the cache was sized for; "
+                "raise runtime.max_seq_len"
+            )
         while len(self.owned[slot]) < need:
             if not self.free:
-                raise InputError(f"compressed-entry pool (ratio {self.ratio}) is out of blocks; lower the batch or raise runtime.max_seq_len")
+                raise InputError(
+                    f"compressed-entry pool (ratio {self.ratio}) is out of blocks; "
+                    "lower the batch or raise runtime.max_seq_len"
+                )
             b = self.free.pop()
             self.table[slot, len(self.owned[slot])] = b
             self.owned[slot].append(b)
@@ -156,7 +162,10 @@ class KVCache:
     def reserve(self, slot: int, new_len: int) -> None:
         """Make room for a sequence growing to `new_len` tokens."""
         if new_len > self.max_seq_len:
-            raise InputError(f"sequence of {new_len} tokens exceeds the cache's max_seq_len={self.max_seq_len}; raise runtime.max_model_len")
+            raise InputError(
+                f"sequence of {new_len} tokens exceeds the cache's max_seq_len={self.max_seq_len}; "
+                "raise runtime.max_model_len"
+            )
         if self.journal is not None:
             self.journal.append(("reserve", slot, new_len))
         for m, t in self.tables.items():
@@ -174,7 +183,15 @@ class KVCache:
     def bytes_used(self) -> int:
         total = 0
         for lc in self.layers:
-            for t in (lc.ring, lc.pool, lc.state_kv, lc.state_score, lc.index_pool, lc.index_state_kv, lc.index_state_score):
+            for t in (
+                lc.ring,
+                lc.pool,
+                lc.state_kv,
+                lc.state_score,
+                lc.index_pool,
+                lc.index_state_kv,
+                lc.index_state_score,
+            ):
                 if t is not None:
                     total += t.numel() * t.element_size()
         return total
@@ -370,16 +387,16 @@ def cache_bytes_per_token(cfg: ModelConfig, entry_bytes: int | None = None, inde
     `elem_bytes` each.
     """
     E = entry_bytes if entry_bytes is not None else cfg.head_dim * elem_bytes
-    I = index_bytes if index_bytes is not None else cfg.index_head_dim * elem_bytes
+    idx_bytes = index_bytes if index_bytes is not None else cfg.index_head_dim * elem_bytes
     per_type = {SLIDING: 0.0, CSA: 0.0, HCA: 0.0}
     counts = {SLIDING: 0, CSA: 0, HCA: 0}
     for i in range(cfg.num_hidden_layers):
         kind, m = cfg.layer_type(i), cfg.layer_ratio(i)
         counts[kind] += 1
-        per_type[kind] = 0.0 if kind == SLIDING else ((E + I) / m if kind == CSA else E / m)
+        per_type[kind] = 0.0 if kind == SLIDING else ((E + idx_bytes) / m if kind == CSA else E / m)
     total = sum(per_type[k] * counts[k] for k in counts)
     ring = cfg.num_hidden_layers * cfg.sliding_window * E
-    return {"entry_bytes": E, "index_bytes": I, "per_layer": per_type, "layers": counts,
+    return {"entry_bytes": E, "index_bytes": idx_bytes, "per_layer": per_type, "layers": counts,
             "per_token_total": total, "window_ring_bytes": ring}
 
 

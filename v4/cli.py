@@ -27,15 +27,26 @@ def _add_model_args(p):
     from .runtime import add_runtime_flags
 
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--checkpoint", help="checkpoint directory (config.json + *.safetensors); default, when neither "
-                   "--checkpoint nor --config is given: the trained tiny-v4 shipped in the package (v4/embedded/tiny-v4)")
+    g.add_argument(
+        "--checkpoint",
+        help="checkpoint directory (config.json + *.safetensors); default, when neither "
+        "--checkpoint nor --config is given: the trained tiny-v4 shipped in the package (v4/embedded/tiny-v4)",
+    )
     g.add_argument("--config", help="model config with seeded random weights: tiny, small, v4-flash, v4-pro, tiny-v4 "
                    "(the trained model's architecture, random weights), or a YAML / config.json path")
     p.add_argument("--runtime", help="runtime YAML (configs/cpu.yaml, ...); overrides the model file's runtime section")
-    p.add_argument("--backend", choices=["auto", "reference", "cuda", "ascend"], help="overrides runtime.backend (DSV4_BACKEND overrides this)")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "reference", "cuda", "ascend"],
+        help="overrides runtime.backend (DSV4_BACKEND overrides this)",
+    )
     p.add_argument("--device", help="torch device, e.g. cpu, cuda:0")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"])
-    p.add_argument("--mode", choices=["plain", "exact"], help="numerics: plain (the math) or exact (official run-time quantisation)")
+    p.add_argument(
+        "--mode",
+        choices=["plain", "exact"],
+        help="numerics: plain (the math) or exact (official run-time quantisation)",
+    )
     add_runtime_flags(p, "overrides runtime.decode_graphs: decode steps replayed from graphs the backend captures "
                       "(CUDA graphs on cuda, ACL graphs on ascend); auto: where the backend's device has them; on "
                       "elsewhere runs the captured path's checks eagerly")
@@ -64,17 +75,35 @@ def pick_model(a) -> None:
 def _add_engine_args(p):
     g = p.add_argument_group("engine (runtime fields, vLLM's flag names)")
     g.add_argument("--max-num-seqs", type=int, help="overrides runtime.max_num_seqs: sequences running at once")
-    g.add_argument("--max-num-batched-tokens", type=int, help="overrides runtime.max_num_batched_tokens: tokens per step")
-    g.add_argument("--max-model-len", type=int, help="overrides runtime.max_model_len: prompt + generated tokens of one request")
+    g.add_argument(
+        "--max-num-batched-tokens", type=int, help="overrides runtime.max_num_batched_tokens: tokens per step"
+    )
+    g.add_argument(
+        "--max-model-len", type=int, help="overrides runtime.max_model_len: prompt + generated tokens of one request"
+    )
     g.add_argument("--kv-cache-memory", help="overrides runtime.kv_cache_memory: the cache's byte budget, e.g. 2GiB")
-    g.add_argument("--block-size", type=int, help="overrides runtime.block_size: entries per page of the compressed pools")
-    g.add_argument("--speculative-config", help="overrides runtime.speculative_config: MTP speculative decoding, "
-                   "e.g. '{\"method\": \"mtp\", \"num_speculative_tokens\": 2}' (k from 1 to 3; README \"Speculative decoding\")")
+    g.add_argument(
+        "--block-size", type=int, help="overrides runtime.block_size: entries per page of the compressed pools"
+    )
+    g.add_argument(
+        "--speculative-config",
+        help="overrides runtime.speculative_config: MTP speculative decoding, "
+        "e.g. '{\"method\": \"mtp\", \"num_speculative_tokens\": 2}' (k from 1 to 3; README \"Speculative decoding\")",
+    )
     d = p.add_argument_group("multi-device (README \"Multi-device\"; ranks = TP x DP, one process per device)")
-    d.add_argument("-tp", "--tensor-parallel-size", type=int, help="overrides runtime.tensor_parallel_size: query heads, "
-                   "wo_a groups, vocab (and experts' intermediate dim without EP) split over this many ranks")
-    d.add_argument("-dp", "--data-parallel-size", type=int,
-                   help="overrides runtime.data_parallel_size: replicas of attention, each with its own requests and KV cache")
+    d.add_argument(
+        "-tp",
+        "--tensor-parallel-size",
+        type=int,
+        help="overrides runtime.tensor_parallel_size: query heads, "
+        "wo_a groups, vocab (and experts' intermediate dim without EP) split over this many ranks",
+    )
+    d.add_argument(
+        "-dp",
+        "--data-parallel-size",
+        type=int,
+        help="overrides runtime.data_parallel_size: replicas of attention, each with its own requests and KV cache",
+    )
     d.add_argument("--enable-expert-parallel", action="store_true", default=None,
                    help="routed experts split over all TP x DP ranks (runtime.enable_expert_parallel)")
     d.add_argument("--moe-comm", choices=["alltoall", "allgather"], help="overrides runtime.moe_comm: expert dispatch")
@@ -162,14 +191,24 @@ def cmd_generate(a) -> int:
     t = llm.stats.as_dict()
     for ids, res in zip(prompts, results):
         if a.json:
-            print(json.dumps({
-                "model": L.cfg.name, "backend": L.model.ops.name, "dtype": L.runtime.dtype, "mode": L.runtime.mode,
-                "decode": DECODE_LABEL[llm.graph_mode],
-                "prompt_ids": ids, "generated_ids": res.output_ids, "text": res.text, "finish_reason": res.finish_reason,
-                "logprobs": [dataclasses.asdict(x) for x in res.logprobs] if res.logprobs is not None else None,
-                "timings": {"load_s": load_s, "run_s": run_s, **t},
-                "speculative": _spec_summary(llm),
-            }))
+            print(
+                json.dumps(
+                    {
+                        "model": L.cfg.name,
+                        "backend": L.model.ops.name,
+                        "dtype": L.runtime.dtype,
+                        "mode": L.runtime.mode,
+                        "decode": DECODE_LABEL[llm.graph_mode],
+                        "prompt_ids": ids,
+                        "generated_ids": res.output_ids,
+                        "text": res.text,
+                        "finish_reason": res.finish_reason,
+                        "logprobs": [dataclasses.asdict(x) for x in res.logprobs] if res.logprobs is not None else None,
+                        "timings": {"load_s": load_s, "run_s": run_s, **t},
+                        "speculative": _spec_summary(llm),
+                    }
+                )
+            )
         else:
             print(res.text)
     if not a.json:
@@ -183,9 +222,15 @@ def _spec_summary(llm) -> dict | None:
     if drafter is None:
         return None
     st = drafter.stats
-    return {"num_speculative_tokens": drafter.k, "num_drafts": st.num_drafts, "num_draft_tokens": st.num_draft_tokens,
-            "num_accepted_tokens": st.num_accepted_tokens, "accepted_per_pos": list(st.accepted_per_pos),
-            "mean_acceptance_length": st.mean_acceptance_length(), "acceptance_rate_per_pos": st.acceptance_rate_per_pos()}
+    return {
+        "num_speculative_tokens": drafter.k,
+        "num_drafts": st.num_drafts,
+        "num_draft_tokens": st.num_draft_tokens,
+        "num_accepted_tokens": st.num_accepted_tokens,
+        "accepted_per_pos": list(st.accepted_per_pos),
+        "mean_acceptance_length": st.mean_acceptance_length(),
+        "acceptance_rate_per_pos": st.acceptance_rate_per_pos(),
+    }
 
 
 def _start_ranks(a, progress: bool = True):

@@ -156,7 +156,8 @@ class ModelConfig:
             # and the official inference code read only the first num_hidden_layers entries.
             warnings.warn(
                 f"{source}: field 'compress_ratios' has {n + 1} entries for num_hidden_layers={n} and "
-                f"num_nextn_predict_layers=0; ignoring the trailing entry {self.compress_ratios[-1]!r} (an MTP block's)",
+                "num_nextn_predict_layers=0; ignoring the trailing entry "
+                f"{self.compress_ratios[-1]!r} (an MTP block's)",
                 stacklevel=3,
             )
             self.compress_ratios = list(self.compress_ratios[:n])
@@ -169,7 +170,10 @@ class ModelConfig:
                 bad("compress_ratios", f"entry {i} must be a non-negative integer, got {r!r}")
         for j in range(self.num_nextn_predict_layers):
             if self.compress_ratios[self.num_hidden_layers + j] != 0:
-                bad("compress_ratios", f"MTP entry {self.num_hidden_layers + j} must be 0 (the MTP block is sliding-only)")
+                bad(
+                    "compress_ratios",
+                    f"MTP entry {self.num_hidden_layers + j} must be 0 (the MTP block is sliding-only)",
+                )
         _check_rows(self, _LAYOUT_CHECKS, bad)
         if self.rope_scaling is not None:
             rs = self.rope_scaling
@@ -182,8 +186,11 @@ class ModelConfig:
         _check_rows(self, _STORAGE_CHECKS, bad)
 
     def short(self) -> str:
-        return (f"{self.name}: {self.num_hidden_layers} layers, hidden {self.hidden_size}, "
-                f"{self.num_attention_heads} heads x {self.head_dim}, {self.n_routed_experts} experts top-{self.num_experts_per_tok}")
+        return (
+            f"{self.name}: {self.num_hidden_layers} layers, hidden {self.hidden_size}, "
+            f"{self.num_attention_heads} heads x {self.head_dim}, {self.n_routed_experts} experts "
+            f"top-{self.num_experts_per_tok}"
+        )
 
 
 # Keys transformers writes that carry no information we need (or that we re-derive).
@@ -290,8 +297,10 @@ def _normalise_hf_keys(d: dict, source: str) -> dict:
         if "rope_scaling" not in d:
             t = comp.get("rope_type", comp.get("type"))
             d["rope_scaling"] = (
-                {k: comp[k] for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow")} | {"type": "yarn"}
-                if t == "yarn" else None
+                {k: comp[k] for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow")}
+                | {"type": "yarn"}
+                if t == "yarn"
+                else None
             )
         if isinstance(rp.get("main"), dict):
             d.setdefault("rope_theta", rp["main"].get("rope_theta", 10000.0))
@@ -331,7 +340,9 @@ class RuntimeConfig:
     max_model_len: int = 4096  # prompt + generated tokens of one sequence
     kv_cache_memory: int | str | None = None  # byte budget of the cache ("2GiB"); None: room for every slot
     block_size: int = 64  # entries per page of the compressed / indexer pools
-    prefill_chunk: int = 0  # most prompt tokens of one sequence per step (vLLM's long_prefill_token_threshold); 0 = no cap
+    prefill_chunk: int = (
+        0  # most prompt tokens of one sequence per step (vLLM's long_prefill_token_threshold); 0 = no cap
+    )
     # decode steps replayed from graphs the backend captures (CUDA graphs on cuda, ACL graphs on ascend):
     # auto (the backend's graphs where its device has them) | on (else the emulated path's checks) | off
     decode_graphs: str = "auto"
@@ -362,7 +373,9 @@ class RuntimeConfig:
 
     def validate(self, source: str = "runtime") -> None:
         if self.backend not in BACKENDS:
-            raise ConfigError(f"{source}: field 'runtime.backend' must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+            raise ConfigError(
+                f"{source}: field 'runtime.backend' must be one of {', '.join(BACKENDS)}, got {self.backend!r}"
+            )
         if self.dtype not in DTYPES:
             raise ConfigError(f"{source}: field 'runtime.dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.mode not in MODES:
@@ -390,17 +403,28 @@ class RuntimeConfig:
             raise ConfigError(f"{source}: field 'runtime.enable_expert_parallel' must be true or false, "
                               f"got {self.enable_expert_parallel!r}")
         if self.moe_comm not in ("alltoall", "allgather"):
-            raise ConfigError(f"{source}: field 'runtime.moe_comm' must be alltoall or allgather, got {self.moe_comm!r}")
-        if isinstance(self.dist_timeout_s, bool) or not isinstance(self.dist_timeout_s, (int, float)) or self.dist_timeout_s <= 0:
+            raise ConfigError(
+                f"{source}: field 'runtime.moe_comm' must be alltoall or allgather, got {self.moe_comm!r}"
+            )
+        if (
+            isinstance(self.dist_timeout_s, bool)
+            or not isinstance(self.dist_timeout_s, (int, float))
+            or self.dist_timeout_s <= 0
+        ):
             raise ConfigError(f"{source}: field 'runtime.dist_timeout_s' must be a positive number of seconds, "
                               f"got {self.dist_timeout_s!r}")
         if isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 0:
-            raise ConfigError(f"{source}: field 'runtime.prefill_chunk' must be a non-negative integer, got {self.prefill_chunk!r}")
+            raise ConfigError(
+                f"{source}: field 'runtime.prefill_chunk' must be a non-negative integer, got {self.prefill_chunk!r}"
+            )
         try:
             self.kv_cache_bytes
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
-        if SpeculativeConfig.parse(self.speculative_config, source) and self.tensor_parallel_size * self.data_parallel_size > 1:
+        if (
+            SpeculativeConfig.parse(self.speculative_config, source)
+            and self.tensor_parallel_size * self.data_parallel_size > 1
+        ):
             raise ConfigError(f"{source}: field 'runtime.speculative_config': speculative decoding runs on one device "
                               "for now; drop --speculative-config or run with -tp 1 -dp 1")
 
@@ -447,7 +471,9 @@ class RuntimeConfig:
                 raise ConfigError(f"{source}: field 'runtime.{old}' is now 'runtime.{new}' (vLLM's name); rename it")
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"{source}: unknown runtime field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"{source}: unknown runtime field(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}"
+            )
         rc = cls(**d)
         rc.validate(source)
         return rc
@@ -497,8 +523,10 @@ class SpeculativeConfig:
                 raise ConfigError(f"{field_} is not JSON ({e.msg}); write it as "
                                   "'{\"method\": \"mtp\", \"num_speculative_tokens\": 2}'") from None
         if not isinstance(value, dict):
-            raise ConfigError(f"{field_} must be a JSON object such as {{\"method\": \"mtp\", \"num_speculative_tokens\": 2}}, "
-                              f"got {value!r}")
+            raise ConfigError(
+                f"{field_} must be a JSON object such as {{\"method\": \"mtp\", \"num_speculative_tokens\": 2}}, "
+                f"got {value!r}"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
@@ -508,7 +536,9 @@ class SpeculativeConfig:
             raise ConfigError(f"{field_}: method must be \"mtp\" (V4's own MTP block drafts), got {sc.method!r}")
         k = sc.num_speculative_tokens
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= cls.MAX_TOKENS:
-            raise ConfigError(f"{field_}: num_speculative_tokens must be an integer from 1 to {cls.MAX_TOKENS}, got {k!r}")
+            raise ConfigError(
+                f"{field_}: num_speculative_tokens must be an integer from 1 to {cls.MAX_TOKENS}, got {k!r}"
+            )
         if sc.draft_sampling not in ("sample", "argmax"):
             raise ConfigError(f"{field_}: draft_sampling must be \"sample\" or \"argmax\", got {sc.draft_sampling!r}")
         return sc
@@ -529,7 +559,9 @@ def parse_bytes(value, field: str) -> int | None:
         if m and m.group(2).lower() in _UNITS:
             value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"field '{field}' must be a positive number of bytes (e.g. 2147483648 or \"2GiB\"), got {value!r}")
+        raise ConfigError(
+            f"field '{field}' must be a positive number of bytes (e.g. 2147483648 or \"2GiB\"), got {value!r}"
+        )
     return value
 
 
@@ -568,7 +600,9 @@ def load_config_file(name_or_path: str) -> tuple[ModelConfig | None, dict]:
     if path.suffix in (".yaml", ".yml"):
         unknown = set(raw) - {"model", "runtime"}
         if unknown:
-            raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))}; use 'model:' and 'runtime:'")
+            raise ConfigError(
+                f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))}; use 'model:' and 'runtime:'"
+            )
         model = None
         if raw.get("model") is not None:
             md = dict(raw["model"])

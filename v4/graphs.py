@@ -63,7 +63,9 @@ class GraphCaptureError(RuntimeError):
 
 
 def _refuse_tolist(*_args, **_kwargs):
-    raise GraphCaptureError("Tensor.tolist() reads tensor contents on the host: a captured decode step cannot contain it")
+    raise GraphCaptureError(
+        "Tensor.tolist() reads tensor contents on the host: a captured decode step cannot contain it"
+    )
 
 
 class HostSyncGuard(TorchDispatchMode):

@@ -76,7 +76,9 @@ class Transformer:
         leftover = sorted(self._w)
         self._w = None
         if leftover:
-            raise CheckpointError(f"weights not used by the model: {', '.join(leftover[:5])}{' ...' if len(leftover) > 5 else ''}")
+            raise CheckpointError(
+                f"weights not used by the model: {', '.join(leftover[:5])}{' ...' if len(leftover) > 5 else ''}"
+            )
         rd = cfg.qk_rope_head_dim
         self.inv_freq = {
             SLIDING: yarn_inv_freq(rd, cfg.rope_theta, None).to(self.device, self.acc),
@@ -126,11 +128,16 @@ class Transformer:
         if kind == CSA:
             ix = q + "indexer."
             b.idx = SimpleNamespace(
-                wq_b=self._linear(ix + "wq_b.weight"), weights_proj=self._linear(ix + "weights_proj.weight", a),
-                wkv=self._linear(ix + "compressor.wkv.weight", a), wgate=self._linear(ix + "compressor.wgate.weight", a),
-                ape=self._float(ix + "compressor.ape", a), norm=self._float(ix + "compressor.norm.weight", a),
-                spec=CompressSpec(m, cfg.index_head_dim, True, "fp4" if self.exact else "none",
-                                  cfg.qk_rope_head_dim, cfg.rms_norm_eps))
+                wq_b=self._linear(ix + "wq_b.weight"),
+                weights_proj=self._linear(ix + "weights_proj.weight", a),
+                wkv=self._linear(ix + "compressor.wkv.weight", a),
+                wgate=self._linear(ix + "compressor.wgate.weight", a),
+                ape=self._float(ix + "compressor.ape", a),
+                norm=self._float(ix + "compressor.norm.weight", a),
+                spec=CompressSpec(
+                    m, cfg.index_head_dim, True, "fp4" if self.exact else "none", cfg.qk_rope_head_dim, cfg.rms_norm_eps
+                ),
+            )
         f = p + "ffn."
         b.gate_w = self._float(f + "gate.weight", a)
         is_hash = layer < cfg.num_hidden_layers and cfg.is_hash_layer(layer)
@@ -333,9 +340,24 @@ class Transformer:
             # every sequence at a time (DecodeRows: one token per row); [B, c] entries each
             B = batch.row_slot.shape[0]
             kv, score = kv.view(B, batch.q, -1), score.view(B, batch.q, -1)
-            return torch.cat([self.ops.compress(kv[:, j].contiguous(), score[:, j].contiguous(), c.ape, c.spec, c.norm, inv_freq, state_kv,
-                                                state_score, pool, table.table, batch.rows_of(j))
-                              for j in range(batch.q)])
+            return torch.cat(
+                [
+                    self.ops.compress(
+                        kv[:, j].contiguous(),
+                        score[:, j].contiguous(),
+                        c.ape,
+                        c.spec,
+                        c.norm,
+                        inv_freq,
+                        state_kv,
+                        state_score,
+                        pool,
+                        table.table,
+                        batch.rows_of(j),
+                    )
+                    for j in range(batch.q)
+                ]
+            )
         return self.ops.compress(kv, score, c.ape, c.spec, c.norm, inv_freq, state_kv, state_score,
                                  pool, table.table, batch.seqs)
 

@@ -98,7 +98,9 @@ class Ops(Protocol):
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
         """x [..., D], weight [D] or None (unweighted) -> [..., D] in x's dtype."""
 
-    def rope(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    def rope(
+        self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False
+    ) -> torch.Tensor:
         """x [T, ..., d], positions [T], inv_freq [r/2] -> x with its last r dims rotated (interleaved pairs)."""
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, act_quant: bool = False) -> torch.Tensor:
@@ -133,13 +135,15 @@ class Ops(Protocol):
     def indexer_topk(self, q: torch.Tensor, weights: torch.Tensor, k_pool: torch.Tensor,
                      block_table: torch.Tensor, tok_slot: torch.Tensor, positions: torch.Tensor,
                      ratio: int, topk: int, max_visible: int | None = None) -> torch.Tensor:
-        """q [T, H, d], weights [T, H], k_pool [blocks, block, d], tok_slot/positions [T] -> int32 [T, topk] (-1 = none)."""
+        """q [T, H, d], weights [T, H], k_pool [blocks, block, d], tok_slot/positions [T]
+        -> int32 [T, topk] (-1 = none)."""
 
     # ------------------------------------------------------------------ attention
     def attention(self, q: torch.Tensor, window_kv: torch.Tensor, window_idx: torch.Tensor,
                   comp_kv: torch.Tensor | None, comp_idx: torch.Tensor | None,
                   sink: torch.Tensor, scale: float) -> torch.Tensor:
-        """q [T, H, d], window_kv [Nw, d], window_idx [T, Kw], comp_kv [Nc, d], comp_idx [T, Kc], sink [H] -> [T, H, d]."""
+        """q [T, H, d], window_kv [Nw, d], window_idx [T, Kw], comp_kv [Nc, d], comp_idx [T, Kc], sink [H]
+        -> [T, H, d]."""
 
     # ------------------------------------------------------------------ MoE
     def moe_gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -54,7 +54,10 @@ def resolve(checkpoint: str | None, config: str | None, runtime_file: str | None
         ck_cfg, _ = load_config_file(str(p / "config.json"))
         cfg = ck_cfg if cfg is None else cfg
     if cfg is None:
-        raise ConfigError(f"{config}: this file has no 'model:' section; pass a model config (tiny, small, v4-flash, ...) or --checkpoint")
+        raise ConfigError(
+            f"{config}: this file has no 'model:' section; pass a model config (tiny, small, v4-flash, ...) "
+            "or --checkpoint"
+        )
     return cfg, build_runtime(rt, overrides)
 
 

@@ -21,7 +21,10 @@ class ByteTokenizer:
 
     def __init__(self, vocab_size: int, bos: int = 0, eos: int = 1):
         if vocab_size < 256 + self.OFFSET:
-            raise ConfigError(f"the byte-level tokenizer needs vocab_size >= {256 + self.OFFSET}, the model has {vocab_size}; ship a tokenizer.json with the checkpoint")
+            raise ConfigError(
+                f"the byte-level tokenizer needs vocab_size >= {256 + self.OFFSET}, the model has {vocab_size}; "
+                "ship a tokenizer.json with the checkpoint"
+            )
         self.bos, self.eos = bos, eos
         self._special = {BOS_TEXT: bos, EOS_TEXT: eos}
         self._split = re.compile("(" + "|".join(map(re.escape, self._special)) + ")")
@@ -36,7 +39,9 @@ class ByteTokenizer:
         return ids
 
     def decode(self, ids) -> str:
-        return bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < 256 + self.OFFSET).decode("utf-8", errors="replace")
+        return bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < 256 + self.OFFSET).decode(
+            "utf-8", errors="replace"
+        )
 
 
 class HFTokenizer:

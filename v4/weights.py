@@ -316,22 +316,28 @@ def _read_header(path: Path) -> tuple[dict[str, _HeaderEntry], bytes, int]:
             head = fh.read(8)
             if len(head) < 8:
                 raise CheckpointError(
-                    f"{path}: shard is truncated or corrupt ({size} bytes, too short for a safetensors header); re-download or re-write it"
+                    f"{path}: shard is truncated or corrupt ({size} bytes, too short for a safetensors header); "
+                    "re-download or re-write it"
                 )
             (n,) = struct.unpack("<Q", head)
             if n > size - 8 or n > 1 << 31:
                 raise CheckpointError(
-                    f"{path}: shard is truncated or corrupt (header length {n} exceeds the file size {size}); re-download or re-write it"
+                    f"{path}: shard is truncated or corrupt (header length {n} exceeds the file size {size}); "
+                    "re-download or re-write it"
                 )
             raw = fh.read(n)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read shard ({e.strerror or e}); check the file and its permissions") from None
+        raise CheckpointError(
+            f"{path}: cannot read shard ({e.strerror or e}); check the file and its permissions"
+        ) from None
     try:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path}: shard is corrupt (unreadable safetensors header: {e}); re-download or re-write it") from None
+        raise CheckpointError(
+            f"{path}: shard is corrupt (unreadable safetensors header: {e}); re-download or re-write it"
+        ) from None
     data_len = size - 8 - n
     entries: dict[str, _HeaderEntry] = {}
     for name, info in header.items():
@@ -342,18 +348,24 @@ def _read_header(path: Path) -> tuple[dict[str, _HeaderEntry], bytes, int]:
             shape = tuple(int(x) for x in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: shard is corrupt (bad header entry for tensor {name}); re-download or re-write it") from None
+            raise CheckpointError(
+                f"{path}: shard is corrupt (bad header entry for tensor {name}); re-download or re-write it"
+            ) from None
         if dtype not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, which this loader does not read; convert the checkpoint to BF16/F32/FP8")
+            raise CheckpointError(
+                f"{path}: tensor {name} has dtype {dtype}, which this loader does not read; "
+                "convert the checkpoint to BF16/F32/FP8"
+            )
         nbytes = math.prod(shape) * _ST_DTYPES[dtype][1]
         if end > data_len:
             raise CheckpointError(
-                f"{path}: shard is truncated or corrupt (tensor {name} ends at byte {end} of the data section but the file holds "
-                f"only {data_len}); re-download or re-write it"
+                f"{path}: shard is truncated or corrupt (tensor {name} ends at byte {end} of the data section "
+                f"but the file holds only {data_len}); re-download or re-write it"
             )
         if begin < 0 or end - begin != nbytes:
             raise CheckpointError(
-                f"{path}: shard is corrupt (tensor {name} {dtype} {list(shape)} needs {nbytes} bytes but its offsets span {end - begin}); "
+                f"{path}: shard is corrupt (tensor {name} {dtype} {list(shape)} needs {nbytes} bytes "
+                f"but its offsets span {end - begin}); "
                 f"re-download or re-write it"
             )
         entries[name] = _HeaderEntry(dtype, shape, begin, end)
@@ -483,7 +495,9 @@ def load_checkpoint(
     """
     root = Path(path)
     if not root.is_dir():
-        raise CheckpointError(f"{root}: checkpoint directory does not exist; give the directory holding config.json and *.safetensors")
+        raise CheckpointError(
+            f"{root}: checkpoint directory does not exist; give the directory holding config.json and *.safetensors"
+        )
     cfg, cfg_where = _checkpoint_config(root, cfg)
     files, index_map = _shard_files(root)
     found, index_canon = _read_headers(root, files, index_map)
@@ -506,7 +520,9 @@ def _checkpoint_config(root: Path, cfg: ModelConfig | None) -> tuple[ModelConfig
         return cfg, "the given config"
     cfg_path = root / CONFIG_FILE
     if not cfg_path.is_file():
-        raise CheckpointError(f"{root}: no {CONFIG_FILE} in the checkpoint directory; copy the model's config.json there or pass a config")
+        raise CheckpointError(
+            f"{root}: no {CONFIG_FILE} in the checkpoint directory; copy the model's config.json there or pass a config"
+        )
     try:
         raw_cfg = json.loads(cfg_path.read_text())
         if not isinstance(raw_cfg, dict):
@@ -529,7 +545,8 @@ def _read_headers(root: Path, files: list[Path], index_map: dict[str, str] | Non
             if canon in found:
                 other = found[canon]
                 raise CheckpointError(
-                    f"tensor {canon} is stored twice: as {other[1]} in {other[0].name} and as {stored} in {fpath.name}; "
+                    f"tensor {canon} is stored twice: as {other[1]} in {other[0].name} "
+                    f"and as {stored} in {fpath.name}; "
                     f"remove one of them"
                 )
             found[canon] = (fpath, stored, ent)
@@ -542,7 +559,8 @@ def _read_headers(root: Path, files: list[Path], index_map: dict[str, str] | Non
                 index_canon[canon] = shard
                 if canon not in found:
                     raise CheckpointError(
-                        f"tensor {canon} is missing from {root / shard} although {INDEX_FILE} says that shard holds it; "
+                        f"tensor {canon} is missing from {root / shard} although {INDEX_FILE} "
+                        "says that shard holds it; "
                         f"the shard is incomplete, re-download it"
                     )
     return found, index_canon
@@ -660,8 +678,8 @@ def _check_shape(
     if form == "fp4":
         if exp[1] % FP4_BLOCK:
             raise CheckpointError(
-                f"tensor {canon} in {file} is packed FP4 but its input size {exp[1]} ({spec.dims[1]}) is not a multiple of "
-                f"{FP4_BLOCK}; store it as BF16 instead"
+                f"tensor {canon} in {file} is packed FP4 but its input size {exp[1]} ({spec.dims[1]}) "
+                f"is not a multiple of {FP4_BLOCK}; store it as BF16 instead"
             )
         want = fp4_shapes(exp)[0]
     if tuple(got) != tuple(want):
@@ -685,8 +703,9 @@ def _check_scale(canon: str, spec: TensorSpec, form: str, sname: str, scale_foun
     _check_float(sname, sp.name, sent.dtype, SCALE_DTYPES, "a scale tensor")
     if tuple(sent.shape) != tuple(swant):
         raise CheckpointError(
-            f"tensor {sname} in {sp.name} has shape {_fmt_shape(sent.shape)} but {_fmt_shape(swant)} is expected for the "
-            f"{form.upper()} scale of {canon} {_fmt_shape(exp)}; the checkpoint does not match the config"
+            f"tensor {sname} in {sp.name} has shape {_fmt_shape(sent.shape)} but {_fmt_shape(swant)} "
+            f"is expected for the {form.upper()} scale of {canon} {_fmt_shape(exp)}; "
+            "the checkpoint does not match the config"
         )
 
 
@@ -745,14 +764,17 @@ def _read_shard(fpath: Path, todo: list, device, raw: dict[str, torch.Tensor], p
     try:
         handle = safe_open(str(fpath), framework="pt", device=str(device))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-        raise CheckpointError(f"{fpath}: cannot open shard ({e.__class__.__name__}: {e}); the shard is corrupt, re-download it") from None
+        raise CheckpointError(
+            f"{fpath}: cannot open shard ({e.__class__.__name__}: {e}); the shard is corrupt, re-download it"
+        ) from None
     with handle as fh:
         for stored, canon, index in todo:
             try:
                 t = read_stored(fh, stored, index)
             except Exception as e:  # noqa: BLE001
                 raise CheckpointError(
-                    f"{fpath}: cannot read tensor {stored} ({e.__class__.__name__}: {e}); the shard is corrupt, re-download it"
+                    f"{fpath}: cannot read tensor {stored} ({e.__class__.__name__}: {e}); the shard is corrupt, "
+                    "re-download it"
                 ) from None
             raw[canon] = t
             bytes_read += t.numel() * t.element_size()
@@ -880,7 +902,9 @@ def _written_config(cfg: ModelConfig, quant: str) -> ModelConfig:
 _Unit = tuple[str, TensorSpec, str, int]  # (name, spec, stored form, stored bytes)
 
 
-def _plan_shards(specs: dict[str, TensorSpec], quant: str, max_shard_bytes: int) -> tuple[list[_Unit], list[list[_Unit]]]:
+def _plan_shards(
+    specs: dict[str, TensorSpec], quant: str, max_shard_bytes: int
+) -> tuple[list[_Unit], list[list[_Unit]]]:
     """Plan shards (sizes are known from shapes, so N is known before writing): (units, shards)."""
     units: list[_Unit] = []
     for name, spec in specs.items():
@@ -962,7 +986,9 @@ def init_checkpoint(
 
     weight_map: dict[str, str] = {}
     total_size = 0
-    pbar = tqdm(total=len(units), desc="writing weights", unit="tensor", disable=None if progress else True, file=sys.stderr)
+    pbar = tqdm(
+        total=len(units), desc="writing weights", unit="tensor", disable=None if progress else True, file=sys.stderr
+    )
     try:
         for fname, shard in zip(names, shards):
             pbar.set_postfix_str(fname, refresh=False)
@@ -971,7 +997,8 @@ def init_checkpoint(
         pbar.close()
 
     (out / INDEX_FILE).write_text(
-        json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"
+        json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+        + "\n"
     )
     (out / CONFIG_FILE).write_text(json.dumps(cfg_out.to_hf_dict(), indent=2) + "\n")
     return out

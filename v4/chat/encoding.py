@@ -88,7 +88,10 @@ def _text(value: Any, where: str, *, allow_none: bool = False) -> str:
         for j, part in enumerate(value):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise ChatFormatError(f"{where}[{j}] must be a text part {{'type': 'text', 'text': str}}, got {kind!r}; this model reads text only")
+                raise ChatFormatError(
+                    f"{where}[{j}] must be a text part {{'type': 'text', 'text': str}}, got {kind!r}; "
+                    "this model reads text only"
+                )
             parts.append(part["text"])
         return "\n\n".join(parts)
     raise ChatFormatError(f"{where} must be a string or a list of text parts, got {type(value).__name__}")
@@ -120,7 +123,10 @@ def _tool_calls(raw: Any, i: int) -> list[dict]:
         where = f"messages[{i}].tool_calls[{k}]"
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise ChatFormatError(f"{where}.function.name must be a string (OpenAI shape {{'id', 'type': 'function', 'function': {{'name', 'arguments'}}}})")
+            raise ChatFormatError(
+                f"{where}.function.name must be a string (OpenAI shape {{'id', 'type': 'function', 'function': "
+                "{'name', 'arguments'}})"
+            )
         calls.append({"id": call.get("id"), "name": fn["name"],
                       "params": _arguments(fn.get("arguments", "{}"), f"{where}.function.arguments")})
     return calls
@@ -137,12 +143,17 @@ def _normalise(messages: Any) -> list[dict]:
         role = m.get("role")
         if role not in ROLES:
             raise ChatFormatError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
-        msg = {"role": role, "content": _text(m.get("content"), f"messages[{i}].content", allow_none=role == "assistant")}
+        msg = {
+            "role": role,
+            "content": _text(m.get("content"), f"messages[{i}].content", allow_none=role == "assistant"),
+        }
         if role == "assistant":
             # OpenAI-style clients send `reasoning_content` (DeepSeek API) or `reasoning` (vLLM); same meaning.
             reasoning = m.get("reasoning_content", m.get("reasoning"))
             if reasoning is not None and not isinstance(reasoning, str):
-                raise ChatFormatError(f"messages[{i}].reasoning_content must be a string, got {type(reasoning).__name__}")
+                raise ChatFormatError(
+                    f"messages[{i}].reasoning_content must be a string, got {type(reasoning).__name__}"
+                )
             msg["reasoning"] = reasoning or ""
             msg["tool_calls"] = _tool_calls(m.get("tool_calls"), i)
         if role == "tool":
@@ -166,7 +177,10 @@ def _merge_tool_messages(msgs: list[dict]) -> list[dict]:
         if msg["role"] == "tool":
             order = [c["id"] for c in calls]
             if msg["tool_call_id"] not in order:
-                raise ChatFormatError(f"messages[{msg['index']}].tool_call_id {msg['tool_call_id']!r} matches no tool call of the preceding assistant message; use the id from its tool_calls")
+                raise ChatFormatError(
+                    f"messages[{msg['index']}].tool_call_id {msg['tool_call_id']!r} matches no tool call of the "
+                    "preceding assistant message; use the id from its tool_calls"
+                )
             if open_turn is None:
                 open_turn = {"role": "user", "results": [], "text": []}
                 out.append(open_turn)
@@ -193,10 +207,18 @@ def tools_section(tools: list[dict]) -> str:
 
 def _validate_tools(tools: Any) -> list[dict]:
     if not isinstance(tools, list):
-        raise ChatFormatError(f"tools must be a list of {{'type': 'function', 'function': {{...}}}}, got {type(tools).__name__}")
+        raise ChatFormatError(
+            f"tools must be a list of {{'type': 'function', 'function': {{...}}}}, got {type(tools).__name__}"
+        )
     for k, t in enumerate(tools):
-        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(t.get("function"), dict):
-            raise ChatFormatError(f"tools[{k}] must be {{'type': 'function', 'function': {{'name', 'description', 'parameters'}}}}")
+        if (
+            not isinstance(t, dict)
+            or t.get("type", "function") != "function"
+            or not isinstance(t.get("function"), dict)
+        ):
+            raise ChatFormatError(
+                f"tools[{k}] must be {{'type': 'function', 'function': {{'name', 'description', 'parameters'}}}}"
+            )
     return tools
 
 

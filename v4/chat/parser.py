@@ -160,7 +160,9 @@ class StreamingParser:
             self._buf = self._buf[:eos]
         done = 0  # end of the last complete invoke: what lies before it is spent
         for match in _INVOKE.finditer(self._buf):
-            call = ToolCallDelta(len(self._calls), new_tool_call_id(), match.group(1), _invoke_arguments(match.group(2)))
+            call = ToolCallDelta(
+                len(self._calls), new_tool_call_id(), match.group(1), _invoke_arguments(match.group(2))
+            )
             self._calls.append(call)
             out.tool_calls.append(call)
             done = match.end()

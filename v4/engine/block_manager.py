@@ -38,7 +38,9 @@ class BlockManager:
         """Room for `seq` to hold `num_tokens` tokens: a slot if it has none, and the blocks it lacks."""
         c = self.cache
         if seq.slot is None:
-            return c.num_free_slots > 0 and all(n <= len(c.tables[m].free) for m, n in self.blocks_needed(num_tokens).items())
+            return c.num_free_slots > 0 and all(
+                n <= len(c.tables[m].free) for m, n in self.blocks_needed(num_tokens).items()
+            )
         return c.can_reserve(seq.slot, num_tokens)
 
     def allocate(self, seq: Sequence, num_tokens: int) -> None:

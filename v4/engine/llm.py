@@ -52,7 +52,9 @@ class EngineStats:
     prefill_s: float = 0.0  # wall time of steps that computed prompt tokens
     decode_s: float = 0.0  # wall time of decode-only steps
     prefill_tokens: int = 0  # tokens computed in the former (recomputation included)
-    decode_tokens: int = 0  # tokens generated in the latter (with speculative decoding: accepted drafts + 1 per verification)
+    decode_tokens: int = (
+        0  # tokens generated in the latter (with speculative decoding: accepted drafts + 1 per verification)
+    )
     decode_steps: int = 0
 
     def as_dict(self) -> dict:
@@ -124,12 +126,16 @@ class LLM:
         cfg.check_token_ids(prompt_ids)
         params.validate(cfg.vocab_size)
         if params.stop and self.tokenizer is None:
-            raise InputError("stop strings need a tokenizer to match the text; give the engine one, or use stop_token_ids")
+            raise InputError(
+                "stop strings need a tokenizer to match the text; give the engine one, or use stop_token_ids"
+            )
         need = len(prompt_ids) + params.max_tokens
         if need > rt.max_model_len:
-            raise InputError(f"This model's maximum context length is {rt.max_model_len} tokens, but the request needs {need} "
-                             f"({len(prompt_ids)} in the prompt, {params.max_tokens} in max_tokens); shorten the prompt, lower "
-                             "max_tokens or raise runtime.max_model_len")
+            raise InputError(
+                f"This model's maximum context length is {rt.max_model_len} tokens, but the request needs {need} "
+                f"({len(prompt_ids)} in the prompt, {params.max_tokens} in max_tokens); shorten the prompt, lower "
+                "max_tokens or raise runtime.max_model_len"
+            )
         why = self.blocks.fits_at_all(need)
         if why:
             raise InputError(f"a request of {need} tokens (prompt + max_tokens) {why}")
@@ -141,7 +147,9 @@ class LLM:
         self._seqs[seq.id] = seq
         if params.max_tokens == 0:
             self._finish(seq, FinishReason.LENGTH)
-            self._pending.append(RequestOutput(seq.id, [], "", [] if params.logprobs is not None else None, True, "length"))
+            self._pending.append(
+                RequestOutput(seq.id, [], "", [] if params.logprobs is not None else None, True, "length")
+            )
         else:
             self.scheduler.add(seq)
         return seq
@@ -318,7 +326,9 @@ class LLM:
         """Run every prompt to completion (continuous batching) and return them in prompt order."""
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
-            raise InputError(f"{len(prompts)} prompts but {len(plist)} sampling parameter sets; give one, or one per prompt")
+            raise InputError(
+                f"{len(prompts)} prompts but {len(plist)} sampling parameter sets; give one, or one per prompt"
+            )
         seqs: list[Sequence] = []
         try:
             for p, sp in zip(prompts, plist):

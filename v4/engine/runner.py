@@ -46,7 +46,9 @@ def graph_mode(setting: str, model: Transformer) -> str:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, rt: RuntimeConfig, graphs: str | None = None, buckets: list[int] | None = None):
+    def __init__(
+        self, model: Transformer, rt: RuntimeConfig, graphs: str | None = None, buckets: list[int] | None = None
+    ):
         """With runtime.speculative_config, decode graphs capture the verification step: 1 + k tokens
         per sequence (`run_trunk`); otherwise one token per sequence (`run`)."""
         self.model = model
@@ -76,9 +78,11 @@ class ModelRunner:
         self.capacity_tokens = min(tokens, rt.max_num_seqs * rt.max_model_len)
         self.cache_summary = (
             f"KV cache: {cache.bytes_used() / 2**20:.1f} MiB ({cache.bytes_used()} bytes) on {m.device}: "
-            f"{self.capacity_tokens} tokens of context, {min(rt.max_num_seqs, self.capacity_tokens // rt.max_model_len)} "
+            f"{self.capacity_tokens} tokens of context, "
+            f"{min(rt.max_num_seqs, self.capacity_tokens // rt.max_model_len)} "
             f"sequences of max_model_len={rt.max_model_len} at once (max_num_seqs={rt.max_num_seqs}; "
-            f"{geo.slot_bytes} bytes per sequence slot, block_size={rt.block_size})")
+            f"{geo.slot_bytes} bytes per sequence slot, block_size={rt.block_size})"
+        )
         log.info(self.cache_summary)
         return cache
 

@@ -39,16 +39,35 @@ class SamplingParams:
 
         need(self.temperature >= 0, "temperature", ">= 0", self.temperature)
         need(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
-        need(isinstance(self.top_k, int) and self.top_k >= -1, "top_k", "-1, 0 (no cut) or a positive integer", self.top_k)
+        need(
+            isinstance(self.top_k, int) and self.top_k >= -1,
+            "top_k",
+            "-1, 0 (no cut) or a positive integer",
+            self.top_k,
+        )
         need(0 <= self.min_p <= 1, "min_p", "in [0, 1]", self.min_p)
-        need(isinstance(self.max_tokens, int) and self.max_tokens >= 0, "max_tokens", "a non-negative integer", self.max_tokens)
-        need(isinstance(self.min_tokens, int) and 0 <= self.min_tokens, "min_tokens", "a non-negative integer", self.min_tokens)
+        need(
+            isinstance(self.max_tokens, int) and self.max_tokens >= 0,
+            "max_tokens",
+            "a non-negative integer",
+            self.max_tokens,
+        )
+        need(
+            isinstance(self.min_tokens, int) and 0 <= self.min_tokens,
+            "min_tokens",
+            "a non-negative integer",
+            self.min_tokens,
+        )
         need(self.min_tokens <= self.max_tokens, "min_tokens", f"<= max_tokens={self.max_tokens}", self.min_tokens)
         need(self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0), "logprobs",
              "None or a non-negative integer", self.logprobs)
         need(all(isinstance(s, str) and s for s in self.stop), "stop", "a list of non-empty strings", self.stop)
         if vocab_size is not None:
-            need(self.logprobs is None or self.logprobs <= vocab_size, "logprobs", f"<= the vocabulary size {vocab_size}",
-                 self.logprobs)
+            need(
+                self.logprobs is None or self.logprobs <= vocab_size,
+                "logprobs",
+                f"<= the vocabulary size {vocab_size}",
+                self.logprobs,
+            )
             bad = [t for t in self.stop_token_ids if not 0 <= int(t) < vocab_size]
             need(not bad, "stop_token_ids", f"ids in [0, {vocab_size})", bad)

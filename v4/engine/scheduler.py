@@ -91,7 +91,12 @@ class Scheduler:
                 continue
             break  # seq itself was preempted: nothing after it is running any more
         # as vLLM: no admissions in a step that had to preempt (memory is short; do not thrash)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and preemptions == self.num_preemptions:
+        while (
+            self.waiting
+            and budget > 0
+            and len(self.running) < self.max_num_seqs
+            and preemptions == self.num_preemptions
+        ):
             seq = self.waiting[0]
             n = self._share(seq, budget)
             if not self.blocks.can_allocate(seq, seq.num_computed + n):

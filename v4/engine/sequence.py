@@ -76,8 +76,10 @@ class Sequence:
         return self.status == SequenceStatus.FINISHED
 
     def __repr__(self):
-        return (f"Sequence(id={self.id}, {self.status.value}, prompt={len(self.prompt_ids)}, out={len(self.output_ids)}, "
-                f"computed={self.num_computed}, slot={self.slot})")
+        return (
+            f"Sequence(id={self.id}, {self.status.value}, prompt={len(self.prompt_ids)}, out={len(self.output_ids)}, "
+            f"computed={self.num_computed}, slot={self.slot})"
+        )
 
 
 @dataclass

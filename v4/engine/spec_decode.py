@@ -67,8 +67,10 @@ class MTPDrafter:
                               "(num_nextn_predict_layers is 0); drop --speculative-config")
         mtp_layer = cfg.num_hidden_layers
         if cfg.layer_ratio(mtp_layer) != 0:
-            raise ConfigError(f"runtime.speculative_config: the MTP block is a compressed layer (compress_ratios[{mtp_layer}] "
-                              f"= {cfg.layer_ratio(mtp_layer)}); speculative decoding needs a sliding-window MTP block, as V4's")
+            raise ConfigError(
+                f"runtime.speculative_config: the MTP block is a compressed layer (compress_ratios[{mtp_layer}] "
+                f"= {cfg.layer_ratio(mtp_layer)}); speculative decoding needs a sliding-window MTP block, as V4's"
+            )
         most = RowBackup.max_tokens_per_step(cfg) - 1
         if spec.num_speculative_tokens > most:
             raise ConfigError(f"runtime.speculative_config: num_speculative_tokens={spec.num_speculative_tokens} needs "

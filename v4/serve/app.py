@@ -153,7 +153,9 @@ class BodyLimit:
             await self._refuse(send)
 
     async def _refuse(self, send):
-        body = json.dumps(envelope(f"the request body is over {self.max_bytes} bytes; send a smaller one", 413)).encode()
+        body = json.dumps(
+            envelope(f"the request body is over {self.max_bytes} bytes; send a smaller one", 413)
+        ).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

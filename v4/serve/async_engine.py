@@ -202,7 +202,9 @@ class AsyncEngine:
             _, prompt_ids, params, stream, done = cmd
             try:
                 if self.llm.num_waiting >= self.max_waiting:
-                    raise QueueFull(f"the waiting queue is full ({self.max_waiting} requests, --max-waiting); retry later")
+                    raise QueueFull(
+                        f"the waiting queue is full ({self.max_waiting} requests, --max-waiting); retry later"
+                    )
                 rid = self.llm.add_request(prompt_ids, params)
             except Exception as e:  # noqa: BLE001 - the caller gets it (a 4xx/5xx), the loop goes on
                 done.set_exception(e)

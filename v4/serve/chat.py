@@ -49,13 +49,26 @@ class ChatServing(OpenAIServing):
         lps = [lp for o in outs for lp in (o.logprobs or [])]
         choice = {"index": 0, "message": message, "logprobs": self._logprobs(lps) if req.logprobs else None,
                   "finish_reason": out.finish_reason(outs[-1].finish_reason, bool(calls)), "stop_reason": None}
-        return JSONResponse({"id": out.rid, "object": "chat.completion", "created": out.created, "model": out.model,
-                             "choices": [choice], "usage": usage(out.n_prompt, sum(len(o.new_token_ids) for o in outs))})
+        return JSONResponse(
+            {
+                "id": out.rid,
+                "object": "chat.completion",
+                "created": out.created,
+                "model": out.model,
+                "choices": [choice],
+                "usage": usage(out.n_prompt, sum(len(o.new_token_ids) for o in outs)),
+            }
+        )
 
     def render(self, messages, tools, thinking: bool, effort: str | None, add_generation_prompt: bool,
                template_kwargs: dict | None = None) -> str:
         if self.ctx.chat_template is not None:
-            kw = {"thinking": thinking, "enable_thinking": thinking, "reasoning_effort": effort, **(template_kwargs or {})}
+            kw = {
+                "thinking": thinking,
+                "enable_thinking": thinking,
+                "reasoning_effort": effort,
+                **(template_kwargs or {}),
+            }
             return render_jinja(self.ctx.chat_template, messages, add_generation_prompt=add_generation_prompt,
                                 tools=tools, bos_token=self.ctx.bos_token, eos_token=self.ctx.eos_token, **kw)
         return encode_messages(messages, thinking=thinking, reasoning_effort=effort, tools=tools,
@@ -105,7 +118,9 @@ class ChatServing(OpenAIServing):
 class _Reply:
     """One chat answer's fixed parts: ids, how to read the output, and how to shape chunks."""
 
-    def __init__(self, req: ChatCompletionRequest, *, thinking: bool, rid: str, created: int, model: str, n_prompt: int):
+    def __init__(
+        self, req: ChatCompletionRequest, *, thinking: bool, rid: str, created: int, model: str, n_prompt: int
+    ):
         self.thinking, self.rid, self.created, self.model, self.n_prompt = thinking, rid, created, model, n_prompt
         self.tools_on = bool(req.tools) and req.tool_choice != "none"
         self.include_reasoning = req.include_reasoning

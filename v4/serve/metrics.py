@@ -50,7 +50,9 @@ class ServerMetrics:
         self.e2e = hist("vllm:e2e_request_latency_seconds", "Request latency, arrival to last token.", REQUEST_BUCKETS)
         self.queue = hist("vllm:request_queue_time_seconds", "Time from engine arrival to first scheduled.",
                           REQUEST_BUCKETS)
-        self.spec_drafts = counter("vllm:spec_decode_num_drafts", "Speculative verifications (one per sequence and step).")
+        self.spec_drafts = counter(
+            "vllm:spec_decode_num_drafts", "Speculative verifications (one per sequence and step)."
+        )
         self.spec_draft_tokens = counter("vllm:spec_decode_num_draft_tokens", "Draft tokens proposed and verified.")
         self.spec_accepted = counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.")
         self._spec_per_pos = Counter("vllm:spec_decode_num_accepted_tokens_per_pos",

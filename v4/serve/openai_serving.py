@@ -50,7 +50,9 @@ class OpenAIServing:
             raise RequestError(f"{field} is empty: give at least one token or character", field)
         bad = next((t for t in ids if not 0 <= t < self.ctx.vocab_size), None)
         if bad is not None:
-            raise RequestError(f"{field} holds token id {bad}, outside the vocabulary [0, {self.ctx.vocab_size})", field)
+            raise RequestError(
+                f"{field} holds token id {bad}, outside the vocabulary [0, {self.ctx.vocab_size})", field
+            )
         return ids
 
     def max_tokens(self, requested: int | None, prompt_len: int, field: str = "max_tokens") -> int:

@@ -56,7 +56,9 @@ class _Request(BaseModel):
             if getattr(self, name):
                 raise RequestError(f"{name} is not supported by dsv4 serve yet; leave it at 0", name)
         if self.repetition_penalty not in (None, 1.0):
-            raise RequestError("repetition_penalty is not supported by dsv4 serve yet; leave it at 1", "repetition_penalty")
+            raise RequestError(
+                "repetition_penalty is not supported by dsv4 serve yet; leave it at 1", "repetition_penalty"
+            )
         if self.logit_bias:
             raise RequestError("logit_bias is not supported by dsv4 serve yet; leave it out", "logit_bias")
 
@@ -111,7 +113,9 @@ class ChatCompletionRequest(_Request):
             if not self.logprobs:
                 raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
             if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-                raise RequestError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}", "top_logprobs")
+                raise RequestError(
+                    f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}", "top_logprobs"
+                )
         if self.tool_choice not in (None, "none", "auto"):
             raise RequestError("tool_choice must be \"auto\" or \"none\": dsv4 serve has no constrained decoding for "
                              "\"required\" or a named tool", "tool_choice")

@@ -33,7 +33,11 @@ def serve(a, overrides: dict) -> int:
         ranks = _start_ranks(a)  # None on one device; this rank's part of a multi-device deployment otherwise
         if ranks is not None and ranks.rank != 0:
             return ranks, None, None
-        L = ranks.loaded if ranks is not None else load(a.checkpoint, a.config, a.runtime, overrides, seed=a.seed_weights)
+        L = (
+            ranks.loaded
+            if ranks is not None
+            else load(a.checkpoint, a.config, a.runtime, overrides, seed=a.seed_weights)
+        )
         return ranks, L, (LLM(L.model, L.runtime, L.tokenizer) if ranks is None else ranks.engine(L.runtime))
 
     worker = EngineThread()  # builds the model and later steps it: torch runs on one thread (see EngineThread)
@@ -45,10 +49,15 @@ def serve(a, overrides: dict) -> int:
     engine = AsyncEngine(llm, max_waiting=a.max_waiting, on_step=metrics.on_step, worker=worker)
     template = load_chat_template(a.checkpoint) if a.checkpoint else None
     bos, eos = _special_token_texts(a.checkpoint)
-    ctx = ServerContext(engine, L.tokenizer, name, L.cfg.vocab_size, L.runtime.max_model_len, metrics, template, bos, eos)
+    ctx = ServerContext(
+        engine, L.tokenizer, name, L.cfg.vocab_size, L.runtime.max_model_len, metrics, template, bos, eos
+    )
     app = build_app(ctx, max_body_bytes=int(a.max_body_mb * 2**20))
-    print(f"dsv4 serve: {name} ({L.cfg.name} on {L.model.ops.name}/{L.runtime.dtype}/{L.runtime.mode}, "
-          f"chat format: {'jinja template' if template else 'DeepSeek V4'}) at http://{a.host}:{a.port}", file=sys.stderr)
+    print(
+        f"dsv4 serve: {name} ({L.cfg.name} on {L.model.ops.name}/{L.runtime.dtype}/{L.runtime.mode}, "
+        f"chat format: {'jinja template' if template else 'DeepSeek V4'}) at http://{a.host}:{a.port}",
+        file=sys.stderr,
+    )
     print(llm.runner.cache_summary, file=sys.stderr)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.uvicorn_log_level,
                             timeout_graceful_shutdown=a.shutdown_timeout, timeout_keep_alive=5)
@@ -84,7 +93,9 @@ def add_parser(sub, add_model_args, add_engine_args, overrides) -> None:
     add_engine_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--served-model-name", help="the model name clients send (default: the checkpoint path or config name)")
+    s.add_argument(
+        "--served-model-name", help="the model name clients send (default: the checkpoint path or config name)"
+    )
     s.add_argument("--max-waiting", type=int, default=256,
                    help="requests that may wait for a slot; beyond that new requests get 503 (default 256)")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
