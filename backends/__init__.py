@@ -224,9 +224,13 @@ def get_ops(name: str = "auto", device: str | None = None, allow_fallback: bool 
     chosen = resolve(name)
     info = probe(chosen)
     if mode not in info.modes:
-        raise BackendUnavailable(f"backend '{chosen}' does not support numerics mode '{mode}' (it supports: {', '.join(info.modes)})")
+        raise BackendUnavailable(
+            f"backend '{chosen}' does not support numerics mode '{mode}' (it supports: {', '.join(info.modes)})"
+        )
     if dtype is not None and dtype not in info.dtypes:
-        raise BackendUnavailable(f"backend '{chosen}' does not support dtype '{dtype}' (it supports: {', '.join(info.dtypes)})")
+        raise BackendUnavailable(
+            f"backend '{chosen}' does not support dtype '{dtype}' (it supports: {', '.join(info.dtypes)})"
+        )
     mod = importlib.import_module(_REGISTRY[chosen].module)
     native = mod.make_ops(device, **(backend_options or {}).get(chosen, {}))
     missing = [op for op in OP_NAMES if op not in info.ops]
@@ -276,7 +280,9 @@ def format_matrix(infos: list[BackendInfo] | None = None) -> str:
     rows = [[op] + [("yes" if op in i.ops else "-") for i in infos] for op in OP_NAMES]
     rows.append(["available"] + [("yes" if i.available else "NO") for i in infos])
     rows.append(["device"] + [i.device_type for i in infos])
-    rows.append(["dtypes"] + [",".join(d.replace("float", "f").replace("bf", "bf") for d in i.dtypes) or "-" for i in infos])
+    rows.append(
+        ["dtypes"] + [",".join(d.replace("float", "f").replace("bf", "bf") for d in i.dtypes) or "-" for i in infos]
+    )
     rows.append(["modes"] + [",".join(i.modes) or "-" for i in infos])
     widths = [max(len(str(r[c])) for r in [head] + rows) for c in range(len(head))]
     fmt = "  ".join("{:<%d}" % w for w in widths)

@@ -65,32 +65,72 @@ def readiness() -> list[Check]:
 
     checks = []
     cann = _cann_home()
-    hccl = bool(cann) and any(os.path.exists(os.path.join(cann, d, "libhccl.so")) for d in ("lib64", "runtime/lib64", "aarch64-linux/lib64", "x86_64-linux/lib64"))
-    checks.append(Check("CANN toolkit", bool(cann), f"ASCEND_HOME_PATH={cann}" if cann else "not set up",
-                        "install CANN 8.5+ (toolkit + kernels for your chip) and `source /usr/local/Ascend/ascend-toolkit/set_env.sh`"))
+    hccl = bool(cann) and any(
+        os.path.exists(os.path.join(cann, d, "libhccl.so"))
+        for d in ("lib64", "runtime/lib64", "aarch64-linux/lib64", "x86_64-linux/lib64")
+    )
+    checks.append(
+        Check(
+            "CANN toolkit",
+            bool(cann),
+            f"ASCEND_HOME_PATH={cann}" if cann else "not set up",
+            "install CANN 8.5+ (toolkit + kernels for your chip) and `source "
+            "/usr/local/Ascend/ascend-toolkit/set_env.sh`",
+        )
+    )
     if cann:
-        checks.append(Check("libhccl.so", hccl, "found under the CANN home" if hccl else "not found under the CANN home",
-                            "re-source set_env.sh; check the toolkit install is complete (torch_npu links libhccl)"))
+        checks.append(
+            Check(
+                "libhccl.so",
+                hccl,
+                "found under the CANN home" if hccl else "not found under the CANN home",
+                "re-source set_env.sh; check the toolkit install is complete (torch_npu links libhccl)",
+            )
+        )
     cuda_build = torch.version.cuda is not None
-    checks.append(Check("CPU torch wheel", not cuda_build, f"torch {torch.__version__}" + (" is a CUDA build" if cuda_build else ""),
-                        "torch_npu refuses a second accelerator: in the NPU environment install the CPU wheel "
-                        "(pip install torch==<torch_npu's torch version> --index-url https://download.pytorch.org/whl/cpu)"))
+    checks.append(
+        Check(
+            "CPU torch wheel",
+            not cuda_build,
+            f"torch {torch.__version__}" + (" is a CUDA build" if cuda_build else ""),
+            "torch_npu refuses a second accelerator: in the NPU environment install the CPU wheel "
+            "(pip install torch==<torch_npu's torch version> --index-url https://download.pytorch.org/whl/cpu)",
+        )
+    )
     tnpu = _dist_version("torch-npu")
-    checks.append(Check("torch_npu", tnpu is not None, f"torch-npu {tnpu}" if tnpu else "not installed",
-                        "pip install 'dsv4[ascend]' (torch-npu must match torch's version: torch-npu 2.14.0 needs torch 2.14.0)"))
+    checks.append(
+        Check(
+            "torch_npu",
+            tnpu is not None,
+            f"torch-npu {tnpu}" if tnpu else "not installed",
+            "pip install 'dsv4[ascend]' (torch-npu must match torch's version: torch-npu 2.14.0 needs torch 2.14.0)",
+        )
+    )
     if tnpu:
         auto = os.environ.get("TORCH_DEVICE_BACKEND_AUTOLOAD", "1")
-        checks.append(Check("TORCH_DEVICE_BACKEND_AUTOLOAD", None, f"={auto}",
-                            "torch_npu registers itself for autoload: without CANN, `import torch` fails unless this is 0; "
-                            "with CANN leave it unset (1)"))
+        checks.append(
+            Check(
+                "TORCH_DEVICE_BACKEND_AUTOLOAD",
+                None,
+                f"={auto}",
+                "torch_npu registers itself for autoload: without CANN, `import torch` fails unless this is 0; "
+                "with CANN leave it unset (1)",
+            )
+        )
     tasc = _dist_version("triton-ascend")
     up = _dist_version("triton")
     checks.append(Check("triton-ascend", tasc is not None, f"triton-ascend {tasc}" if tasc else "not installed",
                         "pip uninstall -y triton && pip install --no-deps --force-reinstall triton-ascend "
                         "(it replaces the `triton` module; upstream triton must not be installed after it)"))
     if tasc and up:
-        checks.append(Check("upstream triton", False, f"triton {up} is installed too: whichever was installed last owns `triton/`",
-                            "pip uninstall -y triton && pip install --no-deps --force-reinstall triton-ascend"))
+        checks.append(
+            Check(
+                "upstream triton",
+                False,
+                f"triton {up} is installed too: whichever was installed last owns `triton/`",
+                "pip uninstall -y triton && pip install --no-deps --force-reinstall triton-ascend",
+            )
+        )
     bisheng = shutil.which("bishengir-compile") is not None
     checks.append(Check("bishengir-compile", bisheng if cann else None, "on PATH" if bisheng else "not on PATH",
                         "comes with CANN (and ascendnpu-ir for the offline lowering check)"))
@@ -125,7 +165,10 @@ def readiness_report() -> str:
 def _real_reason() -> str | None:
     """None when a real Ascend run can start here, else the first blocking sentence."""
     if not _installed("torch_npu"):
-        return "torch_npu is not installed (pip install 'dsv4[ascend]' on a machine with CANN 8.5+; `dsv4 backends` lists what else is needed)"
+        return (
+            "torch_npu is not installed (pip install 'dsv4[ascend]' on a machine with CANN 8.5+; "
+            "`dsv4 backends` lists what else is needed)"
+        )
     if not _cann_home():
         return "CANN is not set up (source /usr/local/Ascend/ascend-toolkit/set_env.sh)"
     if _dist_version("triton-ascend") is None:
@@ -153,11 +196,26 @@ def probe():
 
     if emulate_requested():
         if not _installed("triton"):
-            return BackendInfo("ascend", "cpu (emulated)", False,
-                               "emulation runs the Triton-Ascend kernels in Triton's interpreter: pip install triton", frozenset(), (), ())
-        return BackendInfo("ascend", "cpu (CANN ops emulated, Triton-Ascend kernels interpreted)", True, "", _ops(),
-                           DTYPES, ("plain",), notes="emulated on CPU (DSV4_ASCEND_EMULATE=1): for checking, not a real NPU",
-                           auto=False)
+            return BackendInfo(
+                "ascend",
+                "cpu (emulated)",
+                False,
+                "emulation runs the Triton-Ascend kernels in Triton's interpreter: pip install triton",
+                frozenset(),
+                (),
+                (),
+            )
+        return BackendInfo(
+            "ascend",
+            "cpu (CANN ops emulated, Triton-Ascend kernels interpreted)",
+            True,
+            "",
+            _ops(),
+            DTYPES,
+            ("plain",),
+            notes="emulated on CPU (DSV4_ASCEND_EMULATE=1): for checking, not a real NPU",
+            auto=False,
+        )
     why = _real_reason()
     if why is not None:
         return BackendInfo("ascend", "npu", False, why, _ops() if _installed("triton") else frozenset(), (), ())

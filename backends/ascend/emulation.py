@@ -1,14 +1,14 @@
 """CPU emulations of the torch_npu / CANN ops the Ascend adapter calls. NOT the real ops.
 
-Each function has the name, argument names, conventions and return structure of the torch_npu
-2.14 API (signatures and output shapes as the wheel's Meta registrations,
+Each function has the name, argument names, conventions and return structure of the torch_npu 2.14
+API (signatures and output shapes as the wheel's Meta registrations,
 `torch_npu/op_plugin/meta/_meta_registrations.py`, declare them) and computes what that op's
-documentation (`torch_npu/_op_plugin_docs.py` of the torch-npu 2.14.0 wheel) says it computes, in plain PyTorch on any device. They exist so
-that the adapter in `backends/ascend/ops.py` (which maps our packed / paged layouts onto those
-ops: TND layouts, `actual_seq_lengths`, block tables, `sparse_mode`, quant scales) is executed
-and checked on machines without an NPU. They are selected only on request
-(`DSV4_ASCEND_EMULATE=1`), never by `auto`, and every report that used them says "emulated on
-CPU".
+documentation (`torch_npu/_op_plugin_docs.py` of the torch-npu 2.14.0 wheel) says it computes, in
+plain PyTorch on any device. They exist so that the adapter in `backends/ascend/ops.py` (which maps
+our packed / paged layouts onto those ops: TND layouts, `actual_seq_lengths`, block tables,
+`sparse_mode`, quant scales) is executed and checked on machines without an NPU. They are selected
+only on request (`DSV4_ASCEND_EMULATE=1`), never by `auto`, and every report that used them says
+"emulated on CPU".
 
 What an emulation cannot tell: the real kernels' accumulation order and internal precision, and
 anything the documentation leaves open. Where the documentation is silent we chose the
@@ -36,7 +36,11 @@ def _need(cond: bool, op: str, msg: str) -> None:
 def npu_rms_norm(self: torch.Tensor, gamma: torch.Tensor, epsilon: float = 1e-6):
     """(y, rstd): y = gamma * x / sqrt(mean(x^2) + eps) over the last dim; rstd in fp32."""
     op = "npu_rms_norm"
-    _need(self.dtype in (torch.float16, torch.bfloat16, torch.float32), op, f"x dtype must be fp16/bf16/fp32, got {self.dtype}")
+    _need(
+        self.dtype in (torch.float16, torch.bfloat16, torch.float32),
+        op,
+        f"x dtype must be fp16/bf16/fp32, got {self.dtype}",
+    )
     _need(gamma.dtype == self.dtype, op, f"gamma dtype {gamma.dtype} must equal x dtype {self.dtype}")
     _need(2 <= self.dim() <= 8, op, f"x must have 2-8 dims, got {self.dim()}")
     xf = self.float()
@@ -87,10 +91,17 @@ def _check_indexer_args(query, key, weights, actual_seq_lengths_query, actual_se
     _need(1 <= sparse_count <= 2048 or sparse_count in (3072, 4096, 5120, 6144, 7168, 8192), op,
           f"sparse_count must be in 1..2048 or 3072..8192 step 1024, got {sparse_count}")
     _need(sparse_mode in (0, 3), op, f"sparse_mode must be 0 or 3, got {sparse_mode}")
-    _need(pre_tokens == 2**63 - 1 and next_tokens == 2**63 - 1, op, "only the default pre_tokens / next_tokens are emulated")
+    _need(
+        pre_tokens == 2**63 - 1 and next_tokens == 2**63 - 1,
+        op,
+        "only the default pre_tokens / next_tokens are emulated",
+    )
     _need(query.numel() > 0 and key.numel() > 0, op, "query and key must not be empty")
-    for name, t in (("actual_seq_lengths_query", actual_seq_lengths_query), ("actual_seq_lengths_key", actual_seq_lengths_key),
-                    ("block_table", block_table)):
+    for name, t in (
+        ("actual_seq_lengths_query", actual_seq_lengths_query),
+        ("actual_seq_lengths_key", actual_seq_lengths_key),
+        ("block_table", block_table),
+    ):
         _need(t is not None and t.dtype == torch.int32, op, f"{name} must be an int32 tensor")
     cu = actual_seq_lengths_query.tolist()
     B = len(cu)
@@ -178,7 +189,11 @@ def npu_quant_matmul(x1: torch.Tensor, x2: torch.Tensor, scale: torch.Tensor, *,
           f"scale must be float32/bfloat16 [1] or [n={n}], got {scale.dtype} {tuple(scale.shape)}")
     _need(pertoken_scale is None or (pertoken_scale.shape == (m,) and pertoken_scale.dtype == torch.float32), op,
           f"pertoken_scale must be float32 [m={m}]")
-    _need(output_dtype in (torch.float16, torch.bfloat16), op, f"only float16/bfloat16 outputs are emulated, got {output_dtype}")
+    _need(
+        output_dtype in (torch.float16, torch.bfloat16),
+        op,
+        f"only float16/bfloat16 outputs are emulated, got {output_dtype}",
+    )
     # int8 x int8 products summed in int32 are exact; fp64 matmul of the integers is exact too for k < 2^37
     acc = (x1.double() @ x2.double()).float()
     y = acc * scale.float()
@@ -206,8 +221,11 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
     _need(split_item in (2, 3) and group_type == 0 and group_list is not None and torch.is_tensor(group_list), op,
           "only split_item 2/3, group_type 0 with a group_list tensor is emulated")
     _need(group_list.dtype == torch.int64, op, f"group_list must be int64, got {group_list.dtype}")
-    _need(act_type == 0 and bias is None and offset is None and antiquant_scale is None and antiquant_offset is None, op,
-          "activation / bias / offset / antiquant arguments are not emulated")
+    _need(
+        act_type == 0 and bias is None and offset is None and antiquant_scale is None and antiquant_offset is None,
+        op,
+        "activation / bias / offset / antiquant arguments are not emulated",
+    )
     a, w = x[0], weight[0]
     _need(a.dim() == 2 and w.dim() == 3 and w.shape[1] == a.shape[1], op,
           f"x [M, K] and weight [g, K, N] expected, got {tuple(a.shape)} and {tuple(w.shape)}")

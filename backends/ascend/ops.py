@@ -25,7 +25,7 @@ Weights (`runtime.backend_options.ascend.weights`, `--ascend-weights`): "dequant
 FP8 / FP4 checkpoint weights at load into the working dtype; "w8a8" additionally quantises every
 projection the model keeps in the 16-bit working dtype to int8 per output channel (activations per
 token at run time). The projections the model keeps in fp32 (compressor, indexer weights, head) stay float.
-"""
+"""  # noqa: E501 - the op table's markdown rows must each stay on one line
 
 from __future__ import annotations
 
@@ -190,7 +190,9 @@ class AscendOps:
     # ------------------------------------------------------------------ norm / rope
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
         if x.dtype == torch.float64:
-            raise ValueError("the Ascend backend has no fp64 (NPUs do not compute in it); use float32 as the reference dtype")
+            raise ValueError(
+                "the Ascend backend has no fp64 (NPUs do not compute in it); use float32 as the reference dtype"
+            )
         if weight is None:
             key = (x.shape[-1], x.dtype)
             if key not in self._ones:
@@ -213,7 +215,9 @@ class AscendOps:
         self._rope_cache = ([(positions, inv_freq, dtype, tables)] + self._rope_cache)[:4]
         return tables
 
-    def rope(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    def rope(
+        self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False
+    ) -> torch.Tensor:
         r = 2 * inv_freq.numel()
         T = x.shape[0]
         cos, sin, neg_sin = self._rope_tables(positions, inv_freq, x.dtype)
@@ -221,7 +225,9 @@ class AscendOps:
         # goes by position: the doc page names it rotary_mode, the Meta registration `mode`
         rot = x[..., -r:].reshape(1, T, -1, r).contiguous()  # BSND, B = 1, N = heads (or 1)
         out = x.clone()
-        out[..., -r:] = self.npu.npu_rotary_mul(rot, cos, neg_sin if inverse else sin, "interleave").view(x[..., -r:].shape)
+        out[..., -r:] = self.npu.npu_rotary_mul(rot, cos, neg_sin if inverse else sin, "interleave").view(
+            x[..., -r:].shape
+        )
         self._took("rope", "cann:npu_rotary_mul")
         return out
 
@@ -234,8 +240,9 @@ class AscendOps:
                 and k_pool.shape[1] % 16 == 0 and k_pool.shape[1] <= 1024 and k_pool.dtype == q.dtype)
         if not fits or T == 0:
             self._took("indexer_topk", "triton-ascend:indexer")
-            return self._kernel("indexer").indexer_topk(q, weights, k_pool, block_table, tok_slot, positions, ratio, topk,
-                                                        max_visible=max_visible)
+            return self._kernel("indexer").indexer_topk(
+                q, weights, k_pool, block_table, tok_slot, positions, ratio, topk, max_visible=max_visible
+            )
         # V4 lets query t see entries s < (t + 1) // ratio. sparse_mode 3 is right-down causal over
         # one row's keys, so each query is its own TND row (Sq = 1) whose key length is exactly
         # its visible count: then the causal mask admits all Sk keys and nothing else.
@@ -253,7 +260,9 @@ class AscendOps:
     # ------------------------------------------------------------------ dense projections
     def linear(self, x: torch.Tensor, w, act_quant: bool = False) -> torch.Tensor:
         if act_quant:
-            raise ValueError("FP8 activation quantisation (exact mode) does not exist on A2/A3; run the Ascend backend in plain mode")
+            raise ValueError(
+                "FP8 activation quantisation (exact mode) does not exist on A2/A3; run the Ascend backend in plain mode"
+            )
         if isinstance(w, W8A8Weight):
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(w.dtype)
@@ -298,7 +307,9 @@ class AscendOps:
     def moe_experts(self, x, ids, weights, w13: GroupedWeights, w2: GroupedWeights, shared, limit: float,
                     act_quant: bool = False):
         if act_quant:
-            raise ValueError("FP8 activation quantisation (exact mode) does not exist on A2/A3; run the Ascend backend in plain mode")
+            raise ValueError(
+                "FP8 activation quantisation (exact mode) does not exist on A2/A3; run the Ascend backend in plain mode"
+            )
         a = acc(x.dtype)
         T, k = ids.shape
         E = w13.w.shape[0]

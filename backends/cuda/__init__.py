@@ -43,7 +43,10 @@ def _gpu_reason() -> str | None:
 
         if torch.cuda.is_available():
             return None
-        return "torch sees no CUDA GPU (install a CUDA build of torch on a GPU machine, or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter on CPU)"
+        return (
+            "torch sees no CUDA GPU (install a CUDA build of torch on a GPU machine, "
+            "or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter on CPU)"
+        )
     except Exception as e:  # noqa: BLE001
         return f"torch unusable: {e}"
 
@@ -52,7 +55,9 @@ def probe():
     from backends import BackendInfo
 
     if not _installed("triton"):
-        return BackendInfo("cuda", "cuda", False, "triton is not installed (pip install 'dsv4[triton]')", frozenset(), (), ())
+        return BackendInfo(
+            "cuda", "cuda", False, "triton is not installed (pip install 'dsv4[triton]')", frozenset(), (), ()
+        )
     import triton
 
     too_old = triton_version_reason(triton.__version__)
@@ -71,7 +76,9 @@ def probe():
         ops=frozenset(IMPLEMENTED),
         dtypes=("float32", "bfloat16", "float16"),
         modes=("plain", "exact"),
-        notes="interpreter mode: TRITON_INTERPRET=1, kernels run on CPU tensors (for checking, not speed)" if interp else "Triton kernels",
+        notes="interpreter mode: TRITON_INTERPRET=1, kernels run on CPU tensors (for checking, not speed)"
+        if interp
+        else "Triton kernels",
         auto=not interp,
     )
 

@@ -124,7 +124,9 @@ class ReferenceOps:
             y = _as(weight, a) * y
         return _as(y, x.dtype)
 
-    def rope(self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    def rope(
+        self, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False
+    ) -> torch.Tensor:
         """Interleaved rotary embedding on the LAST 2*len(inv_freq) dims of x.
 
         x: [T, ..., d]; positions: [T]. Pairs (2i, 2i+1) of the rope slice rotate by
@@ -243,7 +245,9 @@ class ReferenceOps:
     @staticmethod
     def _join_open_windows(kv, score, ape, m: int, cur: int, state_kv, state_score, seqs) -> None:
         """Write the tokens of every sequence whose window stays open into its state, in one indexed write."""
-        joining = [(slot, start % m + j, off + j) for slot, start, n, off in seqs if start % m + n < m for j in range(n)]
+        joining = [
+            (slot, start % m + j, off + j) for slot, start, n, off in seqs if start % m + n < m for j in range(n)
+        ]
         if joining:
             slot_t, row_t, tok_t = torch.tensor(joining, device=kv.device).unbind(1)
             state_kv[slot_t, cur + row_t] = kv[tok_t]
@@ -439,7 +443,9 @@ class ReferenceOps:
         count zero (and dropped again before the sum)."""
         a = y.dtype
         expert = flat[order]  # [P] expert of each pair, grouped
-        row = torch.arange(order.numel(), device=y.device) - (torch.cumsum(counts, 0) - counts)[expert]  # [P] row within it
+        row = (
+            torch.arange(order.numel(), device=y.device) - (torch.cumsum(counts, 0) - counts)[expert]
+        )  # [P] row within it
         E = w13.shape[0]
         tok = order // k
         xe = torch.zeros(E, width, xin.shape[1], dtype=w13.dtype, device=y.device)
@@ -489,7 +495,10 @@ class ReferenceOps:
             width, used = int(counts.max()), int((counts > 0).sum())
             E = w13.shape[0]
             # grouped when most experts are busy (it reads every expert's weights) and the buffers are small
-            if used >= self.GROUPED_MOE_BUSY * E and E * width * max(w13.shape[1], w2.shape[1]) <= self.GROUPED_MOE_ELEMENTS:
+            if (
+                used >= self.GROUPED_MOE_BUSY * E
+                and E * width * max(w13.shape[1], w2.shape[1]) <= self.GROUPED_MOE_ELEMENTS
+            ):
                 self._experts_grouped(xin, y, flat, order, counts, width, route_w, k, w13, w2, limit, act_quant)
             else:
                 self._experts_looped(xin, y, order, counts.tolist(), route_w, k, w13, w2, limit, act_quant)

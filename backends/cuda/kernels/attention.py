@@ -341,13 +341,13 @@ def _combine_splits_kernel(
 ):
     """o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, M = max_s m_s, for one [BLOCK_H, BLOCK_D]
     tile of one token. M is tracked as a running max (one pass over the splits); every m_s >= -1e30
-    is finite, so no -inf - -inf. Split 0 carries the sink, so l > 0 for any finite sink."""
+    is finite, so no -inf - -inf. Split 0 carries the sink, so l_sum > 0 for any finite sink."""
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     hmask = offs_h < H
     m = tl.full((BLOCK_H,), -1.0e30, tl.float32)
-    l = tl.zeros((BLOCK_H,), tl.float32)
+    l_sum = tl.zeros((BLOCK_H,), tl.float32)
     o = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
     for s in range(NSPLIT):
         row = (t * NSPLIT + s) * H + offs_h
@@ -357,10 +357,10 @@ def _combine_splits_kernel(
         m_new = tl.maximum(m, m_s)
         alpha = tl.exp2(m - m_new)
         beta = tl.exp2(m_s - m_new)
-        l = l * alpha + l_s * beta
+        l_sum = l_sum * alpha + l_s * beta
         o = o * alpha[:, None] + a_s * beta[:, None]
         m = m_new
-    o = o / l[:, None]
+    o = o / l_sum[:, None]
     if ROUND_BF16_OUT:
         o = round_bf16(o)
     tl.store(o_ptr + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],

@@ -236,7 +236,9 @@ def _compress_decode_kernel(kv_ptr, z_ptr, ape_ptr, skv_ptr, sz_ptr, slot_ptr, p
             row = tl.where(in_cur, r - CUR, r)
             half = tl.where(in_cur, KH - 1, 0)
             # window -1 does not exist: the previous window's candidates get zero weight at w == 0
-            ok = (r < KH * M) & (in_cur | ((r * 0 + w) > 0))  # (a vector: the interpreter widens scalar | vector to int)
+            ok = (r < KH * M) & (
+                in_cur | ((r * 0 + w) > 0)
+            )  # (a vector: the interpreter widens scalar | vector to int)
             from_state = ok & ((r < CUR) | (row != M - 1))
             st_row = tl.where(in_cur, CUR + row, row).to(tl.int64)
             ch = (half * c)[:, None] + cols[None, :]
@@ -453,7 +455,9 @@ def compress_decode(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, sp
         raise ValueError(f"compress: unknown quant mode {spec.quant!r}")
     B, c = kv.shape[0], spec.dim
     if rows.slots.shape[0] != B or rows.positions.shape[0] != B:
-        raise ValueError(f"compress: {B} token rows but {rows.slots.shape[0]} slots / {rows.positions.shape[0]} positions")
+        raise ValueError(
+            f"compress: {B} token rows but {rows.slots.shape[0]} slots / {rows.positions.shape[0]} positions"
+        )
     out = torch.empty(B, c, dtype=pool.dtype, device=kv.device)
     if B == 0:
         return out

@@ -159,7 +159,9 @@ def prepare_linear(w, dtype: torch.dtype, device=None) -> CudaWeight:
             out, inp = data.shape
             nb = (-(-out // FP8_BLOCK), -(-inp // FP8_BLOCK))
             if tuple(w.scale.shape) != nb:
-                raise ValueError(f"fp8 weight {tuple(data.shape)} needs a scale of shape {nb}, got {tuple(w.scale.shape)}")
+                raise ValueError(
+                    f"fp8 weight {tuple(data.shape)} needs a scale of shape {nb}, got {tuple(w.scale.shape)}"
+                )
         elif w.fmt == "fp4":
             if data.element_size() != 1 or data.is_floating_point():
                 raise ValueError(f"fp4 weight data must be packed int8/uint8, got {data.dtype}")
@@ -174,7 +176,9 @@ def prepare_linear(w, dtype: torch.dtype, device=None) -> CudaWeight:
         return CudaWeight(w.fmt, data.to(dev).contiguous(), _scale_f32(w.scale).to(dev).contiguous(), dtype)
     if isinstance(w, torch.Tensor):
         if not w.is_floating_point() or w.element_size() == 1:
-            raise ValueError(f"a dense weight must be a float tensor of 2+ bytes, got {w.dtype} (FP8/FP4 need a QuantizedWeight)")
+            raise ValueError(
+                f"a dense weight must be a float tensor of 2+ bytes, got {w.dtype} (FP8/FP4 need a QuantizedWeight)"
+            )
         dev = torch.device(device) if device is not None else w.device
         return CudaWeight("dense", w.to(device=dev, dtype=dtype).contiguous(), None, dtype)
     raise TypeError(f"cannot prepare a weight of type {type(w).__name__}")
@@ -197,7 +201,9 @@ def _stack(parts: list[list[CudaWeight]], dtype, split: int) -> CudaWeight:
         scale = torch.empty((E, srows, first[0].scale.shape[1]), dtype=torch.float32, device=first[0].device)
     for e, ps in enumerate(parts):
         if [p.data.shape for p in ps] != [p.data.shape for p in first]:
-            raise ValueError(f"expert {e} has shapes {[tuple(p.shape) for p in ps]}, expert 0 {[tuple(p.shape) for p in first]}")
+            raise ValueError(
+                f"expert {e} has shapes {[tuple(p.shape) for p in ps]}, expert 0 {[tuple(p.shape) for p in first]}"
+            )
         torch.cat([p.data for p in ps], out=data[e])
         if scale is not None:
             torch.cat([p.scale for p in ps], out=scale[e])
@@ -216,11 +222,13 @@ def prepare_experts(w1s: list, w3s: list, w2s: list, dtype: torch.dtype, device=
     for a, b, c in zip(w1s, w3s, w2s):
         pa, pb, pc = (prepare_linear(t, dtype, device) for t in (a, b, c))
         if pa.shape != pb.shape or pc.shape != (pa.shape[1], pa.shape[0]):
-            raise ValueError(f"expert shapes W1 {pa.shape}, W3 {pb.shape}, W2 {pc.shape} do not fit [I, D], [I, D], [D, I]")
+            raise ValueError(
+                f"expert shapes W1 {pa.shape}, W3 {pb.shape}, W2 {pc.shape} do not fit [I, D], [I, D], [D, I]"
+            )
         w13_parts.append([pa, pb])
         w2_parts.append([pc])
-    I = w13_parts[0][0].shape[0]
-    return _stack(w13_parts, dtype, I), _stack(w2_parts, dtype, 0)
+    inter = w13_parts[0][0].shape[0]
+    return _stack(w13_parts, dtype, inter), _stack(w2_parts, dtype, 0)
 
 
 def _as_weight(w, split_half: bool = False) -> CudaWeight:
@@ -362,7 +370,7 @@ def _linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, st
 
 @triton.jit
 def _moe_up_kernel(x_ptr, tok_ptr, rw_ptr, tile_e_ptr, tile_r0_ptr, tile_r1_ptr, w_ptr, s_ptr, h_ptr,
-                   I, K, limit, stride_xm, stride_we, stride_wn, stride_se, stride_sn, split_srows, stride_hm,
+                   inter, K, limit, stride_xm, stride_we, stride_wn, stride_se, stride_sn, split_srows, stride_hm,
                    HAS_RW: tl.constexpr, W_FMT: tl.constexpr, A_QUANT: tl.constexpr, FP8_PATH: tl.constexpr,
                    CDT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr, SOFT: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -377,11 +385,11 @@ def _moe_up_kernel(x_ptr, tok_ptr, rw_ptr, tile_e_ptr, tile_r0_ptr, tile_r1_ptr,
     rmask = rows < r1
     tok = tl.load(tok_ptr + rows, mask=rmask, other=0)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    cmask = cols < I
+    cmask = cols < inter
     wcols = cols.to(tl.int64)
     w1 = w_ptr + e.to(tl.int64) * stride_we
     s1 = s_ptr + e.to(tl.int64) * stride_se
-    w3 = w1 + I * stride_wn
+    w3 = w1 + inter * stride_wn
     s3 = s1 + split_srows * stride_sn
     a_base = x_ptr + tok.to(tl.int64)[:, None] * stride_xm
     acc1 = tl.zeros((BM, BN), dtype=tl.float32)
@@ -444,7 +452,9 @@ def _moe_combine_kernel(y_ptr, pos_ptr, sh_ptr, out_ptr, T, D, stride_ym, stride
         p = tl.load(pos_ptr + toks * TOPK + j, mask=tmask, other=0).to(tl.int64)
         acc += tl.load(y_ptr + p[:, None] * stride_ym + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_SHARED:
-        acc += tl.load(sh_ptr + toks.to(tl.int64)[:, None] * stride_sm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(sh_ptr + toks.to(tl.int64)[:, None] * stride_sm + cols[None, :], mask=mask, other=0.0).to(
+            tl.float32
+        )
     tl.store(out_ptr + toks.to(tl.int64)[:, None] * stride_om + cols[None, :],
              cast_rne(acc, out_ptr.dtype.element_ty, SOFT), mask=mask)
 
@@ -633,22 +643,22 @@ def _run_expert_mlp(x, tok, rw, tile_e, tile_r0, tile_r1, n_rows, bm, w13: CudaW
     """Up (fused SwiGLU) + down GEMMs over sorted rows; returns per-row outputs [n_rows, D] in w2.dtype."""
     soft = _soft(x)
     E, twoI, D = w13.shape
-    I = w13.split
-    if twoI != 2 * I or w2.shape != (E, D, I):
-        raise ValueError(f"moe: w13 {w13.shape} (split {I}) and w2 {w2.shape} do not fit [E, 2I, D], [E, D, I]")
-    h = torch.empty((n_rows, I), dtype=x.dtype, device=x.device)
+    inter = w13.split
+    if twoI != 2 * inter or w2.shape != (E, D, inter):
+        raise ValueError(f"moe: w13 {w13.shape} (split {inter}) and w2 {w2.shape} do not fit [E, 2I, D], [E, D, I]")
+    h = torch.empty((n_rows, inter), dtype=x.dtype, device=x.device)
     y = torch.empty((n_rows, D), dtype=w2.dtype, device=x.device)
     n_tiles = tile_e.numel()
-    _, bn, bk, nw, ns = _tiles(bm, I, w13, act_quant, soft)
-    _moe_up_kernel[(n_tiles, triton.cdiv(I, bn))](
+    _, bn, bk, nw, ns = _tiles(bm, inter, w13, act_quant, soft)
+    _moe_up_kernel[(n_tiles, triton.cdiv(inter, bn))](
         x, tok, rw if rw is not None else x, tile_e, tile_r0, tile_r1, w13.data, _scale_or_dummy(w13), h,
-        I, D, float(limit), x.stride(0), w13.data.stride(0), w13.data.stride(1), _sstride(w13, 0), _sstride(w13, 1),
+        inter, D, float(limit), x.stride(0), w13.data.stride(0), w13.data.stride(1), _sstride(w13, 0), _sstride(w13, 1),
         w13.split_scale_rows, h.stride(0), HAS_RW=rw is not None, BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=ns,
         **_fmt_args(w13, x, act_quant, fp8_mma))
     _, bn, bk, nw, ns = _tiles(bm, D, w2, act_quant, soft)
     _moe_down_kernel[(n_tiles, triton.cdiv(D, bn))](
         h, tile_e, tile_r0, tile_r1, w2.data, _scale_or_dummy(w2), y,
-        D, I, h.stride(0), w2.data.stride(0), w2.data.stride(1), _sstride(w2, 0), _sstride(w2, 1), y.stride(0),
+        D, inter, h.stride(0), w2.data.stride(0), w2.data.stride(1), _sstride(w2, 0), _sstride(w2, 1), y.stride(0),
         BM=bm, BN=bn, BK=bk, num_warps=nw, num_stages=ns, **_fmt_args(w2, h, act_quant, fp8_mma))
     return y
 
