@@ -33,8 +33,12 @@ class ServerProcess:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="dsv4-serve-", suffix=".log", delete=False)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
         env.pop("DSV4_BACKEND", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "v4.cli", "serve", "--host", "127.0.0.1",
-                                      "--port", str(self.port), *args], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "v4.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
 
     def wait_ready(self) -> "ServerProcess":
         deadline = time.monotonic() + START_TIMEOUT_S

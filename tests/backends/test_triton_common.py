@@ -1,6 +1,7 @@
 """backends/triton_common.py: every shared @triton.jit helper against a torch formula on its edge cases
 (ties, subnormals, signed zero, inf / nan where the helper meets them), run through `apply_kernel` in
-Triton's interpreter. The MoE gates of both kernel families around softplus' threshold: tests/conformance/test_gate.py."""
+Triton's interpreter. The MoE gates of both kernel families around softplus' threshold:
+tests/conformance/test_gate.py."""
 
 import math
 import os
@@ -33,7 +34,9 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
     ia = a.view(torch.int16 if a.element_size() == 2 else torch.int32)
     ib = b.view(torch.int16 if b.element_size() == 2 else torch.int32)
     bad = (ia != ib).nonzero().flatten()
-    assert bad.numel() == 0, f"{bad.numel()} differ, first at {bad[:4].tolist()}: {a[bad[:4]].tolist()} vs {b[bad[:4]].tolist()}"
+    assert bad.numel() == 0, (
+        f"{bad.numel()} differ, first at {bad[:4].tolist()}: {a[bad[:4]].tolist()} vs {b[bad[:4]].tolist()}"
+    )
 
 
 BF16_EDGES = _bits(

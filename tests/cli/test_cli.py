@@ -37,10 +37,10 @@ def test_backends_matrix(capsys):
     lines = out.splitlines()
     assert lines[0].split() == ["op", "reference", "cuda", "ascend"]
     for op in backends.OP_NAMES:
-        row = [l for l in lines if l.split()[:1] == [op]]
+        row = [line for line in lines if line.split()[:1] == [op]]
         assert len(row) == 1, op
         assert row[0].split()[1] == "yes"  # reference implements every op
-    avail = [l for l in lines if l.startswith("available")][0].split()
+    avail = [line for line in lines if line.startswith("available")][0].split()
     assert avail[1] == "yes"
     for name in ("cuda", "ascend"):
         info = backends.probe(name)

@@ -106,5 +106,7 @@ def test_heldout_cross_entropy_well_below_unigram():
     assert n == ev["tokens"]
     gap = unigram - measured
     assert gap > 1.0, "the shipped model is not much better than a unigram model"
-    assert ce < unigram - 0.5 * gap, f"held-out CE {ce:.3f} nats/token; unigram {unigram:.3f}, measured at training {measured:.3f}"
+    assert ce < unigram - 0.5 * gap, (
+        f"held-out CE {ce:.3f} nats/token; unigram {unigram:.3f}, measured at training {measured:.3f}"
+    )
     assert ce == pytest.approx(measured, abs=0.05)

@@ -187,8 +187,10 @@ def test_no_module_level_import_cycle(edges):
 
 def test_core_reaches_backends_only_through_the_registry_inside_functions(edges):
     bad = core_reaches_backend(edges)
-    assert not bad, "v4 imports a backend (the contract is v4.ops; the registry is `backends`, inside a function):\n  " + \
-        "\n  ".join(map(str, bad))
+    assert not bad, (
+        "v4 imports a backend (the contract is v4.ops; the registry is `backends`, inside a function):\n  "
+        + "\n  ".join(map(str, bad))
+    )
 
 
 def test_parity_cli_does_not_import_the_core_cli(edges):
@@ -268,7 +270,9 @@ def test_backends_take_the_contract_signatures(backend, monkeypatch):
         positional = [p for p in have if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         assert [p.name for p in positional[:len(want)]] == [p.name for p in want], f"{cls.__name__}.{op}"
         for w, h in zip(want, positional):
-            assert w.default == h.default, f"{cls.__name__}.{op}({w.name}): default {h.default!r}, contract {w.default!r}"
+            assert w.default == h.default, (
+                f"{cls.__name__}.{op}({w.name}): default {h.default!r}, contract {w.default!r}"
+            )
         extra = [p for p in have if p.name not in {w.name for w in want}]
         assert all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in extra), \
             f"{cls.__name__}.{op}: parameters beyond the contract need defaults: {[p.name for p in extra]}"
@@ -281,8 +285,11 @@ def test_the_core_never_imports_the_serve_extra():
     import subprocess
     import sys
 
-    code = ("import sys, v4, v4.engine, v4.chat, v4.cli, v4.runtime, parity; v4.cli.build_parser(); "
-            "print(sorted(m for m in ('fastapi', 'uvicorn', 'prometheus_client', 'jinja2', 'starlette') if m in sys.modules))")
+    code = (
+        "import sys, v4, v4.engine, v4.chat, v4.cli, v4.runtime, parity; v4.cli.build_parser(); "
+        "print(sorted(m for m in ('fastapi', 'uvicorn', 'prometheus_client', 'jinja2', 'starlette') "
+        "if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -22,7 +22,9 @@ def test_mtp_logits_match_transformers_block(tiny_cfg, tmp_path):
     cfg = tiny_cfg
     L = cfg.num_hidden_layers
     # one sliding layer with a gated (non-hash) MoE: the MTP block's shape
-    one = dataclasses.replace(cfg, num_hidden_layers=1, compress_ratios=[0, 0], num_hash_layers=0, num_nextn_predict_layers=1)
+    one = dataclasses.replace(
+        cfg, num_hidden_layers=1, compress_ratios=[0, 0], num_hash_layers=0, num_nextn_predict_layers=1
+    )
     hf = build(one, tmp_path, seed=9)
     _, hw = load_checkpoint(tmp_path, progress=False)
 

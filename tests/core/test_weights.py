@@ -122,12 +122,22 @@ def test_expected_tensors_tiny(cfg):
     # hash routing on layer 0 only; MTP gate has a bias
     assert s["layers.0.ffn.gate.tid2eid"].shape == (300, 2) and s["layers.0.ffn.gate.tid2eid"].role == "index"
     assert "layers.0.ffn.gate.bias" not in s and s["layers.1.ffn.gate.bias"].shape == (4,)
-    assert s["layers.2.ffn.experts.3.w2.weight"].shape == (64, 64) and s["layers.2.ffn.experts.3.w2.weight"].role == "expert"
+    assert (
+        s["layers.2.ffn.experts.3.w2.weight"].shape == (64, 64)
+        and s["layers.2.ffn.experts.3.w2.weight"].role == "expert"
+    )
     assert s["layers.2.ffn.shared_experts.w1.weight"].role == "fp8able"
     assert s["mtp.0.e_proj.weight"].shape == (64, 64) and s["mtp.0.e_proj.weight"].role == "fp8able"
     assert s["mtp.0.ffn.gate.bias"].shape == (4,) and "mtp.0.ffn.gate.tid2eid" not in s
     assert not any(k.startswith("mtp.0.attn.compressor") or k.startswith("mtp.0.attn.indexer") for k in s)
-    for k in ("mtp.0.enorm.weight", "mtp.0.hnorm.weight", "mtp.0.norm.weight", "mtp.0.hc_head_fn", "mtp.0.hc_head_base", "mtp.0.hc_head_scale"):
+    for k in (
+        "mtp.0.enorm.weight",
+        "mtp.0.hnorm.weight",
+        "mtp.0.norm.weight",
+        "mtp.0.hc_head_fn",
+        "mtp.0.hc_head_base",
+        "mtp.0.hc_head_scale",
+    ):
         assert k in s
     assert "mtp.0.embed.weight" not in s and "mtp.0.head.weight" not in s
     no_shared = expected_tensors(make_cfg(n_shared_experts=0))
@@ -159,7 +169,10 @@ def test_canonical_name():
     assert canonical_name("model.hc_head.hc_scale") == "hc_head_scale"
     assert canonical_name("model.layers.3.attn.norm.weight") == "layers.3.attn.kv_norm.weight"
     assert canonical_name("layers.3.attn.compressor.norm.weight") == "layers.3.attn.compressor.norm.weight"
-    assert canonical_name("model.layers.3.attn.indexer.compressor.norm.weight") == "layers.3.attn.indexer.compressor.norm.weight"
+    assert (
+        canonical_name("model.layers.3.attn.indexer.compressor.norm.weight")
+        == "layers.3.attn.indexer.compressor.norm.weight"
+    )
     assert canonical_name("layers.0.attn.wq_a.scale") == "layers.0.attn.wq_a.scale"
     assert canonical_name("mtp.0.embed.weight") is None and canonical_name("mtp.0.head.weight") is None
     assert canonical_name("mtp.0.enorm.weight") == "mtp.0.enorm.weight"
@@ -261,7 +274,10 @@ def test_roundtrip_fp8(cfg, ckpts):
         elif spec.role == "expert":
             assert isinstance(v, QuantizedWeight) and v.fmt == "fp4", name
             assert v.data.dtype == torch.int8 and tuple(v.data.shape) == (spec.shape[0], spec.shape[1] // 2)
-            assert v.scale.dtype == torch.float8_e8m0fnu and tuple(v.scale.shape) == (spec.shape[0], spec.shape[1] // 32)
+            assert v.scale.dtype == torch.float8_e8m0fnu and tuple(v.scale.shape) == (
+                spec.shape[0],
+                spec.shape[1] // 32,
+            )
             assert v.shape == spec.shape
         else:
             assert isinstance(v, torch.Tensor) and torch.equal(v, w16[name]), name
@@ -369,7 +385,9 @@ def test_scale_in_another_shard(cfg, tmp_path):
     edit_shard(dst, lambda t: t.update(moved))
     edit_index(root, lambda wm: wm.__setitem__(sname, dst.name))
     _, w = load_quiet(root)
-    assert isinstance(w[name], QuantizedWeight) and torch.equal(w[name].scale.view(torch.uint8), moved[sname].view(torch.uint8))
+    assert isinstance(w[name], QuantizedWeight) and torch.equal(
+        w[name].scale.view(torch.uint8), moved[sname].view(torch.uint8)
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -407,8 +425,12 @@ _HF_LAYER = {
     "mlp.shared_experts.down_proj.weight": "ffn.shared_experts.w2.weight",
 }
 _HF_TOP = {
-    "model.embed_tokens.weight": "embed.weight", "lm_head.weight": "head.weight", "model.norm.weight": "norm.weight",
-    "model.hc_head.hc_fn": "hc_head_fn", "model.hc_head.hc_base": "hc_head_base", "model.hc_head.hc_scale": "hc_head_scale",
+    "model.embed_tokens.weight": "embed.weight",
+    "lm_head.weight": "head.weight",
+    "model.norm.weight": "norm.weight",
+    "model.hc_head.hc_fn": "hc_head_fn",
+    "model.hc_head.hc_base": "hc_head_base",
+    "model.hc_head.hc_scale": "hc_head_scale",
 }
 
 

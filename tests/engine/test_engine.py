@@ -249,8 +249,14 @@ def test_eos_ignore_eos_and_min_tokens(model, monkeypatch):
     first = chain.index(eos)
     monkeypatch.setattr(model.cfg, "eos_token_id", eos)
     llm = LLM(model, rt())
-    stop, ignored, held = llm.generate([p, p, p], [SamplingParams(max_tokens=10), SamplingParams(max_tokens=10, ignore_eos=True),
-                                                   SamplingParams(max_tokens=10, min_tokens=5)])
+    stop, ignored, held = llm.generate(
+        [p, p, p],
+        [
+            SamplingParams(max_tokens=10),
+            SamplingParams(max_tokens=10, ignore_eos=True),
+            SamplingParams(max_tokens=10, min_tokens=5),
+        ],
+    )
     assert stop.output_ids == chain[:first + 1] and stop.finish_reason == "stop"
     assert ignored.output_ids == chain and ignored.finish_reason == "length"
     # min_tokens: EOS may not be drawn before the 5th token, so the chain goes another way
@@ -368,7 +374,9 @@ def test_token_budget_serves_running_first_then_waiting_in_order(model):
     llm = LLM(model, rt(max_num_batched_tokens=10, max_num_seqs=3))
     plans = []
     orig = llm.runner.run
-    llm.runner.run = lambda step, logits="last": plans.append([(s.seq.id, s.start, s.num_tokens) for s in step]) or orig(step, logits)
+    llm.runner.run = lambda step, logits="last": (
+        plans.append([(s.seq.id, s.start, s.num_tokens) for s in step]) or orig(step, logits)
+    )
     a = llm.add_request(prompt(4), SamplingParams(max_tokens=8, ignore_eos=True))
     b = llm.add_request(prompt(5, 1), SamplingParams(max_tokens=8, ignore_eos=True))
     llm.step()
@@ -414,7 +422,9 @@ def _byte_level_bpe(path, vocab_size):
 
 def _gpt2_bytes():
     """byte -> printable symbol of the byte-level alphabet (GPT-2's table, by its published rule)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     out, n = {}, 0
     for b in range(256):
         if b in keep:

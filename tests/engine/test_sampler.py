@@ -107,10 +107,20 @@ def test_min_p_drops_tokens_below_a_share_of_the_best():
     assert _chi2(counts, [0.3 / 0.8, 0, 0.5 / 0.8, 0]) < 20.0
 
 
-@pytest.mark.parametrize("kw,name", [({"temperature": -0.1}, "temperature"), ({"top_p": 0.0}, "top_p"),
-                                     ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"),
-                                     ({"max_tokens": -1}, "max_tokens"), ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
-                                     ({"logprobs": -1}, "logprobs"), ({"stop": [""]}, "stop")])
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"stop": [""]}, "stop"),
+    ],
+)
 def test_bad_sampling_params_name_the_parameter(kw, name):
     with pytest.raises(InputError, match=f"^{name} must be"):
         SamplingParams(**kw).validate()

@@ -80,7 +80,9 @@ def test_greedy_tokens_equal_without_speculation_trained(trained, heldout, k):
 
 def test_greedy_tokens_equal_without_speculation_random_tiny(random_tiny):
     g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, random_tiny.model.cfg.vocab_size, (n,), generator=g).tolist() for n in (1, 4, 15, 17, 33)]
+    prompts = [
+        torch.randint(3, random_tiny.model.cfg.vocab_size, (n,), generator=g).tolist() for n in (1, 4, 15, 17, 33)
+    ]
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     plain = [c.output_ids for c in engine(random_tiny, None).generate(prompts, params)]
     for k in (1, 3):
@@ -97,7 +99,7 @@ def test_greedy_under_preemption(trained, heldout):
     # a byte budget that holds about two sequences' pools: the scheduler must preempt (and drop drafts)
     from v4.cache import CacheGeometry
 
-    cfg, rt = trained.model.cfg, RuntimeConfig(block_size=4)
+    cfg = trained.model.cfg
     geo = CacheGeometry.of(cfg, torch.float64, 4, cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
     budget = 4 * (geo.slot_bytes + sum(geo.block_bytes.values())) + int(geo.pool_bytes_per_token() * 150)
     params = SamplingParams(max_tokens=48, ignore_eos=True)
@@ -182,7 +184,9 @@ def test_rejected_drafts_leave_no_trace_in_the_cache(trained, heldout):
 def _chi2_pvalue(observed: list[int], expected: list[float]) -> float:
     x = sum((o - e) ** 2 / e for o, e in zip(observed, expected))
     df = len(observed) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(x / 2, dtype=torch.float64)))
+    return float(
+        torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(x / 2, dtype=torch.float64))
+    )
 
 
 def test_sampled_tokens_follow_the_models_distribution(trained, heldout):
@@ -386,7 +390,9 @@ def test_server_with_speculative_decoding_answers_as_without_and_counts_drafts(t
     drafts = metric(text, "vllm:spec_decode_num_drafts_total")
     draft_tokens = metric(text, "vllm:spec_decode_num_draft_tokens_total")
     accepted = metric(text, "vllm:spec_decode_num_accepted_tokens_total")
-    per_pos = [float(v) for v in re.findall(r'^vllm:spec_decode_num_accepted_tokens_per_pos_total\{[^}]*\} (\S+)', text, re.M)]
+    per_pos = [
+        float(v) for v in re.findall(r'^vllm:spec_decode_num_accepted_tokens_per_pos_total\{[^}]*\} (\S+)', text, re.M)
+    ]
     assert 0 < drafts <= draft_tokens <= 2 * drafts
     assert 0 < accepted <= draft_tokens and sum(per_pos) == accepted and len(per_pos) == 2
     # every verification emits its accepted drafts plus one token: 2 x 24 tokens, less the two first tokens

@@ -137,7 +137,9 @@ def test_seeded_sampling_repeats(server):
 def test_streamed_completion_equals_non_streamed(server):
     body = {"prompt": "Stream me", "max_tokens": 9, "temperature": 0, "ignore_eos": True}
     whole = post(server, "/v1/completions", body).json()
-    events = stream_events(server, "/v1/completions", {**body, "stream": True, "stream_options": {"include_usage": True}})
+    events = stream_events(
+        server, "/v1/completions", {**body, "stream": True, "stream_options": {"include_usage": True}}
+    )
     assert events[-1] == "[DONE]"
     usage, chunks = events[-2], events[:-2]
     assert usage["choices"] == [] and usage["usage"] == whole["usage"]
@@ -264,7 +266,11 @@ BAD = [
 
 @pytest.mark.parametrize("what,path,body,status,param", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_gets_the_envelope_and_the_server_goes_on(server, what, path, body, status, param):
-    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    kw = (
+        {"content": body, "headers": {"content-type": "application/json"}}
+        if isinstance(body, bytes)
+        else {"json": body}
+    )
     r = httpx.post(server.url + path, timeout=60, **kw)
     assert r.status_code == status, r.text
     err = r.json()["error"]

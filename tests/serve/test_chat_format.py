@@ -18,7 +18,8 @@ A = "<｜Assistant｜>"
 TOOLS_HEAD = (
     "## Tools\n"
     "\n"
-    "You have access to a set of tools to help answer the user's question. You can invoke tools by writing a \"<｜DSML｜tool_calls>\" block like the following:\n"
+    "You have access to a set of tools to help answer the user's question. "
+    "You can invoke tools by writing a \"<｜DSML｜tool_calls>\" block like the following:\n"
     "\n"
     "<｜DSML｜tool_calls>\n"
     "<｜DSML｜invoke name=\"$TOOL_NAME\">\n"
@@ -30,9 +31,11 @@ TOOLS_HEAD = (
     "</｜DSML｜invoke>\n"
     "</｜DSML｜tool_calls>\n"
     "\n"
-    "String parameters should be specified as is and set `string=\"true\"`. For all other types (numbers, booleans, arrays, objects), pass the value in JSON format and set `string=\"false\"`.\n"
+    "String parameters should be specified as is and set `string=\"true\"`. For all other types (numbers, booleans, "
+    "arrays, objects), pass the value in JSON format and set `string=\"false\"`.\n"
     "\n"
-    "If thinking_mode is enabled (triggered by <think>), you MUST output your complete reasoning inside <think>...</think> BEFORE any tool calls or final response.\n"
+    "If thinking_mode is enabled (triggered by <think>), you MUST output your complete reasoning inside "
+    "<think>...</think> BEFORE any tool calls or final response.\n"
     "\n"
     "Otherwise, output directly after </think> with tool calls or final response.\n"
     "\n"
@@ -46,8 +49,10 @@ TOOLS_TAIL = (
 )
 MAX_PREAMBLE = (
     "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
-    "You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve the root cause, rigorously stress-testing your logic against all potential paths, edge cases, and adversarial scenarios.\n"
-    "Explicitly write out your entire deliberation process, documenting every intermediate step, considered alternative, and rejected hypothesis to ensure absolutely no assumption is left unchecked.\n"
+    "You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve the root cause, "
+    "rigorously stress-testing your logic against all potential paths, edge cases, and adversarial scenarios.\n"
+    "Explicitly write out your entire deliberation process, documenting every intermediate step, "
+    "considered alternative, and rejected hypothesis to ensure absolutely no assumption is left unchecked.\n"
     "\n"
 )
 
@@ -127,10 +132,23 @@ def test_multi_turn_with_tools_keeps_reasoning_and_developer():
 
 TOOL_FLOW = [
     {"role": "user", "content": "Weather in Paris and Tokyo?"},
-    {"role": "assistant", "content": None, "reasoning_content": "Need both.", "tool_calls": [
-        {"id": "call_p", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 3}'}},
-        {"id": "call_t", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Tokyo", "units": ["C", "F"]}'}},
-    ]},
+    {
+        "role": "assistant",
+        "content": None,
+        "reasoning_content": "Need both.",
+        "tool_calls": [
+            {
+                "id": "call_p",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 3}'},
+            },
+            {
+                "id": "call_t",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Tokyo", "units": ["C", "F"]}'},
+            },
+        ],
+    },
     # results arrive in the other order: the encoding puts them back in call order
     {"role": "tool", "tool_call_id": "call_t", "content": "Tokyo: 18C"},
     {"role": "tool", "tool_call_id": "call_p", "content": [{"type": "text", "text": "Paris: 21C"}]},
@@ -188,20 +206,33 @@ def test_reasoning_effort_high_and_none():
 
 
 def test_system_content_parts_join_with_blank_line():
-    msgs = [{"role": "system", "content": [{"type": "text", "text": "Part one."}, {"type": "text", "text": "Part two."}]},
-            {"role": "user", "content": "Hi"}]
+    msgs = [
+        {"role": "system", "content": [{"type": "text", "text": "Part one."}, {"type": "text", "text": "Part two."}]},
+        {"role": "user", "content": "Hi"},
+    ]
     assert encode_messages(msgs) == B + "Part one.\n\nPart two." + U + "Hi" + A + "<think>"
 
 
-@pytest.mark.parametrize("messages, kwargs, field", [
-    ([], {}, "messages"),
-    ([{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}], {}, "messages[1].role"),
-    ([{"role": "user", "content": "a"}], {"reasoning_effort": "medium"}, "reasoning_effort"),
-    ([{"role": "user", "content": 5}], {}, "messages[0].content"),
-    ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {}}]}], {}, "messages[0].content[1]"),
-    ([{"role": "user", "content": "a"}, {"role": "tool", "tool_call_id": "nope", "content": "r"}], {}, "messages[1].tool_call_id"),
-    (TOOL_FLOW[:2] + [{"role": "tool", "tool_call_id": "call_x", "content": "r"}], {}, "messages[2].tool_call_id"),
-])
+@pytest.mark.parametrize(
+    "messages, kwargs, field",
+    [
+        ([], {}, "messages"),
+        ([{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}], {}, "messages[1].role"),
+        ([{"role": "user", "content": "a"}], {"reasoning_effort": "medium"}, "reasoning_effort"),
+        ([{"role": "user", "content": 5}], {}, "messages[0].content"),
+        (
+            [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {}}]}],
+            {},
+            "messages[0].content[1]",
+        ),
+        (
+            [{"role": "user", "content": "a"}, {"role": "tool", "tool_call_id": "nope", "content": "r"}],
+            {},
+            "messages[1].tool_call_id",
+        ),
+        (TOOL_FLOW[:2] + [{"role": "tool", "tool_call_id": "call_x", "content": "r"}], {}, "messages[2].tool_call_id"),
+    ],
+)
 def test_errors_name_the_field(messages, kwargs, field):
     with pytest.raises(ChatFormatError) as err:
         encode_messages(messages, **kwargs)
@@ -210,7 +241,10 @@ def test_errors_name_the_field(messages, kwargs, field):
 
 
 def test_bad_role_message_lists_the_roles():
-    with pytest.raises(ChatFormatError, match=r"messages\[0\]\.role must be one of system, developer, user, assistant, tool, got 'robot'"):
+    with pytest.raises(
+        ChatFormatError,
+        match=r"messages\[0\]\.role must be one of system, developer, user, assistant, tool, got 'robot'",
+    ):
         encode_messages([{"role": "robot", "content": "x"}])
 
 

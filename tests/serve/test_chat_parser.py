@@ -28,32 +28,74 @@ def block(*invokes):
 
 
 WEATHER = invoke("get_weather", param("city", "true", "Paris"), param("days", "false", "3"))
-SEARCH = invoke("search", param("q", "true", 'café "best"'), param("filters", "false", '{"open": true, "tags": [1, 2]}'))
+SEARCH = invoke(
+    "search", param("q", "true", 'café "best"'), param("filters", "false", '{"open": true, "tags": [1, 2]}')
+)
 WEATHER_ARGS = '{"city": "Paris", "days": 3}'
 SEARCH_ARGS = '{"q": "café \\"best\\"", "filters": {"open": true, "tags": [1, 2]}}'
 
 # (text, thinking, reasoning, content, [(name, arguments)]) — all written out by hand.
 CASES = {
     "reasoning_content": ("Let me think.</think>The answer is 4." + E, True, "Let me think.", "The answer is 4.", []),
-    "two_invokes": ("Need weather.</think>Checking." + block(WEATHER, SEARCH) + E, True, "Need weather.", "Checking.",
-                    [("get_weather", WEATHER_ARGS), ("search", SEARCH_ARGS)]),
-    "dsml_ends_reasoning": ("Plan.\n\nStep" + block(invoke("f", "")) , True, "Plan.\n\nStep", "", [("f", "{}")]),
+    "two_invokes": (
+        "Need weather.</think>Checking." + block(WEATHER, SEARCH) + E,
+        True,
+        "Need weather.",
+        "Checking.",
+        [("get_weather", WEATHER_ARGS), ("search", SEARCH_ARGS)],
+    ),
+    "dsml_ends_reasoning": ("Plan.\n\nStep" + block(invoke("f", "")), True, "Plan.\n\nStep", "", [("f", "{}")]),
     "chat_mode": ("Hello there.\n\nBye." + E, False, None, "Hello there.\n\nBye.", []),
     "chat_mode_tools_only": (block(WEATHER) + E, False, None, "", [("get_weather", WEATHER_ARGS)]),
     "cut_mid_reasoning": ("I am still thinking about x < y and", True, "I am still thinking about x < y and", "", []),
-    "cut_mid_dsml_invoke": ("r</think>Sure." + "\n\n<｜DSML｜tool_calls>\n" + WEATHER + "\n"
-                            + '<｜DSML｜invoke name="b">\n<｜DSML｜param', True, "r", "Sure.", [("get_weather", WEATHER_ARGS)]),
-    "cut_mid_parameter_value": ("r</think>Sure.\n\n<｜DSML｜tool_calls>\n" + '<｜DSML｜invoke name="b">\n'
-                                + '<｜DSML｜parameter name="x" string="true">1', True, "r", "Sure.", []),
+    "cut_mid_dsml_invoke": (
+        "r</think>Sure." + "\n\n<｜DSML｜tool_calls>\n" + WEATHER + "\n" + '<｜DSML｜invoke name="b">\n<｜DSML｜param',
+        True,
+        "r",
+        "Sure.",
+        [("get_weather", WEATHER_ARGS)],
+    ),
+    "cut_mid_parameter_value": (
+        "r</think>Sure.\n\n<｜DSML｜tool_calls>\n"
+        + '<｜DSML｜invoke name="b">\n'
+        + '<｜DSML｜parameter name="x" string="true">1',
+        True,
+        "r",
+        "Sure.",
+        [],
+    ),
     "cut_mid_start_tag": ("r</think>Sure.\n\n<｜DS", True, "r", "Sure.", []),
     "cut_mid_think_end": ("reasoning</thi", True, "reasoning</thi", "", []),
-    "invalid_json_kept_as_string": ("</think>" + block(invoke("f", param("x", "false", "not json"))), True, "", "",
-                                    [("f", '{"x": "not json"}')]),
+    "invalid_json_kept_as_string": (
+        "</think>" + block(invoke("f", param("x", "false", "not json"))),
+        True,
+        "",
+        "",
+        [("f", '{"x": "not json"}')],
+    ),
     "leading_think_tag": ("<think>r</think>c" + E, True, "r", "c", []),
     "text_after_eos_ignored": ("r</think>c" + E + "junk", True, "r", "c", []),
-    "three_newlines_before_block": ("</think>c\n\n\n" + block(WEATHER)[2:], True, "", "c\n", [("get_weather", WEATHER_ARGS)]),
-    "bare_invoke_without_wrapper": ("</think>c" + invoke("f", param("a", "true", "x")), True, "", "c", [("f", '{"a": "x"}')]),
-    "content_with_lone_angle_brackets": ("</think>a < b and <tag> and \n\n<not dsml>", True, "", "a < b and <tag> and \n\n<not dsml>", []),
+    "three_newlines_before_block": (
+        "</think>c\n\n\n" + block(WEATHER)[2:],
+        True,
+        "",
+        "c\n",
+        [("get_weather", WEATHER_ARGS)],
+    ),
+    "bare_invoke_without_wrapper": (
+        "</think>c" + invoke("f", param("a", "true", "x")),
+        True,
+        "",
+        "c",
+        [("f", '{"a": "x"}')],
+    ),
+    "content_with_lone_angle_brackets": (
+        "</think>a < b and <tag> and \n\n<not dsml>",
+        True,
+        "",
+        "a < b and <tag> and \n\n<not dsml>",
+        [],
+    ),
 }
 
 

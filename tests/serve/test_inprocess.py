@@ -76,7 +76,10 @@ def test_reasoning_and_tool_calls_parse(scripted):
     assert msg["reasoning"] == msg["reasoning_content"] == "Let me think."
     assert msg["content"] == "I'll check the weather."
     calls = [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in msg["tool_calls"]]
-    assert calls == [("function", "get_weather", {"city": "Paris", "days": 3}), ("function", "get_time", {"zone": "CET"})]
+    assert calls == [
+        ("function", "get_weather", {"city": "Paris", "days": 3}),
+        ("function", "get_time", {"zone": "CET"}),
+    ]
     assert len({c["id"] for c in msg["tool_calls"]}) == 2
     assert choice["finish_reason"] == "tool_calls"
 
@@ -159,7 +162,9 @@ def test_checkpoint_with_a_jinja_template_uses_it(tmp_path):
         assert r["tokens"] == [b + 3 for b in "<s>[user]Hi[assistant]".encode()]
         out = httpx.post(srv.url + "/v1/chat/completions", timeout=60,
                          json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).json()
-        assert out["usage"]["prompt_tokens"] == len(r["tokens"]) and out["choices"][0]["message"].get("reasoning") is None
+        assert (
+            out["usage"]["prompt_tokens"] == len(r["tokens"]) and out["choices"][0]["message"].get("reasoning") is None
+        )
 
 
 def test_the_thread_that_built_the_model_runs_its_steps():

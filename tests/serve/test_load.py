@@ -46,7 +46,9 @@ def test_32_concurrent_streams_equal_each_request_alone(busy_server):
     words = ["alpha", "beta", "gamma", "delta", "window", "cache", "token", "ascend", "kernel", "stream"]
     requests = []
     for i in range(32):
-        prompt = " ".join(rng.choice(words) for _ in range(rng.randint(1, 30)))  # 5 .. ~200 tokens: window and compressor boundaries
+        prompt = " ".join(
+            rng.choice(words) for _ in range(rng.randint(1, 30))
+        )  # 5 .. ~200 tokens: window and compressor boundaries
         requests.append((prompt, rng.randint(4, 40)))
 
     async def one(client, prompt, n):
@@ -85,7 +87,9 @@ def test_disconnected_clients_free_their_blocks(busy_server):
     assert sum(line.startswith("data: ") for line in seen) == 3
     # a non-streamed request whose client gives up waiting
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(busy_server.url + "/v1/completions", json={**body, "stream": False}, timeout=httpx.Timeout(60, read=1.0))
+        httpx.post(
+            busy_server.url + "/v1/completions", json={**body, "stream": False}, timeout=httpx.Timeout(60, read=1.0)
+        )
     after = wait_idle(busy_server.url)
     aborted = 'vllm:request_success_total{engine="0",finished_reason="abort",model_name="tiny"}'
     was = next((float(x.rsplit(" ", 1)[1]) for x in before.splitlines() if x.startswith(aborted)), 0.0)
@@ -108,7 +112,10 @@ def test_full_waiting_queue_gets_503_then_serves_again():
                 err = r.json()["error"]
                 assert err["code"] == 503 and "--max-waiting" in err["message"]
         wait_idle(srv.url)
-        assert httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=60).status_code == 200
+        assert (
+            httpx.post(srv.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=60).status_code
+            == 200
+        )
 
 
 def test_sigterm_finishes_short_requests_aborts_long_ones_and_exits_0():

@@ -15,7 +15,9 @@ D64 = torch.float64
 # ---------------------------------------------------------------- mHC
 def hc_params(n, D, comb_logits, pre_b=0.0, post_b=0.0):
     fn = torch.zeros((2 + n) * n, n * D, dtype=D64)  # zero projection: the mix is the bias alone
-    base = torch.cat([torch.full((n,), pre_b), torch.full((n,), post_b), torch.tensor(comb_logits, dtype=D64).flatten()]).to(D64)
+    base = torch.cat(
+        [torch.full((n,), pre_b), torch.full((n,), post_b), torch.tensor(comb_logits, dtype=D64).flatten()]
+    ).to(D64)
     return fn, base, torch.ones(3, dtype=D64)
 
 
@@ -150,17 +152,27 @@ def test_plain_compressor_pools_each_window_alone(plan):
     got = _compress_run(spec, kv, z, plan)
     inv = torch.tensor([0.1], dtype=D64)
     for w in (0, 1):
-        torch.testing.assert_close(got[w], _expected_entry(kv[w * m:(w + 1) * m], z[w * m:(w + 1) * m], w * m, inv, 1e-6))
+        torch.testing.assert_close(
+            got[w], _expected_entry(kv[w * m : (w + 1) * m], z[w * m : (w + 1) * m], w * m, inv, 1e-6)
+        )
 
 
 def test_compressor_emits_an_entry_only_when_its_window_closes():
     spec = CompressSpec(4, 2, True, "none", 2, 1e-6)
     kv, z = torch.randn(7, 4, dtype=D64), torch.randn(7, 4, dtype=D64)
-    k = 2
     state_kv, state_z = torch.zeros(1, 8, 4, dtype=D64), torch.zeros(1, 8, 4, dtype=D64)
     pool = torch.zeros(2, 4, 2, dtype=D64)
     table = torch.zeros(1, 2, dtype=torch.int32)
-    args = (torch.zeros(4, 4, dtype=D64), spec, torch.ones(2, dtype=D64), torch.tensor([0.1], dtype=D64), state_kv, state_z, pool, table)
+    args = (
+        torch.zeros(4, 4, dtype=D64),
+        spec,
+        torch.ones(2, dtype=D64),
+        torch.tensor([0.1], dtype=D64),
+        state_kv,
+        state_z,
+        pool,
+        table,
+    )
     assert ops.compress(kv[:3], z[:3], *args, [(0, 0, 3, 0)]).shape[0] == 0  # tokens 0..2: window open
     assert ops.compress(kv[3:7], z[3:7], *args, [(0, 3, 4, 0)]).shape[0] == 1  # token 3 closes entry 0 only
 
@@ -251,7 +263,6 @@ def test_moe_gate_hash_routing_uses_the_token_table():
 
 
 def test_moe_experts_clamped_swiglu_weight_before_w2():
-    D, I = 2, 2
     x = torch.tensor([[3.0, 1.0]], dtype=D64)
     w1 = torch.tensor([[[10.0, 0.0], [0.0, -1.0]]], dtype=D64)  # h1 = [30, -1] -> clamp max 10 -> [10, -1]
     w3 = torch.tensor([[[-5.0, 0.0], [1.0, 1.0]]], dtype=D64)  # h3 = [-15, 4] -> clamp +-10 -> [-10, 4]
@@ -272,9 +283,9 @@ def test_moe_experts_clamped_swiglu_weight_before_w2():
 
 def test_moe_experts_sum_over_picks_of_several_tokens():
     g = torch.Generator().manual_seed(0)
-    T, k, E, D, I = 5, 2, 3, 4, 3
+    T, k, E, D, inter = 5, 2, 3, 4, 3
     x = torch.randn(T, D, generator=g, dtype=D64)
-    w13, w2 = torch.randn(E, 2 * I, D, generator=g, dtype=D64), torch.randn(E, D, I, generator=g, dtype=D64)
+    w13, w2 = torch.randn(E, 2 * inter, D, generator=g, dtype=D64), torch.randn(E, D, inter, generator=g, dtype=D64)
     ids = torch.tensor([[0, 2], [1, 0], [2, 1], [0, 1], [2, 0]], dtype=torch.int32)
     wts = torch.rand(T, k, generator=g, dtype=D64)
     out = ops.moe_experts(x, ids, wts, w13, w2, None, limit=1.5)
@@ -282,7 +293,7 @@ def test_moe_experts_sum_over_picks_of_several_tokens():
         ref = torch.zeros(D, dtype=D64)
         for j in range(k):
             e = int(ids[t, j])
-            h1, h3 = w13[e, :I] @ x[t], w13[e, I:] @ x[t]
+            h1, h3 = w13[e, :inter] @ x[t], w13[e, inter:] @ x[t]
             ref += w2[e] @ (torch.nn.functional.silu(h1.clamp(max=1.5)) * h3.clamp(-1.5, 1.5) * wts[t, j])
         torch.testing.assert_close(out[t], ref)
 
@@ -302,13 +313,13 @@ def test_moe_experts_grouped_form_equals_one_expert_at_a_time(T, E, k, act_quant
     """The grouped form (padded [E, width, .] buffers, idle experts left out) against the plain loop
     over experts, on random routing that leaves some experts idle and loads others unevenly."""
     g = torch.Generator().manual_seed(T * 100 + E)
-    D, I = 16, 8
+    D, inter = 16, 8
     x = torch.randn(T, D, generator=g, dtype=D64)
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
     ids[: T // 2, 0] = 0  # expert 0 busier than the rest
     w = torch.rand(T, k, generator=g, dtype=D64)
-    w13, w2 = torch.randn(E, 2 * I, D, generator=g, dtype=D64), torch.randn(E, D, I, generator=g, dtype=D64)
-    shared = (torch.randn(2 * I, D, generator=g, dtype=D64), torch.randn(D, I, generator=g, dtype=D64))
+    w13, w2 = torch.randn(E, 2 * inter, D, generator=g, dtype=D64), torch.randn(E, D, inter, generator=g, dtype=D64)
+    shared = (torch.randn(2 * inter, D, generator=g, dtype=D64), torch.randn(D, inter, generator=g, dtype=D64))
     monkeypatch.setattr(ReferenceOps, "GROUPED_MOE_BUSY", 0.0)
     grouped = ops.moe_experts(x, ids, w, w13, w2, shared, 10.0, act_quant)
     monkeypatch.setattr(ReferenceOps, "GROUPED_MOE_ELEMENTS", 0)
@@ -324,8 +335,8 @@ def _attention_by_the_formula(q, wkv, widx, ckv, cidx, sink, scale):
         if not rows:
             continue
         k = torch.stack(rows)  # [K, d]
-        l = scale * q[t] @ k.t()  # [H, K]
-        w = torch.exp(l)
+        logits = scale * q[t] @ k.t()  # [H, K]
+        w = torch.exp(logits)
         out[t] = (w @ k) / (w.sum(-1, keepdim=True) + torch.exp(sink)[:, None])
     return out
 
@@ -356,7 +367,9 @@ def test_attention_gathered_and_union_forms_follow_the_formula(layout, union, mo
     monkeypatch.setattr(torch, "einsum", lambda *a: einsums.append(a[0]) or real(*a))
     got = ops.attention(q, wkv, widx, ckv, cidx, sink, 0.3)
     assert bool(einsums) == union  # which form ran
-    torch.testing.assert_close(got, _attention_by_the_formula(q, wkv, widx, ckv, cidx, sink, 0.3), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        got, _attention_by_the_formula(q, wkv, widx, ckv, cidx, sink, 0.3), rtol=1e-12, atol=1e-12
+    )
 
 
 def test_attention_counts_a_row_named_twice_twice():
