@@ -39,14 +39,18 @@ def model_bench(ctx: Ctx) -> dict:
     loaded = _load_models(cfg_name, dev, a, res)
     graphs_ok = getattr(loaded["cuda"].model.ops, "capturable", False)
     if not graphs_ok:
-        res["notes"].append("the cuda run has reference ops filled in, which cannot be captured: no 'cuda graphs' column")
+        res["notes"].append(
+            "the cuda run has reference ops filled in, which cannot be captured: no 'cuda graphs' column"
+        )
     res["graph_mode"] = None
     cfg = loaded["reference"].cfg
     res["layers"] = cfg.num_hidden_layers
     ctx_len, steps, warm = a.model_context, a.model_steps, a.model_warmup
     batches = [int(b) for b in a.model_batches.split(",")] if a.model_batches else ([1, 2] if ctx.smoke else [1, 8])
     res.update(context=ctx_len, steps=steps, warmup=warm, dtype=loaded["cuda"].runtime.dtype)
-    variants = [("ref", "reference", "off"), ("cuda", "cuda", "off")] + ([("graphs", "cuda", "on")] if graphs_ok else [])
+    variants = [("ref", "reference", "off"), ("cuda", "cuda", "off")] + (
+        [("graphs", "cuda", "on")] if graphs_ok else []
+    )
 
     g = torch.Generator().manual_seed(a.seed)
     with torch.inference_mode():
@@ -223,22 +227,35 @@ def kernels_in_step(fn) -> int:
         torch.cuda.synchronize()
     n = 0
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and not any(w in e.name.lower() for w in ("memcpy", "memset")):
+        if e.device_type == torch.autograd.DeviceType.CUDA and not any(
+            w in e.name.lower() for w in ("memcpy", "memset")
+        ):
             n += 1
     return n
 
 
 def report_model(ctx: Ctx, res: dict) -> None:
     log("")
-    log(f"whole-model decode: config '{res['config']}', {res['dtype']}, device {res['device']}, prefill "
+    log(
+        f"whole-model decode: config '{res['config']}', {res['dtype']}, device {res['device']}, prefill "
         f"{res['context']} tokens per sequence, then {res['steps']} timed single-token steps after {res['warmup']} "
-        f"warm-up (median ms/step of LLM.step(), wall clock incl. scheduling, the host's step bookkeeping and the greedy pick; 'graphs' = "
+        "warm-up (median ms/step of LLM.step(), wall clock incl. scheduling, "
+        "the host's step bookkeeping and the greedy pick; 'graphs' = "
         f"the cuda backend replaying captured CUDA graphs"
-        + (", emulated here: no GPU, so the same static-buffer path runs eagerly under HostSyncGuard" if res.get("graph_mode") == "emulate" else "")
-        + "; ratios are against the reference backend on the same device, agreement = greedy picks equal to the reference's)")
+        + (
+            ", emulated here: no GPU, so the same static-buffer path runs eagerly under HostSyncGuard"
+            if res.get("graph_mode") == "emulate"
+            else ""
+        )
+        + "; ratios are against the reference backend on the same device, "
+        "agreement = greedy picks equal to the reference's)"
+    )
     cols = [k for k in ("cuda", "graphs") if any(f"{k}_ms" in r for r in res["rows"])]
-    hdr = f"{'batch':>5} | {'ref ms':>8} | " + " | ".join(
-        f"{k + ' ms':>10} {'x ref':>6} {'agree':>9} {'|dlogit|':>9}" for k in cols) + f" | target: graphs >={TARGET_MODEL_RATIO:g}x ref"
+    hdr = (
+        f"{'batch':>5} | {'ref ms':>8} | "
+        + " | ".join(f"{k + ' ms':>10} {'x ref':>6} {'agree':>9} {'|dlogit|':>9}" for k in cols)
+        + f" | target: graphs >={TARGET_MODEL_RATIO:g}x ref"
+    )
     log(hdr)
     log("-" * len(hdr))
     for r in res["rows"]:
@@ -252,8 +269,10 @@ def report_model(ctx: Ctx, res: dict) -> None:
             line += f" (capture {r['graphs_capture_s']:.2f}s)"
         kern = r.get("cuda_kernels")
         if kern:
-            line += (f" | kernels/step {kern} ({kern / res['layers']:.1f}/layer; graphs {r.get('graphs_kernels', '-')}, "
-                     f"ref {r.get('ref_kernels', '-')}), eager {r['cuda_ms'] * 1e3 / kern:.1f} us/kernel")
+            line += (
+                f" | kernels/step {kern} ({kern / res['layers']:.1f}/layer; graphs {r.get('graphs_kernels', '-')}, "
+                f"ref {r.get('ref_kernels', '-')}), eager {r['cuda_ms'] * 1e3 / kern:.1f} us/kernel"
+            )
         log(line)
     for n in res["notes"]:
         log(f"note: {n}")

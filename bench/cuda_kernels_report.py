@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-HDR_GPU = (f"{'kernel':<13} {'case':<40} {'MB':>9} {'GFLOP':>9} {'cuda ms':>9} {'ref ms':>9} {'speedup':>8} "
-           f"{'GB/s':>7} {'%BW':>6} {'%copy':>6} {'TF/s':>7} {'%TF':>6} {'%roof':>6}  {'check':<8} {'error':<27} target")
+HDR_GPU = (
+    f"{'kernel':<13} {'case':<40} {'MB':>9} {'GFLOP':>9} {'cuda ms':>9} {'ref ms':>9} {'speedup':>8} "
+    f"{'GB/s':>7} {'%BW':>6} {'%copy':>6} {'TF/s':>7} {'%TF':>6} {'%roof':>6}  {'check':<8} {'error':<27} target"
+)
 HDR_SMOKE = (f"{'kernel':<13} {'case':<40} {'MB':>9} {'GFLOP':>9} {'cuda ms':>9} {'ref ms':>9} {'speedup':>8}  "
              f"{'check':<8} {'error':<27} target (not judged in smoke mode)")
 
@@ -94,23 +96,39 @@ def _num(v, f: str) -> str:
 def markdown(doc: dict) -> str:
     """The kernel table and the whole-model table as Markdown (what bench/results/ keeps)."""
     hw = doc.get("hardware") or {}
-    out = [f"# CUDA backend on {doc['device']}", "",
-           f"`{doc['command']}`", "",
-           f"torch {doc['torch']} (CUDA {doc.get('cuda')}), triton {doc['triton']}, driver {doc.get('driver')}; "
-           f"timing: {doc['timing']['clock']}, median of {doc['timing']['reps']} after {doc['timing']['warmup']} warm-up"
-           + (", L2 flushed before each run" if doc["timing"]["l2_flush"] else "") + "."]
+    out = [
+        f"# CUDA backend on {doc['device']}",
+        "",
+        f"`{doc['command']}`",
+        "",
+        f"torch {doc['torch']} (CUDA {doc.get('cuda')}), triton {doc['triton']}, driver {doc.get('driver')}; "
+        f"timing: {doc['timing']['clock']}, median of {doc['timing']['reps']} after {doc['timing']['warmup']} warm-up"
+        + (", L2 flushed before each run" if doc["timing"]["l2_flush"] else "")
+        + ".",
+    ]
     if hw:
-        out += ["", f"Roofline: HBM {hw['bw'] / 1e12:.2f} TB/s peak ({hw['table']} datasheet), measured copy "
-                f"{hw.get('copy_bw', 0) / 1e12:.2f} TB/s; bf16 {hw['bf16'] / 1e12:.0f} TF, fp8 {hw['fp8'] / 1e12:.0f} TF, "
-                f"fp32 {hw['fp32'] / 1e12:.0f} TF. %BW = bytes / time / peak HBM, %copy = the same against the "
-                f"measured copy bandwidth, %TF = FLOPs / time / peak of the unit, %roof = max(bytes / BW, FLOPs / peak) / time."]
+        out += [
+            "",
+            f"Roofline: HBM {hw['bw'] / 1e12:.2f} TB/s peak ({hw['table']} datasheet), measured copy "
+            f"{hw.get('copy_bw', 0) / 1e12:.2f} TB/s; bf16 {hw['bf16'] / 1e12:.0f} TF, fp8 {hw['fp8'] / 1e12:.0f} TF, "
+            f"fp32 {hw['fp32'] / 1e12:.0f} TF. %BW = bytes / time / peak HBM, %copy = the same against the "
+            "measured copy bandwidth, %TF = FLOPs / time / peak of the unit, "
+            "%roof = max(bytes / BW, FLOPs / peak) / time.",
+        ]
     if doc.get("partial"):
         out += ["", "**Partial: the run was cut short after the rows below.**"]
-    out += ["", "| kernel | case | phase | MB | GFLOP | cuda ms | ref ms | x ref | GB/s | %BW | %copy | TF/s | %TF | %roof | check | target |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    out += [
+        "",
+        "| kernel | case | phase | MB | GFLOP | cuda ms | ref ms | x ref | GB/s | %BW | %copy | TF/s | %TF | %roof | "
+        "check | target |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
     for r in doc["rows"]:
         if "error" in r:
-            out.append(f"| {r['kernel']} | {r['case']} | {r.get('phase', '')} | | | | | | | | | | | | ERROR | {r['error'][:120]} |")
+            out.append(
+                f"| {r['kernel']} | {r['case']} | {r.get('phase', '')} | | | | | | | | | | | | ERROR | "
+                f"{r['error'][:120]} |"
+            )
             continue
         chk = {True: "OK", False: "MISMATCH", None: "-"}[r.get("check_ok")] + f" ({r.get('check', '')})"
         tgt = ""
@@ -118,11 +136,13 @@ def markdown(doc: dict) -> str:
             tgt = ("PASS " if r.get("target_pass") else "MISS ") + r["target"] if "target_pass" in r else r["target"]
             if r.get("target_cap") is not None and r["target_cap"] < 0.999:
                 tgt += f"; roofline caps it at {r['target_cap'] * 100:.0f}%"
-        out.append(f"| {r['kernel']} | {r['case']} | {r['phase']} | {_g(r['bytes'] / 1e6)} | {_g(r['flops'] / 1e9)} | "
-                   f"{_num(r.get('cuda_s', 0) * 1e3, '.3f')} | {_num(r['ref_s'] * 1e3, '.3f') if 'ref_s' in r else '-'} | "
-                   f"{_num(r.get('speedup'), '.1f')} | {_num(r.get('gbps'), '.0f')} | {_pct(r.get('pct_bw'))} | "
-                   f"{_pct(r.get('pct_copy_bw'))} | {_num(r.get('tflops'), '.1f')} | {_pct(r.get('pct_tf'))} | "
-                   f"{_pct(r.get('pct_roof'))} | {chk} | {tgt} |")
+        out.append(
+            f"| {r['kernel']} | {r['case']} | {r['phase']} | {_g(r['bytes'] / 1e6)} | {_g(r['flops'] / 1e9)} | "
+            f"{_num(r.get('cuda_s', 0) * 1e3, '.3f')} | {_num(r['ref_s'] * 1e3, '.3f') if 'ref_s' in r else '-'} | "
+            f"{_num(r.get('speedup'), '.1f')} | {_num(r.get('gbps'), '.0f')} | {_pct(r.get('pct_bw'))} | "
+            f"{_pct(r.get('pct_copy_bw'))} | {_num(r.get('tflops'), '.1f')} | {_pct(r.get('pct_tf'))} | "
+            f"{_pct(r.get('pct_roof'))} | {chk} | {tgt} |"
+        )
     for k, label, why in doc.get("skipped", []):
         out.append(f"| {k} | {label} | | | | | | | | | | | | | skipped | {why} |")
     m = doc.get("model")
@@ -134,7 +154,9 @@ def markdown(doc: dict) -> str:
                 + " | kernels/step (eager cuda) | kernels/layer | us/kernel |",
                 "|---:|---:|" + "---:|---:|---:|" * len(cols) + "---:|---:|---:|"]
         for r in m["rows"]:
-            cells = " | ".join(f"{r[k + '_ms']:.2f} | {r[k + '_ratio']:.2f} | {r[k + '_agree']}/{r['agree_of']}" for k in cols)
+            cells = " | ".join(
+                f"{r[k + '_ms']:.2f} | {r[k + '_ratio']:.2f} | {r[k + '_agree']}/{r['agree_of']}" for k in cols
+            )
             kern = r.get("cuda_kernels")
             per_layer = f"{kern / m['layers']:.1f}" if kern and m.get("layers") else "-"
             us = f"{r['cuda_ms'] * 1e3 / kern:.1f}" if kern else "-"

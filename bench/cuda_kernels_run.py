@@ -102,5 +102,15 @@ def compile_case(ctx: Ctx, case: Case) -> dict:
     with torch.inference_mode():
         case.run_cuda()
         sync(ctx)
-    return {"kernel": case.kernel, "case": case.label, "phase": case.phase, "bytes": case.bytes, "flops": case.flops,
-            "peak": case.peak, "target": None, "check_ok": None, "check": "compile only", "first_run_s": time.perf_counter() - t0}
+    return {
+        "kernel": case.kernel,
+        "case": case.label,
+        "phase": case.phase,
+        "bytes": case.bytes,
+        "flops": case.flops,
+        "peak": case.peak,
+        "target": None,
+        "check_ok": None,
+        "check": "compile only",
+        "first_run_s": time.perf_counter() - t0,
+    }

@@ -101,11 +101,11 @@ def attention_cases(light: bool = False):
             nbytes = 2 * q.numel() * 2 + n * row + 4 * n
             if fp8:
                 wp, cp = attention.pack_fp8_kv(w_kv), attention.pack_fp8_kv(c_kv)
-                fn = (lambda q=q, wp=wp, w_idx=w_idx, cp=cp, c_idx=c_idx, **kw:
-                      attention.attention_fp8kv(q, wp, w_idx, cp, c_idx, sink, d ** -0.5, d, **kw))
+                def fn(q=q, wp=wp, w_idx=w_idx, cp=cp, c_idx=c_idx, **kw):
+                    return attention.attention_fp8kv(q, wp, w_idx, cp, c_idx, sink, d ** -0.5, d, **kw)
             else:
-                fn = (lambda q=q, w_kv=w_kv, w_idx=w_idx, c_kv=c_kv, c_idx=c_idx, **kw:
-                      attention.attention(q, w_kv, w_idx, c_kv, c_idx, sink, d ** -0.5, **kw))
+                def fn(q=q, w_kv=w_kv, w_idx=w_idx, c_kv=c_kv, c_idx=c_idx, **kw):
+                    return attention.attention(q, w_kv, w_idx, c_kv, c_idx, sink, d ** -0.5, **kw)
             variants = [{}]
             for bh in (16, 32, 64):
                 for bk in (16, 32, 64):
@@ -160,12 +160,12 @@ def moe_cases(light: bool = False):
 
     # light (--warm-only): 16 experts give the same row tile (and so the same kernels) in 1/16 of the memory
     m = SH["moe"]
-    E, D, I, k, T = (m["E_light"] if light else m["E"]), m["D"], m["I"], m["k"], m["T"]
+    E, D, inter, k, T = (m["E_light"] if light else m["E"]), m["D"], m["I"], m["k"], m["T"]
     torch.manual_seed(9)
-    w13 = gemm.CudaWeight("dense", randn(E, 2 * I, D, scale=D ** -0.5), None, torch.bfloat16, I)
-    w2 = gemm.CudaWeight("dense", randn(E, D, I, scale=I ** -0.5), None, torch.bfloat16, 0)
-    sh = (gemm.CudaWeight("dense", randn(2 * I, D, scale=D ** -0.5), None, torch.bfloat16, I),
-          gemm.CudaWeight("dense", randn(D, I, scale=I ** -0.5), None, torch.bfloat16, 0))
+    w13 = gemm.CudaWeight("dense", randn(E, 2 * inter, D, scale=D ** -0.5), None, torch.bfloat16, inter)
+    w2 = gemm.CudaWeight("dense", randn(E, D, inter, scale=inter ** -0.5), None, torch.bfloat16, 0)
+    sh = (gemm.CudaWeight("dense", randn(2 * inter, D, scale=D ** -0.5), None, torch.bfloat16, inter),
+          gemm.CudaWeight("dense", randn(D, inter, scale=inter ** -0.5), None, torch.bfloat16, 0))
     x = randn(T, D)
     ids = torch.rand(T, E, device=DEV).topk(k, dim=1).indices.to(torch.int32)
     rw = torch.softmax(torch.randn(T, k, device=DEV), -1)
@@ -181,8 +181,8 @@ def moe_cases(light: bool = False):
 
     variants = [{}] + [dict(tiles=(bn, bk, nw, ns)) for bn in (64, 128, 256) for bk in (32, 64, 128)
                        for nw in (4, 8) for ns in (3, 4)]
-    flops = 2 * 3 * D * I * (T * k + T)
-    yield f"moe bf16 T={T} E={E} top{k}", run, variants, E * 3 * D * I * 2, flops, "tf"
+    flops = 2 * 3 * D * inter * (T * k + T)
+    yield f"moe bf16 T={T} E={E} top{k}", run, variants, E * 3 * D * inter * 2, flops, "tf"
 
 
 SWEEPS = {"attention": attention_cases, "indexer": indexer_cases, "moe": moe_cases}
@@ -216,7 +216,9 @@ def sweep(names, shard=None, warm_only=False):
                         sync()
                         if warm_only:
                             continue
-                        r["rel_vs_default"] = rel(got, ref) if got.dtype.is_floating_point else float((got != ref).float().mean())
+                        r["rel_vs_default"] = (
+                            rel(got, ref) if got.dtype.is_floating_point else float((got != ref).float().mean())
+                        )
                         t = timeit(lambda: fn(**v))
                         r.update(ms=t * 1e3, x_default=t_ref / t, pct_bw=nbytes / t / HBM, pct_tf=flops / t / BF16_PEAK)
                     except Exception as e:  # noqa: BLE001 - out of resources, compile errors: recorded
@@ -248,7 +250,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shard", help="i/n: only every n-th variant, starting at i (with --warm-only)")
     ap.add_argument("--ncu-case", choices=list(SWEEPS), help="run the default tiling of the first case 3 times")
     ap.add_argument("--json")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, 3 variants each; without a GPU in Triton's interpreter")
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny shapes, 3 variants each; without a GPU in Triton's interpreter"
+    )
     a = ap.parse_args(argv)
     global SH, DEV
     if a.smoke:

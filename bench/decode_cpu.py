@@ -310,7 +310,10 @@ def report(rows: list[dict], args) -> dict:
         if by[hi]["oracle_agrees"] and by[lo]["oracle_agrees"]:
             hf_ratio = by[hi]["hf_ms"] / by[lo]["hf_ms"]
             summary["hf_scaling_ratio"] = hf_ratio
-            log(f"transformers({hi // 1024}K)/transformers({lo // 1024}K) time per token: {hf_ratio:.2f}  (for reference)")
+            log(
+                f"transformers({hi // 1024}K)/transformers({lo // 1024}K) time per token: "
+                f"{hf_ratio:.2f}  (for reference)"
+            )
     else:
         log(f"\nscaling target needs contexts {lo} and {hi}; not both run")
     for r in rows:
@@ -355,7 +358,10 @@ def profile(ours, ctx: int, args) -> None:
             s = io.StringIO()
             st = pstats.Stats(pr, stream=s)
             st.sort_stats("cumulative").print_stats(r"(v4|backends)[/\\].*\.py", top)
-            log(f"=== cProfile: same run, our model / backend functions by cumulative time (divide by {n} for per token) ===")
+            log(
+                "=== cProfile: same run, our model / backend functions by cumulative time (divide "
+                f"by {n} for per token) ==="
+            )
             log(_trim_pstats(s.getvalue()))
 
         if args.profiler in ("torch", "both"):
@@ -381,9 +387,15 @@ def _trim_pstats(text: str) -> str:
 
 # ---------------------------------------------------------------------------------- main
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=str(ROOT / "configs" / "small.yaml"), help="model config (default configs/small.yaml)")
-    ap.add_argument("--contexts", default="128,1024,8192", help="comma-separated prompt lengths (default 128,1024,8192)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--config", default=str(ROOT / "configs" / "small.yaml"), help="model config (default configs/small.yaml)"
+    )
+    ap.add_argument(
+        "--contexts", default="128,1024,8192", help="comma-separated prompt lengths (default 128,1024,8192)"
+    )
     ap.add_argument("--steps", type=int, default=16, help="timed decode steps per context (default 16)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed decode steps before the timed ones (default 2)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
@@ -417,11 +429,19 @@ def _run_contexts(hf, ours, contexts: list[int], args) -> list[dict]:
 
 
 def _write_json(args, rows: list[dict], summary: dict, total: float, transformers_version: str) -> None:
-    doc = {"config": args.config, "torch": torch.__version__, "transformers": transformers_version,
-           "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
-           "ours_chunk": args.ours_chunk, "hf_chunk": args.hf_chunk, "rows": rows,
-           "summary": {k: ({str(a): b for a, b in v.items()} if isinstance(v, dict) else v) for k, v in summary.items()},
-           "total_wall_s": total}
+    doc = {
+        "config": args.config,
+        "torch": torch.__version__,
+        "transformers": transformers_version,
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "ours_chunk": args.ours_chunk,
+        "hf_chunk": args.hf_chunk,
+        "rows": rows,
+        "summary": {k: ({str(a): b for a, b in v.items()} if isinstance(v, dict) else v) for k, v in summary.items()},
+        "total_wall_s": total,
+    }
     text = json.dumps(doc, indent=2)
     if args.json == "-":
         print(text)
@@ -463,8 +483,11 @@ def main(argv=None) -> int:
         _write_json(args, rows, summary, total, transformers.__version__)
     bad = [r["context"] for r in rows if not r["oracle_agrees"]]
     if bad:
-        log(f"correctness check FAILED at context(s) {', '.join(map(str, bad))}: transformers {transformers.__version__} "
-            f"disagrees with ours, so no speed ratio is reported there; exit status 1")
+        log(
+            f"correctness check FAILED at context(s) {', '.join(map(str, bad))}: "
+            f"transformers {transformers.__version__} "
+            f"disagrees with ours, so no speed ratio is reported there; exit status 1"
+        )
         return 1
     return 0
 

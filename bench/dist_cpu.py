@@ -52,8 +52,12 @@ def main(argv=None) -> int:
     names = [n for n in a.layouts.split(";") if n]
     results = {n: run(a.config, LAYOUTS[n], a.prompts, a.tokens) for n in names}
     base = results[names[0]]
-    print(f"{a.config}, {a.prompts} prompts x {a.tokens} tokens, {os.cpu_count()} CPU cores, reference backend, float32")
-    print(f"{'layout':10} {'decode tok/s':>12} {'ratio':>6} {'ms/step':>8} {'+ms/step':>9} {'same ids':>8} {'wall s':>7}")
+    print(
+        f"{a.config}, {a.prompts} prompts x {a.tokens} tokens, {os.cpu_count()} CPU cores, reference backend, float32"
+    )
+    print(
+        f"{'layout':10} {'decode tok/s':>12} {'ratio':>6} {'ms/step':>8} {'+ms/step':>9} {'same ids':>8} {'wall s':>7}"
+    )
     for n, r in results.items():
         ms = 1e3 * r["decode_s"] / max(1, r["decode_steps"])
         base_ms = 1e3 * base["decode_s"] / max(1, base["decode_steps"])

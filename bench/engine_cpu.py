@@ -167,11 +167,21 @@ class ModeResult:
         lat = [self.finish[r.index] - r.arrival for r in reqs if r.index in self.finish]
         out_tokens = sum(len(t) for t in self.tokens.values())
         p50, p99 = (float(x) for x in np.percentile(lat, [50, 99])) if lat else (float("nan"),) * 2
-        return {"mode": self.mode, "max_num_seqs": self.max_num_seqs, "completed": len(self.finish),
-                "requests": len(reqs), "output_tokens": out_tokens, "wall_s": self.wall_s,
-                "tok_s": out_tokens / self.wall_s if self.wall_s > 0 else float("nan"),
-                "latency_p50_s": p50, "latency_p99_s": p99, "latency_mean_s": sum(lat) / len(lat) if lat else float("nan"),
-                "steps": self.steps, "stopped": self.stopped, "engine_stats": self.stats}
+        return {
+            "mode": self.mode,
+            "max_num_seqs": self.max_num_seqs,
+            "completed": len(self.finish),
+            "requests": len(reqs),
+            "output_tokens": out_tokens,
+            "wall_s": self.wall_s,
+            "tok_s": out_tokens / self.wall_s if self.wall_s > 0 else float("nan"),
+            "latency_p50_s": p50,
+            "latency_p99_s": p99,
+            "latency_mean_s": sum(lat) / len(lat) if lat else float("nan"),
+            "steps": self.steps,
+            "stopped": self.stopped,
+            "engine_stats": self.stats,
+        }
 
 
 def warm_up(llm, vocab: int) -> None:
@@ -333,11 +343,15 @@ def _log_table(sums: dict, cmp: dict, ref: str) -> None:
         st = s["engine_stats"]
         ratio = s["ratio_to_one_at_a_time"]
         c = cmp[m]
-        log(f"{LABEL[m]:<19} | {s['max_num_seqs']:>4} | {s['completed']:>3}/{s['requests']:<3} | {s['output_tokens']:>7} | "
-            f"{s['wall_s']:7.1f} | {fmt(s['tok_s'], '7.2f')} | {(f'{ratio:.2f}x' if ratio is not None else 'n/a'):>15} | "
+        log(
+            f"{LABEL[m]:<19} | {s['max_num_seqs']:>4} | {s['completed']:>3}/{s['requests']:<3} | "
+            f"{s['output_tokens']:>7} | "
+            f"{s['wall_s']:7.1f} | {fmt(s['tok_s'], '7.2f')} | {(f'{ratio:.2f}x' if ratio is not None else 'n/a'):>15} "
+            "| "
             f"{fmt(s['latency_p50_s'], '9.1f')} | {fmt(s['latency_p99_s'], '9.1f')} | {s['steps']:>5} | "
             f"{st.get('num_preemptions', 0):>7} | {st.get('prefill_s', 0):9.1f} | {st.get('decode_s', 0):8.1f} | "
-            + ("(reference)" if m == ref else f"{c['differ']}/{c['compared']}"))
+            + ("(reference)" if m == ref else f"{c['differ']}/{c['compared']}")
+        )
 
 
 def _log_rates(sums: dict) -> None:
@@ -346,10 +360,13 @@ def _log_rates(sums: dict) -> None:
     for m, s in sums.items():
         st = s["engine_stats"]
         pr, dr = st.get("prefill_tok_per_s"), st.get("decode_tok_per_s")
-        log(f"{LABEL[m]:<19}: prefill(-containing) steps {fmt(pr or float('nan'), '.1f')} tok/s over "
+        log(
+            f"{LABEL[m]:<19}: prefill(-containing) steps {fmt(pr or float('nan'), '.1f')} tok/s over "
             f"{st.get('prefill_tokens', 0)} tokens in {st.get('prefill_s', 0):.1f}s; decode-only steps "
-            f"{fmt(dr or float('nan'), '.1f')} tok/s over {st.get('decode_tokens', 0)} tokens in {st.get('decode_s', 0):.1f}s "
-            f"({st.get('decode_steps', 0)} steps, {st.get('decode_tokens', 0) / max(1, st.get('decode_steps', 0)):.1f} seqs/step)")
+            f"{fmt(dr or float('nan'), '.1f')} tok/s over {st.get('decode_tokens', 0)} tokens in "
+            f"{st.get('decode_s', 0):.1f}s ({st.get('decode_steps', 0)} steps, "
+            f"{st.get('decode_tokens', 0) / max(1, st.get('decode_steps', 0)):.1f} seqs/step)"
+        )
 
 
 def _log_token_diffs(cmp: dict, ref: str, args) -> None:
@@ -376,7 +393,12 @@ def _target_summary(summary: dict, sums: dict, base: dict, args) -> None:
         + ("" if args.concurrency == TARGET_CONCURRENCY else f" (the target is stated for {TARGET_CONCURRENCY})")
         + (" (smoke: tiny model, not the target's setting)" if args.smoke else ""))
     e, o = sums["engine"]["engine_stats"], base["engine_stats"]
-    if e.get("decode_tok_per_s") and o.get("decode_tok_per_s") and e.get("prefill_tok_per_s") and o.get("prefill_tok_per_s"):
+    if (
+        e.get("decode_tok_per_s")
+        and o.get("decode_tok_per_s")
+        and e.get("prefill_tok_per_s")
+        and o.get("prefill_tok_per_s")
+    ):
         summary["decode_rate_ratio"] = e["decode_tok_per_s"] / o["decode_tok_per_s"]
         summary["prefill_rate_ratio"] = e["prefill_tok_per_s"] / o["prefill_tok_per_s"]
         log(f"engine / one at a time: decode-only steps {summary['decode_rate_ratio']:.2f}x the token rate, "
@@ -423,7 +445,9 @@ class SpecRun:
 
     @property
     def name(self) -> str:
-        return f"{self.sampling} k={self.k}" + (f" {self.draft} drafts" if self.k and self.sampling == "sampled" else "")
+        return f"{self.sampling} k={self.k}" + (
+            f" {self.draft} drafts" if self.k and self.sampling == "sampled" else ""
+        )
 
 
 def spec_runs(K: int) -> list[SpecRun]:
@@ -538,8 +562,13 @@ def spec_row(run: SpecRun, conc: int, x: dict, base: dict, reqs: list[Request]) 
            "phase_ms_per_step": {k: 1e3 * v / steps for k, v in x["phases"].items()}, "stopped": res.stopped,
            "mean_acceptance_length": None, "acceptance_rate_per_pos": None}
     if st is not None:
-        row.update(mean_acceptance_length=st.mean_acceptance_length(), acceptance_rate_per_pos=st.acceptance_rate_per_pos(),
-                   num_drafts=st.num_drafts, num_draft_tokens=st.num_draft_tokens, num_accepted_tokens=st.num_accepted_tokens)
+        row.update(
+            mean_acceptance_length=st.mean_acceptance_length(),
+            acceptance_rate_per_pos=st.acceptance_rate_per_pos(),
+            num_drafts=st.num_drafts,
+            num_draft_tokens=st.num_draft_tokens,
+            num_accepted_tokens=st.num_accepted_tokens,
+        )
     if run.sampling == "greedy" and run.k:
         row["greedy_check"] = compare({"k0": base["res"], "k": res}, reqs, "k0")["k"]
     return row
@@ -584,15 +613,20 @@ def spec_targets(rows: list[dict], K: int, smoke: bool) -> dict:
     g, s = by.get((1, "greedy", K, None)), by.get((1, "sampled", K, "sample"))
     out = {"target_mean_acceptance_length": SPEC_TARGET_MAL, "target_k": SPEC_TARGET_K,
            "target_single_stream_speedup": SPEC_TARGET_SPEEDUP, "k": K}
-    note = (" (smoke: tiny sizes)" if smoke else "") + ("" if K == SPEC_TARGET_K else f" (the target is stated for k = {SPEC_TARGET_K})")
+    note = (" (smoke: tiny sizes)" if smoke else "") + (
+        "" if K == SPEC_TARGET_K else f" (the target is stated for k = {SPEC_TARGET_K})"
+    )
     log("")
     for name, r in (("greedy", g), ("sampled T=1, sampled drafts", s)):
         mal = r and r["mean_acceptance_length"]
         if mal:
             ok = mal >= SPEC_TARGET_MAL
             out[f"mean_acceptance_length_{r['sampling']}"], out[f"mal_pass_{r['sampling']}"] = mal, ok
-            log(f"target: mean acceptance length >= {SPEC_TARGET_MAL} at k = {SPEC_TARGET_K} on held-out prompts, {name}, "
-                f"concurrency 1: {mal:.3f} at k = {K}  {'PASS' if ok else 'MISS'}{note}")
+            log(
+                f"target: mean acceptance length >= {SPEC_TARGET_MAL} at k = {SPEC_TARGET_K} on "
+                f"held-out prompts, {name}, "
+                f"concurrency 1: {mal:.3f} at k = {K}  {'PASS' if ok else 'MISS'}{note}"
+            )
     if g and g["ratio_to_k0"]:
         ok = g["ratio_to_k0"] >= SPEC_TARGET_SPEEDUP
         out["single_stream_speedup"], out["speedup_pass"] = g["ratio_to_k0"], ok
@@ -616,12 +650,20 @@ def spec_serve_all(L, reqs: list[Request], args) -> list[dict]:
             r = rows[-1]
             r["wall_s_tries"], r["load_average"] = [t["res"].wall_s for t in tries], os.getloadavg()[0]
             mal = r["mean_acceptance_length"]
-            log(f"concurrency {conc}, {run.name}: {r['output_tokens']} tokens in {r['wall_s']:.1f}s = {r['tok_s']:.2f} tok/s"
-                + (f", mean acceptance length {mal:.3f}" if mal else "") + f" ({time.perf_counter() - t0:.0f}s incl. set-up"
-                + (f", best of {args.repeats}" if args.repeats > 1 else "") + f", load average {r['load_average']:.1f})"
-                + (f"; STOPPED: {r['stopped']}" if r["stopped"] else ""))
+            log(
+                f"concurrency {conc}, {run.name}: {r['output_tokens']} tokens in "
+                f"{r['wall_s']:.1f}s = {r['tok_s']:.2f} tok/s"
+                + (f", mean acceptance length {mal:.3f}" if mal else "")
+                + f" ({time.perf_counter() - t0:.0f}s incl. set-up"
+                + (f", best of {args.repeats}" if args.repeats > 1 else "")
+                + f", load average {r['load_average']:.1f})"
+                + (f"; STOPPED: {r['stopped']}" if r["stopped"] else "")
+            )
             if x["profile"]:
-                log(f"\n=== cProfile: concurrency 1, {run.name}, top {args.profile_top} by self time ===\n{x['profile']}")
+                log(
+                    f"\n=== cProfile: concurrency 1, {run.name}, top {args.profile_top} by self time "
+                    f"===\n{x['profile']}"
+                )
     return rows
 
 
@@ -635,24 +677,39 @@ def spec_main(args, cmd: str) -> int:
         f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}")
     L = load(checkpoint=ckpt, overrides={"backend": "reference", "dtype": args.dtype}, progress=False)
     cfg = L.cfg
-    log(f"model '{cfg.name}' from {os.path.relpath(ckpt, ROOT)} ({cfg.num_hidden_layers} layers + "
-        f"{cfg.num_nextn_predict_layers} MTP, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}), reference backend, {args.dtype}")
+    log(
+        f"model '{cfg.name}' from {os.path.relpath(ckpt, ROOT)} ({cfg.num_hidden_layers} layers + "
+        f"{cfg.num_nextn_predict_layers} MTP, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}), "
+        f"reference backend, {args.dtype}"
+    )
     reqs = heldout_workload(args, L.tokenizer)
-    log(f"workload: {len(reqs)} held-out prompts ({os.path.relpath(HELDOUT, ROOT)}), {args.prompt_len} tokens "
-        f"({sum(len(r.prompt) for r in reqs)} in all), outputs {args.output_len} tokens ({sum(r.max_tokens for r in reqs)} "
-        f"in all), ignore_eos, all at t=0; greedy, and sampled at T = {SPEC_TEMPERATURE:g} with per-request seeds")
-    log(f"speculative: k = 0 against k = {args.speculative} (MTP drafts), at concurrency {', '.join(map(str, args.spec_concs))}; "
-        f"sampled requests with sampled and with argmax drafts")
+    log(
+        f"workload: {len(reqs)} held-out prompts ({os.path.relpath(HELDOUT, ROOT)}), {args.prompt_len} tokens "
+        f"({sum(len(r.prompt) for r in reqs)} in all), outputs {args.output_len} tokens "
+        f"({sum(r.max_tokens for r in reqs)} "
+        f"in all), ignore_eos, all at t=0; greedy, and sampled at T = {SPEC_TEMPERATURE:g} with per-request seeds"
+    )
+    log(
+        f"speculative: k = 0 against k = {args.speculative} (MTP drafts), "
+        f"at concurrency {', '.join(map(str, args.spec_concs))}; "
+        f"sampled requests with sampled and with argmax drafts"
+    )
     rows = spec_serve_all(L, reqs, args)
     spec_table(rows, args.speculative)
     spec_phases(rows)
     differ = sum(r["greedy_check"]["differ"] for r in rows if "greedy_check" in r)
     compared = sum(r["greedy_check"]["compared"] for r in rows if "greedy_check" in r)
-    log(f"\ngreedy tokens, k = {args.speculative} against k = 0 at the same concurrency: {differ} of {compared} requests differ"
-        + (" -- fp32 near-tie flips between step shapes are possible" if differ and args.dtype != "float64" else ""))
+    log(
+        f"\ngreedy tokens, k = {args.speculative} against k = 0 at the same concurrency: "
+        f"{differ} of {compared} requests differ"
+        + (" -- fp32 near-tie flips between step shapes are possible" if differ and args.dtype != "float64" else "")
+    )
     for r in rows:
         for d in r.get("greedy_check", {}).get("details", [])[:8]:
-            log(f"  concurrency {r['concurrency']}: request #{d['request']} first differs at token {d['first_diff']}/{d['of']}")
+            log(
+                f"  concurrency {r['concurrency']}: request #{d['request']} first differs at token "
+                f"{d['first_diff']}/{d['of']}"
+            )
     targets = spec_targets(rows, args.speculative, args.smoke)
     mismatch = args.dtype == "float64" and differ > 0
     if mismatch:
@@ -660,10 +717,19 @@ def spec_main(args, cmd: str) -> int:
     total = time.perf_counter() - t_start
     log(f"\ntotal wall time {total:.0f}s")
     if args.json:
-        doc = {"speculative": args.speculative, "runs": rows, "targets": targets, "greedy_requests_differing": differ,
-               "command": cmd, "checkpoint": os.path.relpath(ckpt, ROOT), "dtype": args.dtype,
-               "threads": torch.get_num_threads(), "torch": torch.__version__, "total_wall_s": total,
-               "workload": [{"index": r.index, "prompt_tokens": len(r.prompt), "max_tokens": r.max_tokens} for r in reqs]}
+        doc = {
+            "speculative": args.speculative,
+            "runs": rows,
+            "targets": targets,
+            "greedy_requests_differing": differ,
+            "command": cmd,
+            "checkpoint": os.path.relpath(ckpt, ROOT),
+            "dtype": args.dtype,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "total_wall_s": total,
+            "workload": [{"index": r.index, "prompt_tokens": len(r.prompt), "max_tokens": r.max_tokens} for r in reqs],
+        }
         write_json(doc, args.json)
     return 1 if mismatch else 0
 
@@ -679,18 +745,35 @@ def write_json(doc: dict, path: str) -> None:
 
 # ---------------------------------------------------------------------------------- main
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     ap.add_argument("--config", default=None, help="model config (default small; --smoke: tiny)")
-    ap.add_argument("--smoke", action="store_true",
-                    help="tiny config and sizes (8 requests, prompts 4:40, outputs 2:12, concurrency 4): checks the script")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny config and sizes (8 requests, prompts 4:40, outputs 2:12, concurrency 4): checks the script",
+    )
     ap.add_argument("--requests", type=int, default=None, help="number of requests (default 64; smoke 8)")
-    ap.add_argument("--prompt-len", default=None, metavar="LO:HI", help="prompt lengths, uniform (default 16:64; smoke 4:40)")
-    ap.add_argument("--output-len", default=None, metavar="LO:HI", help="output lengths, uniform (default 64:128; smoke 2:12)")
+    ap.add_argument(
+        "--prompt-len", default=None, metavar="LO:HI", help="prompt lengths, uniform (default 16:64; smoke 4:40)"
+    )
+    ap.add_argument(
+        "--output-len", default=None, metavar="LO:HI", help="output lengths, uniform (default 64:128; smoke 2:12)"
+    )
     ap.add_argument("--arrival", choices=("all", "poisson"), default="all", help="all at t=0, or a Poisson process")
     ap.add_argument("--rate", type=float, default=1.0, help="Poisson arrival rate, requests/s (default 1.0)")
-    ap.add_argument("--concurrency", type=int, default=None, help="max_num_seqs of the engine and the wave size (default 16; smoke 4)")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=2048, help="engine token budget per step (default 2048)")
+    ap.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="max_num_seqs of the engine and the wave size (default 16; smoke 4)",
+    )
+    ap.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, help="engine token budget per step (default 2048)"
+    )
     ap.add_argument("--block-size", type=int, default=64, help="runtime.block_size (default 64)")
     ap.add_argument("--modes", default=",".join(MODES), help=f"which ways to run, in order (default {','.join(MODES)})")
     ap.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32")
@@ -698,12 +781,20 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="weights and workload seed")
     ap.add_argument("--max-seconds", type=float, default=None, help="safety stop per way (default 1800; smoke 60)")
     ap.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON to PATH ('-' = stdout)")
-    ap.add_argument("--profile", action="store_true", help="run the engine way under cProfile and print the top functions")
+    ap.add_argument(
+        "--profile", action="store_true", help="run the engine way under cProfile and print the top functions"
+    )
     ap.add_argument("--profile-top", type=int, default=25)
     ap.add_argument("--no-progress", action="store_true", help="periodic prints instead of tqdm bars")
-    ap.add_argument("--speculative", type=int, default=None, metavar="K", choices=range(1, 4),
-                    help="MTP speculative decoding, k = 0 against k = K (1 to 3) on the trained tiny model with held-out "
-                         "prompts (16 requests, prompts 32:64, outputs 64; smoke 4, 16:24, 12): greedy and sampled")
+    ap.add_argument(
+        "--speculative",
+        type=int,
+        default=None,
+        metavar="K",
+        choices=range(1, 4),
+        help="MTP speculative decoding, k = 0 against k = K (1 to 3) on the trained tiny model with held-out "
+        "prompts (16 requests, prompts 32:64, outputs 64; smoke 4, 16:24, 12): greedy and sampled",
+    )
     ap.add_argument("--checkpoint", default=None, help=f"--speculative: the checkpoint (default {SPEC_CHECKPOINT})")
     ap.add_argument("--repeats", type=int, default=1,
                     help="--speculative: serve each run this many times and keep the fastest (default 1)")
@@ -745,20 +836,30 @@ def _run_modes(model, modes, reqs, args) -> dict:
         res = run_mode(model, mode, reqs, args)
         results[mode] = res
         s = res.summary(reqs)
-        log(f"{LABEL[mode]}: {s['output_tokens']} tokens in {s['wall_s']:.1f}s = {s['tok_s']:.2f} tok/s, "
-            f"p50 {s['latency_p50_s']:.1f}s, p99 {s['latency_p99_s']:.1f}s ({time.perf_counter() - t0:.0f}s incl. set-up)"
-            + (f"; STOPPED: {res.stopped}" if res.stopped else ""))
+        log(
+            f"{LABEL[mode]}: {s['output_tokens']} tokens in {s['wall_s']:.1f}s = {s['tok_s']:.2f} tok/s, "
+            f"p50 {s['latency_p50_s']:.1f}s, p99 {s['latency_p99_s']:.1f}s "
+            f"({time.perf_counter() - t0:.0f}s incl. set-up)" + (f"; STOPPED: {res.stopped}" if res.stopped else "")
+        )
         if res.profile:
             log(f"\n=== cProfile: the engine way, top {args.profile_top} by self time ===\n{res.profile}")
     return results
 
 
 def _write_json(doc: dict, args, cmd: str, config_name: str, reqs, total: float) -> None:
-    doc.update(command=cmd, config=config_name, dtype=args.dtype, threads=torch.get_num_threads(), torch=torch.__version__,
-               args={k: v for k, v in vars(args).items() if k not in ("prompt_range", "output_range")},
-               workload=[{"index": r.index, "prompt_tokens": len(r.prompt), "max_tokens": r.max_tokens,
-                          "arrival_s": r.arrival} for r in reqs],
-               total_wall_s=total)
+    doc.update(
+        command=cmd,
+        config=config_name,
+        dtype=args.dtype,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        args={k: v for k, v in vars(args).items() if k not in ("prompt_range", "output_range")},
+        workload=[
+            {"index": r.index, "prompt_tokens": len(r.prompt), "max_tokens": r.max_tokens, "arrival_s": r.arrival}
+            for r in reqs
+        ],
+        total_wall_s=total,
+    )
     text = json.dumps(doc, indent=2, default=str)
     if args.json == "-":
         print(text)
@@ -783,20 +884,28 @@ def main(argv=None) -> int:
     log(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
         f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f}")
     t0 = time.perf_counter()
-    L = load(config=args.config, overrides={"backend": "reference", "dtype": args.dtype}, seed=args.seed, progress=False)
+    L = load(
+        config=args.config, overrides={"backend": "reference", "dtype": args.dtype}, seed=args.seed, progress=False
+    )
     model, cfg = L.model, L.cfg
-    log(f"model '{cfg.name}' ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}), "
-        f"reference backend, {args.dtype}, seeded random weights (seed {args.seed}); loaded in {time.perf_counter() - t0:.1f}s")
+    log(
+        f"model '{cfg.name}' ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}), "
+        f"reference backend, {args.dtype}, seeded random weights (seed {args.seed}); "
+        f"loaded in {time.perf_counter() - t0:.1f}s"
+    )
     reqs = make_workload(args, cfg.vocab_size)
     P = sum(len(r.prompt) for r in reqs)
-    O = sum(r.max_tokens for r in reqs)
+    n_out = sum(r.max_tokens for r in reqs)
     arrival = ("all at t=0" if args.arrival == "all" else
                f"Poisson, {args.rate:g} req/s (last arrival at {reqs[-1].arrival:.1f}s)")
     log(f"workload: {len(reqs)} requests, prompts {args.prompt_len} tokens ({P} in all), outputs {args.output_len} "
-        f"tokens ({O} in all), greedy, ignore_eos, arrivals {arrival}, seed {args.seed}")
-    log(f"engine: max_num_seqs {args.concurrency} (one at a time: 1), max_num_batched_tokens {args.max_num_batched_tokens}, "
+        f"tokens ({n_out} in all), greedy, ignore_eos, arrivals {arrival}, seed {args.seed}")
+    log(
+        f"engine: max_num_seqs {args.concurrency} (one at a time: 1), max_num_batched_tokens "
+        f"{args.max_num_batched_tokens}, "
         f"max_model_len {args.max_model_len}, block_size {args.block_size}; static waves of {args.concurrency}; "
-        f"safety stop {args.max_seconds:g}s per way")
+        f"safety stop {args.max_seconds:g}s per way"
+    )
 
     results = _run_modes(model, modes, reqs, args)
     doc = report(results, reqs, args)

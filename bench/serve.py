@@ -118,7 +118,9 @@ def byte_chars() -> dict[int, str]:
 def filler_words(n: int) -> list[str]:
     """n distinct tokens ' aa', ' ab', ... (byte-level spelling): what the ids past the bytes decode to."""
     space = byte_chars()[ord(" ")]
-    words = (space + "".join(t) for L in itertools.count(2) for t in itertools.product(string.ascii_lowercase, repeat=L))
+    words = (
+        space + "".join(t) for L in itertools.count(2) for t in itertools.product(string.ascii_lowercase, repeat=L)
+    )
     return list(itertools.islice(words, n))
 
 
@@ -144,7 +146,12 @@ def checkpoint_key(config: str, seed: int) -> dict:
     from v4.config import resolve_config_path
 
     text = resolve_config_path(config).read_bytes() + (ROOT / "tests" / "hf_oracle.py").read_bytes()
-    return {"config": config, "seed": seed, "tokenizer": TOKENIZER_VERSION, "sha256": hashlib.sha256(text).hexdigest()[:16]}
+    return {
+        "config": config,
+        "seed": seed,
+        "tokenizer": TOKENIZER_VERSION,
+        "sha256": hashlib.sha256(text).hexdigest()[:16],
+    }
 
 
 def ensure_checkpoint(config: str, seed: int) -> Path:
@@ -180,7 +187,10 @@ def write_checkpoint(config: str, seed: int, out: Path) -> None:
     quiet_transformers()
     cfg, _ = load_config_file(config)
     if (cfg.bos_token_id, cfg.eos_token_id) != (0, 1):
-        raise SystemExit(f"{config}: the byte-level tokenizer needs bos 0 / eos 1, the config has {cfg.bos_token_id} / {cfg.eos_token_id}")
+        raise SystemExit(
+            f"{config}: the byte-level tokenizer needs bos 0 / eos 1, the config has {cfg.bos_token_id} / "
+            f"{cfg.eos_token_id}"
+        )
     out.mkdir(parents=True)
     build(cfg, out, seed=seed)  # the returned model is dropped: the weights are on disk
     byte_level_tokenizer(cfg.vocab_size).save(str(out / "tokenizer.json"))
@@ -302,7 +312,11 @@ def read_event(line: str, res: Result, stamps: list[float]) -> bool:
         stamps.append(time.perf_counter())
     usage = event.get("usage")
     if usage:
-        res.output_tokens, res.prompt_tokens, res.token_source = usage["completion_tokens"], usage.get("prompt_tokens", 0), "usage"
+        res.output_tokens, res.prompt_tokens, res.token_source = (
+            usage["completion_tokens"],
+            usage.get("prompt_tokens", 0),
+            "usage",
+        )
     return False
 
 
@@ -494,8 +508,10 @@ async def bench_url(url: str, kind: str, model: str, reqs: list[Request], a) -> 
         f"rate {a.request_rate:g}/s")
     results, duration = await run_load(f"{url}/v1/completions", kind, model, reqs, a)
     s = summarise(results, reqs, duration, a)
-    s["requests"] = [{"ttft_s": r.ttft, "e2el_s": r.e2el, "output_tokens": r.output_tokens, "ok": r.ok, "error": r.error}
-                     for r in results]
+    s["requests"] = [
+        {"ttft_s": r.ttft, "e2el_s": r.e2el, "output_tokens": r.output_tokens, "ok": r.ok, "error": r.error}
+        for r in results
+    ]
     return s
 
 
@@ -553,9 +569,16 @@ def ratio_line(summaries: dict, a) -> tuple[float | None, str]:
         return None, "ratio: needs both servers' figures"
     r = d["output_throughput"] / t["output_throughput"]
     small = Path(a.config).stem == "small" and a.max_concurrency == 16 and (a.input_len, a.output_len) == (128, 64)
-    verdict = f"target >= {TARGET_RATIO:g}x: {'PASS' if r >= TARGET_RATIO else 'MISS'}" if small else "target applies to small, 16 clients, 128/64"
-    ttft = "; ".join(f"{k} TTFT p50 {s['ttft_ms'].get('p50', float('nan')):.0f} ms, p99 {s['ttft_ms'].get('p99', float('nan')):.0f} ms"
-                     for k, s in (("dsv4", d), ("transformers", t)))
+    verdict = (
+        f"target >= {TARGET_RATIO:g}x: {'PASS' if r >= TARGET_RATIO else 'MISS'}"
+        if small
+        else "target applies to small, 16 clients, 128/64"
+    )
+    ttft = "; ".join(
+        f"{k} TTFT p50 {s['ttft_ms'].get('p50', float('nan')):.0f} ms, p99 "
+        f"{s['ttft_ms'].get('p99', float('nan')):.0f} ms"
+        for k, s in (("dsv4", d), ("transformers", t))
+    )
     return r, (f"output tok/s dsv4 / transformers = {d['output_throughput']:.2f} / {t['output_throughput']:.2f} = "
                f"{r:.2f}x ({verdict}); {ttft}")
 
@@ -563,9 +586,11 @@ def ratio_line(summaries: dict, a) -> tuple[float | None, str]:
 def header(a) -> str:
     import torch
 
-    return (f"# {shlex.join(['python', *sys.argv])} | bench torch threads {torch.get_num_threads()}, "
-            f"server threads {a.server_threads}, cores {os.cpu_count()}, load avg {os.getloadavg()[0]:.2f} before the run "
-            f"(other work on these cores skews every figure) | torch {torch.__version__}")
+    return (
+        f"# {shlex.join(['python', *sys.argv])} | bench torch threads {torch.get_num_threads()}, "
+        f"server threads {a.server_threads}, cores {os.cpu_count()}, load avg {os.getloadavg()[0]:.2f} before the run "
+        f"(other work on these cores skews every figure) | torch {torch.__version__}"
+    )
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -585,13 +610,21 @@ def parse_args(argv=None):
     p.add_argument("--target", choices=["dsv4", "transformers", "both"], default="both")
     p.add_argument("--base-url", help="bench this already running server instead of starting one (127.0.0.1 only)")
     p.add_argument("--model", help="with --base-url: the model name to send")
-    p.add_argument("--api", choices=["openai", "transformers"], default="openai",
-                   help="with --base-url: how to force the output length (openai: ignore_eos; transformers: generation_config)")
+    p.add_argument(
+        "--api",
+        choices=["openai", "transformers"],
+        default="openai",
+        help="with --base-url: how to force the output length (openai: ignore_eos; transformers: generation_config)",
+    )
     p.add_argument("--config", help="model config for the checkpoint (default small; tiny with --smoke)")
-    p.add_argument("--checkpoint", type=Path, help="use this HF checkpoint directory (with tokenizer.json) instead of building one")
+    p.add_argument(
+        "--checkpoint", type=Path, help="use this HF checkpoint directory (with tokenizer.json) instead of building one"
+    )
     p.add_argument("--weights-seed", type=int, default=0)
     p.add_argument("--num-prompts", type=int)
-    p.add_argument("--num-prompts-transformers", type=int, help="transformers gets the first N of the same prompts (default all)")
+    p.add_argument(
+        "--num-prompts-transformers", type=int, help="transformers gets the first N of the same prompts (default all)"
+    )
     p.add_argument("--input-len", type=int)
     p.add_argument("--output-len", type=int)
     p.add_argument("--range-ratio", type=float, default=0.0, help="lengths uniform in [len*(1-r), len*(1+r)]")
@@ -603,9 +636,13 @@ def parse_args(argv=None):
     p.add_argument("--server-threads", type=int, default=2, help="OMP/MKL threads of each server (default 2)")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds a server may take to start")
     p.add_argument("--request-timeout", type=float, default=900.0, help="seconds one request may take")
-    p.add_argument("--max-seconds", type=float, help="seconds of load per server; open requests are then cancelled (default 1800)")
+    p.add_argument(
+        "--max-seconds", type=float, help="seconds of load per server; open requests are then cancelled (default 1800)"
+    )
     p.add_argument("--json", type=Path, help="write the figures here")
-    p.add_argument("--smoke", action="store_true", help="tiny config, 4 prompts of 16 in / 8 out: the script itself, < 1 min")
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny config, 4 prompts of 16 in / 8 out: the script itself, < 1 min"
+    )
     a = p.parse_args(argv)
     for k, (smoke, full) in DEFAULTS.items():
         if getattr(a, k) is None:
@@ -648,8 +685,14 @@ def main(argv=None) -> int:
     ratio, line = ratio_line(summaries, a)
     log(line)
     if a.json:
-        doc = {"header": header(a), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-               "checkpoint": str(ckpt), "tokenisation_agrees": check, "ratio_output_throughput": ratio, "results": summaries}
+        doc = {
+            "header": header(a),
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+            "checkpoint": str(ckpt),
+            "tokenisation_agrees": check,
+            "ratio_output_throughput": ratio,
+            "results": summaries,
+        }
         a.json.write_text(json.dumps(doc, indent=1, default=str))
         log(f"wrote {a.json}")
     return 0 if all("error" not in s for s in summaries.values()) else 1

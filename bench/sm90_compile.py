@@ -125,10 +125,17 @@ def cmd_record(a, pytest_args):
     rec.install()
     import pytest
 
-    args = pytest_args or ["-q", "-p", "no:cacheprovider", *sorted(str(p) for p in (ROOT / "tests").glob("test_cuda_*.py")),
-                           str(ROOT / "tests" / "test_decode_graphs.py")]
+    args = pytest_args or [
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        *sorted(str(p) for p in (ROOT / "tests").glob("test_cuda_*.py")),
+        str(ROOT / "tests" / "test_decode_graphs.py"),
+    ]
     rc = pytest.main(args)
-    Path(a.out).write_text(json.dumps(sorted(rec.seen.values(), key=lambda e: (e["module"], e["name"])), indent=1) + "\n")
+    Path(a.out).write_text(
+        json.dumps(sorted(rec.seen.values(), key=lambda e: (e["module"], e["name"])), indent=1) + "\n"
+    )
     print(f"recorded {len(rec.seen)} distinct launches of "
           f"{len({(e['module'], e['name']) for e in rec.seen.values()})} kernels -> {a.out} (pytest exit {rc})")
     return 0
@@ -167,7 +174,11 @@ def compile_one(job):
     mod = importlib.import_module(entry["module"])
     fn = getattr(mod, entry["name"])
     sig = dict(entry["signature"])
-    res = {"kernel": f"{entry['module'].rsplit('.', 1)[-1]}.{entry['name']}", "constexprs": cx, "options": entry["options"]}
+    res = {
+        "kernel": f"{entry['module'].rsplit('.', 1)[-1]}.{entry['name']}",
+        "constexprs": cx,
+        "options": entry["options"],
+    }
     t0 = time.perf_counter()
     try:
         consts = {k: _decode_const(v) for k, v in cx.items()}
@@ -186,7 +197,9 @@ def compile_one(job):
         res["wgmma"] = "wgmma" in ptx
         res["mma"] = "mma.sync" in ptx
     except Exception as e:  # noqa: BLE001
-        res.update(ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}")
+        res.update(
+            ok=False, error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+        )
     res["seconds"] = time.perf_counter() - t0
     return res
 

@@ -265,9 +265,14 @@ def export(cfg: ModelConfig, params: dict, out: Path, metadata: dict) -> int:
             tensors[sname] = t.contiguous()
     for old in out.glob("*.safetensors"):
         old.unlink()
-    save_file(tensors, str(out / fname), metadata={"format": "pt", "dsv4_training": json.dumps(metadata, sort_keys=True)})
+    save_file(
+        tensors, str(out / fname), metadata={"format": "pt", "dsv4_training": json.dumps(metadata, sort_keys=True)}
+    )
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (out / W.INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": {k: fname for k in sorted(tensors)}}, indent=2) + "\n")
+    (out / W.INDEX_FILE).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": {k: fname for k in sorted(tensors)}}, indent=2)
+        + "\n"
+    )
     (out / W.CONFIG_FILE).write_text(json.dumps(cfg_out.to_hf_dict(), indent=2) + "\n")
     return total
 
@@ -341,7 +346,8 @@ def _readme_intro(meta: dict, ev: dict) -> list[str]:
         f"Trained in {meta['train_seconds'] / 60:.1f} min ({meta['steps_run']} of {meta['steps']} steps"
         f"{', stopped early by --minutes' if meta['stopped_early'] else ''}) on {meta['threads']} CPU threads, torch "
         f"{meta['torch']}, Python {meta['python_version']}; batch {meta['batch']} x {meta['seq_len']} tokens, AdamW "
-        f"(peak lr {meta['lr']}, {meta['warmup']} warm-up steps, cosine to 10%), seed {meta['seed']}. Loss = next-token CE "
+        f"(peak lr {meta['lr']}, {meta['warmup']} warm-up steps, cosine to 10%), seed {meta['seed']}. "
+        "Loss = next-token CE "
         f"+ {meta['mtp_weight']} x MTP next-next-token CE + indexer KL (see `tools/train_tiny.py` for how each "
         "non-differentiable op is handled). The whole curve is in `train_log.json`, the run's metadata "
         "(Python version, stdlib file-list sha256, held-out file list) in `training.json` and in the shard's "
@@ -373,8 +379,11 @@ def _readme_curve(log: list[dict]) -> list[str]:
         return sum(r[k] for r in recs) / len(recs)
 
     n = max(1, len(log) // 10)
-    rows = [f"| {r['step']} | {r['lr']:.2e} | {r['ce']:.3f} | {r['mtp_ce']:.3f} | {r['indexer_kl']:.3f} | {r['elapsed_s']:.0f} |"
-            for r in log[::n] + ([log[-1]] if (len(log) - 1) % n else [])]
+    rows = [
+        f"| {r['step']} | {r['lr']:.2e} | {r['ce']:.3f} | {r['mtp_ce']:.3f} | {r['indexer_kl']:.3f} | "
+        f"{r['elapsed_s']:.0f} |"
+        for r in log[::n] + ([log[-1]] if (len(log) - 1) % n else [])
+    ]
     return [
         "## Loss curve (training batches)",
         "",
@@ -399,7 +408,8 @@ def _readme_quality(h: dict, s: dict) -> list[str]:
         "| | CE (nats/token) | bits per byte |",
         "|---|---|---|",
         f"| tiny-v4 | {h['ce_nats_per_token']:.3f} | {h['bits_per_byte']:.3f} |",
-        f"| unigram (training-split counts, add-one) | {h['unigram_ce_nats_per_token']:.3f} | {h['unigram_bits_per_byte']:.3f} |",
+        f"| unigram (training-split counts, add-one) | {h['unigram_ce_nats_per_token']:.3f} | "
+        f"{h['unigram_bits_per_byte']:.3f} |",
         "",
         f"MTP next-next-token accuracy (greedy pick of the MTP head = the token two ahead): "
         f"{h['mtp_next_next_token_accuracy']:.3f} over {h['mtp_tokens']} positions.",
@@ -421,17 +431,28 @@ def write_readme(out: Path) -> None:
 
     lines = [*_readme_intro(meta, ev), *_readme_data(meta), *_readme_curve(log), *_readme_quality(h, s)]
     for g in ev["greedy"]:
-        lines += [f"`{g['file']}`, prompt then continuation:", "", "```python", g["prompt"] + g["continuation"], "```", ""]
+        lines += [
+            f"`{g['file']}`, prompt then continuation:",
+            "",
+            "```python",
+            g["prompt"] + g["continuation"],
+            "```",
+            "",
+        ]
     (out / "README.md").write_text("\n".join(lines))
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", default=str(ROOT / "v4" / "embedded" / "tiny-v4"))
     ap.add_argument("--config", default=str(ROOT / "configs" / "tiny-v4.yaml"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=1200, help="optimizer steps (the cosine schedule spans them)")
-    ap.add_argument("--minutes", type=float, default=45.0, help="wall-clock cap on training: stops early (and says so) past it")
+    ap.add_argument(
+        "--minutes", type=float, default=45.0, help="wall-clock cap on training: stops early (and says so) past it"
+    )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -442,7 +463,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-chunk", type=int, default=256)
     ap.add_argument("--heldout-sample-out", default=str(ROOT / "v4" / "embedded" / "tiny-v4-heldout"),
                     help="where the small held-out text sample (the test's fixed input) and its licence go")
-    ap.add_argument("--readme-only", action="store_true", help="only (re)write <out>/README.md from the run's JSON files")
+    ap.add_argument(
+        "--readme-only", action="store_true", help="only (re)write <out>/README.md from the run's JSON files"
+    )
     return ap
 
 
@@ -485,16 +508,30 @@ def _train(a, cfg, params: dict, ops, opt, train_p: list, stream: torch.Tensor):
 def _training_meta(a, argv, root: Path, files: list[Path], held_f: list[Path], list_hash: str, log: list,
                    train_s: float, stopped_early: bool) -> dict:
     meta = {
-        "data": "Python standard library *.py (PSF licence)", "python_version": platform.python_version(),
-        "stdlib_file_count": len(files), "stdlib_file_list_sha256": list_hash,
+        "data": "Python standard library *.py (PSF licence)",
+        "python_version": platform.python_version(),
+        "stdlib_file_count": len(files),
+        "stdlib_file_list_sha256": list_hash,
         "file_list_hash_of": "sha256 over '<relative path>\\t<size>\\n' lines, sorted by path",
-        "excluded_dirs": sorted(EXCLUDED_DIRS), "heldout_rule": f"index % {HELDOUT_EVERY} == {HELDOUT_AT} in that order",
+        "excluded_dirs": sorted(EXCLUDED_DIRS),
+        "heldout_rule": f"index % {HELDOUT_EVERY} == {HELDOUT_AT} in that order",
         "heldout_files": [f.relative_to(root).as_posix() for f in held_f],
-        "seed": a.seed, "steps_run": len(log), "steps": a.steps, "batch": a.batch, "seq_len": a.seq_len,
-        "lr": a.lr, "warmup": a.warmup, "weight_decay": a.weight_decay, "mtp_weight": MTP_WEIGHT,
-        "indexer": "KL objective against the main attention (detached inputs)", "kl_weight": KL_WEIGHT,
-        "gate_bias": f"aux-loss-free balancing, rate {BIAS_RATE}", "train_seconds": round(train_s, 1),
-        "stopped_early": stopped_early, "torch": torch.__version__, "threads": a.threads,
+        "seed": a.seed,
+        "steps_run": len(log),
+        "steps": a.steps,
+        "batch": a.batch,
+        "seq_len": a.seq_len,
+        "lr": a.lr,
+        "warmup": a.warmup,
+        "weight_decay": a.weight_decay,
+        "mtp_weight": MTP_WEIGHT,
+        "indexer": "KL objective against the main attention (detached inputs)",
+        "kl_weight": KL_WEIGHT,
+        "gate_bias": f"aux-loss-free balancing, rate {BIAS_RATE}",
+        "train_seconds": round(train_s, 1),
+        "stopped_early": stopped_early,
+        "torch": torch.__version__,
+        "threads": a.threads,
         "command": "python tools/train_tiny.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     return meta
@@ -506,9 +543,17 @@ def _write_heldout_sample(sample_dir: Path, root: Path, held_f: list[Path]):
     lic = root / "LICENSE.txt"
     picks = held_f[:: max(1, len(held_f) // SAMPLE_FILES)][:SAMPLE_FILES]
     sample = {f.relative_to(root).as_posix(): read(f)[:SAMPLE_BYTES] for f in picks}
-    (sample_dir / "sample.json").write_text(json.dumps({"python_version": platform.python_version(),
-                                                         "note": f"first {SAMPLE_BYTES} characters of held-out stdlib files",
-                                                         "files": sample}, indent=1) + "\n")
+    (sample_dir / "sample.json").write_text(
+        json.dumps(
+            {
+                "python_version": platform.python_version(),
+                "note": f"first {SAMPLE_BYTES} characters of held-out stdlib files",
+                "files": sample,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     if lic.is_file():
         (sample_dir / "LICENSE-PSF.txt").write_text(
             "The text in sample.json is taken from the Python standard library's source "
@@ -531,10 +576,16 @@ def _greedy_prompts(model, tok, bos: int, root: Path, picks: list[Path]) -> list
 
 def _print_eval(res: dict, sres: dict, prompts: list[dict]) -> None:
     h = res["heldout"]
-    print(f"held-out: {h['tokens']} tokens, {h['bytes']} bytes; CE {h['ce_nats_per_token']:.3f} nats/token "
-          f"({h['bits_per_byte']:.3f} bits/byte) vs unigram {h['unigram_ce_nats_per_token']:.3f} "
-          f"({h['unigram_bits_per_byte']:.3f} bits/byte); MTP next-next-token accuracy {h['mtp_next_next_token_accuracy']:.3f}")
-    print(f"sample (the test's input): CE {sres['ce_nats_per_token']:.3f} vs unigram {sres['unigram_ce_nats_per_token']:.3f}")
+    print(
+        f"held-out: {h['tokens']} tokens, {h['bytes']} bytes; CE {h['ce_nats_per_token']:.3f} nats/token "
+        f"({h['bits_per_byte']:.3f} bits/byte) vs unigram {h['unigram_ce_nats_per_token']:.3f} "
+        f"({h['unigram_bits_per_byte']:.3f} bits/byte); MTP next-next-token accuracy "
+        f"{h['mtp_next_next_token_accuracy']:.3f}"
+    )
+    print(
+        f"sample (the test's input): CE {sres['ce_nats_per_token']:.3f} vs unigram "
+        f"{sres['unigram_ce_nats_per_token']:.3f}"
+    )
     for p in prompts:
         print(f"--- {p['file']}\n{p['prompt']}|{p['continuation']}")
 
@@ -545,8 +596,11 @@ def _prepare_data(cfg, out: Path):
     root, files = stdlib_files()
     train_f, held_f, list_hash = split_files(root, files)
     train_texts, held_texts = [read(f) for f in train_f], [read(f) for f in held_f]
-    print(f"data: {len(files)} stdlib files ({sum(map(len, train_texts)) / 1e6:.1f} M chars train, "
-          f"{len(held_f)} held out, {sum(map(len, held_texts)) / 1e6:.2f} M chars), list sha256 {list_hash[:16]}", flush=True)
+    print(
+        f"data: {len(files)} stdlib files ({sum(map(len, train_texts)) / 1e6:.1f} M chars train, "
+        f"{len(held_f)} held out, {sum(map(len, held_texts)) / 1e6:.2f} M chars), list sha256 {list_hash[:16]}",
+        flush=True,
+    )
 
     tok = train_tokenizer(train_texts, cfg.vocab_size)
     assert tok.get_vocab_size() <= cfg.vocab_size, tok.get_vocab_size()
@@ -571,8 +625,12 @@ def _optimizer(a, params: dict):
     train_p = [p for p in params.values() if p.requires_grad]
     decay = [p for p in train_p if p.dim() == 2]
     no_decay = [p for p in train_p if p.dim() != 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=a.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
     return train_p, opt
 
 
@@ -599,7 +657,10 @@ def main(argv=None) -> int:
     params = trainable(cfg, a.seed)
     train_p, opt = _optimizer(a, params)
     n_params = sum(p.numel() for p in params.values() if p.is_floating_point())
-    print(f"model: {n_params / 1e6:.2f} M parameters ({sum(p.numel() for p in train_p) / 1e6:.2f} M trained by gradient)", flush=True)
+    print(
+        f"model: {n_params / 1e6:.2f} M parameters ({sum(p.numel() for p in train_p) / 1e6:.2f} M trained by gradient)",
+        flush=True,
+    )
     log, t0, stopped_early = _train(a, cfg, params, ops, opt, train_p, stream)
     train_s = time.time() - t0
 
