@@ -131,7 +131,10 @@ def read(path) -> Bundle:
     if root.is_file() and root.name in (META_FILE, TENSOR_FILE):
         root = root.parent  # accept either file of the pair too
     if not root.is_dir():
-        raise BundleError(f"{root}: no such bundle; a bundle is a directory holding {META_FILE} and {TENSOR_FILE} (written by `dsv4 parity record --out`)")
+        raise BundleError(
+            f"{root}: no such bundle; a bundle is a directory holding {META_FILE} and {TENSOR_FILE} (written by `dsv4 "
+            "parity record --out`)"
+        )
     mp, tp = root / META_FILE, root / TENSOR_FILE
     for p in (mp, tp):
         if not p.is_file():
@@ -145,17 +148,24 @@ def read(path) -> Bundle:
     if meta.get("format") != FORMAT:
         raise BundleError(f"{mp}: not a dsv4 parity bundle (format {meta.get('format')!r})")
     if meta.get("format_version") != VERSION:
-        raise BundleError(f"{mp}: bundle format version {meta.get('format_version')!r}, this dsv4 reads version {VERSION}; re-record it")
+        raise BundleError(
+            f"{mp}: bundle format version {meta.get('format_version')!r}, this dsv4 reads version {VERSION}; "
+            "re-record it"
+        )
     _check_schema(meta, mp)
     digest = _sha256(tp)
     if digest != meta["tensors_sha256"]:
-        raise BundleError(f"{tp}: damaged tensor file (sha256 differs from the one {META_FILE} records); copy the bundle again")
+        raise BundleError(
+            f"{tp}: damaged tensor file (sha256 differs from the one {META_FILE} records); copy the bundle again"
+        )
     try:
         from safetensors.torch import load_file
 
         tensors = load_file(str(tp))
     except Exception as e:  # noqa: BLE001 - any parse failure is "damaged", said in one sentence
-        raise BundleError(f"{tp}: damaged tensor file ({e.__class__.__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+        raise BundleError(
+            f"{tp}: damaged tensor file ({e.__class__.__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+        ) from None
     b = Bundle(str(root), meta, tensors)
     _validate(b)
     return b
@@ -196,7 +206,9 @@ def _validate(b: Bundle) -> None:
         for key in ("logits", "greedy_logits"):
             t = b.t(i, key)
             if t.dim() != 2 or t.shape[1] != vocab:
-                raise BundleError(f"{where}: damaged bundle, prompt.{i}.{key} has shape {tuple(t.shape)}, expected [*, {vocab}]")
+                raise BundleError(
+                    f"{where}: damaged bundle, prompt.{i}.{key} has shape {tuple(t.shape)}, expected [*, {vocab}]"
+                )
         if logits.shape[0] != b.t(i, "logit_positions").numel():
             raise BundleError(f"{where}: damaged bundle, prompt.{i}.logits and logit_positions disagree in length")
         for name in b.hooks:
@@ -210,25 +222,37 @@ def check_comparable(a: Bundle, b: Bundle) -> list[str]:
     ma, mb = a.meta, b.meta
     la, lb = f"A ({a.path})", f"B ({b.path})"
     if ma["model"]["config_hash"] != mb["model"]["config_hash"]:
-        raise NotComparable(f"{la} and {lb} are not comparable: they were recorded with different model configs "
-                            f"('{ma['model'].get('name')}' {ma['model']['config_hash'][:12]} vs '{mb['model'].get('name')}' {mb['model']['config_hash'][:12]})")
+        raise NotComparable(
+            f"{la} and {lb} are not comparable: they were recorded with different model configs "
+            f"('{ma['model'].get('name')}' {ma['model']['config_hash'][:12]} vs '{mb['model'].get('name')}' "
+            f"{mb['model']['config_hash'][:12]})"
+        )
     if ma["weights"]["hash"] != mb["weights"]["hash"]:
         raise NotComparable(f"{la} and {lb} are not comparable: they were recorded with different weights "
                             f"({_wdesc(ma['weights'])} vs {_wdesc(mb['weights'])})")
     if ma["mode"] != mb["mode"]:
-        raise NotComparable(f"{la} ran numerics mode '{ma['mode']}' and {lb} '{mb['mode']}'; parity compares like with like, so record both with the same --mode")
+        raise NotComparable(
+            f"{la} ran numerics mode '{ma['mode']}' and {lb} '{mb['mode']}'; parity compares like with like, "
+            "so record both with the same --mode"
+        )
     va, vb = ma["model"]["config"].get("vocab_size"), mb["model"]["config"].get("vocab_size")
     if va != vb:
         raise NotComparable(f"{la} and {lb} are not comparable: different vocabularies ({va} vs {vb})")
     if a.num_prompts != b.num_prompts:
-        raise NotComparable(f"{la} and {lb} are not comparable: they hold different prompts ({a.num_prompts} vs {b.num_prompts} prompts)")
+        raise NotComparable(
+            f"{la} and {lb} are not comparable: they hold different prompts ({a.num_prompts} "
+            f"vs {b.num_prompts} prompts)"
+        )
     for i in range(a.num_prompts):
         x, y = a.t(i, "input_ids"), b.t(i, "input_ids")
         if x.shape != y.shape or not torch.equal(x, y):
             raise NotComparable(f"{la} and {lb} are not comparable: prompt {i} has different input ids "
                                 f"({x.numel()} vs {y.numel()} tokens{'' if x.shape != y.shape else ', same length'})")
         if not torch.equal(a.t(i, "logit_positions"), b.t(i, "logit_positions")):
-            raise NotComparable(f"{la} and {lb} are not comparable: prompt {i} kept logits at different positions (record both with the same --logits)")
+            raise NotComparable(
+                f"{la} and {lb} are not comparable: prompt {i} kept logits at different positions (record both with "
+                "the same --logits)"
+            )
     notes = []
     ha, hb = a.hooks, b.hooks
     if ha and hb and ha != hb:

@@ -27,7 +27,13 @@ from . import record
 from .bundle import Bundle
 from .compare import compare
 
-VARIANTS = [("float32", "plain"), ("bfloat16", "plain"), ("float16", "plain"), ("float32", "exact"), ("bfloat16", "exact")]
+VARIANTS = [
+    ("float32", "plain"),
+    ("bfloat16", "plain"),
+    ("float16", "plain"),
+    ("float32", "exact"),
+    ("bfloat16", "exact"),
+]
 PROFILE_OF = {("float32", "plain"): "fp32", ("bfloat16", "plain"): "bf16", ("float16", "plain"): "fp16",
               ("float32", "exact"): "fp8-exact", ("bfloat16", "exact"): "fp8-exact"}
 LOWER_IS_WORSE = ("cosine", "share_1e3", "share_5e3", "top1", "topk", "mean", "min_row", "agree")
@@ -83,12 +89,25 @@ def _jobs(a, model) -> list:
         suite = record.load_suite(s)
         jobs.append((model, record.suite_prompts(suite, tok, 0), record.Options(**suite.options), _label(model), seeds))
     if a.small:
-        jobs.append((("config", "small"), [record.Prompt(record.generated_ids(128, 7, 0))], record.Options(greedy_tokens=4),
-                     "small", [0]))
+        jobs.append(
+            (
+                ("config", "small"),
+                [record.Prompt(record.generated_ids(128, 7, 0))],
+                record.Options(greedy_tokens=4),
+                "small",
+                [0],
+            )
+        )
     if a.long:
-        jobs.append((model, [record.Prompt(record.heldout_ids(0, 4000, tok, 0))],
-                     record.Options(greedy_tokens=4, logits="last:64", prefill_chunk=1024), _label(model) + " 4000 tokens",
-                     seeds[:1]))
+        jobs.append(
+            (
+                model,
+                [record.Prompt(record.heldout_ids(0, 4000, tok, 0))],
+                record.Options(greedy_tokens=4, logits="last:64", prefill_chunk=1024),
+                _label(model) + " 4000 tokens",
+                seeds[:1],
+            )
+        )
     return jobs
 
 

@@ -23,8 +23,8 @@ DTYPE_ALIASES = {"fp64": "float64", "f64": "float64", "fp32": "float32", "f32": 
                  "bfloat16": "bfloat16", "float16": "float16"}
 
 EXAMPLES = """examples:
-  dsv4 parity run                                     # available backends x fp64/fp32/bf16, smoke suite, trained tiny-v4
-  dsv4 parity run --config tiny --suite boundaries    # the same on seeded random weights
+  dsv4 parity run                                    # available backends x fp64/fp32/bf16, smoke suite, trained tiny-v4
+  dsv4 parity run --config tiny --suite boundaries   # the same on seeded random weights
   dsv4 parity record --backend reference --dtype bf16 --suite boundaries --out /tmp/cpu-bf16
   dsv4 parity compare /tmp/cpu-fp64 /tmp/npu-bf16 --report /tmp/report
   dsv4 parity ops --backend reference --dtype fp32
@@ -58,12 +58,19 @@ def _model_args(p):
 
 def _prompt_args(p, required: bool):
     g = p.add_mutually_exclusive_group(required=required)
-    g.add_argument("--suite", help="suite name (smoke, boundaries, long) or suite YAML path" + ("" if required else "; default smoke"))
-    g.add_argument("--prompts", help="JSONL file: one {\"ids\": [...]} or {\"text\": \"...\"} per line (optional \"batch\")")
+    g.add_argument(
+        "--suite",
+        help="suite name (smoke, boundaries, long) or suite YAML path" + ("" if required else "; default smoke"),
+    )
+    g.add_argument(
+        "--prompts", help="JSONL file: one {\"ids\": [...]} or {\"text\": \"...\"} per line (optional \"batch\")"
+    )
     p.add_argument("--greedy", type=int, help="greedy tokens per prompt (default: the suite's, else 8)")
     p.add_argument("--layers", help="hook points of blocks: all | none | e.g. 0,2 (default: the suite's, else all)")
     p.add_argument("--logits", help="all | last:K (default: the suite's, else all)")
-    p.add_argument("--prefill-chunk", type=int, help="prefill in chunks of this many tokens (default: the suite's, else one step)")
+    p.add_argument(
+        "--prefill-chunk", type=int, help="prefill in chunks of this many tokens (default: the suite's, else one step)"
+    )
     p.add_argument("--no-batch", action="store_true", help="record every prompt alone, ignoring batch groups")
 
 
@@ -127,7 +134,9 @@ def _add_ops_parser(ps):
 
 
 def _add_verify_parser(ps):
-    v = ps.add_parser("verify", help="on this machine: op suite + model parity of a backend against a golden bundle, one verdict")
+    v = ps.add_parser(
+        "verify", help="on this machine: op suite + model parity of a backend against a golden bundle, one verdict"
+    )
     v.add_argument("golden", help="golden bundle recorded elsewhere (e.g. reference fp64 on a GPU or CPU machine)")
     v.add_argument("--backend", default="auto", help="backend to verify here (ascend, cuda, reference, auto)")
     v.add_argument("--dtype", type=_dtype, help="dtype to run here (default: the golden bundle's)")
@@ -217,14 +226,20 @@ def _plan(a, backend: str, dtype: str | None, mode: str | None):
         greedy_tokens=a.greedy if a.greedy is not None else sopt.get("greedy_tokens", 8),
         layers=a.layers or sopt.get("layers", "all"),
         logits=a.logits or sopt.get("logits", "all"),
-        prefill_chunk=a.prefill_chunk if a.prefill_chunk is not None else sopt.get("prefill_chunk", built.runtime.prefill_chunk),
+        prefill_chunk=a.prefill_chunk
+        if a.prefill_chunk is not None
+        else sopt.get("prefill_chunk", built.runtime.prefill_chunk),
         batching=not a.no_batch,
         block_size=built.runtime.block_size,
         decode_graphs=built.runtime.decode_graphs,
         speculative_config=_speculative(a, built),
     )
     bos = built.cfg.bos_token_id
-    prompts = record.suite_prompts(suite, built.tokenizer, bos) if suite else record.load_prompts_file(a.prompts, built.tokenizer, bos)
+    prompts = (
+        record.suite_prompts(suite, built.tokenizer, bos)
+        if suite
+        else record.load_prompts_file(a.prompts, built.tokenizer, bos)
+    )
     return built, prompts, opts, (suite.name if suite else None), a.prompts
 
 
@@ -292,7 +307,9 @@ def parse_backends(spec: str, mode: str | None) -> list:
     for item in spec.split(","):
         parts = item.strip().split(":")
         if not parts[0] or len(parts) > 3:
-            raise InputError(f"--backends: cannot read {item!r}; use name[:dtype[:mode]], e.g. reference:fp64,cuda:bf16")
+            raise InputError(
+                f"--backends: cannot read {item!r}; use name[:dtype[:mode]], e.g. reference:fp64,cuda:bf16"
+            )
         dt = None
         if len(parts) > 1:
             if parts[1] not in DTYPE_ALIASES:
@@ -352,7 +369,10 @@ def cmd_run(a) -> int:
             code = max(code, c.exit_code)
         print(f"\nsummary (baseline {recs[0].label()}, {time.perf_counter() - t_all:.1f}s):")
         for label, c in summary:
-            print(f"  {label:28s} {'PASS' if c.passed else 'FAIL'}  profile {c.profile.name:9s} {report.first_break_line(c)}")
+            print(
+                f"  {label:28s} {'PASS' if c.passed else 'FAIL'}  profile {c.profile.name:9s} "
+                f"{report.first_break_line(c)}"
+            )
         return code
     finally:
         if not a.out:
@@ -381,5 +401,7 @@ def cmd_verify(a) -> int:
     _threads(a)
     from . import verify
 
-    return verify.run(a.golden, a.backend, a.dtype, a.checkpoint, a.device, a.runtime, a.profile, a.out, a.report, a.skip_ops)
+    return verify.run(
+        a.golden, a.backend, a.dtype, a.checkpoint, a.device, a.runtime, a.profile, a.out, a.report, a.skip_ops
+    )
 

@@ -232,8 +232,16 @@ def compare(A: Bundle, B: Bundle, profile: profiles.Profile | str | None = None,
     pooled = _pooled("logits", pairs, prof)
     pooled["max_pos"] = max_pos
     rows.append(Row("logits", "logits", None, pooled, _worst_prompt("logits", per), per_prompt=per))
-    per = [metrics.greedy_metrics(A.t(i, "greedy_ids"), B.t(i, "greedy_ids"), A.t(i, "greedy_logits"), B.t(i, "greedy_logits"),
-                            k=max(prof.greedy_topk, 1)) for i in range(n)]
+    per = [
+        metrics.greedy_metrics(
+            A.t(i, "greedy_ids"),
+            B.t(i, "greedy_ids"),
+            A.t(i, "greedy_logits"),
+            B.t(i, "greedy_logits"),
+            k=max(prof.greedy_topk, 1),
+        )
+        for i in range(n)
+    ]
     rows.append(Row("greedy", "greedy", None, _greedy_pooled(per), _worst_prompt("greedy", per), per_prompt=per))
     fl = {r.name: r.metrics for r in floor.rows} if floor is not None else {}
     for r in rows:

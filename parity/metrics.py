@@ -93,7 +93,14 @@ def logits_metrics(a: torch.Tensor, b: torch.Tensor, k: int = TOPK) -> dict:
     k = min(k, x.shape[-1])
     ta, tb = x.topk(k, -1).indices, y.topk(k, -1).indices
     inter = (ta[:, :, None] == tb[:, None, :]).any(-1).double().sum(-1) / k
-    return {**m, "kl": float(kl.mean()), "kl_max": float(kl.max()), "top1": float(top1), "topk": float(inter.mean()), "k": k}
+    return {
+        **m,
+        "kl": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "top1": float(top1),
+        "topk": float(inter.mean()),
+        "k": k,
+    }
 
 
 def greedy_metrics(a_ids: torch.Tensor, b_ids: torch.Tensor, a_logits: torch.Tensor | None = None,

@@ -211,7 +211,9 @@ def load_suite(name_or_path: str) -> Suite:
 
 
 def suite_prompts(suite: Suite, tokenizer, bos: int) -> list:
-    return [_prompt_from_spec(s, tokenizer, bos, f"suite {suite.name}, prompt {i}") for i, s in enumerate(suite.prompts)]
+    return [
+        _prompt_from_spec(s, tokenizer, bos, f"suite {suite.name}, prompt {i}") for i, s in enumerate(suite.prompts)
+    ]
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -352,7 +354,9 @@ def record(model, prompts: list, opts: Options | None = None, ranks=None) -> tup
             raise InputError(f"prompt {i} is empty: give at least one token")
         bad = [t for t in p.ids if not 0 <= int(t) < cfg.vocab_size]
         if bad:
-            raise InputError(f"prompt {i}: token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size}) of model '{cfg.name}'")
+            raise InputError(
+                f"prompt {i}: token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size}) of model '{cfg.name}'"
+            )
     keep_layers = opts.layer_set(cfg.num_hidden_layers)
     last_k = None if opts.logits == "all" else int(opts.logits[5:])
     N = opts.greedy_tokens
@@ -517,23 +521,46 @@ def make_meta(built: Built, prompts: list, opts: Options, info: dict, suite: str
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"name": cfg.name, "config_hash": config_hash(cfg), "config": cfg.to_hf_dict()},
         "weights": built.weights,
-        "backend": {"name": m.ops.name, "impl": getattr(m.ops, "impl", {}), "fallback": list(getattr(m.ops, "fallback", ())),
-                    "device": str(m.device), "device_name": _device_label(m),
-                    "emulated": bool(getattr(m.ops, "emulated", False))},
+        "backend": {
+            "name": m.ops.name,
+            "impl": getattr(m.ops, "impl", {}),
+            "fallback": list(getattr(m.ops, "fallback", ())),
+            "device": str(m.device),
+            "device_name": _device_label(m),
+            "emulated": bool(getattr(m.ops, "emulated", False)),
+        },
         "dtype": rt.dtype,
         "mode": rt.mode,
-        "parallel": {"tensor_parallel_size": rt.tensor_parallel_size, "data_parallel_size": rt.data_parallel_size,
-                     "enable_expert_parallel": rt.enable_expert_parallel, "moe_comm": rt.moe_comm},
+        "parallel": {
+            "tensor_parallel_size": rt.tensor_parallel_size,
+            "data_parallel_size": rt.data_parallel_size,
+            "enable_expert_parallel": rt.enable_expert_parallel,
+            "moe_comm": rt.moe_comm,
+        },
         "versions": library_versions(),
         "suite": suite,
         "prompts_file": prompts_file,
-        "options": {"greedy_tokens": opts.greedy_tokens, "layers": opts.layers, "logits": opts.logits,
-                    "prefill_chunk": opts.prefill_chunk, "batching": opts.batching, "block_size": opts.block_size,
-                    "decode": DECODE_LABEL[decode_mode(opts, m)],
-                    "speculative_config": _spec_meta(opts)},
+        "options": {
+            "greedy_tokens": opts.greedy_tokens,
+            "layers": opts.layers,
+            "logits": opts.logits,
+            "prefill_chunk": opts.prefill_chunk,
+            "batching": opts.batching,
+            "block_size": opts.block_size,
+            "decode": DECODE_LABEL[decode_mode(opts, m)],
+            "speculative_config": _spec_meta(opts),
+        },
         "greedy_tokens": opts.greedy_tokens,
-        "prompts": [{"index": i, "tokens": len(p.ids), "name": p.name, "text": p.text, "batch": p.batch if opts.batching else None}
-                    for i, p in enumerate(prompts)],
+        "prompts": [
+            {
+                "index": i,
+                "tokens": len(p.ids),
+                "name": p.name,
+                "text": p.text,
+                "batch": p.batch if opts.batching else None,
+            }
+            for i, p in enumerate(prompts)
+        ],
         "hooks": info["hooks"],
         "record_s": round(info["record_s"], 3),
     }

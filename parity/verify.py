@@ -27,16 +27,26 @@ def golden_prompts(g: bundle.Bundle) -> list:
     out = []
     for p in g.meta["prompts"]:
         i = p["index"]
-        out.append(record.Prompt(ids=g.t(i, "input_ids").tolist(), text=p.get("text"), batch=p.get("batch"), name=p.get("name")))
+        out.append(
+            record.Prompt(
+                ids=g.t(i, "input_ids").tolist(), text=p.get("text"), batch=p.get("batch"), name=p.get("name")
+            )
+        )
     return out
 
 
 def golden_options(g: bundle.Bundle, block_size: int, decode_graphs: str = "off") -> record.Options:
     """The golden recording's options; how this machine decodes (decode_graphs) is its own runtime's."""
     o = g.meta.get("options") or {}
-    return record.Options(greedy_tokens=int(g.meta.get("greedy_tokens", o.get("greedy_tokens", 8))), layers=o.get("layers", "all"),
-                     logits=o.get("logits", "all"), prefill_chunk=int(o.get("prefill_chunk", 0)),
-                     batching=bool(o.get("batching", True)), block_size=block_size, decode_graphs=decode_graphs)
+    return record.Options(
+        greedy_tokens=int(g.meta.get("greedy_tokens", o.get("greedy_tokens", 8))),
+        layers=o.get("layers", "all"),
+        logits=o.get("logits", "all"),
+        prefill_chunk=int(o.get("prefill_chunk", 0)),
+        batching=bool(o.get("batching", True)),
+        block_size=block_size,
+        decode_graphs=decode_graphs,
+    )
 
 
 def rebuild(g: bundle.Bundle, backend: str, dtype: str | None, checkpoint: str | None, device: str | None,
@@ -71,7 +81,10 @@ def run(golden: str, backend: str, dtype: str | None = None, checkpoint: str | N
         res = opcheck.run(backend, dt if dt != "float64" else "float32", g.meta["mode"], device, seed, None)
         print(opcheck.render(res))
         ops_ok = res.passed
-    print(f"\n== model parity: {backend} {dt} here against golden {g.label()} ({g.path}, recorded on {g.meta['backend']['device_name']})")
+    print(
+        f"\n== model parity: {backend} {dt} here against golden {g.label()} ({g.path}, "
+        f"recorded on {g.meta['backend']['device_name']})"
+    )
     with tempfile.TemporaryDirectory(prefix="dsv4-verify-") as tmp:
         built = rebuild(g, backend, dt, checkpoint, device, runtime, Path(tmp))
         prompts = golden_prompts(g)

@@ -142,11 +142,11 @@ LIMIT = 10.0
 TID2EID_ROWS = 50
 
 
-def _experts(seed: int, I: int = 32):
+def _experts(seed: int, inter: int = 32):
     g = torch.Generator().manual_seed(seed)
     mk = lambda *s: (torch.randn(*s, generator=g) * 0.2)  # noqa: E731
-    w1s, w3s, w2s = [mk(I, D) for _ in range(E)], [mk(I, D) for _ in range(E)], [mk(D, I) for _ in range(E)]
-    return w1s, w3s, w2s, ([mk(I, D)], [mk(I, D)], [mk(D, I)])
+    w1s, w3s, w2s = [mk(inter, D) for _ in range(E)], [mk(inter, D) for _ in range(E)], [mk(D, inter) for _ in range(E)]
+    return w1s, w3s, w2s, ([mk(inter, D)], [mk(inter, D)], [mk(D, inter)])
 
 
 def _inputs(routing: str, src: int, t: int, step: int):
@@ -217,9 +217,9 @@ def _ep_moe_ranks(rank, world, tp, dp, routing, steps):
             if path == "mc2" and x.shape[0]:
                 # one process over every rank's tokens puts the same rows in each expert's group, and
                 # the combine adds a token's pairs in ascending expert id, as moe_experts does: same bits
-                X, I, W = (torch.cat([p[i] for p in every]) for i in range(3))
+                all_x, all_ids, all_w = (torch.cat([p[i] for p in every]) for i in range(3))
                 o = sum(tokens[:rank]) if dp > 1 else 0
-                assert torch.equal(y, ops.moe_experts(X, I, W, *full, shared, LIMIT)[o:o + x.shape[0]])
+                assert torch.equal(y, ops.moe_experts(all_x, all_ids, all_w, *full, shared, LIMIT)[o:o + x.shape[0]])
     return worst
 
 

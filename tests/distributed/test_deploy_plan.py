@@ -125,7 +125,7 @@ def test_sliced_scales_count_the_blocks_the_slice_touches():
 
 
 @pytest.mark.parametrize("lay", [ParallelConfig(tp=2), ParallelConfig(tp=2, dp=2), ParallelConfig(tp=2, dp=2, ep=True),
-                                 ParallelConfig(tp=1, dp=4, ep=True)], ids=lambda l: l.describe())
+                                 ParallelConfig(tp=1, dp=4, ep=True)], ids=lambda p: p.describe())
 @pytest.mark.parametrize("form", D.WEIGHT_FORMS)
 def test_grouped_sum_equals_one_rank_slice_per_tensor(tiny_cfg, lay, form):
     """The plan's shortcut (one rank_slice per group of tensors differing only by block index) gives
@@ -172,8 +172,12 @@ def test_capacity_by_hand_flash_fp8(flash):
     block4, block128 = 21 * 128 * (584 + 68), 20 * 128 * 584  # a pool block of every layer at that ratio
     assert (slot, block4, block128) == (15495168, 1752576, 1495040)
     tokens = int((budget - S * (slot + block4 + block128)) // FP8_PER_TOKEN)
-    want = min((tokens // 512 + S) * 512, (tokens // 16384 + S) * 16384)  # a block holds 128 entries = 512 / 16384 tokens
-    assert D.kv_capacity_tokens(flash, budget, 584, 68, S, block_size=bs) == want == 3035648  # 3,034,060 tokens of blocks + 4 partly filled ones
+    want = min(
+        (tokens // 512 + S) * 512, (tokens // 16384 + S) * 16384
+    )  # a block holds 128 entries = 512 / 16384 tokens
+    assert (
+        D.kv_capacity_tokens(flash, budget, 584, 68, S, block_size=bs) == want == 3035648
+    )  # 3,034,060 tokens of blocks + 4 partly filled ones
     geo = D.kv_geometry(flash, 584, 68, bs)
     assert geo.pool_bytes_per_token() == FP8_PER_TOKEN
     assert D.kv_capacity_tokens(flash, S * (slot + block4 + block128), 584, 68, S, block_size=bs) == 0
@@ -190,7 +194,10 @@ def test_capacity_is_the_engines_arithmetic(dtype, bs, model):
     n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
     engine = CacheGeometry.of(cfg, dtype, bs, n_layers)
     assert D.kv_geometry(cfg, cfg.head_dim * e, cfg.index_head_dim * e, bs, n_layers) == engine
-    for slots, budget in ((1, 3 * 2**20 if model == "tiny" else 2 * GiB), (8, 64 * 2**20 if model == "tiny" else 9 * GiB)):
+    for slots, budget in (
+        (1, 3 * 2**20 if model == "tiny" else 2 * GiB),
+        (8, 64 * 2**20 if model == "tiny" else 9 * GiB),
+    ):
         blocks = engine.blocks_for_budget(budget, slots)
         want = min(n * m * bs for m, n in blocks.items())
         assert D.kv_capacity_tokens(cfg, budget, cfg.head_dim * e, cfg.index_head_dim * e, slots, bs) == want
@@ -217,7 +224,9 @@ def test_ep_bytes_uneven_and_without_ep(tmp_path):
     # 10 sequences over TP4: 3, 3, 2, 2 tokens per TP rank, in both DP groups
     assert [(r.ranks, r.ep_tokens) for r in rows] == [([0, 1], 3), ([2, 3], 2), ([4, 5], 3), ([6, 7], 2)]
     assert rows[0].ep_dispatch == 3 * 6 * 4096 * 43
-    no_ep = D.load_deployment(write(tmp_path, base.replace("enable_expert_parallel: true", "enable_expert_parallel: false"), "b.yaml"))
+    no_ep = D.load_deployment(
+        write(tmp_path, base.replace("enable_expert_parallel: true", "enable_expert_parallel: false"), "b.yaml")
+    )
     assert all((r.ep_tokens, r.ep_dispatch, r.ep_combine) == (0, 0, 0) for r in D.plan(no_ep).rows)
 
 
@@ -249,9 +258,14 @@ def test_fits_exit_0(capsys):
 
 def test_does_not_fit_exit_1(capsys, tmp_path):
     # weights: V4-Flash W8A8 at TP8 is ~36 GiB a rank; a 32 GiB device gives 28.8 GiB at 0.9
-    small = write(tmp_path, H100_DP8.replace("RESERVE", "4GiB").replace("81559MiB", "32GiB")
-                  .replace("fp8: true", "fp8: false").replace("weights: fp8", "weights: w8a8")
-                  .replace("tensor_parallel_size: 1, data_parallel_size: 8", "tensor_parallel_size: 8, data_parallel_size: 1"))
+    small = write(
+        tmp_path,
+        H100_DP8.replace("RESERVE", "4GiB")
+        .replace("81559MiB", "32GiB")
+        .replace("fp8: true", "fp8: false")
+        .replace("weights: fp8", "weights: w8a8")
+        .replace("tensor_parallel_size: 1, data_parallel_size: 8", "tensor_parallel_size: 8, data_parallel_size: 1"),
+    )
     code, out, _ = run(capsys, "--deploy", small)
     assert code == 1
     last = out.rstrip().splitlines()[-1]
@@ -263,26 +277,34 @@ def test_does_not_fit_exit_1(capsys, tmp_path):
     assert code == 1
     assert "cannot hold one sequence of 1048576 tokens" in out.rstrip().splitlines()[-1]
     # fixed state: 4096 slots of 17.9 MiB do not fit in 2.25 GiB
-    many = write(tmp_path, H100_DP8.replace("RESERVE", "43.5GiB").replace("max_num_seqs: 32", "max_num_seqs: 4096"), "many.yaml")
+    many = write(
+        tmp_path, H100_DP8.replace("RESERVE", "43.5GiB").replace("max_num_seqs: 32", "max_num_seqs: 4096"), "many.yaml"
+    )
     code, out, _ = run(capsys, "--deploy", many)
     assert code == 1 and "lower runtime.max_num_seqs" in out
 
 
-@pytest.mark.parametrize("edit, field", [
-    (("weights: fp8", "weights: fp16"), "'weights'"),
-    (("tensor_parallel_size: 1, data_parallel_size: 8", "tensor_parallel_size: 3, data_parallel_size: 8"), "tensor_parallel_size=3"),
-    (("devices: 8", "devices: 16"), "'hardware.devices'=16"),
-    (("block_size: 128", "block_size: 0"), "'runtime.block_size'"),
-    (("block_size: 128", "blok_size: 128"), "runtime.blok_size"),
-    (("fp8: true", "fp8: false"), "'weights' is fp8 but hardware.fp8 is false"),
-    (("81559MiB", "lots"), "'hardware.device_memory'"),
-    (("model: v4-flash", "model: no-such-model"), "no-such-model"),
-    (("max_model_len: 262144", "max_model_len: 2097152"), "max_position_embeddings"),
-    (("runtime: {", "runtime: {gpu_memory_utilization: 1.5, "), "'runtime.gpu_memory_utilization'"),
-    (("parallel: {", "parallel: {lm_head_tensor_parallel_size: 3, "), "'parallel.lm_head_tensor_parallel_size'=3"),
-    (("weights: fp8", "weights: fp8\nextra: 1"), "extra"),
-    (("hardware: {", "hardware: ["), "cannot parse"),
-])
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (("weights: fp8", "weights: fp16"), "'weights'"),
+        (
+            ("tensor_parallel_size: 1, data_parallel_size: 8", "tensor_parallel_size: 3, data_parallel_size: 8"),
+            "tensor_parallel_size=3",
+        ),
+        (("devices: 8", "devices: 16"), "'hardware.devices'=16"),
+        (("block_size: 128", "block_size: 0"), "'runtime.block_size'"),
+        (("block_size: 128", "blok_size: 128"), "runtime.blok_size"),
+        (("fp8: true", "fp8: false"), "'weights' is fp8 but hardware.fp8 is false"),
+        (("81559MiB", "lots"), "'hardware.device_memory'"),
+        (("model: v4-flash", "model: no-such-model"), "no-such-model"),
+        (("max_model_len: 262144", "max_model_len: 2097152"), "max_position_embeddings"),
+        (("runtime: {", "runtime: {gpu_memory_utilization: 1.5, "), "'runtime.gpu_memory_utilization'"),
+        (("parallel: {", "parallel: {lm_head_tensor_parallel_size: 3, "), "'parallel.lm_head_tensor_parallel_size'=3"),
+        (("weights: fp8", "weights: fp8\nextra: 1"), "extra"),
+        (("hardware: {", "hardware: ["), "cannot parse"),
+    ],
+)
 def test_bad_input_exit_2(capsys, tmp_path, edit, field):
     path = write(tmp_path, H100_DP8.replace("RESERVE", "4GiB").replace(*edit))
     code, out, err = run(capsys, "--deploy", path)
@@ -310,7 +332,9 @@ def test_config_override_and_json(capsys):
     assert d["model"] == "v4-pro" and d["layout"] == "TP8 + EP8"
     assert code == (0 if d["fits"] else 1)
     (row,) = d["ranks"]
-    assert row["ranks"] == [0, 7] and row["weights"]["total"] == sum(v for k, v in row["weights"].items() if k != "total")
+    assert row["ranks"] == [0, 7] and row["weights"]["total"] == sum(
+        v for k, v in row["weights"].items() if k != "total"
+    )
     assert d["kv"]["entry_bytes"] == 584 and d["context"] == 1048576
 
 

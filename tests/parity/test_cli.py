@@ -46,23 +46,52 @@ def bundles(tmp_path_factory):
                        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "wrote" in p.stdout
-    assert main(["parity", "record", "--backend", "reference", "--dtype", "fp32", "--suite", "smoke", "--out", str(d / "fp32")]) == 0
+    assert (
+        main(
+            [
+                "parity",
+                "record",
+                "--backend",
+                "reference",
+                "--dtype",
+                "fp32",
+                "--suite",
+                "smoke",
+                "--out",
+                str(d / "fp32"),
+            ]
+        )
+        == 0
+    )
     return d
 
 
 def test_bundle_from_another_process_compares_here(bundles, capsys, tmp_path):
-    code, out, _ = run(capsys, "compare", str(bundles / "fp64"), str(bundles / "fp32"), "--report", str(tmp_path / "rep"))
+    code, out, _ = run(
+        capsys, "compare", str(bundles / "fp64"), str(bundles / "fp32"), "--report", str(tmp_path / "rep")
+    )
     assert code == 0, out
     lines = out.splitlines()
     assert "all hook points agree" in lines
     assert lines[-1] == "verdict: PASS (profile fp32)" or "verdict: PASS (profile fp32)" in lines
-    head = next(l for l in lines if l.startswith("hook"))
+    head = next(line for line in lines if line.startswith("hook"))
     for col in ("cosine", "max abs", "max rel", "<0.1%", "<0.5%", "verdict"):
         assert col in head
-    for hook in ("layers.0.input", "layers.1.attn.q", "layers.1.attn.kv", "layers.1.attn.indexer_topk", "layers.2.attn.compressed",
-                 "layers.3.attn.output", "layers.3.ffn.route_ids", "layers.3.ffn.route_weights", "layers.3.ffn.output",
-                 "layers.3.output", "logits", "greedy"):
-        assert any(l.split()[:1] == [hook] for l in lines), hook
+    for hook in (
+        "layers.0.input",
+        "layers.1.attn.q",
+        "layers.1.attn.kv",
+        "layers.1.attn.indexer_topk",
+        "layers.2.attn.compressed",
+        "layers.3.attn.output",
+        "layers.3.ffn.route_ids",
+        "layers.3.ffn.route_weights",
+        "layers.3.ffn.output",
+        "layers.3.output",
+        "logits",
+        "greedy",
+    ):
+        assert any(line.split()[:1] == [hook] for line in lines), hook
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert rep["verdict"] == "pass" and rep["first_break"] is None and rep["exit_code"] == 0
     assert rep["a"]["dtype"] == "float64" and rep["b"]["dtype"] == "float32"
@@ -73,7 +102,18 @@ def test_bundle_from_another_process_compares_here(bundles, capsys, tmp_path):
 def test_bundle_format_and_documented_keys(bundles):
     b = BD.read(bundles / "fp64")
     meta = json.loads((bundles / "fp64" / BD.META_FILE).read_text())
-    for k in ("model", "weights", "backend", "dtype", "mode", "versions", "suite", "prompts", "hooks", "tensors_sha256"):
+    for k in (
+        "model",
+        "weights",
+        "backend",
+        "dtype",
+        "mode",
+        "versions",
+        "suite",
+        "prompts",
+        "hooks",
+        "tensors_sha256",
+    ):
         assert k in meta
     assert meta["model"]["config_hash"] and meta["weights"]["hash"] and meta["backend"]["device_name"]
     assert meta["dtype"] == "float64" and meta["mode"] == "plain" and meta["suite"] == "smoke"
@@ -91,15 +131,25 @@ def test_bundle_format_and_documented_keys(bundles):
         assert b.hook(i, "layers.2.attn.compressed").shape[0] == n // 16
     # forward order within a block
     h = b.hooks
-    order = ["layers.1.input", "layers.1.attn.q", "layers.1.attn.kv", "layers.1.attn.indexer_topk", "layers.1.attn.compressed",
-             "layers.1.attn.output", "layers.1.ffn.route_ids", "layers.1.ffn.route_weights", "layers.1.ffn.output", "layers.1.output"]
+    order = [
+        "layers.1.input",
+        "layers.1.attn.q",
+        "layers.1.attn.kv",
+        "layers.1.attn.indexer_topk",
+        "layers.1.attn.compressed",
+        "layers.1.attn.output",
+        "layers.1.ffn.route_ids",
+        "layers.1.ffn.route_weights",
+        "layers.1.ffn.output",
+        "layers.1.output",
+    ]
     assert [h.index(x) for x in order] == sorted(h.index(x) for x in order)
 
 
 def _one_line_exit_2(code, out, err):
     assert code == 2
     assert "Traceback" not in out + err
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
     return lines[0]
 
@@ -121,7 +171,9 @@ def test_damaged_bundles_exit_2_with_a_sentence(bundles, capsys, tmp_path):
     assert "damaged metadata" in _one_line_exit_2(*run(capsys, "compare", str(bundles / "fp64"), str(bad)))
     (bad / BD.META_FILE).unlink()
     assert "missing" in _one_line_exit_2(*run(capsys, "compare", str(bundles / "fp64"), str(bad)))
-    assert "no such bundle" in _one_line_exit_2(*run(capsys, "compare", str(bundles / "fp64"), str(tmp_path / "nowhere")))
+    assert "no such bundle" in _one_line_exit_2(
+        *run(capsys, "compare", str(bundles / "fp64"), str(tmp_path / "nowhere"))
+    )
 
 
 def test_damaged_safetensors_with_a_matching_digest(bundles, capsys, tmp_path):
@@ -152,8 +204,27 @@ def test_different_weights_or_prompts_are_not_comparable(bundles, capsys, tmp_pa
     capsys.readouterr()
     line = _one_line_exit_2(*run(capsys, "compare", str(tmp_path / "seed0"), str(tmp_path / "other")))
     assert "not comparable" in line and "prompt 0 has different input ids" in line
-    assert main(["parity", "record", "--backend", "reference", "--config", "small", "--prompts", str(prompts), "--layers", "none",
-                 "--greedy", "1", "--out", str(tmp_path / "small")]) == 0
+    assert (
+        main(
+            [
+                "parity",
+                "record",
+                "--backend",
+                "reference",
+                "--config",
+                "small",
+                "--prompts",
+                str(prompts),
+                "--layers",
+                "none",
+                "--greedy",
+                "1",
+                "--out",
+                str(tmp_path / "small"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     line = _one_line_exit_2(*run(capsys, "compare", str(tmp_path / "other"), str(tmp_path / "small")))
     assert "different model configs" in line
@@ -162,10 +233,14 @@ def test_different_weights_or_prompts_are_not_comparable(bundles, capsys, tmp_pa
 def test_prompts_file_errors_are_one_sentence(capsys, tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"ids": [0, 1]}\nnot json\n')
-    line = _one_line_exit_2(*run(capsys, "record", "--config", "tiny", "--prompts", str(p), "--out", str(tmp_path / "x")))
+    line = _one_line_exit_2(
+        *run(capsys, "record", "--config", "tiny", "--prompts", str(p), "--out", str(tmp_path / "x"))
+    )
     assert "bad.jsonl:2" in line
     p.write_text('{"ids": [0, 99999]}\n')
-    line = _one_line_exit_2(*run(capsys, "record", "--config", "tiny", "--prompts", str(p), "--out", str(tmp_path / "x")))
+    line = _one_line_exit_2(
+        *run(capsys, "record", "--config", "tiny", "--prompts", str(p), "--out", str(tmp_path / "x"))
+    )
     assert "outside the vocabulary" in line
     assert "not found" in _one_line_exit_2(*run(capsys, "record", "--suite", "nosuch", "--out", str(tmp_path / "x")))
 
@@ -173,7 +248,12 @@ def test_prompts_file_errors_are_one_sentence(capsys, tmp_path):
 def test_batched_recording_equals_recording_alone(capsys, tmp_path):
     """The boundaries suite packs mixed-length batches in one step; alone, each prompt runs by itself
     (on the default model, the trained tiny-v4)."""
-    assert main(["parity", "record", "--backend", "reference", "--suite", "boundaries", "--out", str(tmp_path / "batched")]) == 0
+    assert (
+        main(
+            ["parity", "record", "--backend", "reference", "--suite", "boundaries", "--out", str(tmp_path / "batched")]
+        )
+        == 0
+    )
     assert main(["parity", "record", "--backend", "reference", "--suite", "boundaries", "--no-batch",
                  "--out", str(tmp_path / "alone")]) == 0
     capsys.readouterr()
@@ -193,26 +273,38 @@ def test_run_on_the_default_model(capsys):
     assert code == 0, out
     assert "using the trained tiny-v4" in err and "model tiny-v4, 3 prompts" in out
     summary = out[out.index("summary"):].splitlines()
-    assert any("reference/float32/plain" in l and "PASS" in l and "profile fp32" in l for l in summary)
-    assert any("reference/bfloat16/plain" in l and "PASS" in l and "profile bf16" in l for l in summary)
+    assert any("reference/float32/plain" in line and "PASS" in line and "profile fp32" in line for line in summary)
+    assert any("reference/bfloat16/plain" in line and "PASS" in line and "profile bf16" in line for line in summary)
     bf16 = out[out.index("B: reference/bfloat16"):]
-    logits = next(l for l in bf16.splitlines() if l.startswith("logits"))
+    logits = next(line for line in bf16.splitlines() if line.startswith("logits"))
     assert "top1 1.0000" in logits
 
 
 def test_run_on_random_tiny(capsys, tmp_path):
-    code, out, _ = run(capsys, "run", "--config", "tiny", "--report", str(tmp_path / "rep"), "--out", str(tmp_path / "b"))
+    code, out, _ = run(
+        capsys, "run", "--config", "tiny", "--report", str(tmp_path / "rep"), "--out", str(tmp_path / "b")
+    )
     assert code == 0, out
     summary = out[out.index("summary"):].splitlines()
-    assert any("reference/float32/plain" in l and "PASS" in l and "profile fp32" in l for l in summary)
-    assert any("reference/bfloat16/plain" in l and "PASS" in l and "profile bf16" in l for l in summary)
+    assert any("reference/float32/plain" in line and "PASS" in line and "profile fp32" in line for line in summary)
+    assert any("reference/bfloat16/plain" in line and "PASS" in line and "profile bf16" in line for line in summary)
     assert len(list((tmp_path / "rep").glob("*/report.json"))) == 2
     assert len(list((tmp_path / "b").iterdir())) == 3
 
 
 def test_run_with_repeat_measures_a_zero_floor(capsys):
-    code, out, _ = run(capsys, "run", "--config", "tiny", "--backends", "reference:fp64,reference:fp32", "--repeat", "2",
-                       "--greedy", "2")
+    code, out, _ = run(
+        capsys,
+        "run",
+        "--config",
+        "tiny",
+        "--backends",
+        "reference:fp64,reference:fp32",
+        "--repeat",
+        "2",
+        "--greedy",
+        "2",
+    )
     assert code == 0, out
     assert "noise floor of reference/float32/plain: zero (bit-identical repeats)" in out
     assert "judged against the measured noise floor" in out
@@ -231,7 +323,7 @@ def test_ops_reference_fp32_passes(capsys):
     import backends
 
     for op in backends.OP_NAMES:
-        row = [l for l in out.splitlines() if l.split()[:1] == [op]]
+        row = [line for line in out.splitlines() if line.split()[:1] == [op]]
         assert len(row) == 1 and row[0].rstrip().endswith("PASS"), (op, out)
     assert out.rstrip().endswith("verdict: PASS")
 
@@ -257,7 +349,9 @@ def test_ops_catches_a_broken_op_of_a_partial_backend(capsys, monkeypatch):
     monkeypatch.setitem(backends._REGISTRY, "broken", backends._Entry("fake_broken_backend"))
     code, out, _ = run(capsys, "ops", "--backend", "broken")
     assert code == 1, out
-    rows = {l.split()[0]: l for l in out.splitlines() if l.split()[:1] and l.split()[0] in backends.OP_NAMES}
+    rows = {
+        line.split()[0]: line for line in out.splitlines() if line.split()[:1] and line.split()[0] in backends.OP_NAMES
+    }
     assert "FAIL" in rows["rms_norm"] and "broken" in rows["rms_norm"]
     assert all("SKIP" in rows[op] for op in backends.OP_NAMES if op != "rms_norm")
 
