@@ -245,6 +245,35 @@ def entry_scores64(q, w, pool, table, tok_slot, nvis):
     return s.masked_fill(ent[None, :] >= nvis[:, None], float("-inf"))
 
 
+def check_indexer_topk(got, q, w, pool, table, tok_slot, positions, ratio, topk):
+    """indexer_topk's picks against the reference in fp64: int32 [T, topk], valid picks first then -1,
+    no duplicate or invisible pick, best first, and the same set as the reference's up to picks whose
+    true scores sit within rounding (1e-5 of the row's largest |score|) of the cut; those may differ."""
+    f64 = lambda t: t.to(F64) if t.is_floating_point() else t  # noqa: E731
+    ref = REF.indexer_topk(f64(q), f64(w), f64(pool), table, tok_slot, positions, ratio, topk)
+    got = got.cpu()
+    assert got.dtype == torch.int32 and got.shape == ref.shape == (q.shape[0], topk)
+    nvis = (positions + 1) // ratio
+    scores = entry_scores64(q, w, pool, table, tok_slot, nvis)
+    for t in range(q.shape[0]):
+        g, r = got[t], ref[t]
+        n = min(topk, int(nvis[t]))
+        assert bool((g[:n] >= 0).all()) and bool((g[n:] == -1).all()), f"row {t}: valid picks first, then -1: {g}"
+        assert bool((r[n:] == -1).all())
+        gv, rv = g[:n].long(), r[:n].long()
+        assert len(set(gv.tolist())) == n and bool((gv < nvis[t]).all()), f"row {t}: duplicate / invisible pick"
+        if n == 0:
+            continue
+        gs, rs = scores[t, gv], scores[t, rv]
+        tol = 1e-5 * float(scores[t, : int(nvis[t])].abs().max()) + 1e-6
+        assert bool((gs[1:] <= gs[:-1] + tol).all()), f"row {t}: picks not best first: {gs}"
+        torch.testing.assert_close(gs.sort().values, rs.sort().values, rtol=0, atol=tol)
+        if set(gv.tolist()) != set(rv.tolist()):
+            cut = float(rs.min())
+            diff = set(gv.tolist()) ^ set(rv.tolist())
+            assert all(abs(float(scores[t, s]) - cut) <= tol for s in diff), f"row {t}: picks differ {diff}"
+
+
 # ================================================================ boundary cases of `dsv4 parity ops`
 LENGTHS = (1, 3, 4, 5, 127, 128, 129)
 H, HD, ROPE, DM, NHC = 4, 128, 64, 64, 4  # heads, head dim, rope dims, hidden, mHC streams
@@ -762,6 +791,50 @@ def _moe_gate_cases():
     yield KernelCase("moe_gate", "full tie: lowest index first", F32, ties, {"ties": True})
 
 
+def _indexer_topk_cases():
+    """Boundary token counts (few tokens reach ~175 entries over several tiles and gathered rows,
+    many tokens ~60), mixed visibility with 8 heads, nothing visible and an empty batch, a top-k
+    wider than the pool, a prefill chunk of one slot, slots reading their own table rows, bf16.
+    Index heads of width 64 and 32 (the kernel families' test sizes before the merge)."""
+    def case(name, seed, T, topk, extra=None, edit=None, **kw):
+        def build():
+            q, w, pool, table, tok_slot, positions = indexer_case(seed, T, **kw)
+            if edit is not None:
+                q, w, tok_slot, positions = edit(q, w, tok_slot, positions)
+            return (q, w, pool, table, tok_slot, positions, 4, topk), {}
+        return KernelCase("indexer_topk", name, kw.get("dtype", F32), build, extra or {})
+
+    def mixed(q, w, tok_slot, positions):
+        positions[:6] = torch.tensor([0, 1, 2, 3, 4, 7])  # 0, 0, 0, 1, 1, 2 visible entries
+        return q, w, tok_slot, positions
+
+    def twins(q, w, tok_slot, positions):
+        q[1], w[1] = q[0], w[0]  # identical queries, different keys behind each slot's table
+        return q, w, torch.tensor([0, 1]), torch.tensor([47, 47])
+
+    for d, seeds in ((64, (7, 8, 9, 10, 11)), (32, (7, 8, 10, 12, None))):
+        for T in TOKENS:
+            yield case(f"T={T},d={d}", 100 + T, T, 24, d=d, max_pos=700 if T <= 5 else 250)
+        yield case(f"mixed visibility 8 heads,d={d // 2}", seeds[0], 40, 16, {"mixed": True}, mixed,
+                   H=8, d=d // 2, slots=4, bs=5, max_pos=160)
+        yield case(f"nothing visible,d={d}", seeds[1], 6, 8, {"none_visible": True}, d=d, max_pos=2)
+        yield case(f"top-k wider than the pool,d={d}", seeds[2], 9, 64, d=d, max_pos=37, bs=4)
+        yield case(f"slots read their own table rows,d={d}", seeds[3], 2, 5, {"own_rows": True}, twins,
+                   d=d, slots=2, bs=3, max_pos=47)
+        if seeds[4] is not None:
+            yield case(f"bf16 T=5,d={d}", seeds[4], 5, 24, d=d, max_pos=400, dtype=BF16)
+
+    def prefix():
+        g, rnd = gen(11)
+        table, nb = random_table(g, 1, 8)
+        pool = rnd(nb, 8, 32)
+        T = 30
+        q, w = rnd(T, 16, 32), rnd(T, 16, s=0.5)
+        return (q, w, pool, table, torch.zeros(T, dtype=torch.long), torch.arange(100, 100 + T), 4, 26), {}
+
+    yield KernelCase("indexer_topk", "one slot's prefill chunk: each token its own prefix", F32, prefix)
+
+
 KERNEL_CASES: dict[str, list[KernelCase]] = {
     "rms_norm": list(_rms_norm_cases()),
     "rope": list(_rope_cases()),
@@ -769,6 +842,7 @@ KERNEL_CASES: dict[str, list[KernelCase]] = {
     "hc_post": list(_hc_post_cases()),
     "hc_head": list(_hc_head_cases()),
     "moe_gate": list(_moe_gate_cases()),
+    "indexer_topk": list(_indexer_topk_cases()),
 }
 
 # which backend has a kernel for which op: the tests run every case over each of them
@@ -779,6 +853,7 @@ KERNEL_MODULES = {
     "hc_post": {"cuda": "backends.cuda.kernels.mhc", "ascend": "backends.ascend.kernels.mhc"},
     "hc_head": {"cuda": "backends.cuda.kernels.mhc", "ascend": "backends.ascend.kernels.mhc"},
     "moe_gate": {"cuda": "backends.cuda.kernels.gate", "ascend": "backends.ascend.kernels.gate"},
+    "indexer_topk": {"cuda": "backends.cuda.kernels.indexer", "ascend": "backends.ascend.kernels.indexer"},
 }
 
 

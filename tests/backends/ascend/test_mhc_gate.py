@@ -1,6 +1,6 @@
 """Ascend Triton kernels for mHC (hc_pre / hc_post / hc_head) and the MoE gate: what is specific to
 the Ascend kernels (stream / D sub-tiles, empty and fp64 inputs, extreme logits, lowering cases).
-The per-op cases over every backend are tests/conformance/test_small_ops.py.
+The per-op cases over every backend are tests/conformance/test_ops.py.
 
 The kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set before triton is
 imported): numerics only; Ascend legality is the lowering check's job (backends.ascend.lowering).

@@ -1,24 +1,21 @@
-"""CUDA-backend Triton kernels for the lightning indexer and the compressor against the reference ops.
+"""CUDA-backend Triton kernels: the compressor against the reference op (the indexer's per-op cases
+over every backend are tests/conformance/test_ops.py::test_indexer_topk; its top-k kernel's own
+tests are test_indexer_topk.py).
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set here
 before triton is imported); with one they run on it. The reference backend on CPU is ground truth,
 fed the same inputs.
 
-indexer_topk: the picks are compared as sets per query (order among equal scores is not
-meaningful); where the sets differ the differing picks must tie in score, and the sorted scores
-of the picks must agree. compress: fed as one prefill and as chunks / decode steps; states must be
+compress: fed as one prefill and as chunks / decode steps; states must be
 identical, entries and pool rows equal to fp32 rounding (exact-mode fake quant may flip a rare
 element sitting on a rounding boundary, so a 1% allowance applies there).
 """
-
-from functools import partial
 
 import pytest
 import torch
 
 from backends.cuda.kernels.compress import compress
-from backends.cuda.kernels.indexer import indexer_topk
-from backends.conformance_cases import REF, entry_scores64, gen, indexer_case, random_table
+from backends.conformance_cases import REF, gen, random_table
 from v4.ops import CompressSpec
 
 pytestmark = pytest.mark.gpu  # bench/gpu_check.sh runs these natively on a GPU
@@ -29,82 +26,6 @@ F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
 
 def dev(t):
     return t.to(DEV)
-
-
-# ============================================================================ indexer
-def _check_topk(got, q, w, pool, table, tok_slot, positions, ratio, topk):
-    ref = REF.indexer_topk(q, w, pool, table, tok_slot, positions, ratio, topk)
-    got = got.cpu()
-    assert got.dtype == torch.int32 and got.shape == ref.shape == (q.shape[0], topk)
-    nvis = (positions + 1) // ratio
-    scores = entry_scores64(q, w, pool, table, tok_slot, nvis)
-    for t in range(q.shape[0]):
-        g, r = got[t], ref[t]
-        gv, rv = g[g >= 0].long(), r[r >= 0].long()
-        n = min(topk, int(nvis[t]))
-        assert len(gv) == len(rv) == n, (t, g, r)
-        assert bool((g[n:] == -1).all()), "valid picks first, then -1 padding"
-        assert len(set(gv.tolist())) == n and bool((gv < nvis[t]).all())
-        if n == 0:
-            continue
-        gs, rs = scores[t, gv], scores[t, rv]
-        tol = 1e-5 * float(scores[t, : int(nvis[t])].abs().max()) + 1e-6
-        # best first, and the same scores as the reference's picks (the same set up to exact ties)
-        assert bool((gs[1:] <= gs[:-1] + tol).all()), gs
-        torch.testing.assert_close(gs.sort().values, rs.sort().values, rtol=0, atol=tol)
-        if set(gv.tolist()) != set(rv.tolist()):
-            cut = float(rs.min())
-            diff = set(gv.tolist()) ^ set(rv.tolist())
-            assert all(abs(float(scores[t, s]) - cut) <= tol for s in diff), (t, diff)
-
-
-_indexer_case = partial(indexer_case, d=64)
-
-
-@pytest.mark.parametrize("T", [1, 3, 4, 5, 127, 128, 129])
-def test_indexer_topk_matches_reference(T):
-    # small batches reach up to ~175 entries (3 tiles of 64, 15 blocks of 12); large ones one tile
-    max_pos = 700 if T <= 5 else 250
-    q, w, pool, table, tok_slot, positions = _indexer_case(100 + T, T, max_pos=max_pos)
-    got = indexer_topk(dev(q), dev(w), dev(pool), dev(table), dev(tok_slot), dev(positions), 4, 24)
-    _check_topk(got, q, w, pool, table, tok_slot, positions, 4, 24)
-
-
-def test_indexer_eight_heads_and_mixed_visibility():
-    q, w, pool, table, tok_slot, positions = _indexer_case(7, 40, H=8, d=32, slots=4, bs=5, max_pos=160)
-    positions[:6] = torch.tensor([0, 1, 2, 3, 4, 7])  # 0, 0, 0, 1, 1, 2 visible entries
-    got = indexer_topk(dev(q), dev(w), dev(pool), dev(table), dev(tok_slot), dev(positions), 4, 16)
-    _check_topk(got, q, w, pool, table, tok_slot, positions, 4, 16)
-
-
-def test_indexer_no_visible_entries_and_empty_batch():
-    q, w, pool, table, tok_slot, positions = _indexer_case(8, 6, max_pos=2)
-    got = indexer_topk(dev(q), dev(w), dev(pool), dev(table), dev(tok_slot), dev(positions), 4, 8)
-    assert got.dtype == torch.int32 and got.shape == (6, 8) and bool((got == -1).all())
-    got = indexer_topk(dev(q[:0]), dev(w[:0]), dev(pool), dev(table), dev(tok_slot[:0]), dev(positions[:0]), 4, 8)
-    assert got.shape == (0, 8)
-
-
-def test_indexer_topk_wider_than_the_pool():
-    q, w, pool, table, tok_slot, positions = _indexer_case(9, 9, max_pos=37, bs=4)
-    got = indexer_topk(dev(q), dev(w), dev(pool), dev(table), dev(tok_slot), dev(positions), 4, 64)
-    _check_topk(got, q, w, pool, table, tok_slot, positions, 4, 64)
-
-
-def test_indexer_slots_read_their_own_block_table_rows():
-    # two slots with identical queries but different keys: their picks must follow their own tables
-    q, w, pool, table, _, _ = _indexer_case(10, 2, slots=2, bs=3, max_pos=47)
-    q[1], w[1] = q[0], w[0]
-    tok_slot, positions = torch.tensor([0, 1]), torch.tensor([47, 47])
-    got = indexer_topk(dev(q), dev(w), dev(pool), dev(table), dev(tok_slot), dev(positions), 4, 5)
-    _check_topk(got, q, w, pool, table, tok_slot, positions, 4, 5)
-    assert got[0].tolist() != got[1].tolist()
-
-
-def test_indexer_bf16_operands():
-    q, w, pool, table, tok_slot, positions = _indexer_case(11, 5, max_pos=400, dtype=BF16)
-    got = indexer_topk(dev(q), dev(w), dev(pool), dev(table), dev(tok_slot), dev(positions), 4, 24)
-    _check_topk(got, q, w, pool, table, tok_slot, positions, 4, 24)
 
 
 # ============================================================================ compress

@@ -4,7 +4,7 @@ Without a GPU the kernels run in Triton's interpreter on CPU tensors (TRITON_INT
 before triton is imported); with one they run on it.
 
 Ground truth is independent of the kernels: random cases go through the tie-aware comparison with
-the reference backend (`_check_topk`); "exact" cases use small integer q and keys and power-of-two
+the reference backend in fp64 (`check_indexer_topk`); "exact" cases use small integer q and keys and power-of-two
 weights, so every score is exact in fp32, bf16 products and fp64 alike, ties are real ties, and the
 expected picks are fp64 scores sorted by (score descending, id ascending), compared id for id.
 """
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from backends.cuda.kernels import indexer as I
-from tests.backends.cuda.test_indexer_compress import _check_topk
+from backends.conformance_cases import check_indexer_topk as _check_topk
 from backends.conformance_cases import entry_scores64, gen, indexer_case, random_table
 from v4.graphs import GraphCaptureError, HostSyncGuard
 

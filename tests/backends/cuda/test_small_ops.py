@@ -1,6 +1,6 @@
 """CUDA-backend Triton kernels for the small ops: what is specific to the CUDA kernels' tiling (wide
 rms_norm rows in 8192-wide chunks, hc_pre's K blocks split across programs) and rope's layouts.
-The per-op cases over every backend are tests/conformance/test_small_ops.py.
+The per-op cases over every backend are tests/conformance/test_ops.py.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set here
 before triton is imported); with one they run on it. Ground truth is the reference backend in fp64

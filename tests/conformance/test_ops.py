@@ -1,10 +1,11 @@
-"""The small ops (rms_norm, rope, hc_pre, hc_post, hc_head, moe_gate) over every backend with a kernel
-for them: reference, cuda (Triton; interpreted on CPU without a GPU) and ascend (Triton-Ascend,
-interpreted). One parametrised test per op over the one case set (backends/conformance_cases.py).
+"""The ops with Triton kernels (rms_norm, rope, hc_pre, hc_post, hc_head, moe_gate, indexer_topk) over
+every backend with a kernel for them: reference, cuda (Triton; interpreted on CPU without a GPU) and
+ascend (Triton-Ascend, interpreted). One parametrised test per op over the one case set (backends/conformance_cases.py).
 
 Ground truth is the reference backend in fp64 on the same (already rounded) inputs; each result
 must be as close to it as the reference itself is in the working dtype, within a small floor
-(`check_as_ref`). The gate's picks must be the fp64 reference's expert sets.
+(`check_as_ref`). The gate's picks must be the fp64 reference's expert sets, the indexer's the fp64
+reference's entries up to near-ties at the cut (`check_indexer_topk`).
 """
 
 import pytest
@@ -16,6 +17,7 @@ from backends.conformance_cases import (
     REF,
     backends_of,
     check_as_ref,
+    check_indexer_topk,
     gate_compare,
     gate_scores64,
     gate_truth,
@@ -118,3 +120,20 @@ def test_moe_gate(backend, case):
         assert not torch.equal(unbiased, ids.long().sort(-1).values), "the bias should steer some picks"
     if case.extra.get("all"):
         assert torch.equal(ids.long().sort(-1).values, torch.arange(k).expand(x.shape[0], k))
+
+
+@pytest.mark.parametrize("backend,case", _params("indexer_topk"))
+def test_indexer_topk(backend, case):
+    args, kwargs, got = _run("indexer_topk", backend, case)
+    q, w, pool, table, tok_slot, positions, ratio, topk = args
+    check_indexer_topk(got, *args)
+    got = got.cpu()
+    if case.extra.get("mixed"):
+        assert bool((got[:3] == -1).all()) and int((got[3] >= 0).sum()) == 1
+    if case.extra.get("none_visible"):
+        assert bool((got == -1).all())
+        empty = impl("indexer_topk", backend)(*map(_dev(backend), (q[:0], w[:0], pool, table, tok_slot[:0],
+                                                                 positions[:0], ratio, topk)))
+        assert empty.shape == (0, topk) and empty.dtype == torch.int32
+    if case.extra.get("own_rows"):
+        assert got[0].tolist() != got[1].tolist()
