@@ -183,15 +183,8 @@ class KVCache:
     def bytes_used(self) -> int:
         total = 0
         for lc in self.layers:
-            for t in (
-                lc.ring,
-                lc.pool,
-                lc.state_kv,
-                lc.state_score,
-                lc.index_pool,
-                lc.index_state_kv,
-                lc.index_state_score,
-            ):
+            for t in (lc.ring, lc.pool, lc.state_kv, lc.state_score,
+                      lc.index_pool, lc.index_state_kv, lc.index_state_score):
                 if t is not None:
                     total += t.numel() * t.element_size()
         return total

@@ -340,24 +340,10 @@ class Transformer:
             # every sequence at a time (DecodeRows: one token per row); [B, c] entries each
             B = batch.row_slot.shape[0]
             kv, score = kv.view(B, batch.q, -1), score.view(B, batch.q, -1)
-            return torch.cat(
-                [
-                    self.ops.compress(
-                        kv[:, j].contiguous(),
-                        score[:, j].contiguous(),
-                        c.ape,
-                        c.spec,
-                        c.norm,
-                        inv_freq,
-                        state_kv,
-                        state_score,
-                        pool,
-                        table.table,
-                        batch.rows_of(j),
-                    )
-                    for j in range(batch.q)
-                ]
-            )
+            return torch.cat([self.ops.compress(kv[:, j].contiguous(), score[:, j].contiguous(), c.ape, c.spec,
+                                                c.norm, inv_freq, state_kv, state_score, pool, table.table,
+                                                batch.rows_of(j))
+                              for j in range(batch.q)])
         return self.ops.compress(kv, score, c.ape, c.spec, c.norm, inv_freq, state_kv, state_score,
                                  pool, table.table, batch.seqs)
 

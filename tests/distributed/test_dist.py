@@ -139,20 +139,8 @@ def test_exact_mode_under_tp2_follows_one_process(tmp_path):
 def one_process_bundles(tmp_path_factory):
     d = tmp_path_factory.mktemp("bundles")
     for dtype in ("fp64", "fp32"):
-        r = _dsv4(
-            "parity",
-            "record",
-            "--config",
-            "tiny",
-            "--suite",
-            "smoke",
-            "--backend",
-            "reference",
-            "--dtype",
-            dtype,
-            "--out",
-            str(d / dtype),
-        )
+        r = _dsv4("parity", "record", "--config", "tiny", "--suite", "smoke", "--backend", "reference",
+                  "--dtype", dtype, "--out", str(d / dtype))
         assert r.returncode == 0, r.stderr
     return d
 
@@ -296,26 +284,9 @@ def test_the_other_ranks_exit_with_a_sentence_when_rank_0_is_gone(tmp_path):
     log = tmp_path / "serve.log"
     port = free_port()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "v4",
-                "serve",
-                "--config",
-                "tiny",
-                "-tp",
-                "2",
-                "--port",
-                str(port),
-                "--dist-timeout",
-                "4",
-            ],
-            cwd=ROOT,
-            env=ENV,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
+        proc = subprocess.Popen([sys.executable, "-m", "v4", "serve", "--config", "tiny", "-tp", "2",
+                                 "--port", str(port), "--dist-timeout", "4"],
+                                cwd=ROOT, env=ENV, stdout=fh, stderr=subprocess.STDOUT)
     try:
         assert _wait_health(f"http://127.0.0.1:{port}", 200, 120), log.read_text()
         worker = _children(proc.pid)[0]

@@ -46,23 +46,8 @@ def bundles(tmp_path_factory):
                        capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "wrote" in p.stdout
-    assert (
-        main(
-            [
-                "parity",
-                "record",
-                "--backend",
-                "reference",
-                "--dtype",
-                "fp32",
-                "--suite",
-                "smoke",
-                "--out",
-                str(d / "fp32"),
-            ]
-        )
-        == 0
-    )
+    assert main(["parity", "record", "--backend", "reference", "--dtype", "fp32", "--suite", "smoke",
+                 "--out", str(d / "fp32")]) == 0
     return d
 
 
@@ -102,18 +87,8 @@ def test_bundle_from_another_process_compares_here(bundles, capsys, tmp_path):
 def test_bundle_format_and_documented_keys(bundles):
     b = BD.read(bundles / "fp64")
     meta = json.loads((bundles / "fp64" / BD.META_FILE).read_text())
-    for k in (
-        "model",
-        "weights",
-        "backend",
-        "dtype",
-        "mode",
-        "versions",
-        "suite",
-        "prompts",
-        "hooks",
-        "tensors_sha256",
-    ):
+    for k in ("model", "weights", "backend", "dtype", "mode", "versions", "suite", "prompts", "hooks",
+              "tensors_sha256"):
         assert k in meta
     assert meta["model"]["config_hash"] and meta["weights"]["hash"] and meta["backend"]["device_name"]
     assert meta["dtype"] == "float64" and meta["mode"] == "plain" and meta["suite"] == "smoke"
@@ -204,27 +179,8 @@ def test_different_weights_or_prompts_are_not_comparable(bundles, capsys, tmp_pa
     capsys.readouterr()
     line = _one_line_exit_2(*run(capsys, "compare", str(tmp_path / "seed0"), str(tmp_path / "other")))
     assert "not comparable" in line and "prompt 0 has different input ids" in line
-    assert (
-        main(
-            [
-                "parity",
-                "record",
-                "--backend",
-                "reference",
-                "--config",
-                "small",
-                "--prompts",
-                str(prompts),
-                "--layers",
-                "none",
-                "--greedy",
-                "1",
-                "--out",
-                str(tmp_path / "small"),
-            ]
-        )
-        == 0
-    )
+    assert main(["parity", "record", "--backend", "reference", "--config", "small", "--prompts", str(prompts),
+                 "--layers", "none", "--greedy", "1", "--out", str(tmp_path / "small")]) == 0
     capsys.readouterr()
     line = _one_line_exit_2(*run(capsys, "compare", str(tmp_path / "other"), str(tmp_path / "small")))
     assert "different model configs" in line
