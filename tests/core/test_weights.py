@@ -130,14 +130,8 @@ def test_expected_tensors_tiny(cfg):
     assert s["mtp.0.e_proj.weight"].shape == (64, 64) and s["mtp.0.e_proj.weight"].role == "fp8able"
     assert s["mtp.0.ffn.gate.bias"].shape == (4,) and "mtp.0.ffn.gate.tid2eid" not in s
     assert not any(k.startswith("mtp.0.attn.compressor") or k.startswith("mtp.0.attn.indexer") for k in s)
-    for k in (
-        "mtp.0.enorm.weight",
-        "mtp.0.hnorm.weight",
-        "mtp.0.norm.weight",
-        "mtp.0.hc_head_fn",
-        "mtp.0.hc_head_base",
-        "mtp.0.hc_head_scale",
-    ):
+    for k in ("mtp.0.enorm.weight", "mtp.0.hnorm.weight", "mtp.0.norm.weight",
+              "mtp.0.hc_head_fn", "mtp.0.hc_head_base", "mtp.0.hc_head_scale"):
         assert k in s
     assert "mtp.0.embed.weight" not in s and "mtp.0.head.weight" not in s
     no_shared = expected_tensors(make_cfg(n_shared_experts=0))
