@@ -14,7 +14,7 @@ kernel families import them, so the backends round by construction the same way:
 - `sqrt_softplus`: the MoE gate score, softplus as the reference (torch) defines it.
 Host side: `interpreting`, `pow2` and `gate_buffers` (the MoE gate launches' outputs and operands).
 
-`apply_kernel` runs one helper elementwise; tests/test_triton_common.py checks every helper with it
+`apply_kernel` runs one helper elementwise; tests/backends/test_triton_common.py checks every helper with it
 against torch, and backends/ascend/kernels/common.py lists its lowering cases.
 """
 

@@ -28,7 +28,7 @@ over all of these times a margin: x10 for fp32 (where errors are rounding-level 
 sensitivity), x4 for bf16 / fp16 error-type metrics, x2 for the bounded ones (1 - top-1, 1 - overlap)
 and for exact mode; an allowance is only ever tightened by a re-calibration, never loosened. The
 measured worst cases are listed next to each profile. Every perturbation of
-tests/test_parity_perturbed.py fails the fp32 profile by orders of magnitude.
+tests/parity/test_perturbed.py fails the fp32 profile by orders of magnitude.
 
 Random weights are the pessimistic case for the bf16 and exact profiles: their logits are flat
 (top-1 / top-2 gaps far smaller than a trained model's), so argmax flips that a real checkpoint

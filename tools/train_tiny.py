@@ -367,7 +367,7 @@ def _readme_data(meta: dict) -> list[str]:
         f"({len(meta['heldout_files'])} files, listed in `training.json`). Another Python version has other files: "
         "the hash says whether a rerun sees the same data. The beginnings of 3 held-out files "
         "(`../tiny-v4-heldout/sample.json`, PSF licence beside it) are the fixed input of "
-        "`tests/test_embedded_model.py`.",
+        "`tests/core/test_embedded_model.py`.",
         "",
     ]
 

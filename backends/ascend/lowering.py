@@ -42,7 +42,7 @@ ttir, ttadapter, bishengir (before any pass), hfusion, hivm, hivm-to-std, hivmc 
 generator: the expected stop offline), binary (CANN present: full compile).
 
 Nothing in this module imports triton at import time; the table, classifier and exit-code logic are
-plain Python (tests/test_ascend_lowering.py checks them without triton-ascend).
+plain Python (tests/backends/ascend/test_lowering.py checks them without triton-ascend).
 """
 
 from __future__ import annotations

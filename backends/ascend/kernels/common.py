@@ -1,7 +1,7 @@
 """Lowering cases of the shared @triton.jit helpers (backends/triton_common.py), which both kernel
 families inline: `apply_kernel` runs one helper elementwise in the persistent-loop shape, and each
 case below compiles it for one helper, so a helper that leaves the Ascend-legal subset fails here
-by name rather than inside a model kernel. The numerics are tests/test_triton_common.py's."""
+by name rather than inside a model kernel. The numerics are tests/backends/test_triton_common.py's."""
 
 from __future__ import annotations
 
