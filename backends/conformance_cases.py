@@ -835,6 +835,38 @@ def _indexer_topk_cases():
     yield KernelCase("indexer_topk", "one slot's prefill chunk: each token its own prefix", F32, prefix)
 
 
+def _attention_cases():
+    """Prefill of one sequence from position 0 at the boundary token counts: window rows before 0 are
+    -1; HCA entries j < (t+1)//4, none at all for T < 4 (the model then passes comp_idx with Kc = 0).
+    Head dims 128 and 32 (the kernel families' test sizes before the merge); bf16 at d = 32 skips 127
+    and 128 (the boundaries do not depend on the dtype; the interpreter pays ~3 s per long prefill)."""
+    def build(T, d, dtype):
+        batch = StepBatch([0], [0], [T], torch.device("cpu"))
+        wkv, widx, ckv, cidx = layer_inputs(batch, 1, "hca", d, dtype, seed=T)
+        assert (widx < 0).any() and (T >= 4) == (cidx.shape[1] > 0)
+        q, sink = qs(T, 8 if T < 100 else 4, d, dtype, seed=100 + T)
+        return (q, wkv, widx, ckv, cidx, sink, d ** -0.5), {}
+
+    for d, grid in ((128, [(T, dt) for T in TOKENS for dt in DTYPES]),
+                    (32, [(T, F32) for T in TOKENS] + [(T, BF16) for T in (1, 3, 4, 5, 129)])):
+        for T, dt in grid:
+            # long prefills: one 128-index chunk per list where the tiles allow it (the interpreter pays
+            # per chunk); Ascend's Unified Buffer holds a 128-row chunk up to d = 64
+            long = {"block_k": 128} if T > 100 else {}
+            blocks = {"cuda": long, "ascend": long if d <= 64 else {}}
+            yield KernelCase("attention", f"prefill T={T},d={d},{_dt(dt)}", dt, lambda T=T, d=d, dt=dt: build(T, d, dt),
+                             {"blocks": blocks})
+
+
+# max |out - truth| / max |truth| per kernel family: fp32 is summation order only; 16-bit adds the
+# rounding of P before P V (as the official kernels do) and of the output
+ATTENTION_TOL = {
+    "cuda": {F32: 5e-6, BF16: 8e-3, torch.float16: 1.5e-3},
+    "ascend": {F32: 1e-5, BF16: 1e-2, torch.float16: 2e-3},
+}
+ATTENTION_TOL["reference"] = ATTENTION_TOL["ascend"]
+
+
 KERNEL_CASES: dict[str, list[KernelCase]] = {
     "rms_norm": list(_rms_norm_cases()),
     "rope": list(_rope_cases()),
@@ -843,6 +875,7 @@ KERNEL_CASES: dict[str, list[KernelCase]] = {
     "hc_head": list(_hc_head_cases()),
     "moe_gate": list(_moe_gate_cases()),
     "indexer_topk": list(_indexer_topk_cases()),
+    "attention": list(_attention_cases()),
 }
 
 # which backend has a kernel for which op: the tests run every case over each of them
@@ -854,6 +887,7 @@ KERNEL_MODULES = {
     "hc_head": {"cuda": "backends.cuda.kernels.mhc", "ascend": "backends.ascend.kernels.mhc"},
     "moe_gate": {"cuda": "backends.cuda.kernels.gate", "ascend": "backends.ascend.kernels.gate"},
     "indexer_topk": {"cuda": "backends.cuda.kernels.indexer", "ascend": "backends.ascend.kernels.indexer"},
+    "attention": {"cuda": "backends.cuda.kernels.attention", "ascend": "backends.ascend.kernels.attention"},
 }
 
 

@@ -1,17 +1,19 @@
-"""The ops with Triton kernels (rms_norm, rope, hc_pre, hc_post, hc_head, moe_gate, indexer_topk) over
-every backend with a kernel for them: reference, cuda (Triton; interpreted on CPU without a GPU) and
+"""The ops with Triton kernels (rms_norm, rope, hc_pre, hc_post, hc_head, moe_gate, indexer_topk,
+attention) over every backend with a kernel for them: reference, cuda (Triton; interpreted on CPU without a GPU) and
 ascend (Triton-Ascend, interpreted). One parametrised test per op over the one case set (backends/conformance_cases.py).
 
 Ground truth is the reference backend in fp64 on the same (already rounded) inputs; each result
 must be as close to it as the reference itself is in the working dtype, within a small floor
 (`check_as_ref`). The gate's picks must be the fp64 reference's expert sets, the indexer's the fp64
-reference's entries up to near-ties at the cut (`check_indexer_topk`).
+reference's entries up to near-ties at the cut (`check_indexer_topk`); attention's max error relative
+to max |truth| stays within its kernel family's bound (`ATTENTION_TOL`).
 """
 
 import pytest
 import torch
 
 from backends.conformance_cases import (
+    ATTENTION_TOL,
     F64,
     KERNEL_CASES,
     REF,
@@ -23,6 +25,7 @@ from backends.conformance_cases import (
     gate_truth,
     hc_check,
     impl,
+    run_attention,
     tie_free,
 )
 
@@ -137,3 +140,13 @@ def test_indexer_topk(backend, case):
         assert empty.shape == (0, topk) and empty.dtype == torch.int32
     if case.extra.get("own_rows"):
         assert got[0].tolist() != got[1].tolist()
+
+
+@pytest.mark.parametrize("backend,case", _params("attention"))
+def test_attention(backend, case):
+    args, _ = case.build()
+    # the kernels take block sizes (none on a GPU: the defaults are what runs there)
+    blocks = {} if backend == "reference" or (backend == "cuda" and GPU) else case.extra["blocks"][backend]
+    dev = _dev(backend)
+    fn = impl("attention", backend)
+    run_attention(lambda *a: fn(*a, **blocks), ATTENTION_TOL[backend], *args[:6], args[6], case.name, to_device=dev)
