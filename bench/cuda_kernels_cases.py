@@ -18,6 +18,9 @@ from typing import Any, Callable
 
 import torch
 
+# the bench's sizes live with the conformance cases; cuda_kernels.py reads FLASH / SMOKE from here
+from backends.conformance_cases import FLASH, SMOKE, Shapes  # noqa: F401
+
 FP8_ROW_BYTES_512 = 584  # V4 main KV row (spec §1): 448 e4m3 + 64 bf16 rope + 7 UE8M0 scales + 1 pad
 
 
@@ -40,63 +43,6 @@ T_MOE_PREFILL = Target("tf", 0.50, "brief")
 T_ATTN_PREFILL = Target("tf", 0.35, "spec 7.3")
 T_MOE_DECODE = Target("bw", 0.60, "spec 7.4")
 T_ELEMENTWISE = Target("bw", 0.75, "spec 7.5")
-
-
-# ----------------------------------------------------------------------------------- shapes
-@dataclass
-class Shapes:
-    """Everything a case's size depends on: V4-Flash values, or tiny ones for --smoke."""
-
-    heads: int  # attention query heads
-    head_dim: int
-    topk: int  # CSA top-k compressed entries per query
-    window: int  # sliding window
-    csa_ratio: int
-    hca_ratio: int
-    batches: list  # decode batch sizes (queries, one per sequence)
-    contexts: list  # decode context lengths
-    prefill_queries: int  # attention prefill: queries of one sequence
-    prefill_context: int
-    idx_heads: int
-    idx_dim: int
-    block_size: int  # entries per page of the compressed / indexer pools
-    hidden: int
-    hc_n: int
-    prefill_tokens: int  # hc / norm / rope / gate prefill size
-    compress_tokens: int
-    compress_idx_dim: int
-    experts: int
-    moe_topk: int
-    moe_inter: int
-    moe_prefill: list
-    moe_decode: list
-    linear: dict  # name -> (N, K)
-    linear_tokens: list
-
-
-FLASH = Shapes(
-    heads=64, head_dim=512, topk=512, window=128, csa_ratio=4, hca_ratio=128,
-    batches=[1, 32, 128], contexts=[8192, 65536, 1048576], prefill_queries=4096, prefill_context=8192,
-    idx_heads=64, idx_dim=128, block_size=64,
-    hidden=4096, hc_n=4, prefill_tokens=4096,
-    compress_tokens=8192, compress_idx_dim=128,
-    experts=256, moe_topk=6, moe_inter=2048, moe_prefill=[4096, 16384], moe_decode=[1, 32, 128],
-    # Flash projections (q_lora 1024, 64 x 512 heads, o_groups 8 x rank 1024, indexer 64 x 128)
-    linear={"wq_a": (1024, 4096), "wq_b": (32768, 1024), "wkv": (512, 4096), "wo_b": (4096, 8192),
-            "idx.wq_b": (8192, 1024)},
-    linear_tokens=[1, 128, 4096],
-)
-
-SMOKE = Shapes(
-    heads=16, head_dim=128, topk=16, window=8, csa_ratio=4, hca_ratio=16,
-    batches=[1, 3], contexts=[128, 512], prefill_queries=16, prefill_context=128,
-    idx_heads=8, idx_dim=32, block_size=16,
-    hidden=64, hc_n=4, prefill_tokens=9,
-    compress_tokens=64, compress_idx_dim=128,
-    experts=8, moe_topk=2, moe_inter=64, moe_prefill=[24], moe_decode=[1, 3],
-    linear={"wq_a": (128, 256), "wkv": (64, 256)},
-    linear_tokens=[1, 5],
-)
 
 
 # ----------------------------------------------------------------------------------- context
@@ -217,7 +163,10 @@ def check_gate(tol: float):
         gi_s, gp = gi.long().sort(dim=1)
         ri_s, rp = ri.long().sort(dim=1)
         same = (gi_s == ri_s).all(1)
-        m = _cmp(gw.gather(1, gp)[same], rw.float().gather(1, rp)[same]) if bool(same.any()) else {"max_rel": 0.0, "finite": True}
+        if bool(same.any()):
+            m = _cmp(gw.gather(1, gp)[same], rw.float().gather(1, rp)[same])
+        else:
+            m = {"max_rel": 0.0, "finite": True}
         ok = o["mean"] >= 0.99 and m["finite"] and m["max_rel"] <= tol
         o.update({"weights_max_rel": m["max_rel"], "tol": tol})
         return ok, f"ovl {o['mean']:.4f} w rel {m['max_rel']:.1e}", o
@@ -517,7 +466,8 @@ def cases_rms_norm(ctx: Ctx):
             w = (1.0 + randn(shape[-1], dtype=torch.float32, dev=dev, scale=0.1)) if weighted else None
             b = 2 * nbytes(x) + nbytes(w)
             args = (x, w, 1e-6)
-            yield Case("rms_norm", f"{what} {'x'.join(map(str, shape))}", "decode" if T < sh.prefill_tokens else "prefill",
+            phase = "decode" if T < sh.prefill_tokens else "prefill"
+            yield Case("rms_norm", f"{what} {'x'.join(map(str, shape))}", phase,
                        lambda a=args: K.norm_rope.rms_norm(*a), lambda a=args: ctx.ref.rms_norm(*a),
                        check_close(1e-2), b, 0.0, "fp32", T_ELEMENTWISE)
 
@@ -559,7 +509,7 @@ def _moe_weights(ctx: Ctx):
     K, sh, dev = ctx.K, ctx.sh, ctx.dev
     from v4 import quant
 
-    E, D, I = sh.experts, sh.hidden, sh.moe_inter
+    E, D, I = sh.experts, sh.hidden, sh.moe_inter  # noqa: E741
     torch.manual_seed(9)
     bf = torch.bfloat16
     w13 = torch.empty(E, 2 * I, D, dtype=bf, device=dev)
@@ -567,7 +517,8 @@ def _moe_weights(ctx: Ctx):
     q1, q3, q2 = [], [], []
     for e in range(E):
         for lst, shape, dst in ((q1, (I, D), w13[e, :I]), (q3, (I, D), w13[e, I:]), (q2, (D, I), w2[e])):
-            qw = quant.QuantizedWeight("fp4", *quant.quant_fp4(randn(*shape, dtype=torch.float32, dev=dev, scale=D ** -0.5)))
+            w = randn(*shape, dtype=torch.float32, dev=dev, scale=D ** -0.5)
+            qw = quant.QuantizedWeight("fp4", *quant.quant_fp4(w))
             dst.copy_(qw.dequantize(torch.float32))
             lst.append(qw)
     f13, f2 = K.gemm.prepare_experts(q1, q3, q2, bf, dev)
@@ -601,7 +552,7 @@ def cases_moe(ctx: Ctx, fp4: bool):
     decode). fp4: routed FP4 + shared FP8 weights dequantised in-kernel, FP8 activation quant (V4's
     exact mode), decode shapes; the reference runs on the dequantised bf16 weights."""
     K, sh, dev = ctx.K, ctx.sh, ctx.dev
-    E, D, I, k = sh.experts, sh.hidden, sh.moe_inter, sh.moe_topk
+    E, D, I, k = sh.experts, sh.hidden, sh.moe_inter, sh.moe_topk  # noqa: E741
     if ctx.moe_weights is None:
         ctx.moe_weights = _moe_weights(ctx)
     wts = ctx.moe_weights
@@ -637,7 +588,8 @@ def cases_linear_fp8(ctx: Ctx):
     torch.manual_seed(11)
     fp8_mma = K.gemm._fp8_mma_default(torch.empty(0, device=dev))
     for name, (N, Kd) in sh.linear.items():
-        qw = quant.QuantizedWeight("fp8", *quant.quant_fp8_block(randn(N, Kd, dtype=torch.float32, dev=dev, scale=Kd ** -0.5)))
+        w = randn(N, Kd, dtype=torch.float32, dev=dev, scale=Kd ** -0.5)
+        qw = quant.QuantizedWeight("fp8", *quant.quant_fp8_block(w))
         cw = K.gemm.prepare_linear(qw, torch.bfloat16, dev)
         rw = ctx.ref.prepare_linear(qw, torch.bfloat16)
         for M in sh.linear_tokens:
