@@ -1,6 +1,7 @@
 """The ops with Triton kernels (rms_norm, rope, hc_pre, hc_post, hc_head, moe_gate, indexer_topk,
-attention) over every backend with a kernel for them: reference, cuda (Triton; interpreted on CPU without a GPU) and
-ascend (Triton-Ascend, interpreted). One parametrised test per op over the one case set (backends/conformance_cases.py).
+attention) over every backend with a kernel for them: reference, cuda (Triton; interpreted on CPU
+without a GPU) and ascend (Triton-Ascend, interpreted). One parametrised test per op over the one
+case set (backends/conformance_cases.py::KERNEL_CASES).
 
 Ground truth is the reference backend in fp64 on the same (already rounded) inputs; each result
 must be as close to it as the reference itself is in the working dtype, within a small floor
