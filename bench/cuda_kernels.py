@@ -132,33 +132,45 @@ def detect_hw(ctx_smoke: bool, gpu: bool) -> tuple[dict | None, str]:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="kernels: " + ", ".join(KERNELS) + ", model")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes; without a GPU: CPU tensors under TRITON_INTERPRET=1, wall-clock timing")
-    ap.add_argument("--only", default=None, help="comma-separated kernel names (and/or 'model'); default: all kernels and the model")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="kernels: " + ", ".join(KERNELS) + ", model",
+    )
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes; without a GPU: "
+                                                         "CPU tensors under TRITON_INTERPRET=1, wall-clock timing")
+    ap.add_argument("--only", default=None, help="comma-separated kernel names (and/or 'model'); default: "
+                                                 "all kernels and the model")
     ap.add_argument("--skip-model", action="store_true", help="do not run the whole-model decode")
     ap.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON to PATH ('-' = stdout)")
     ap.add_argument("--markdown", default=None, metavar="PATH", help="write the tables as Markdown to PATH")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop starting kernel cases after this many seconds (the rest are listed as skipped), "
                          "keeping --model-reserve-s for the whole-model decode")
-    ap.add_argument("--model-reserve-s", type=float, default=90.0, help="seconds of --budget-s kept for the model (default 90)")
+    ap.add_argument("--model-reserve-s", type=float, default=90.0, help="seconds of --budget-s kept for the model "
+                                                                        "(default 90)")
     ap.add_argument("--compile-only", action="store_true",
                     help="run each CUDA case once (Triton compiles it into its cache; a fault shows here) without "
                          "checks, reference or timing: several of these side by side warm the cache for a timed run")
     ap.add_argument("--max-input-gb", type=float, default=24.0,
                     help="skip attention / indexer cases whose KV or key pool alone is larger (default 24)")
-    ap.add_argument("--batches", default=None, help="decode batch sizes for attention / indexer / hc / gate (default Flash: 1,32,128)")
-    ap.add_argument("--contexts", default=None, help="decode contexts for attention / indexer (default Flash: 8192,65536,1048576)")
+    ap.add_argument("--batches", default=None, help="decode batch sizes for attention / indexer / hc / gate (default "
+                                                    "Flash: 1,32,128)")
+    ap.add_argument("--contexts", default=None, help="decode contexts for attention / indexer (default Flash: "
+                                                     "8192,65536,1048576)")
     ap.add_argument("--reps", type=int, default=None, help="timed runs of the CUDA op (median; default 20, smoke 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 3, smoke 0)")
     ap.add_argument("--ref-reps", type=int, default=None, help="timed runs of the reference op (default 5, smoke 1)")
     ap.add_argument("--ref-warmup", type=int, default=None, help="untimed reference runs first (default 1, smoke 0)")
     ap.add_argument("--no-flush", action="store_true", help="do not flush L2 (256 MB memset) before each timed run")
-    ap.add_argument("--model-config", default=None, help="model config for the whole-model decode (default small; smoke: tiny)")
-    ap.add_argument("--model-dtype", default=None, choices=("float32", "bfloat16", "float16"), help="default: the config's")
+    ap.add_argument("--model-config", default=None, help="model config for the whole-model decode (default small; "
+                                                         "smoke: tiny)")
+    ap.add_argument(
+        "--model-dtype", default=None, choices=("float32", "bfloat16", "float16"), help="default: the config's"
+    )
     ap.add_argument("--model-batches", default=None, help="decode batch sizes (default 1,8; smoke 1,2)")
-    ap.add_argument("--model-context", type=int, default=None, help="prompt tokens per sequence (default 1024; smoke 40)")
+    ap.add_argument("--model-context", type=int, default=None, help="prompt tokens per sequence (default 1024; "
+                                                                    "smoke 40)")
     ap.add_argument("--model-steps", type=int, default=None, help="timed decode steps (default 32; smoke 3)")
     ap.add_argument("--model-warmup", type=int, default=None, help="untimed decode steps first (default 3; smoke 1)")
     ap.add_argument("--threads", type=int, default=None,
@@ -197,7 +209,9 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     ctx, broken, doc = _start(args, gpu, argv)
-    kernel_deadline = None if args.budget_s is None else t_start + args.budget_s - (args.model_reserve_s if run_model else 0)
+    kernel_deadline = (
+        None if args.budget_s is None else t_start + args.budget_s - (args.model_reserve_s if run_model else 0)
+    )
     errors = mismatches = 0
     for name in only:
         e, m = _run_kernel(ctx, name, only, broken, doc, kernel_deadline)
@@ -243,7 +257,9 @@ def _start(args, gpu: bool, argv) -> tuple[Ctx, dict, dict]:
 
     hw, hw_name = detect_hw(args.smoke, gpu)
     ctx = Ctx(args, args.smoke, gpu, dev, sh, hw, hw_name, K, ReferenceOps(dev))
-    mode = "smoke (tiny shapes" + (", Triton interpreter on CPU tensors, wall clock)" if not gpu else ", GPU, CUDA events)")
+    mode = "smoke (tiny shapes" + (
+        ", Triton interpreter on CPU tensors, wall clock)" if not gpu else ", GPU, CUDA events)"
+    )
     log(f"dsv4 CUDA kernels vs reference -- {mode if args.smoke else 'V4-Flash shapes'}")
     log(f"device: {hw_name}; torch {torch.__version__}, triton {triton.__version__}, "
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, threads {torch.get_num_threads()}")
@@ -285,7 +301,8 @@ def _run_kernel(ctx: Ctx, name: str, only: list, broken: dict, doc: dict, deadli
         ctx.skipped.append((name, "all cases", "--budget-s reached"))
         return 0, 0
     if MODULE_OF[name] in broken:
-        r = {"kernel": name, "case": "-", "bytes": 0, "flops": 0, "error": f"module does not import: {broken[MODULE_OF[name]]}"}
+        r = {"kernel": name, "case": "-", "bytes": 0, "flops": 0, "error": "module does not import: "
+                                                                           f"{broken[MODULE_OF[name]]}"}
         rows.append(r)
         log(fmt_row(r, smoke))
         return 1, 0
@@ -301,7 +318,8 @@ def _run_kernel(ctx: Ctx, name: str, only: list, broken: dict, doc: dict, deadli
         except StopIteration:
             break
         except Exception as e:  # noqa: BLE001 - building inputs failed: report, go on with the next kernel
-            r = {"kernel": name, "case": "(building inputs)", "bytes": 0, "flops": 0, "error": f"{type(e).__name__}: {e}"}
+            r = {"kernel": name, "case": "(building inputs)", "bytes": 0, "flops": 0, "error": f"{type(e).__name__}: "
+                                                                                               f"{e}"}
             rows.append(r)
             errors += 1
             log(fmt_row(r, smoke))

@@ -129,16 +129,24 @@ def test_fp8_checkpoint_weight_is_dequantised_at_load():
     assert got.dtype == BF16 and torch.equal(got, qw.dequantize(torch.float32).to(BF16))
 
 
-@pytest.mark.parametrize("weights,dtype,tol", [("dequant", torch.float32, 2e-6), ("dequant", BF16, 1.5e-2), ("w8a8", BF16, 5e-2)])
+@pytest.mark.parametrize(
+    "weights,dtype,tol", [("dequant", torch.float32, 2e-6), ("dequant", BF16, 1.5e-2), ("w8a8", BF16, 5e-2)]
+)
 def test_moe_experts_grouped_matmul_matches_reference(weights, dtype, tol):
     r = gen(6)
-    E, D, I, T, k = 8, 64, 32, 13, 2
-    w1s, w3s, w2s = [r(I, D) * 0.2 for _ in range(E)], [r(I, D) * 0.2 for _ in range(E)], [r(D, I) * 0.2 for _ in range(E)]
+    E, D, inter, T, k = 8, 64, 32, 13, 2
+    w1s, w3s, w2s = (
+        [r(inter, D) * 0.2 for _ in range(E)],
+        [r(inter, D) * 0.2 for _ in range(E)],
+        [r(D, inter) * 0.2 for _ in range(E)],
+    )
     x = r(T, D).to(dtype)
-    ids = torch.stack([torch.randperm(E, generator=torch.Generator().manual_seed(t))[:k] for t in range(T)]).to(torch.int32)
+    ids = torch.stack([torch.randperm(E, generator=torch.Generator().manual_seed(t))[:k] for t in range(T)]).to(
+        torch.int32
+    )
     ids[0] = torch.tensor([3, 3 + 1])  # expert 0 and others may get no token at all
     rw = torch.rand(T, k, generator=torch.Generator().manual_seed(7))
-    sw1, sw3, sw2 = r(I, D) * 0.2, r(I, D) * 0.2, r(D, I) * 0.2  # the shared expert
+    sw1, sw3, sw2 = r(inter, D) * 0.2, r(inter, D) * 0.2, r(D, inter) * 0.2  # the shared expert
     o = ops(weights=weights)
     w13, w2 = o.prepare_experts(w1s, w3s, w2s, dtype)
     s13, s2 = o.prepare_experts([sw1], [sw3], [sw2], dtype)

@@ -56,10 +56,19 @@ def test_lightning_indexer_by_hand():
     pool, table = _pool(keys)
     q = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]], dtype=BF16)  # two queries of one row
     w = torch.tensor([[2.0], [1.0]], dtype=BF16)
-    out, vals = E.npu_lightning_indexer(q, pool, w, actual_seq_lengths_query=torch.tensor([2], dtype=torch.int32),
-                                        actual_seq_lengths_key=torch.tensor([3], dtype=torch.int32), block_table=table[None],
-                                        layout_query="TND", layout_key="PA_BSND", sparse_count=4, sparse_mode=3,
-                                        return_value=True)
+    out, vals = E.npu_lightning_indexer(
+        q,
+        pool,
+        w,
+        actual_seq_lengths_query=torch.tensor([2], dtype=torch.int32),
+        actual_seq_lengths_key=torch.tensor([3], dtype=torch.int32),
+        block_table=table[None],
+        layout_query="TND",
+        layout_key="PA_BSND",
+        sparse_count=4,
+        sparse_mode=3,
+        return_value=True,
+    )
     # right-down causal, Sq = 2, Sk = 3: query 0 sees keys 0..1, query 1 sees 0..2
     assert out.shape == (2, 1, 4)
     assert out[0, 0].tolist() == [0, 1, -1, -1]  # scores 2, 0
@@ -74,14 +83,23 @@ def test_lightning_indexer_by_hand():
 def test_lightning_indexer_enforces_documented_limits():
     keys = torch.randn(4, 128, dtype=BF16)
     pool, table = _pool(keys)
-    kw = dict(actual_seq_lengths_query=torch.tensor([1], dtype=torch.int32), actual_seq_lengths_key=torch.tensor([4], dtype=torch.int32),
-              block_table=table[None], layout_query="TND", layout_key="PA_BSND", sparse_count=2, sparse_mode=3)
+    kw = dict(
+        actual_seq_lengths_query=torch.tensor([1], dtype=torch.int32),
+        actual_seq_lengths_key=torch.tensor([4], dtype=torch.int32),
+        block_table=table[None],
+        layout_query="TND",
+        layout_key="PA_BSND",
+        sparse_count=2,
+        sparse_mode=3,
+    )
     with pytest.raises(ValueError, match="bfloat16/float16"):
         E.npu_lightning_indexer(torch.randn(1, 2, 128), pool.float(), torch.randn(1, 2), **kw)
     with pytest.raises(ValueError, match="N1 must be <= 64"):
         E.npu_lightning_indexer(torch.randn(1, 65, 128, dtype=BF16), pool, torch.randn(1, 65, dtype=BF16), **kw)
     with pytest.raises(ValueError, match="sparse_count"):
-        E.npu_lightning_indexer(torch.randn(1, 2, 128, dtype=BF16), pool, torch.randn(1, 2, dtype=BF16), **{**kw, "sparse_count": 2049})
+        E.npu_lightning_indexer(
+            torch.randn(1, 2, 128, dtype=BF16), pool, torch.randn(1, 2, dtype=BF16), **{**kw, "sparse_count": 2049}
+        )
     with pytest.raises(ValueError, match="block_size"):
         E.npu_lightning_indexer(torch.randn(1, 2, 128, dtype=BF16), torch.zeros(1, 8, 1, 128, dtype=BF16),
                                 torch.randn(1, 2, dtype=BF16), **kw)
@@ -121,8 +139,16 @@ def test_grouped_matmul_counts_and_cumsum():
 def test_grouped_matmul_per_token_int8():
     x = torch.tensor([[1, 2], [3, 4], [5, 6]], dtype=torch.int8)
     w = torch.tensor([[[1], [1]], [[2], [0]]], dtype=torch.int8)  # [g=2, K=2, N=1]
-    y = E.npu_grouped_matmul([x], [w], scale=[torch.tensor([[0.5], [1.0]])], per_token_scale=[torch.tensor([1.0, 2.0, 4.0])],
-                             group_list=torch.tensor([1, 2]), split_item=2, group_type=0, group_list_type=1,
-                             output_dtype=BF16)[0]
+    y = E.npu_grouped_matmul(
+        [x],
+        [w],
+        scale=[torch.tensor([[0.5], [1.0]])],
+        per_token_scale=[torch.tensor([1.0, 2.0, 4.0])],
+        group_list=torch.tensor([1, 2]),
+        split_item=2,
+        group_type=0,
+        group_list_type=1,
+        output_dtype=BF16,
+    )[0]
     # row 0 group 0: (1+2)*0.5*1; rows 1, 2 group 1: 3*2*1*2 = 12, 5*2*1*4 = 40
     assert y.float().flatten().tolist() == [1.5, 12.0, 40.0]

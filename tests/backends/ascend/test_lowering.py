@@ -136,7 +136,8 @@ def test_unknown_exit_without_message():
 # ------------------------------------------------------------------ triton.compile errors
 
 def test_frontend_error():
-    msg = ("at 5:29:\ndef broken(x_ptr, out_ptr, n, BLOCK: tl.constexpr):\n    tl.store(out_ptr + offs, tl.load(x_ptr))\n"
+    msg = ("at 5:29:\ndef broken(x_ptr, out_ptr, n, BLOCK: tl.constexpr):\n    tl.store(out_ptr + offs, "
+           "tl.load(x_ptr))\n"
            "                             ^\nValueError('[fp8, fp64] is unsupported on Ascend for now.')")
     stage, reasons = L.classify_triton_error("CompilationError", msg)
     assert stage == "frontend"
@@ -144,7 +145,8 @@ def test_frontend_error():
 
 
 def test_adapter_and_binary_stage_errors():
-    msg = ("\n///------------------[ERROR][Triton][BEG]------------------\n[ConvertTritonIRToLinalgIR] encounters error:\n"
+    msg = ("\n///------------------[ERROR][Triton][BEG]------------------\n[ConvertTritonIRToLinalgIR] encounters "
+           "error:\n"
            "/tmp/t/kernel.ttir.mlir:7:10: error: failed to legalize operation 'tt.foo'\n\n"
            "[INFO]: The compiled kernel cache is in /tmp/c/x\n\n///------------------[ERROR][Triton][END]---\n")
     assert L.classify_triton_error("MLIRCompilationError", msg) == (

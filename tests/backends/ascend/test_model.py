@@ -78,7 +78,9 @@ def test_parity_verify_against_a_golden_bundle(emulate, capsys, tmp_path, monkey
                      "--prompts", str(prompts), "--greedy", "2", "--out", str(golden)]) == 0
     monkeypatch.setenv(ascend.EMULATE_ENV, "1")  # "the Ascend machine"
     capsys.readouterr()
-    code = cli.main(["parity", "verify", str(golden), "--backend", "ascend", "--dtype", "fp32", "--report", str(tmp_path / "rep")])
+    code = cli.main(
+        ["parity", "verify", str(golden), "--backend", "ascend", "--dtype", "fp32", "--report", str(tmp_path / "rep")]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert "== op suite" in out and "== model parity" in out

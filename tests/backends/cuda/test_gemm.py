@@ -98,13 +98,13 @@ def test_prepare_linear_keeps_stored_form():
 
 def test_prepare_experts_stacks_halves():
     g = torch.Generator().manual_seed(3)
-    E, I, D = 3, 96, 160  # I not a multiple of 128: W1 and W3 keep separate fp8 scale rows
+    E, inter, D = 3, 96, 160  # inter not a multiple of 128: W1 and W3 keep separate fp8 scale rows
     for fmt in ("dense", "fp8", "fp4"):
-        w1 = [stored(torch.randn(I, D, generator=g), fmt) for _ in range(E)]
-        w3 = [stored(torch.randn(I, D, generator=g), fmt) for _ in range(E)]
-        w2 = [stored(torch.randn(D, I, generator=g), fmt) for _ in range(E)]
+        w1 = [stored(torch.randn(inter, D, generator=g), fmt) for _ in range(E)]
+        w3 = [stored(torch.randn(inter, D, generator=g), fmt) for _ in range(E)]
+        w2 = [stored(torch.randn(D, inter, generator=g), fmt) for _ in range(E)]
         c13, c2 = gemm.prepare_experts(w1, w3, w2, torch.float32, DEV)
-        assert c13.shape == (E, 2 * I, D) and c2.shape == (E, D, I) and c13.split == I
+        assert c13.shape == (E, 2 * inter, D) and c2.shape == (E, D, inter) and c13.split == inter
         want13 = torch.stack([torch.cat([ref_w(a, torch.float32), ref_w(b, torch.float32)]) for a, b in zip(w1, w3)])
         assert torch.equal(c13.dequantize().cpu(), want13)
         assert torch.equal(c2[1].dequantize().cpu(), ref_w(w2[1], torch.float32))
@@ -199,10 +199,10 @@ def _routing(T, E, k, pattern, g):
     return ids.to(torch.int32), w
 
 
-def _experts(E, I, D, fmt, g, scale=0.1):
-    w1 = [stored(torch.randn(I, D, generator=g) * scale, fmt) for _ in range(E)]
-    w3 = [stored(torch.randn(I, D, generator=g) * scale, fmt) for _ in range(E)]
-    w2 = [stored(torch.randn(D, I, generator=g) * scale, fmt) for _ in range(E)]
+def _experts(E, inter, D, fmt, g, scale=0.1):
+    w1 = [stored(torch.randn(inter, D, generator=g) * scale, fmt) for _ in range(E)]
+    w3 = [stored(torch.randn(inter, D, generator=g) * scale, fmt) for _ in range(E)]
+    w2 = [stored(torch.randn(D, inter, generator=g) * scale, fmt) for _ in range(E)]
     return w1, w3, w2
 
 
@@ -212,7 +212,7 @@ def _ref_stack(w1, w3, w2, dtype):
 
 
 MOE_CASES = [
-    # T, E, D, I, fmt, shared_fmt, dtype, act_quant, pattern
+    # T, E, D, inter, fmt, shared_fmt, dtype, act_quant, pattern
     (1, 8, 128, 64, "fp4", "fp8", torch.bfloat16, True, "random"),
     (3, 4, 64, 32, "dense", None, torch.float32, False, "random"),
     (4, 8, 96, 64, "fp8", "fp8", torch.bfloat16, False, "few_experts"),
@@ -225,18 +225,18 @@ MOE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("T,E,D,I,fmt,shared_fmt,dtype,act_quant,pattern", MOE_CASES)
-def test_moe_experts(T, E, D, I, fmt, shared_fmt, dtype, act_quant, pattern):
+@pytest.mark.parametrize("T,E,D,inter,fmt,shared_fmt,dtype,act_quant,pattern", MOE_CASES)
+def test_moe_experts(T, E, D, inter, fmt, shared_fmt, dtype, act_quant, pattern):
     g = torch.Generator().manual_seed(T * 100 + E)
     k, limit = 2, 1.5
-    w1, w3, w2 = _experts(E, I, D, fmt, g)
+    w1, w3, w2 = _experts(E, inter, D, fmt, g)
     ids, wts = _routing(T, E, k, pattern, g)
     x = (torch.randn(T, D, generator=g) * 2).to(dtype)
     c13, c2 = gemm.prepare_experts(w1, w3, w2, dtype, DEV)
     r13, r2 = _ref_stack(w1, w3, w2, dtype)
     shared = ref_shared = None
     if shared_fmt is not None:
-        s1, s3, s2 = _experts(1, I, D, shared_fmt, g)
+        s1, s3, s2 = _experts(1, inter, D, shared_fmt, g)
         cs13, cs2 = gemm.prepare_experts(s1, s3, s2, dtype, DEV)
         shared = (cs13[0], cs2[0])
         rs13, rs2 = _ref_stack(s1, s3, s2, dtype)
@@ -258,24 +258,28 @@ def test_moe_experts(T, E, D, I, fmt, shared_fmt, dtype, act_quant, pattern):
 def test_moe_clamp_is_active_and_plain_tensors():
     """Large activations hit the SwiGLU clamp; stacked torch tensors work as dense weights; T = 0."""
     g = torch.Generator().manual_seed(9)
-    E, I, D, T, k = 4, 32, 64, 6, 2
-    w13 = torch.randn(E, 2 * I, D, generator=g)
-    w2 = torch.randn(E, D, I, generator=g) * 0.1
+    E, inter, D, T, k = 4, 32, 64, 6, 2
+    w13 = torch.randn(E, 2 * inter, D, generator=g)
+    w2 = torch.randn(E, D, inter, generator=g) * 0.1
     ids, wts = _routing(T, E, k, "random", g)
     x = torch.randn(T, D, generator=g) * 4
     h = x @ w13[0].t()
     assert h.abs().max() > 10  # the limit below bites
-    y = gemm.moe_experts(x.to(DEV), ids.to(DEV), wts.to(DEV), w13.to(DEV), w2.to(DEV), (w13[1].to(DEV), w2[1].to(DEV)), 7.0)
+    y = gemm.moe_experts(
+        x.to(DEV), ids.to(DEV), wts.to(DEV), w13.to(DEV), w2.to(DEV), (w13[1].to(DEV), w2[1].to(DEV)), 7.0
+    )
     want = REF.moe_experts(x, ids, wts, w13, w2, (w13[1], w2[1]), 7.0)
     assert rel(y, want) <= TOL[torch.float32]
-    assert gemm.moe_experts(x[:0].to(DEV), ids[:0].to(DEV), wts[:0].to(DEV), w13.to(DEV), w2.to(DEV), None, 7.0).shape == (0, D)
+    assert gemm.moe_experts(
+        x[:0].to(DEV), ids[:0].to(DEV), wts[:0].to(DEV), w13.to(DEV), w2.to(DEV), None, 7.0
+    ).shape == (0, D)
 
 
 def test_moe_topk_six_expert_order_sum():
     """k = 6 (V4's top-k): the combine sums each token's pairs in expert order, as the reference does."""
     g = torch.Generator().manual_seed(10)
-    E, I, D, T, k = 8, 32, 64, 4, 6
-    w1, w3, w2 = _experts(E, I, D, "dense", g)
+    E, inter, D, T, k = 8, 32, 64, 4, 6
+    w1, w3, w2 = _experts(E, inter, D, "dense", g)
     ids, wts = _routing(T, E, k, "random", g)
     x = torch.randn(T, D, generator=g)
     c13, c2 = gemm.prepare_experts(w1, w3, w2, torch.float32, DEV)

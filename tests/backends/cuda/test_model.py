@@ -52,4 +52,7 @@ def test_parity_run_reference_vs_cuda_passes_the_fp32_profile(capsys, tmp_path):
     assert "cuda/float32/plain" in summary and "PASS" in summary and "profile fp32" in summary
     decode = {json.loads(p.read_text())["backend"]["name"]: json.loads(p.read_text())["options"]["decode"]
               for p in tmp_path.rglob("bundle.json")}
-    assert decode == {"reference": "eager", "cuda": "cuda graphs" if torch.cuda.is_available() else "graph path, emulated"}
+    assert decode == {
+        "reference": "eager",
+        "cuda": "cuda graphs" if torch.cuda.is_available() else "graph path, emulated",
+    }
