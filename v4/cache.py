@@ -213,10 +213,11 @@ class RowBackup:
     """
 
     def __init__(self, cache: "KVCache", pairs: list[tuple[int, int]], layers: range | None = None,
-                 batch: StepBatch | None = None):
+                 step: list[tuple[int, int, int]] | None = None):
         """pairs: (slot, position) of every token whose rows may need restoring; their pool blocks
-        must be reserved already. batch: the step that will write them (needed by `restore` to
-        rewrite the rows of accepted tokens that a rejected token's window close folded away)."""
+        must be reserved already. step: the packed step that will write them, (slot, first position,
+        tokens) per sequence in batch order (needed by `restore` to rewrite the rows of accepted
+        tokens that a rejected token's window close folded away)."""
         self.cache = cache
         self.pairs = pairs
         self.layers = layers if layers is not None else range(len(cache.layers))
@@ -225,9 +226,10 @@ class RowBackup:
         self.pos = torch.tensor([p for _, p in pairs], dtype=torch.long, device=dev)
         self.saved = [self._take(cache.layers[i], cache.cfg.layer_ratio(i)) for i in self.layers]
         self.step_rows = {}  # (slot, position) -> the token's row in the step's packed layout
-        if batch is not None:
-            for slot, start, n, off in batch.seqs:
-                self.step_rows.update({(slot, start + i): off + i for i in range(n)})
+        row = 0
+        for slot, start, n in step or ():
+            self.step_rows.update({(slot, start + i): row + i for i in range(n)})
+            row += n
 
     @staticmethod
     def max_tokens_per_step(cfg: ModelConfig) -> int:

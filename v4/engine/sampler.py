@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import acc
 from .sampling_params import SamplingParams
 from .sequence import Sequence, TokenLogprobs
 
@@ -35,12 +36,8 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     """logits [B, V] -> token ids [B], every row with the same parameters and generator."""
     if p.greedy:
         return logits.argmax(-1)
-    probs = shape_logits(logits.to(_acc(logits)), p).softmax(-1)
+    probs = shape_logits(logits.to(acc(logits.dtype)), p).softmax(-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).view(-1).to(logits.device)
-
-
-def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class Sampler:
@@ -57,7 +54,7 @@ class Sampler:
 
     def pick(self, row: torch.Tensor, seq: Sequence, banned: list[int]) -> int:
         """One token from one row of logits [V], with `banned` ids excluded."""
-        x = row.to(_acc(row))
+        x = row.to(acc(row.dtype))
         if banned:
             x = x.index_fill(0, torch.tensor(banned, device=x.device), float("-inf"))
         return int(x.argmax() if seq.params.greedy else sample(x[None], seq.params, seq.generator)[0])
@@ -65,7 +62,7 @@ class Sampler:
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
         """logits [B, V]: row b is the last position of seqs[b]. Returns a token and logprobs per row."""
-        logits = logits.to(_acc(logits))
+        logits = logits.to(acc(logits.dtype))
         tokens = torch.empty(len(seqs), dtype=torch.long)
         greedy = [b for b, s in enumerate(seqs) if s.params.greedy and not self.suppressed(s)]
         greedy_rows = set(greedy)

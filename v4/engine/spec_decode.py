@@ -90,7 +90,8 @@ class MTPDrafter:
         Returns (the logits computed: per token if logits_mode is "all", else the verified rows;
         {batch row: Verified} for the sequences that sample; tokens each sequence keeps in the cache)."""
         pairs = [(s.seq.slot, s.start + s.num_tokens - s.num_drafts + i) for s in step for i in range(s.num_drafts)]
-        backup = RowBackup(self.cache, pairs, self.main_layers, self._batch(step)) if pairs else None
+        layout = [(s.seq.slot, s.start, s.num_tokens) for s in step]
+        backup = RowBackup(self.cache, pairs, self.main_layers, layout) if pairs else None
         offsets, rows = [0], []  # rows: the head_logits rows, the last num_drafts + 1 tokens of each sampling sequence
         for s in step:
             if s.samples:
@@ -113,9 +114,6 @@ class MTPDrafter:
         if backup is not None:
             backup.restore(rejected, inputs)
         return logits, verified, kept
-
-    def _batch(self, step: list[ScheduledSeq]) -> StepBatch:
-        return StepBatch([s.seq.slot for s in step], [s.start for s in step], [s.num_tokens for s in step], "cpu")
 
     def _verify_one(self, s: ScheduledSeq, rows: torch.Tensor) -> Verified:
         """rows [num_drafts + 1, V]: the target's logits for the token after each of the sequence's last
