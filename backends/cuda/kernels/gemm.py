@@ -343,6 +343,17 @@ def _gemm_loop(acc, a_base, amask, w_ptr, s_ptr, rows, rmask, K, stride_wn, stri
     return acc
 
 
+@triton.jit
+def _expert_tile(tile_r0_ptr, tile_r1_ptr, t, N, BM: tl.constexpr, BN: tl.constexpr):
+    """Tile t of an expert GEMM: its sorted rows [r0, r1) padded to BM and this program's BN output
+    columns of N, with their masks: (rows, rmask, cols, cmask). Called only once the tile's expert is
+    known to be real, so an empty tile (expert -1) loads nothing more."""
+    rows = tl.load(tile_r0_ptr + t) + tl.arange(0, BM)
+    rmask = rows < tl.load(tile_r1_ptr + t)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    return rows, rmask, cols, cols < N
+
+
 # ============================================================================================ kernels
 
 
@@ -379,13 +390,8 @@ def _moe_up_kernel(x_ptr, tok_ptr, rw_ptr, tile_e_ptr, tile_r0_ptr, tile_r1_ptr,
     e = tl.load(tile_e_ptr + t)
     if e < 0:
         return
-    r0 = tl.load(tile_r0_ptr + t)
-    r1 = tl.load(tile_r1_ptr + t)
-    rows = r0 + tl.arange(0, BM)
-    rmask = rows < r1
+    rows, rmask, cols, cmask = _expert_tile(tile_r0_ptr, tile_r1_ptr, t, inter, BM, BN)
     tok = tl.load(tok_ptr + rows, mask=rmask, other=0)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    cmask = cols < inter
     wcols = cols.to(tl.int64)
     w1 = w_ptr + e.to(tl.int64) * stride_we
     s1 = s_ptr + e.to(tl.int64) * stride_se
@@ -423,12 +429,7 @@ def _moe_down_kernel(h_ptr, tile_e_ptr, tile_r0_ptr, tile_r1_ptr, w_ptr, s_ptr, 
     e = tl.load(tile_e_ptr + t)
     if e < 0:
         return
-    r0 = tl.load(tile_r0_ptr + t)
-    r1 = tl.load(tile_r1_ptr + t)
-    rows = r0 + tl.arange(0, BM)
-    rmask = rows < r1
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    cmask = cols < N
+    rows, rmask, cols, cmask = _expert_tile(tile_r0_ptr, tile_r1_ptr, t, N, BM, BN)
     a_base = h_ptr + rows.to(tl.int64)[:, None] * stride_hm
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc = _gemm_loop(acc, a_base, rmask, w_ptr + e.to(tl.int64) * stride_we, s_ptr + e.to(tl.int64) * stride_se,
