@@ -53,23 +53,14 @@ OFFICIAL_QUANT_CONFIG = {
     "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
 }
 
-# safetensors dtype string -> (torch dtype, bytes per element)
-_ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
-    "F8_E8M0": (torch.float8_e8m0fnu, 1),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "I16": (torch.int16, 2),
-    "I32": (torch.int32, 4),
-    "I64": (torch.int64, 8),
-    "BOOL": (torch.bool, 1),
+# safetensors dtype string -> torch dtype, a family a line; the bytes per element are the dtype's itemsize
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool,
 }
-_TORCH_TO_ST = {v[0]: k for k, v in _ST_DTYPES.items()}
+_TORCH_TO_ST = {dtype: name for name, dtype in _ST_DTYPES.items()}
 
 FLOAT_DTYPES = ("F32", "BF16", "F16")
 SCALE_DTYPES = ("F8_E8M0", "F32")
@@ -356,7 +347,7 @@ def _read_header(path: Path) -> tuple[dict[str, _HeaderEntry], bytes, int]:
                 f"{path}: tensor {name} has dtype {dtype}, which this loader does not read; "
                 "convert the checkpoint to BF16/F32/FP8"
             )
-        nbytes = math.prod(shape) * _ST_DTYPES[dtype][1]
+        nbytes = math.prod(shape) * _ST_DTYPES[dtype].itemsize
         if end > data_len:
             raise CheckpointError(
                 f"{path}: shard is truncated or corrupt (tensor {name} ends at byte {end} of the data section "
@@ -909,7 +900,7 @@ def _plan_shards(
     units: list[_Unit] = []
     for name, spec in specs.items():
         form = _stored_form(spec, quant)
-        nbytes = sum(math.prod(s) * _ST_DTYPES[dt][1] for _, dt, s in _stored_entries(name, spec, form))
+        nbytes = sum(math.prod(s) * _ST_DTYPES[dt].itemsize for _, dt, s in _stored_entries(name, spec, form))
         units.append((name, spec, form, nbytes))
     shards: list[list[_Unit]] = [[]]
     cur = 0
