@@ -49,6 +49,20 @@ def _pool(keys: torch.Tensor, bs: int = 16):
     return pool, table
 
 
+def _indexer_kwargs(n_queries: int, n_keys: int, table: torch.Tensor, sparse_count: int, sparse_mode: int):
+    """npu_lightning_indexer's keywords for one sequence of n_queries TND queries over n_keys keys in a
+    PA_BSND pool whose block-table row is `table`."""
+    return dict(
+        actual_seq_lengths_query=torch.tensor([n_queries], dtype=torch.int32),
+        actual_seq_lengths_key=torch.tensor([n_keys], dtype=torch.int32),
+        block_table=table[None],
+        layout_query="TND",
+        layout_key="PA_BSND",
+        sparse_count=sparse_count,
+        sparse_mode=sparse_mode,
+    )
+
+
 def test_lightning_indexer_by_hand():
     # one head, D = 2 (checked against the limits below separately); key scores for q = (1, 0):
     # k0 . q = 1, k1 . q = -1 (relu -> 0), k2 . q = 3
@@ -56,42 +70,20 @@ def test_lightning_indexer_by_hand():
     pool, table = _pool(keys)
     q = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]], dtype=BF16)  # two queries of one row
     w = torch.tensor([[2.0], [1.0]], dtype=BF16)
-    out, vals = E.npu_lightning_indexer(
-        q,
-        pool,
-        w,
-        actual_seq_lengths_query=torch.tensor([2], dtype=torch.int32),
-        actual_seq_lengths_key=torch.tensor([3], dtype=torch.int32),
-        block_table=table[None],
-        layout_query="TND",
-        layout_key="PA_BSND",
-        sparse_count=4,
-        sparse_mode=3,
-        return_value=True,
-    )
+    out, vals = E.npu_lightning_indexer(q, pool, w, **_indexer_kwargs(2, 3, table, 4, 3), return_value=True)
     # right-down causal, Sq = 2, Sk = 3: query 0 sees keys 0..1, query 1 sees 0..2
     assert out.shape == (2, 1, 4)
     assert out[0, 0].tolist() == [0, 1, -1, -1]  # scores 2, 0
     assert out[1, 0].tolist() == [2, 0, 1, -1]  # scores 3, 1, 0
     assert vals[1, 0, :3].float().tolist() == [3.0, 1.0, 0.0] and vals.dtype == BF16
-    full = E.npu_lightning_indexer(q, pool, w, actual_seq_lengths_query=torch.tensor([2], dtype=torch.int32),
-                                   actual_seq_lengths_key=torch.tensor([3], dtype=torch.int32), block_table=table[None],
-                                   layout_query="TND", layout_key="PA_BSND", sparse_count=1, sparse_mode=0)[0]
+    full = E.npu_lightning_indexer(q, pool, w, **_indexer_kwargs(2, 3, table, 1, 0))[0]
     assert full[:, 0, 0].tolist() == [2, 2]
 
 
 def test_lightning_indexer_enforces_documented_limits():
     keys = torch.randn(4, 128, dtype=BF16)
     pool, table = _pool(keys)
-    kw = dict(
-        actual_seq_lengths_query=torch.tensor([1], dtype=torch.int32),
-        actual_seq_lengths_key=torch.tensor([4], dtype=torch.int32),
-        block_table=table[None],
-        layout_query="TND",
-        layout_key="PA_BSND",
-        sparse_count=2,
-        sparse_mode=3,
-    )
+    kw = _indexer_kwargs(1, 4, table, 2, 3)
     with pytest.raises(ValueError, match="bfloat16/float16"):
         E.npu_lightning_indexer(torch.randn(1, 2, 128), pool.float(), torch.randn(1, 2), **kw)
     with pytest.raises(ValueError, match="N1 must be <= 64"):
