@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 # the bench's sizes live with the conformance cases; cuda_kernels.py reads FLASH / SMOKE from here
-from backends.conformance_cases import FLASH, SMOKE, Shapes  # noqa: F401
+from backends.conformance import FLASH, SMOKE, Shapes  # noqa: F401
 
 FP8_ROW_BYTES_512 = 584  # V4 main KV row (spec §1): 448 e4m3 + 64 bf16 rope + 7 UE8M0 scales + 1 pad
 

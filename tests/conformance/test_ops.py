@@ -1,7 +1,7 @@
 """The ops with Triton kernels (rms_norm, rope, hc_pre, hc_post, hc_head, moe_gate, indexer_topk,
 attention) over every backend with a kernel for them: reference, cuda (Triton; interpreted on CPU
 without a GPU) and ascend (Triton-Ascend, interpreted). One parametrised test per op over the one
-case set (backends/conformance_cases.py::KERNEL_CASES).
+case set (backends/conformance/: `CASES[op]`), each case in each of its working dtypes.
 
 Ground truth is the reference backend in fp64 on the same (already rounded) inputs; each result
 must be as close to it as the reference itself is in the working dtype, within a small floor
@@ -13,10 +13,10 @@ to max |truth| stays within its kernel family's bound (`ATTENTION_TOL`).
 import pytest
 import torch
 
-from backends.conformance_cases import (
+from backends.conformance import (
     ATTENTION_TOL,
+    CASES,
     F64,
-    KERNEL_CASES,
     REF,
     backends_of,
     check_as_ref,
@@ -26,6 +26,7 @@ from backends.conformance_cases import (
     gate_truth,
     hc_check,
     impl,
+    kernel_args,
     run_attention,
     tie_free,
 )
@@ -34,11 +35,24 @@ GPU = torch.cuda.is_available()
 
 
 def _params(op):
+    """(backend, case, dtype) for every case of the op in each of its dtypes, over each backend."""
     out = []
     for backend in backends_of(op):
         marks = [pytest.mark.gpu] if backend == "cuda" else []  # bench/gpu_check.sh runs these on a GPU
-        out += [pytest.param(backend, case, id=f"{backend}-{case.name}", marks=marks) for case in KERNEL_CASES[op]]
+        for case in CASES[op]:
+            for dt in case.dtypes:
+                name = f"{backend}-{case.name}" + ("" if len(case.dtypes) == 1 else f",{_DT[dt]}")
+                out.append(pytest.param(backend, case, dt, id=name, marks=marks))
     return out
+
+
+_DT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+
+
+def _inputs(case, dtype):
+    """The case's inputs as a kernel gets them in `dtype`: (args, kwargs)."""
+    tagged, kwargs = case.inputs()
+    return kernel_args(tagged, dtype), kwargs
 
 
 def _dev(backend):
@@ -50,39 +64,39 @@ def _f64(args):
     return tuple(a.to(F64) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
-def _run(op, backend, case):
-    args, kwargs = case.build()
+def _run(op, backend, case, dtype):
+    args, kwargs = _inputs(case, dtype)
     out = impl(op, backend)(*map(_dev(backend), args), **kwargs)
     return args, kwargs, out
 
 
-def _as_ref(op, backend, case):
-    args, kwargs, out = _run(op, backend, case)
+def _as_ref(op, backend, case, dtype):
+    args, kwargs, out = _run(op, backend, case, dtype)
     lowp = getattr(REF, op)(*args, **kwargs)
-    check_as_ref(out, lowp, getattr(REF, op)(*_f64(args), **kwargs), case.dtype, f"{op} {case.name}")
+    check_as_ref(out, lowp, getattr(REF, op)(*_f64(args), **kwargs), dtype, f"{op} {case.name}")
     return args, kwargs, out, lowp
 
 
-@pytest.mark.parametrize("backend,case", _params("rms_norm"))
-def test_rms_norm(backend, case):
-    _as_ref("rms_norm", backend, case)
+@pytest.mark.parametrize("backend,case,dtype", _params("rms_norm"))
+def test_rms_norm(backend, case, dtype):
+    _as_ref("rms_norm", backend, case, dtype)
 
 
-@pytest.mark.parametrize("backend,case", _params("rope"))
-def test_rope(backend, case):
-    args, _, out, lowp = _as_ref("rope", backend, case)
+@pytest.mark.parametrize("backend,case,dtype", _params("rope"))
+def test_rope(backend, case, dtype):
+    args, _, out, lowp = _as_ref("rope", backend, case, dtype)
     # same fp32 formula for the angle: matches the reference in the working dtype tightly
     # (bf16: at most a rounding flip, one unit in the last place)
-    tol = dict(rtol=0, atol=4e-6) if case.dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-5)
+    tol = dict(rtol=0, atol=4e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-5)
     torch.testing.assert_close(out.cpu(), lowp, **tol)
     nope = case.extra["nope"]
     assert torch.equal(out.cpu()[..., :nope], args[0][..., :nope]), "nope dims must be copied unchanged"
 
 
-@pytest.mark.parametrize("backend,case", _params("hc_pre"))
-def test_hc_pre(backend, case):
-    (X, fn, base, scale, iters, eps, _), _ = case.build()
-    comb = hc_check(impl("hc_pre", backend), X, fn, base, scale, iters, case.dtype, to_device=_dev(backend), eps=eps)
+@pytest.mark.parametrize("backend,case,dtype", _params("hc_pre"))
+def test_hc_pre(backend, case, dtype):
+    (X, fn, base, scale, iters, eps, _), _ = _inputs(case, dtype)
+    comb = hc_check(impl("hc_pre", backend), X, fn, base, scale, iters, dtype, to_device=_dev(backend), eps=eps)
     if case.extra["sums"]:
         T, n = X.shape[:2]
         # the last Sinkhorn step normalises columns; rows converge more slowly
@@ -90,19 +104,19 @@ def test_hc_pre(backend, case):
         torch.testing.assert_close(comb.cpu().sum(-1), torch.ones(T, n), rtol=0, atol=2e-2)
 
 
-@pytest.mark.parametrize("backend,case", _params("hc_post"))
-def test_hc_post(backend, case):
-    _as_ref("hc_post", backend, case)
+@pytest.mark.parametrize("backend,case,dtype", _params("hc_post"))
+def test_hc_post(backend, case, dtype):
+    _as_ref("hc_post", backend, case, dtype)
 
 
-@pytest.mark.parametrize("backend,case", _params("hc_head"))
-def test_hc_head(backend, case):
-    _as_ref("hc_head", backend, case)
+@pytest.mark.parametrize("backend,case,dtype", _params("hc_head"))
+def test_hc_head(backend, case, dtype):
+    _as_ref("hc_head", backend, case, dtype)
 
 
-@pytest.mark.parametrize("backend,case", _params("moe_gate"))
-def test_moe_gate(backend, case):
-    (x, W, bias, tid2eid, toks, k, rs), _, (w, ids) = _run("moe_gate", backend, case)
+@pytest.mark.parametrize("backend,case,dtype", _params("moe_gate"))
+def test_moe_gate(backend, case, dtype):
+    (x, W, bias, tid2eid, toks, k, rs), _, (w, ids) = _run("moe_gate", backend, case, dtype)
     w, ids = w.cpu(), ids.cpu()
     assert w.dtype == torch.float32 and ids.dtype == torch.int32
     if case.extra.get("ties"):
@@ -126,9 +140,9 @@ def test_moe_gate(backend, case):
         assert torch.equal(ids.long().sort(-1).values, torch.arange(k).expand(x.shape[0], k))
 
 
-@pytest.mark.parametrize("backend,case", _params("indexer_topk"))
-def test_indexer_topk(backend, case):
-    args, kwargs, got = _run("indexer_topk", backend, case)
+@pytest.mark.parametrize("backend,case,dtype", _params("indexer_topk"))
+def test_indexer_topk(backend, case, dtype):
+    args, kwargs, got = _run("indexer_topk", backend, case, dtype)
     q, w, pool, table, tok_slot, positions, ratio, topk = args
     check_indexer_topk(got, *args)
     got = got.cpu()
@@ -143,9 +157,9 @@ def test_indexer_topk(backend, case):
         assert got[0].tolist() != got[1].tolist()
 
 
-@pytest.mark.parametrize("backend,case", _params("attention"))
-def test_attention(backend, case):
-    args, _ = case.build()
+@pytest.mark.parametrize("backend,case,dtype", _params("attention"))
+def test_attention(backend, case, dtype):
+    args, _ = _inputs(case, dtype)
     # the kernels take block sizes (none on a GPU: the defaults are what runs there)
     blocks = {} if backend == "reference" or (backend == "cuda" and GPU) else case.extra["blocks"][backend]
     dev = _dev(backend)

@@ -15,7 +15,7 @@ import torch
 
 from backends.ascend.kernels import attention as A
 from backends.ascend.kernels import launch
-from backends.conformance_cases import ATTENTION_TOL, attention_truth, check_rel, gen, layer_inputs, qs, run_attention
+from backends.conformance import ATTENTION_TOL, attention_truth, check_rel, gen, layer_inputs, qs, run_attention
 from v4.model import StepBatch
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16

@@ -15,7 +15,7 @@ import torch
 
 from backends.ascend.kernels import indexer as I
 from backends.ascend.kernels import launch
-from backends.conformance_cases import check_indexer_topk, entry_scores64, indexer_case
+from backends.conformance import check_indexer_topk, entry_scores64, indexer_case
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 

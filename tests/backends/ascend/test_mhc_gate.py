@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from backends.ascend.kernels import gate, mhc
-from backends.conformance_cases import (
+from backends.conformance import (
     REF,
     check_as_ref,
     gate_compare,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from backends.cuda.kernels import attention as K
-from backends.conformance_cases import ATTENTION_TOL, attention_truth, check_rel, gen, layer_inputs, qs, run_attention
+from backends.conformance import ATTENTION_TOL, attention_truth, check_rel, gen, layer_inputs, qs, run_attention
 from v4 import quant
 from v4.model import StepBatch
 

@@ -12,7 +12,7 @@ import torch
 
 from backends.cuda.kernels.compress import compress
 from tests.backends.cuda.test_indexer_compress import BF16, F32, F64, _assert_entries, _compress_inputs, _spec, dev
-from backends.conformance_cases import REF
+from backends.conformance import REF
 from v4.ops import DecodeRows
 
 pytestmark = pytest.mark.gpu  # bench/gpu_check.sh runs these natively on a GPU

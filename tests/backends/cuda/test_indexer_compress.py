@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from backends.cuda.kernels.compress import compress
-from backends.conformance_cases import REF, gen, random_table
+from backends.conformance import REF, gen, random_table
 from v4.ops import CompressSpec
 
 pytestmark = pytest.mark.gpu  # bench/gpu_check.sh runs these natively on a GPU

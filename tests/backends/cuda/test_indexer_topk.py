@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from backends.cuda.kernels import indexer as I
-from backends.conformance_cases import check_indexer_topk as _check_topk
-from backends.conformance_cases import entry_scores64, gen, indexer_case, random_table
+from backends.conformance import check_indexer_topk as _check_topk
+from backends.conformance import entry_scores64, gen, indexer_case, random_table
 from v4.graphs import GraphCaptureError, HostSyncGuard
 
 pytestmark = pytest.mark.gpu  # bench/gpu_check.sh runs these natively on a GPU

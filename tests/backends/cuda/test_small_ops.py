@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from backends.cuda.kernels import mhc, norm_rope
-from backends.conformance_cases import (
+from backends.conformance import (
     REF,
     check_as_ref,
     hc_check,

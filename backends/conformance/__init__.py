@@ -1,0 +1,95 @@
+"""The conformance cases: one case set for every op, read by the tests (tests/conformance/), by
+`dsv4 parity ops` (parity/opcheck.py) and by the kernel benches (bench/cuda_kernels*.py).
+
+- `CASES[op]`: the op's `Case`s (case.py), one list per op, in one module per op family
+  (norm_rope, mhc, gate, indexer, attention, compress, linear).
+- checks.py: the tolerance rules of the kernel tests (`check_as_ref`, `check_rel`, `hc_check`,
+  `gate_compare`, `check_indexer_topk`, ...).
+- inputs.py: input builders shared with the backend-specific tests and the benches (`layer_inputs`,
+  `indexer_case`, `paged_table`, ...).
+- sizes.py: the benches' sizes (V4-Flash, --smoke).
+- `impl(op, backend)`: the op in the reference backend, or a backend's Triton kernel for it.
+
+No Triton and no kernel module is imported at module level (callers decide TRITON_INTERPRET first);
+`impl` imports the kernels when asked.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from . import attention, compress, gate, indexer, linear, mhc, norm_rope
+from .case import BF16, DTYPES, F32, F64, LENGTHS, Case, kernel_args, randn  # noqa: F401
+from .checks import (  # noqa: F401
+    ATTENTION_TOL,
+    FLOOR,
+    REF,
+    attention_truth,
+    check_as_ref,
+    check_indexer_topk,
+    check_rel,
+    entry_scores64,
+    gate_compare,
+    gate_scores64,
+    gate_truth,
+    hc_check,
+    run_attention,
+    tie_free,
+)
+from .inputs import (  # noqa: F401
+    W,
+    cpu64,
+    csa_logical,
+    gen,
+    hc_params,
+    indexer_case,
+    layer_inputs,
+    paged_table,
+    qs,
+    random_table,
+    rng,
+)
+from .sizes import FLASH, SMOKE, Shapes  # noqa: F401
+
+_FAMILIES = (norm_rope, mhc, gate, indexer, attention, compress, linear)
+CASES: dict[str, list[Case]] = {op: cases for m in _FAMILIES for op, cases in getattr(m, "CASES", {}).items()}
+
+# transitional, until every family exposes CASES: the old formats of the ops not merged yet
+BOUNDARY_CASES = {op: b for m in _FAMILIES for op, b in getattr(m, "BOUNDARY", {}).items()}
+_LEGACY_KERNEL = {op: ks for m in _FAMILIES for op, ks in getattr(m, "KERNEL", {}).items()}
+
+
+def _from_kernel_case(kc) -> Case:
+    """A legacy KernelCase (inputs already in its dtype) as a Case whose inputs pass through as they are."""
+    def build(g, mode, kc=kc):
+        args, kwargs = kc.build()
+        return [("raw", a) for a in args], kwargs
+    return Case(kc.op, kc.name, build, dtypes=(kc.dtype,), extra=kc.extra)
+
+
+for _op, _ks in _LEGACY_KERNEL.items():
+    CASES.setdefault(_op, [_from_kernel_case(k) for k in _ks])
+
+# which backend has a kernel for which op: the tests run every case over each of them
+KERNEL_MODULES = {
+    "rms_norm": {"cuda": "backends.cuda.kernels.norm_rope"},
+    "rope": {"cuda": "backends.cuda.kernels.norm_rope"},
+    "hc_pre": {"cuda": "backends.cuda.kernels.mhc", "ascend": "backends.ascend.kernels.mhc"},
+    "hc_post": {"cuda": "backends.cuda.kernels.mhc", "ascend": "backends.ascend.kernels.mhc"},
+    "hc_head": {"cuda": "backends.cuda.kernels.mhc", "ascend": "backends.ascend.kernels.mhc"},
+    "moe_gate": {"cuda": "backends.cuda.kernels.gate", "ascend": "backends.ascend.kernels.gate"},
+    "indexer_topk": {"cuda": "backends.cuda.kernels.indexer", "ascend": "backends.ascend.kernels.indexer"},
+    "attention": {"cuda": "backends.cuda.kernels.attention", "ascend": "backends.ascend.kernels.attention"},
+}
+
+
+def backends_of(op: str) -> list[str]:
+    return ["reference", *KERNEL_MODULES[op]]
+
+
+def impl(op: str, backend: str) -> Callable:
+    """The op's function in `backend`: the reference op, or the backend's Triton kernel (imported here)."""
+    if backend == "reference":
+        return getattr(REF, op)
+    return getattr(importlib.import_module(KERNEL_MODULES[op][backend]), op)
