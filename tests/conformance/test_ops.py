@@ -1,24 +1,21 @@
-"""The ops with Triton kernels (rms_norm, rope, hc_pre, hc_post, hc_head, moe_gate, indexer_topk,
-attention) over every backend with a kernel for them: reference, cuda (Triton; interpreted on CPU
-without a GPU) and ascend (Triton-Ascend, interpreted). One parametrised test per op over the one
-case set (backends/conformance/: `CASES[op]`), each case in each of its working dtypes.
+"""The small ops and the selections with Triton kernels (rms_norm, rope, hc_pre, hc_post, hc_head,
+moe_gate, indexer_topk) over every backend with a kernel for them: reference, cuda (Triton;
+interpreted on CPU without a GPU) and ascend (Triton-Ascend, interpreted). One parametrised test per
+op over the one case set (backends/conformance/: `CASES[op]`), each case in each of its working
+dtypes; attention, compress and the projections have their own modules here.
 
 Ground truth is the reference backend in fp64 on the same (already rounded) inputs; each result
 must be as close to it as the reference itself is in the working dtype, within a small floor
 (`check_as_ref`). The gate's picks must be the fp64 reference's expert sets, the indexer's the fp64
-reference's entries up to near-ties at the cut (`check_indexer_topk`); attention's max error relative
-to max |truth| stays within its kernel family's bound (`ATTENTION_TOL`).
+reference's entries up to near-ties at the cut (`check_indexer_topk`).
 """
 
 import pytest
 import torch
 
 from backends.conformance import (
-    ATTENTION_TOL,
-    CASES,
     F64,
     REF,
-    backends_of,
     check_as_ref,
     check_indexer_topk,
     gate_compare,
@@ -26,38 +23,9 @@ from backends.conformance import (
     gate_truth,
     hc_check,
     impl,
-    kernel_args,
-    run_attention,
     tie_free,
 )
-
-GPU = torch.cuda.is_available()
-
-
-def _params(op):
-    """(backend, case, dtype) for every case of the op in each of its dtypes, over each backend."""
-    out = []
-    for backend in backends_of(op):
-        marks = [pytest.mark.gpu] if backend == "cuda" else []  # bench/gpu_check.sh runs these on a GPU
-        for case in CASES[op]:
-            for dt in case.dtypes:
-                name = f"{backend}-{case.name}" + ("" if len(case.dtypes) == 1 else f",{_DT[dt]}")
-                out.append(pytest.param(backend, case, dt, id=name, marks=marks))
-    return out
-
-
-_DT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
-
-
-def _inputs(case, dtype):
-    """The case's inputs as a kernel gets them in `dtype`: (args, kwargs)."""
-    tagged, kwargs = case.inputs()
-    return kernel_args(tagged, dtype), kwargs
-
-
-def _dev(backend):
-    dev = "cuda" if backend == "cuda" and GPU else "cpu"
-    return lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t
+from tests.conformance.harness import device_of, inputs, params
 
 
 def _f64(args):
@@ -65,8 +33,8 @@ def _f64(args):
 
 
 def _run(op, backend, case, dtype):
-    args, kwargs = _inputs(case, dtype)
-    out = impl(op, backend)(*map(_dev(backend), args), **kwargs)
+    args, kwargs = inputs(case, dtype)
+    out = impl(op, backend)(*map(device_of(backend), args), **kwargs)
     return args, kwargs, out
 
 
@@ -77,12 +45,12 @@ def _as_ref(op, backend, case, dtype):
     return args, kwargs, out, lowp
 
 
-@pytest.mark.parametrize("backend,case,dtype", _params("rms_norm"))
+@pytest.mark.parametrize("backend,case,dtype", params("rms_norm"))
 def test_rms_norm(backend, case, dtype):
     _as_ref("rms_norm", backend, case, dtype)
 
 
-@pytest.mark.parametrize("backend,case,dtype", _params("rope"))
+@pytest.mark.parametrize("backend,case,dtype", params("rope"))
 def test_rope(backend, case, dtype):
     args, _, out, lowp = _as_ref("rope", backend, case, dtype)
     # same fp32 formula for the angle: matches the reference in the working dtype tightly
@@ -93,10 +61,10 @@ def test_rope(backend, case, dtype):
     assert torch.equal(out.cpu()[..., :nope], args[0][..., :nope]), "nope dims must be copied unchanged"
 
 
-@pytest.mark.parametrize("backend,case,dtype", _params("hc_pre"))
+@pytest.mark.parametrize("backend,case,dtype", params("hc_pre"))
 def test_hc_pre(backend, case, dtype):
-    (X, fn, base, scale, iters, eps, _), _ = _inputs(case, dtype)
-    comb = hc_check(impl("hc_pre", backend), X, fn, base, scale, iters, dtype, to_device=_dev(backend), eps=eps)
+    (X, fn, base, scale, iters, eps, _), _ = inputs(case, dtype)
+    comb = hc_check(impl("hc_pre", backend), X, fn, base, scale, iters, dtype, to_device=device_of(backend), eps=eps)
     if case.extra["sums"]:
         T, n = X.shape[:2]
         # the last Sinkhorn step normalises columns; rows converge more slowly
@@ -104,17 +72,17 @@ def test_hc_pre(backend, case, dtype):
         torch.testing.assert_close(comb.cpu().sum(-1), torch.ones(T, n), rtol=0, atol=2e-2)
 
 
-@pytest.mark.parametrize("backend,case,dtype", _params("hc_post"))
+@pytest.mark.parametrize("backend,case,dtype", params("hc_post"))
 def test_hc_post(backend, case, dtype):
     _as_ref("hc_post", backend, case, dtype)
 
 
-@pytest.mark.parametrize("backend,case,dtype", _params("hc_head"))
+@pytest.mark.parametrize("backend,case,dtype", params("hc_head"))
 def test_hc_head(backend, case, dtype):
     _as_ref("hc_head", backend, case, dtype)
 
 
-@pytest.mark.parametrize("backend,case,dtype", _params("moe_gate"))
+@pytest.mark.parametrize("backend,case,dtype", params("moe_gate"))
 def test_moe_gate(backend, case, dtype):
     (x, W, bias, tid2eid, toks, k, rs), _, (w, ids) = _run("moe_gate", backend, case, dtype)
     w, ids = w.cpu(), ids.cpu()
@@ -140,7 +108,7 @@ def test_moe_gate(backend, case, dtype):
         assert torch.equal(ids.long().sort(-1).values, torch.arange(k).expand(x.shape[0], k))
 
 
-@pytest.mark.parametrize("backend,case,dtype", _params("indexer_topk"))
+@pytest.mark.parametrize("backend,case,dtype", params("indexer_topk"))
 def test_indexer_topk(backend, case, dtype):
     args, kwargs, got = _run("indexer_topk", backend, case, dtype)
     q, w, pool, table, tok_slot, positions, ratio, topk = args
@@ -150,18 +118,8 @@ def test_indexer_topk(backend, case, dtype):
         assert bool((got[:3] == -1).all()) and int((got[3] >= 0).sum()) == 1
     if case.extra.get("none_visible"):
         assert bool((got == -1).all())
-        empty = impl("indexer_topk", backend)(*map(_dev(backend), (q[:0], w[:0], pool, table, tok_slot[:0],
+        empty = impl("indexer_topk", backend)(*map(device_of(backend), (q[:0], w[:0], pool, table, tok_slot[:0],
                                                                  positions[:0], ratio, topk)))
         assert empty.shape == (0, topk) and empty.dtype == torch.int32
     if case.extra.get("own_rows"):
         assert got[0].tolist() != got[1].tolist()
-
-
-@pytest.mark.parametrize("backend,case,dtype", _params("attention"))
-def test_attention(backend, case, dtype):
-    args, _ = _inputs(case, dtype)
-    # the kernels take block sizes (none on a GPU: the defaults are what runs there)
-    blocks = {} if backend == "reference" or (backend == "cuda" and GPU) else case.extra["blocks"][backend]
-    dev = _dev(backend)
-    fn = impl("attention", backend)
-    run_attention(lambda *a: fn(*a, **blocks), ATTENTION_TOL[backend], *args[:6], args[6], case.name, to_device=dev)
