@@ -102,28 +102,39 @@ def _prefill(m, cache, prompts):
 PROMPTS = [[0] + list(range(7, 7 + n)) for n in (14, 2, 30)]  # positions 15 / 3 / 31: windows and entries close next
 
 
-def test_decode_batch_equals_step_batch_on_the_reference_backend(cfg):
-    # fp64 reference: the static layout (HCA lists padded to the cache capacity, ring rows without a
-    # mask, compressor rows from the device, padding rows on a scratch slot) changes nothing
+def _static_vs_eager_steps(cfg, q: int, max_seq_len: int, steps: int, logits: str):
+    """Decode `steps` steps of q tokens per PROMPTS sequence (in fp64 on the reference backend, the
+    sequences' order flipping every other step) twice: as StepBatches in cache a and as DecodeBatches
+    with a padding row on a scratch slot in cache b, asserting that the logits agree each step.
+    Returns the caches, their slots and the sequences' final lengths: (a, b, sa, sb, pos)."""
     m = _model(cfg, "reference", torch.float64)
-    a, b = m.new_cache(4, 48), m.new_cache(4, 48)
+    a, b = m.new_cache(4, max_seq_len), m.new_cache(4, max_seq_len)
     sa, sb = _prefill(m, a, PROMPTS), _prefill(m, b, PROMPTS)
     scratch = b.alloc()
     pos = [len(p) for p in PROMPTS]
     g = torch.Generator().manual_seed(0)
-    for step in range(6):
+    for step in range(steps):
         order = [2, 0, 1] if step % 2 else [0, 1, 2]
-        ids = torch.randint(3, cfg.vocab_size, (3,), generator=g)
-        want, _ = run_step(m, ids, a, [sa[i] for i in order], [pos[i] for i in order], [1] * 3, "last")
+        ids = torch.randint(3, cfg.vocab_size, (3 * q,), generator=g)
+        want, _ = run_step(m, ids, a, [sa[i] for i in order], [pos[i] for i in order], [q] * 3, logits)
         for i in order:
-            b.reserve(sb[i], pos[i] + 1)
+            b.reserve(sb[i], pos[i] + q)
+        b.reserve(scratch, q)
         slots = torch.tensor([sb[i] for i in order] + [scratch])
         positions = torch.tensor([pos[i] for i in order] + [0])
-        got, _ = m.forward(torch.cat([ids, torch.tensor([0])]), DecodeBatch(slots, positions, b.max_seq_len), b, "last")
-        assert rel_err(got[:3], want) < 1e-12, step
+        batch = DecodeBatch(slots, positions, b.max_seq_len, q)
+        got, _ = m.forward(torch.cat([ids, torch.zeros(q, dtype=torch.long)]), batch, b, logits)
+        assert rel_err(got[:3 * q], want) < 1e-12, step
         for i in order:
-            b.seq_len[sb[i]] = pos[i] + 1
-            pos[i] += 1
+            b.seq_len[sb[i]] = pos[i] + q
+            pos[i] += q
+    return a, b, sa, sb, pos
+
+
+def test_decode_batch_equals_step_batch_on_the_reference_backend(cfg):
+    # fp64 reference: the static layout (HCA lists padded to the cache capacity, ring rows without a
+    # mask, compressor rows from the device, padding rows on a scratch slot) changes nothing
+    a, b, sa, sb, _ = _static_vs_eager_steps(cfg, q=1, max_seq_len=48, steps=6, logits="last")
     for la, lb in zip(a.layers, b.layers):
         s = torch.tensor(sa)
         assert torch.allclose(la.ring[s], lb.ring[torch.tensor(sb)], rtol=0, atol=1e-12)
@@ -143,28 +154,7 @@ def _live_state_rows(cache, layer: int, n: int) -> list[int]:
 def test_verify_batch_equals_step_batch_on_the_reference_backend(cfg):
     # speculative verification's captured form: q = 3 tokens per sequence in a DecodeBatch (the
     # compressors take them one token per call) against the same tokens as a StepBatch, fp64
-    m = _model(cfg, "reference", torch.float64)
-    a, b = m.new_cache(4, 64), m.new_cache(4, 64)
-    sa, sb = _prefill(m, a, PROMPTS), _prefill(m, b, PROMPTS)
-    scratch = b.alloc()
-    pos = [len(p) for p in PROMPTS]
-    g = torch.Generator().manual_seed(0)
-    q = 3
-    for step in range(5):
-        order = [2, 0, 1] if step % 2 else [0, 1, 2]
-        ids = torch.randint(3, cfg.vocab_size, (3 * q,), generator=g)
-        want, _ = run_step(m, ids, a, [sa[i] for i in order], [pos[i] for i in order], [q] * 3, "all")
-        for i in order:
-            b.reserve(sb[i], pos[i] + q)
-        b.reserve(scratch, q)
-        slots = torch.tensor([sb[i] for i in order] + [scratch])
-        positions = torch.tensor([pos[i] for i in order] + [0])
-        batch = DecodeBatch(slots, positions, b.max_seq_len, q)
-        got, _ = m.forward(torch.cat([ids, torch.zeros(q, dtype=torch.long)]), batch, b, "all")
-        assert rel_err(got[:3 * q], want) < 1e-12, step
-        for i in order:
-            b.seq_len[sb[i]] = pos[i] + q
-            pos[i] += q
+    a, b, sa, sb, pos = _static_vs_eager_steps(cfg, q=3, max_seq_len=64, steps=5, logits="all")
     for i, (la, lb) in enumerate(zip(a.layers, b.layers)):
         for x, y, n in zip(sa, sb, pos):
             assert torch.allclose(la.ring[x], lb.ring[y], rtol=0, atol=1e-12)
