@@ -52,31 +52,31 @@ def _label(model) -> str:
     return Path(model[1]).name if model[0] == "checkpoint" else model[1]
 
 
+def _keep_worst(slot: dict, metrics: dict, keys, where: str) -> None:
+    """slot[k] = (value, where) for each of `keys` that `metrics` has and that is worse than slot's
+    worst so far (lower for LOWER_IS_WORSE keys, higher for the others)."""
+    for k in keys:
+        if k not in metrics or metrics[k] is None:
+            continue
+        v = float(metrics[k])
+        cur = slot.get(k)
+        if cur is None or (v < cur[0] if k in LOWER_IS_WORSE else v > cur[0]):
+            slot[k] = (v, where)
+
+
 def _collect(worst: dict, key, comp):
     for r in comp.rows:
+        where = f"{comp.b['path']} {r.name}"
         slot = worst.setdefault((key, r.kind), {})
         for m in r.per_prompt:
-            for k in LOWER_IS_WORSE + HIGHER_IS_WORSE:
-                if k not in m or m[k] is None:
-                    continue
-                v = float(m[k])
-                cur = slot.get(k)
-                if cur is None or (v < cur[0] if k in LOWER_IS_WORSE else v > cur[0]):
-                    slot[k] = (v, f"{comp.b['path']} {r.name}")
+            _keep_worst(slot, m, LOWER_IS_WORSE + HIGHER_IS_WORSE, where)
             if r.kind == "greedy" and m["first_divergence"] is not None:
                 slot["divergences"] = slot.get("divergences", 0) + 1
                 if not m["benign"]:
                     slot["non_benign"] = slot.get("non_benign", 0) + 1
         # the pooled metrics the verdict uses
         pslot = worst.setdefault((key, r.kind + " pooled"), {})
-        m = r.metrics
-        for k in LOWER_IS_WORSE + HIGHER_IS_WORSE + ("non_benign", "diverged"):
-            if k not in m or m[k] is None:
-                continue
-            v = float(m[k])
-            cur = pslot.get(k)
-            if cur is None or (v < cur[0] if k in LOWER_IS_WORSE else v > cur[0]):
-                pslot[k] = (v, f"{comp.b['path']} {r.name}")
+        _keep_worst(pslot, r.metrics, LOWER_IS_WORSE + HIGHER_IS_WORSE + ("non_benign", "diverged"), where)
 
 
 def _jobs(a, model) -> list:
