@@ -260,17 +260,23 @@ def _unblocked(xb: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
     return xb.flatten(-2)[..., :n].to(dtype)
 
 
+def _block_fake_quant(x: torch.Tensor, block: int, fmax: float, amax_floor: float, encode, decode) -> torch.Tensor:
+    """decode(encode(x / s)) * s in x's dtype, with one power-of-two scale s = pow2_scale(amax, fmax,
+    amax_floor) per `block` channels of the last dim (the FP8 and FP4 fake quantisations)."""
+    if x.shape[-1] == 0:
+        return x.clone()
+    xb, n = _blocked(x, block)
+    s = pow2_scale(xb.abs().amax(dim=-1, keepdim=True), fmax, amax_floor)
+    q = decode(encode(xb / s))
+    return _unblocked(q * s, n, x.dtype)
+
+
 def act_quant_fp8(x: torch.Tensor, block: int = 128) -> torch.Tensor:
     """FP8 fake-quant per token per `block` channels: q = e4m3(clamp(x/s, +-448)), returns q*s.
 
     s = pow2_scale(amax, 448, 1e-4). A trailing partial block has its own scale.
     """
-    if x.shape[-1] == 0:
-        return x.clone()
-    xb, n = _blocked(x, block)
-    s = pow2_scale(xb.abs().amax(dim=-1, keepdim=True), FP8_MAX, FP8_AMAX_FLOOR)
-    q = e4m3_decode(e4m3_encode(xb / s))
-    return _unblocked(q * s, n, x.dtype)
+    return _block_fake_quant(x, block, FP8_MAX, FP8_AMAX_FLOOR, e4m3_encode, e4m3_decode)
 
 
 def kv_fake_quant_fp8(x: torch.Tensor, rope_dim: int = 64, block: int = 64) -> torch.Tensor:
@@ -303,9 +309,4 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
 
 def fp4_fake_quant(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     """FP4 e2m1 fake-quant per `block` channels of the last dim with s = pow2_scale(amax, 6, 6*2^-126)."""
-    if x.shape[-1] == 0:
-        return x.clone()
-    xb, n = _blocked(x, block)
-    s = pow2_scale(xb.abs().amax(dim=-1, keepdim=True), FP4_MAX, FP4_AMAX_FLOOR)
-    q = fp4_decode(fp4_encode(xb / s))
-    return _unblocked(q * s, n, x.dtype)
+    return _block_fake_quant(x, block, FP4_MAX, FP4_AMAX_FLOOR, fp4_encode, fp4_decode)
