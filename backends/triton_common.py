@@ -52,6 +52,16 @@ def gate_buffers(x, weight, k: int):
     return w_out, id_out, x.contiguous(), weight.contiguous()
 
 
+def collapse_buffers(X):
+    """An mHC collapse launch's outputs for X [T, n, D] (u [T, D] in X's dtype, post [T, n] and comb
+    [T, n, n] in fp32) and X itself with contiguous rows: (X, u, post, comb)."""
+    T, n, D = X.shape
+    u = torch.empty(T, D, dtype=X.dtype, device=X.device)
+    post = torch.empty(T, n, dtype=torch.float32, device=X.device)
+    comb = torch.empty(T, n, n, dtype=torch.float32, device=X.device)
+    return X.contiguous(), u, post, comb
+
+
 # ------------------------------------------------------------------------------------ jit helpers
 
 

@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...triton_common import interpreting, pow2, round_bf16
+from ...triton_common import collapse_buffers, interpreting, pow2, round_bf16
 from .launch import LoweringCase, check_ub, programs
 
 _BLOCK_T = 16  # tokens per work item of the collapse kernel: the cube's M fractal
@@ -246,11 +246,8 @@ def post_ub_bytes(block_d: int, x_bytes: int, np_: int) -> int:
 
 def _collapse(X, fn, base, scale, sinkhorn: bool, iters: int, hc_eps: float, norm_eps: float):
     T, n, D = X.shape
-    X = X.contiguous()
+    X, u, post, comb = collapse_buffers(X)
     fn = fn.contiguous()
-    u = torch.empty(T, D, dtype=X.dtype, device=X.device)
-    post = torch.empty(T, n, dtype=torch.float32, device=X.device)
-    comb = torch.empty(T, n, n, dtype=torch.float32, device=X.device)
     if T == 0:
         return u, post, comb
     NP = max(4, pow2(n))  # NP*NP >= 16: the comb dot keeps the cube's minimum extent

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...triton_common import collapse_buffers
 from .launch import MAX_SPLITS, target_programs
 
 _BLOCK_K = 128  # nD chunk of the mix GEMM
@@ -170,10 +171,7 @@ def _finish_blocks(T: int, D: int, NP: int, device) -> tuple[int, int, int, int]
 
 def _hc_collapse(X, fn, base, scale, rows, sinkhorn, iters, hc_eps, norm_eps):
     T, n, D = X.shape
-    X = X.contiguous()
-    u = torch.empty(T, D, dtype=X.dtype, device=X.device)
-    post = torch.empty(T, n, dtype=torch.float32, device=X.device)
-    comb = torch.empty(T, n, n, dtype=torch.float32, device=X.device)
+    X, u, post, comb = collapse_buffers(X)
     if T == 0:
         return u, post, comb
     mpart, sqpart, splits, MP = _mix(X, fn, rows)
