@@ -17,13 +17,23 @@ from .kernels import indexer as _indexer
 from .kernels import mhc as _mhc
 from .kernels import norm_rope as _norm_rope
 
-IMPLEMENTED: tuple[str, ...] = (
-    "rms_norm", "rope", "hc_pre", "hc_post", "hc_head", "compress", "indexer_topk", "attention",
-    "moe_gate", "moe_experts", "linear", "grouped_out_proj",
-)
+# The ops that are a kernel module's function as it stands (no state of the instance), a module a line:
+# one table gives both CudaOps' methods (set below the class) and IMPLEMENTED, so they cannot disagree.
+_KERNEL_OPS = {
+    "rms_norm": _norm_rope.rms_norm, "rope": _norm_rope.rope,
+    "hc_pre": _mhc.hc_pre, "hc_post": _mhc.hc_post, "hc_head": _mhc.hc_head,
+    "compress": _compress.compress,
+    "indexer_topk": _indexer.indexer_topk,
+    "attention": _attention.attention,
+    "moe_gate": _gate.moe_gate,
+    "moe_experts": _gemm.moe_experts, "linear": _gemm.linear, "grouped_out_proj": _gemm.grouped_out_proj,
+}
+IMPLEMENTED: tuple[str, ...] = tuple(_KERNEL_OPS)
 
 
 class CudaOps:
+    """The ops with a kernel: those below, and _KERNEL_OPS's functions as static methods (set after the class)."""
+
     name = "cuda"
     # every op is graph-safe for a `DecodeBatch` step (no host reads, shapes from shapes only), so
     # v4.graphs may capture the decode step: as a CUDA graph on a GPU (`graph_capture`), under the
@@ -49,15 +59,6 @@ class CudaOps:
     def prepare_experts(self, w1s, w3s, w2s, dtype):
         return _gemm.prepare_experts(w1s, w3s, w2s, dtype, self.device)
 
-    linear = staticmethod(_gemm.linear)
-    grouped_out_proj = staticmethod(_gemm.grouped_out_proj)
-    moe_experts = staticmethod(_gemm.moe_experts)
-    rms_norm = staticmethod(_norm_rope.rms_norm)
-    rope = staticmethod(_norm_rope.rope)
-    hc_pre = staticmethod(_mhc.hc_pre)
-    hc_post = staticmethod(_mhc.hc_post)
-    hc_head = staticmethod(_mhc.hc_head)
-    compress = staticmethod(_compress.compress)
-    attention = staticmethod(_attention.attention)
-    indexer_topk = staticmethod(_indexer.indexer_topk)
-    moe_gate = staticmethod(_gate.moe_gate)
+
+for _op, _kernel in _KERNEL_OPS.items():
+    setattr(CudaOps, _op, staticmethod(_kernel))
