@@ -344,14 +344,16 @@ def _gemm_loop(acc, a_base, amask, w_ptr, s_ptr, rows, rmask, K, stride_wn, stri
 
 
 @triton.jit
-def _expert_tile(tile_r0_ptr, tile_r1_ptr, t, N, BM: tl.constexpr, BN: tl.constexpr):
-    """Tile t of an expert GEMM: its sorted rows [r0, r1) padded to BM and this program's BN output
-    columns of N, with their masks: (rows, rmask, cols, cmask). Called only once the tile's expert is
-    known to be real, so an empty tile (expert -1) loads nothing more."""
+def _expert_tile(tile_e_ptr, tile_r0_ptr, tile_r1_ptr, N, BM: tl.constexpr, BN: tl.constexpr):
+    """This program's tile of an expert GEMM (tile program_id(0), output columns program_id(1)): its
+    expert e (-1: an empty tile, which the kernel skips), its sorted rows [r0, r1) padded to BM and its
+    BN columns of N, with their masks: (e, rows, rmask, cols, cmask). The tile tables have an entry for
+    every tile, so the loads stay in bounds for an empty one too."""
+    t = tl.program_id(0)
     rows = tl.load(tile_r0_ptr + t) + tl.arange(0, BM)
     rmask = rows < tl.load(tile_r1_ptr + t)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    return rows, rmask, cols, cols < N
+    return tl.load(tile_e_ptr + t), rows, rmask, cols, cols < N
 
 
 # ============================================================================================ kernels
@@ -386,11 +388,9 @@ def _moe_up_kernel(x_ptr, tok_ptr, rw_ptr, tile_e_ptr, tile_r0_ptr, tile_r1_ptr,
                    CDT: tl.constexpr, DOT_DT: tl.constexpr, PREC: tl.constexpr, SOFT: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """h[r, n] = swiglu_L(x[tok[r]] W1_e^T, x[tok[r]] W3_e^T)[n] * rw[r] for the sorted rows of one tile."""
-    t = tl.program_id(0)
-    e = tl.load(tile_e_ptr + t)
+    e, rows, rmask, cols, cmask = _expert_tile(tile_e_ptr, tile_r0_ptr, tile_r1_ptr, inter, BM, BN)
     if e < 0:
         return
-    rows, rmask, cols, cmask = _expert_tile(tile_r0_ptr, tile_r1_ptr, t, inter, BM, BN)
     tok = tl.load(tok_ptr + rows, mask=rmask, other=0)
     wcols = cols.to(tl.int64)
     w1 = w_ptr + e.to(tl.int64) * stride_we
@@ -425,11 +425,9 @@ def _moe_down_kernel(h_ptr, tile_e_ptr, tile_r0_ptr, tile_r1_ptr, w_ptr, s_ptr, 
                      DOT_DT: tl.constexpr, PREC: tl.constexpr, SOFT: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """y[r] = h[r] @ W2_e^T for the sorted rows r of one (expert, row tile), rounded to W2's dtype."""
-    t = tl.program_id(0)
-    e = tl.load(tile_e_ptr + t)
+    e, rows, rmask, cols, cmask = _expert_tile(tile_e_ptr, tile_r0_ptr, tile_r1_ptr, N, BM, BN)
     if e < 0:
         return
-    rows, rmask, cols, cmask = _expert_tile(tile_r0_ptr, tile_r1_ptr, t, N, BM, BN)
     a_base = h_ptr + rows.to(tl.int64)[:, None] * stride_hm
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     acc = _gemm_loop(acc, a_base, rmask, w_ptr + e.to(tl.int64) * stride_we, s_ptr + e.to(tl.int64) * stride_se,
