@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import math
 import os
 import platform
@@ -53,6 +52,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from bench.results import write_json  # noqa: E402
 
 TARGET_SPEEDUP = 3.0  # ours decode tok/s >= 3x transformers' at every context
 TARGET_SCALING = 1.5  # ours ms/token at the longest context <= 1.5x ours at 1K
@@ -442,12 +443,7 @@ def _write_json(args, rows: list[dict], summary: dict, total: float, transformer
         "summary": {k: ({str(a): b for a, b in v.items()} if isinstance(v, dict) else v) for k, v in summary.items()},
         "total_wall_s": total,
     }
-    text = json.dumps(doc, indent=2)
-    if args.json == "-":
-        print(text)
-    else:
-        Path(args.json).write_text(text + "\n")
-        log(f"figures written to {args.json}")
+    write_json(doc, args.json, log, "figures")
 
 
 def main(argv=None) -> int:

@@ -95,6 +95,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from bench.results import write_json  # noqa: E402
+
 TARGET_RATIO = 5.0  # engine tok/s >= 5x one-at-a-time tok/s
 TARGET_CONCURRENCY = 16
 MODES = ("engine", "waves", "serial")
@@ -730,17 +732,8 @@ def spec_main(args, cmd: str) -> int:
             "total_wall_s": total,
             "workload": [{"index": r.index, "prompt_tokens": len(r.prompt), "max_tokens": r.max_tokens} for r in reqs],
         }
-        write_json(doc, args.json)
+        write_json(doc, args.json, log, "results", default=str)
     return 1 if mismatch else 0
-
-
-def write_json(doc: dict, path: str) -> None:
-    text = json.dumps(doc, indent=2, default=str)
-    if path == "-":
-        print(text)
-    else:
-        Path(path).write_text(text + "\n")
-        log(f"results written to {path}")
 
 
 # ---------------------------------------------------------------------------------- main
@@ -860,12 +853,7 @@ def _write_json(doc: dict, args, cmd: str, config_name: str, reqs, total: float)
         ],
         total_wall_s=total,
     )
-    text = json.dumps(doc, indent=2, default=str)
-    if args.json == "-":
-        print(text)
-    else:
-        Path(args.json).write_text(text + "\n")
-        log(f"results written to {args.json}")
+    write_json(doc, args.json, log, "results", default=str)
 
 
 def main(argv=None) -> int:
