@@ -1,11 +1,14 @@
-"""CUDA-backend sparse MQA attention (backends/cuda/kernels/attention.py) against the reference op.
+"""CUDA-backend sparse MQA attention (backends/cuda/kernels/attention.py): what is CUDA's own.
+
+The prefills at the boundary token counts and the decode / packed batches (ring windows, every
+compressed-list form, paged pools, d = 512, fp16, bf16 q over fp32 kv, all -1 rows, a dominating
+sink) run over every backend in tests/conformance/test_attention.py. Here: FP8 KV rows (packing,
+every e4m3 code, the fp8 kernel), split-KV (flash-decoding) and its launch choices, rejections.
 
 Without a GPU the Triton kernel runs in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1,
 set here before triton is imported); with one it runs on it. Ground truth: ReferenceOps("cpu")
-.attention in fp64 on the same (already rounded) inputs. Index lists are built with the model's
-own step-layout helpers (`v4.cache.window_rows`, `visible_entry_rows`, `entry_rows`) over packed step batches,
-so the kernel sees exactly the layouts the model hands it: -1 before position 0, full 128-row
-windows, empty / smaller-than-top-k compressed pools, mixed prefill + decode batches, paged pools.
+.attention in fp64 on the same (already rounded) inputs, index lists from the model's own
+step-layout helpers (`layer_inputs`).
 """
 
 from functools import partial
@@ -38,93 +41,7 @@ check = partial(check_rel, tol=TOL)
 run = partial(run_attention, K.attention, TOL, to_device=dev)
 
 
-# ---------------------------------------------------------------- attention (bf16 / fp32 KV)
-# (the prefill boundary token counts: tests/conformance/test_ops.py::test_attention)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, BF16])
-def test_decode_windows_just_closed_and_csa_topk_beyond_pool(dtype):
-    # decode batch: positions 127 (window just full: Kw = 128, no -1), 128 and 300 (ring wrapped),
-    # 5 (window mostly -1, top-k larger than the 1 visible entry), 2 (no entry: all-(-1) comp row)
-    starts = [127, 128, 300, 5, 2]
-    batch = StepBatch([0, 1, 2, 3, 4], starts, [1] * 5, torch.device("cpu"))
-    wkv, widx, ckv, cidx = layer_inputs(batch, 5, "csa", 128, dtype, seed=7, topk=64)
-    assert (widx[:3] >= 0).all() and (widx[3:] < 0).any()
-    assert (cidx[4] < 0).all() and (cidx[3] >= 0).sum() == 1
-    q, sink = qs(5, 8, 128, dtype, seed=8)
-    run(q, wkv, widx, ckv, cidx, sink, 128 ** -0.5, "decode csa")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, BF16])
-def test_mixed_packed_batch(dtype):
-    # prefill from 0, a decode step, a prefill chunk continuing at 7, a long decode: paged pools
-    batch = StepBatch([2, 0, 3, 1], [0, 130, 7, 517], [6, 1, 5, 1], torch.device("cpu"))
-    for kind, seed in (("hca", 11), ("csa", 12)):
-        wkv, widx, ckv, cidx = layer_inputs(batch, 4, kind, 128, dtype, seed=seed, topk=24, scatter=kind == "csa")
-        q, sink = qs(batch.num_tokens, 8, 128, dtype, seed=seed + 50)
-        run(q, wkv, widx, ckv, cidx, sink, 128 ** -0.5, f"mixed batch {kind}")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, BF16])
-def test_sliding_only_comp_none_and_empty(dtype):
-    batch = StepBatch([0, 1], [0, 200], [4, 1], torch.device("cpu"))
-    wkv, widx, _, _ = layer_inputs(batch, 2, "sliding", 128, dtype, seed=21)
-    q, sink = qs(5, 8, 128, dtype, seed=22)
-    a = run(q, wkv, widx, None, None, sink, 128 ** -0.5, "comp None")
-    ckv = torch.randn(3, 128).to(dtype)
-    b = run(q, wkv, widx, ckv, torch.zeros(5, 0, dtype=torch.int32), sink, 128 ** -0.5, "Kc = 0")
-    assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, BF16])
-def test_all_minus_one_rows_give_zero_and_large_logits(dtype):
-    # rows whose lists are entirely -1 (window and compressed) see only the sink: o = 0;
-    # scale 1 makes logits ~ +-30 so the running max is rescaled many times; -1 interspersed;
-    # Kw, Kc not multiples of any block size
-    g, r = gen(31)
-    T, H, d = 6, 8, 128
-    wkv, ckv = r(50, d).to(dtype), r(40, d).to(dtype)
-    widx = torch.randint(-1, 50, (T, 77), generator=g, dtype=torch.int32)
-    cidx = torch.randint(-1, 40, (T, 37), generator=g, dtype=torch.int32)
-    widx[2], cidx[2] = -1, -1
-    cidx[4] = -1  # window only
-    widx[5] = -1  # compressed only
-    q, sink = qs(T, H, d, dtype, seed=32)
-    out = run(q, wkv, widx, ckv, cidx, sink, 1.0, "all -1 rows / large logits", block_k=16)
-    assert (out[2] == 0).all()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, BF16])
-def test_head_dim_512(dtype):
-    # V4's shape: d = 512 (448 nope + 64 rope), 16 heads
-    batch = StepBatch([0], [130], [2], torch.device("cpu"))
-    wkv, widx, ckv, cidx = layer_inputs(batch, 1, "csa", 512, dtype, seed=41, topk=40, scatter=True)
-    q, sink = qs(2, 16, 512, dtype, seed=42)
-    run(q, wkv, widx, ckv, cidx, sink, 512 ** -0.5, "d=512")
-
-
-def test_sink_dominates_and_head_blocks():
-    # H not a multiple of the head block; one head's sink far above its logits: that head's output ~ 0
-    g, r = gen(51)
-    T, H, d = 3, 20, 128
-    wkv = r(30, d)
-    widx = torch.randint(-1, 30, (T, 40), generator=g, dtype=torch.int32)
-    q, sink = qs(T, H, d, torch.float32, seed=52)
-    sink[3] = 60.0
-    out = run(q, wkv, widx, None, None, sink, 128 ** -0.5, "H=20")
-    assert out[:, 3].abs().max() < 1e-15
-
-
-def test_fp16_and_mixed_dtypes():
-    # fp16 throughout: fp16 products; bf16 q over an fp32 cache: exact fp32 products, bf16 output
-    batch = StepBatch([0, 1], [0, 40], [2, 1], torch.device("cpu"))
-    wkv, widx, ckv, cidx = layer_inputs(batch, 2, "hca", 128, torch.float32, seed=55)
-    q, sink = qs(3, 8, 128, torch.float32, seed=56)
-    run(q.half(), wkv.half(), widx, ckv.half(), cidx, sink, 128 ** -0.5, "fp16")
-    out = K.attention(dev(q.to(BF16)), dev(wkv), dev(widx), dev(ckv), dev(cidx), dev(sink), 128 ** -0.5)
-    ref = attention_truth(q.to(BF16), wkv, widx, ckv, cidx, sink, 128 ** -0.5)
-    check(out, ref, BF16, "bf16 q, fp32 kv")
-    assert float((out.cpu().double() - ref).abs().max()) <= 2 ** -8 * float(ref.abs().max())  # output rounding only
+# ---------------------------------------------------------------- rejections
 
 
 def test_rejects_non_power_of_two_head_dim():
