@@ -1,91 +1,82 @@
-"""Conformance cases of the MoE gate (moe_gate)."""
+"""Conformance cases of the MoE gate (moe_gate).
+
+The top-k cases that must be tie-free at the selection boundary (the tests assert it, and that the
+bias steers picks) draw from fixed seeds, whatever the case's generator: their values stay the ones
+checked tie-free. `topk_inputs` is the sized builder the kernel benches share.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from .case import BF16, DTYPES, F32, F64, H, HD, LENGTHS, ROPE, DM, NHC  # noqa: F401
+from .case import BF16, F32, LENGTHS, Case, randn
+from .inputs import rng
 
-from .inputs import gen, hc_params, indexer_case, layer_inputs, qs, random_table, rng  # noqa: F401
-from .legacy import EPS, TOKENS, KernelCase, _dt, _g, _inv_freq, _randn  # noqa: F401
-
-
-def _cases_moe_gate(g, mode):
-    E, k, V = 8, 2, 512
-    for T in LENGTHS:
-        for hashed in (False, True):
-            ids = torch.randint(0, V, (T,), generator=g)
-            tid2eid = torch.argsort(torch.rand(V, E, generator=g), 1)[:, :k].contiguous() if hashed else None
-            yield (
-                f"T={T},{'hash' if hashed else 'bias top-k'}",
-                [
-                    ("D", _randn(g, T, DM)),
-                    ("acc", _randn(g, E, DM, std=DM**-0.5)),
-                    ("acc", None if hashed else _randn(g, E, std=0.1)),
-                    ("raw", tid2eid),
-                    ("raw", ids),
-                    ("raw", k),
-                    ("raw", 1.5),
-                ],
-                {},
-                "gate",
-            )
+ROUTE_SCALE = 1.5
 
 
-def _moe_gate_cases():
-    """Bias top-k (64 experts top-6 and 8 top-2; the bias is as large as the score spread, so it
-    steers picks from `steer_from` tokens on), bf16 weights (16-bit dot path; expert counts that are
-    not a block multiple), top-k = every expert, hash routing (int64 and int32 tables), full ties."""
-    def topk(T, E, D, k, dtype, seed=None):
-        r = rng(700 + T if seed is None else seed)
-        x, W = r(T, D).to(dtype), r(E, D, s=D ** -0.5)
-        return (x, W, r(E, s=0.3), None, None, k, 1.5), {}
+def topk_inputs(r, T: int, E: int, D: int, k: int, bias_std: float, route_scale: float = ROUTE_SCALE,
+                weight_role: str = "acc") -> list:
+    """Bias top-k routing: x [T, D] (D), W [E, D] (acc: the gate's float32 weight; "D" for a weight in the
+    working dtype), bias [E] (acc), no hash table, k, route_scale. `r(*shape, s=1.0)` draws s * N(0, 1)."""
+    x, W = r(T, D), r(E, D, s=D ** -0.5)
+    return [("D", x), (weight_role, W), ("acc", r(E, s=bias_std)), ("raw", None), ("raw", None), ("raw", k),
+            ("raw", route_scale)]
 
+
+def _fixed(seed: int, *size, **kw):
+    """A build drawing topk_inputs(*size, **kw) from `seed` (float32 values) instead of the case's generator."""
+    return lambda g, mode: (topk_inputs(rng(seed), *size, **kw), {})
+
+
+def _topk_cases():
+    """Bias top-k at the boundary token counts: 64 experts top-6 and 8 top-2; the bias is as large as
+    the score spread, so it steers picks from `steer_from` tokens on."""
     for E, D, k, steer_from in ((64, 96, 6, 4), (8, 64, 2, 127)):
-        for T in TOKENS:
-            for dt in DTYPES:
-                yield KernelCase("moe_gate", f"T={T},E={E},top{k},{_dt(dt)}", dt,
-                                 lambda T=T, E=E, D=D, k=k, dt=dt: topk(T, E, D, k, dt), {"steer_from": steer_from})
+        for T in LENGTHS:
+            yield Case("moe_gate", f"T={T},E={E},top{k}", _fixed(700 + T, T, E, D, k, 0.3), kind="gate",
+                       extra={"steer_from": steer_from})
 
-    def bf16_weight(T, E, D, k, rs, sb):
-        r = rng(800)
-        x, W, bias = r(T, D).to(BF16), r(E, D, s=D ** -0.5).to(BF16), r(E, s=sb)
-        return (x, W, bias, None, None, k, rs), {}
 
-    for T, E, D, k, rs, sb in ((20, 8, 64, 2, 1.5, 0.1), (5, 384, 256, 8, 2.5, 0.1), (20, 40, 160, 6, 2.5, 0.1)):
-        yield KernelCase("moe_gate", f"bf16 weight T={T},E={E},D={D},top{k}", BF16,
-                         lambda a=(T, E, D, k, rs, sb): bf16_weight(*a), {"tie_free": E < 64})
+def _bf16_weight_cases():
+    """bf16 weights (the 16-bit dot path), expert counts that are not a block multiple."""
+    for T, E, D, k, rs in ((20, 8, 64, 2, 1.5), (5, 384, 256, 8, 2.5), (20, 40, 160, 6, 2.5)):
+        yield Case("moe_gate", f"bf16 weight T={T},E={E},D={D},top{k}",
+                   _fixed(800, T, E, D, k, 0.1, rs, weight_role="D"), dtypes=(BF16,), kind="gate",
+                   extra={"tie_free": E < 64})
 
-    def all_experts():
-        E, D = 8, 64
-        r = rng(750)
-        return (r(7, D), r(E, D, s=D ** -0.5), r(E, s=0.3), None, None, E, 2.0), {}
 
-    yield KernelCase("moe_gate", "top-k = all 8 experts", F32, all_experts, {"all": True})
+def _hash_cases():
+    """Hash routing (the table's experts in the table's order) with int64 and int32 tables over 50
+    token ids; every boundary token count with 8 experts top-2, the ends with 64 experts top-6."""
+    def build(T, E, D, k, index_dtype):
+        def inputs(g, mode):
+            tid2eid = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(50)])  # [V, k]
+            toks = torch.randint(0, 50, (T,), generator=g)
+            return [("D", randn(g, T, D)), ("acc", randn(g, E, D, std=D ** -0.5)), ("acc", None),
+                    ("raw", tid2eid.to(index_dtype)), ("raw", toks.to(index_dtype)), ("raw", k),
+                    ("raw", ROUTE_SCALE)], {}
+        return inputs
 
-    def hashed(T, E, D, k, index_dtype):
-        r = rng(900 + T)
-        x, W = r(T, D).to(BF16), r(E, D, s=D ** -0.5)
-        g = torch.Generator().manual_seed(T)
-        tid2eid = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(50)])  # int64 [V, k]
-        toks = torch.randint(0, 50, (T,), generator=g)
-        return (x, W, None, tid2eid.to(index_dtype), toks.to(index_dtype), k, 1.5), {}
-
-    for E, D, k in ((64, 96, 6), (8, 64, 2)):
-        for T in (1, 5, 129):
+    for E, D, k, lengths in ((64, 96, 6, (1, 5, 129)), (8, 64, 2, LENGTHS)):
+        for T in lengths:
             for idt in (torch.int64, torch.int32):
-                yield KernelCase("moe_gate", f"hash T={T},E={E},top{k},{str(idt)[6:]}", BF16,
-                                 lambda a=(T, E, D, k, idt): hashed(*a), {"hash": True})
+                yield Case("moe_gate", f"hash T={T},E={E},top{k},{str(idt)[6:]}", build(T, E, D, k, idt),
+                           dtypes=(BF16,), kind="gate", extra={"hash": True})
 
-    def ties():
+
+def _all_and_ties():
+    """Top-k = every expert; a full tie (every score sqrt(ln 2)): lowest index first."""
+    yield Case("moe_gate", "top-k = all 8 experts", _fixed(750, 7, 8, 64, 8, 0.3, 2.0), dtypes=(F32,), kind="gate",
+               extra={"all": True})
+
+    def ties(g, mode):
         E, D, k = 64, 96, 6
-        # every score is sqrt(ln 2): a full tie
-        return (torch.zeros(3, D), torch.randn(E, D, generator=torch.Generator().manual_seed(0)), torch.zeros(E),
-                None, None, k, 1.5), {}
+        W = torch.randn(E, D, generator=torch.Generator().manual_seed(0))
+        return [("D", torch.zeros(3, D)), ("acc", W), ("acc", torch.zeros(E)), ("raw", None), ("raw", None),
+                ("raw", k), ("raw", ROUTE_SCALE)], {}
 
-    yield KernelCase("moe_gate", "full tie: lowest index first", F32, ties, {"ties": True})
+    yield Case("moe_gate", "full tie: lowest index first", ties, dtypes=(F32,), kind="gate", extra={"ties": True})
 
 
-# transitional: the boundary builders of `dsv4 parity ops` and the kernel tests' cases
-BOUNDARY = {"moe_gate": _cases_moe_gate}
-KERNEL = {"moe_gate": list(_moe_gate_cases())}
+CASES = {"moe_gate": [*_topk_cases(), *_bf16_weight_cases(), *_hash_cases(), *_all_and_ties()]}

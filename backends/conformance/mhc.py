@@ -1,110 +1,78 @@
-"""Conformance cases of the mHC ops: hc_pre, hc_post, hc_head."""
+"""Conformance cases of the mHC ops: hc_pre, hc_post, hc_head (n = 4 streams).
+
+The sized builders (`hc_pre_inputs`, `hc_post_inputs`, `hc_head_inputs`) are shared with the kernel
+benches: they take `r(*shape, s=1.0)`, a draw of s * N(0, 1) (float64 on CPU for the cases, the
+bench's own device draw there), and return the tagged inputs.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from .case import BF16, DTYPES, F32, F64, H, HD, LENGTHS, ROPE, DM, NHC  # noqa: F401
+from .case import F32, LENGTHS, NHC, Case, randn
+from .inputs import hc_params
 
-from .inputs import gen, hc_params, indexer_case, layer_inputs, qs, random_table, rng  # noqa: F401
-from .legacy import EPS, TOKENS, KernelCase, _dt, _g, _inv_freq, _randn  # noqa: F401
-
-
-def _hc_params(g, rows):
-    return [("acc", _randn(g, rows, NHC * DM, std=(NHC * DM) ** -0.5)), ("acc", _randn(g, rows, std=0.1))]
+EPS = 1e-6
 
 
-def _cases_hc_pre(g, mode):
-    for T in LENGTHS:
-        fn, base = _hc_params(g, (2 + NHC) * NHC)
-        yield (
-            f"T={T}",
-            [
-                ("D", _randn(g, T, NHC, DM)),
-                fn,
-                base,
-                ("acc", 1 + _randn(g, 3, std=0.1)),
-                ("raw", 20),
-                ("raw", 1e-6),
-                ("raw", 1e-6),
-            ],
-            {},
-            "tensor",
-        )
+def draw64(g: torch.Generator):
+    """r(*shape, s=1.0): s * N(0, 1) in float64 from `g`, the draw the sized builders take."""
+    return lambda *shape, s=1.0: randn(g, *shape, std=s)
 
 
-def _cases_hc_post(g, mode):
-    for T in LENGTHS:
-        comb = torch.softmax(_randn(g, T, NHC, NHC), -1)
-        yield (
-            f"T={T}",
-            [
-                ("D", _randn(g, T, DM)),
-                ("D", _randn(g, T, NHC, DM)),
-                ("acc", 2 * torch.sigmoid(_randn(g, T, NHC))),
-                ("acc", comb),
-            ],
-            {},
-            "tensor",
-        )
+def hc_pre_inputs(r, T: int, n: int, D: int, iters: int = 20, n_scale: int = 3) -> list:
+    """X [T, n, D] (D); fn [(2 + n) n, n D], base [(2 + n) n], scale [n_scale] (acc); iters, eps, eps."""
+    fn, base, scale = hc_params(r, n, D, (2 + n) * n, n_scale)
+    return [("D", r(T, n, D)), ("acc", fn), ("acc", base), ("acc", scale), ("raw", iters), ("raw", EPS),
+            ("raw", EPS)]
 
 
-def _cases_hc_head(g, mode):
-    for T in LENGTHS:
-        fn, base = _hc_params(g, NHC)
-        yield (
-            f"T={T}",
-            [("D", _randn(g, T, NHC, DM)), fn, base, ("acc", 1 + _randn(g, 1, std=0.1)), ("raw", 1e-6), ("raw", 1e-6)],
-            {},
-            "tensor",
-        )
+def hc_post_inputs(r, T: int, n: int, D: int) -> list:
+    """y [T, D], X [T, n, D] (D); post [T, n] in (0, 2), comb [T, n, n] row-stochastic (acc)."""
+    y, X = r(T, D), r(T, n, D)
+    return [("D", y), ("D", X), ("acc", 2 * torch.sigmoid(r(T, n))), ("acc", torch.softmax(r(T, n, n), -1))]
+
+
+def hc_head_inputs(r, T: int, n: int, D: int) -> list:
+    """X [T, n, D] (D); fn [n, n D], base [n], scale [1] (acc); eps, eps."""
+    fn, base, scale = hc_params(r, n, D, n)
+    return [("D", r(T, n, D)), ("acc", fn), ("acc", base), ("acc", scale), ("raw", EPS), ("raw", EPS)]
+
+
+def _sized(builder, *size, **kw):
+    """A Case's build: the sized builder over the case's float64 draw, no kwargs."""
+    return lambda g, mode: (builder(draw64(g), *size, **kw), {})
 
 
 def _hc_pre_cases():
-    """D 96 (not a power of two: masked tiles) and 64, 20 Sinkhorn iterations; 1 and 2 iterations."""
-    def build(T, D, dtype, iters, seed, n_scale):
-        n = 4
-        r = rng(seed)
-        X = r(T, n, D).to(dtype)
-        return (X, *hc_params(r, n, D, (2 + n) * n, n_scale), iters, EPS, EPS), {}
-
-    for D, n_scale in ((96, 6), (64, 3)):  # hc_pre reads the first 3 scales
-        for T in TOKENS:
-            for dt in DTYPES:
-                yield KernelCase("hc_pre", f"T={T},D={D},{_dt(dt)}", dt,
-                                 lambda T=T, D=D, dt=dt, ns=n_scale: build(T, D, dt, 20, 200 + T, ns), {"sums": True})
+    """D 96 (not a power of two: masked tiles; 6 scales of which hc_pre reads the first 3) and 64 at the
+    boundary token counts, 20 Sinkhorn iterations (rows and columns must sum to one); 1 and 2
+    iterations."""
+    for D, n_scale in ((96, 6), (64, 3)):
+        for T in LENGTHS:
+            yield Case("hc_pre", f"T={T},D={D}", _sized(hc_pre_inputs, T, NHC, D, n_scale=n_scale),
+                       extra={"sums": True})
     for iters in (1, 2):
-        yield KernelCase("hc_pre", f"T=5,D=64,iters={iters}", F32,
-                         lambda it=iters: build(5, 64, F32, it, 300 + it, 3), {"sums": False})
+        yield Case("hc_pre", f"T=5,D=64,iters={iters}", _sized(hc_pre_inputs, 5, NHC, 64, iters), dtypes=(F32,),
+                   extra={"sums": False})
 
 
 def _hc_post_cases():
-    def build(T, dtype):
-        n, D = 4, 96  # D not a power of two: the D tile is masked
-        r = rng(500 + T)
-        X, y = r(T, n, D).to(dtype), r(T, D).to(dtype)
-        post = 2 * torch.sigmoid(r(T, n))
-        comb = torch.softmax(r(T, n, n), -1)
-        return (y, X, post, comb), {}
-
-    for T in TOKENS:
-        for dt in DTYPES:
-            yield KernelCase("hc_post", f"T={T},{_dt(dt)}", dt, lambda T=T, dt=dt: build(T, dt))
+    """D 96 (the D tile masked) at the boundary token counts; D 64 (no masking) at the ends."""
+    for T in LENGTHS:
+        yield Case("hc_post", f"T={T},D=96", _sized(hc_post_inputs, T, NHC, 96))
+    for T in (1, 129):
+        yield Case("hc_post", f"T={T},D=64", _sized(hc_post_inputs, T, NHC, 64), dtypes=(F32,))
 
 
 def _hc_head_cases():
-    def build(T, D, dtype):
-        n = 4
-        r = rng(600 + T)
-        X = r(T, n, D).to(dtype)
-        return (X, *hc_params(r, n, D, n), EPS, EPS), {}
-
+    """D 96 (masked) and 64 around the 4-token boundary and past 128 in both dtypes; the other boundary
+    token counts at D 96."""
     for D in (96, 64):
         for T in (1, 4, 5, 129):
-            for dt in DTYPES:
-                yield KernelCase("hc_head", f"T={T},D={D},{_dt(dt)}", dt, lambda T=T, D=D, dt=dt: build(T, D, dt))
+            yield Case("hc_head", f"T={T},D={D}", _sized(hc_head_inputs, T, NHC, D))
+    for T in (3, 127, 128):
+        yield Case("hc_head", f"T={T},D=96", _sized(hc_head_inputs, T, NHC, 96), dtypes=(F32,))
 
 
-# transitional: the boundary builders of `dsv4 parity ops` and the kernel tests' cases
-BOUNDARY = {"hc_pre": _cases_hc_pre, "hc_post": _cases_hc_post, "hc_head": _cases_hc_head}
-KERNEL = {"hc_pre": list(_hc_pre_cases()), "hc_post": list(_hc_post_cases()), "hc_head": list(_hc_head_cases())}
+CASES = {"hc_pre": list(_hc_pre_cases()), "hc_post": list(_hc_post_cases()), "hc_head": list(_hc_head_cases())}
