@@ -2,7 +2,9 @@
 
 Each `cases_<kernel>(ctx)` yields `Case`s (inputs built on ctx.dev lazily, one case at a time); a
 case holds the CUDA call, the reference call, the check that compares them and the byte / FLOP
-counts of the roofline (formulas in bench/cuda_kernels.py's docstring). `KERNELS` maps the names
+counts of the roofline (formulas in bench/cuda_kernels.py's docstring). The indexer, mHC and gate
+inputs (and attention's queries) come from the conformance cases' builders (backends/conformance/)
+at the bench's sizes, drawn on the device (`device_draw`, `on_device`). `KERNELS` maps the names
 of `--only` to the generators, `MODULE_OF` to the `backends.cuda.kernels` module each needs.
 
 Only torch is imported here at module level: triton (through the kernels and `v4.ops`) is imported
@@ -18,8 +20,12 @@ from typing import Any, Callable
 
 import torch
 
-# the bench's sizes live with the conformance cases; cuda_kernels.py reads FLASH / SMOKE from here
-from backends.conformance import FLASH, SMOKE, Shapes  # noqa: F401
+# the bench's sizes and input builders live with the conformance cases (backends/conformance/: the
+# tests and `dsv4 parity ops` draw the same inputs at their sizes); cuda_kernels.py reads FLASH / SMOKE
+from backends.conformance import FLASH, SMOKE, Shapes, kernel_args, qs  # noqa: F401  (FLASH, SMOKE, Shapes)
+from backends.conformance.gate import topk_inputs
+from backends.conformance.indexer import sequences_inputs
+from backends.conformance.mhc import hc_post_inputs, hc_pre_inputs
 
 FP8_ROW_BYTES_512 = 584  # V4 main KV row (spec §1): 448 e4m3 + 64 bf16 rope + 7 UE8M0 scales + 1 pad
 
@@ -185,6 +191,24 @@ def randn(*shape, dtype=torch.bfloat16, dev, scale: float = 1.0) -> torch.Tensor
     return x.to(dtype)
 
 
+def device_draw(ctx: Ctx, seed: int) -> tuple[torch.Generator, Callable]:
+    """(g, r) for the conformance builders at the bench's sizes: g a CPU generator (block tables),
+    r(*shape, s=1.0) s * N(0, 1) drawn on ctx.dev in bf16 (a long context's key pool is drawn where it
+    lives, in its storage dtype, with no float32 copy of it anywhere)."""
+    g = torch.Generator().manual_seed(seed)
+    on_dev = torch.Generator(device=ctx.dev).manual_seed(seed)
+
+    def r(*shape, s=1.0):
+        x = torch.randn(*shape, generator=on_dev, device=ctx.dev, dtype=torch.bfloat16)
+        return x.mul_(s) if s != 1.0 else x
+    return g, r
+
+
+def on_device(ctx: Ctx, tagged: list) -> tuple:
+    """A builder's tagged inputs as the ops take them: role D in bf16, acc in float32, on ctx.dev."""
+    return tuple(v.to(ctx.dev) if isinstance(v, torch.Tensor) else v for v in kernel_args(tagged, torch.bfloat16))
+
+
 def _chunks(n: int, step: int):
     for s in range(0, n, step):
         yield s, min(n, s + step)
@@ -226,6 +250,12 @@ def _kfmt(n: int) -> str:
 # (one case's inputs at a time, freed when the next case is built).
 
 
+def _queries(ctx: Ctx, T: int, seed: int) -> tuple:
+    """q [T, H, d] in bf16 and float32 sinks [H] on ctx.dev (the conformance cases' query builder)."""
+    q, sink = qs(T, ctx.sh.heads, ctx.sh.head_dim, torch.bfloat16, seed)
+    return q.to(ctx.dev), sink.to(ctx.dev)
+
+
 def cases_attention(ctx: Ctx, fp8: bool):
     """Sparse MQA decode (one query per sequence) over window + compressed rows, CSA and HCA layers,
     then one CSA prefill case. KV rows bf16, or the packed FP8 layout (584 B rows at d = 512)."""
@@ -253,14 +283,13 @@ def cases_attention(ctx: Ctx, fp8: bool):
         return Case(name, label, phase, run_cuda, run_ref, check_close(1e-2), b, flops, "bf16", target)
 
     torch.manual_seed(1)
-    sink = randn(H, dtype=torch.float32, dev=dev, scale=0.5)
     for L in sh.contexts:
         for B in sh.batches:
             for kind, ratio in (("csa", sh.csa_ratio), ("hca", sh.hca_ratio)):
                 S = L // ratio
                 if too_big(ctx, name, f"{kind} B={B} ctx={_kfmt(L)}", B * S * d * 2 * (1.6 if fp8 else 1)):
                     continue
-                q = randn(B, H, d, dev=dev)
+                q, sink = _queries(ctx, B, seed=L + B)
                 # window: the ring's W rows of each sequence + this step's new row (model: cat([ring, kv]))
                 w_kv = randn(B * W + B, d, dev=dev)
                 ar = torch.arange(B, device=dev)[:, None]
@@ -276,11 +305,11 @@ def cases_attention(ctx: Ctx, fp8: bool):
                 if B == sh.batches[0]:  # the same call without split-KV: what the split buys at small batch
                     yield make(q, w_kv, w_idx, c_kv, c_idx, sink, "decode", f"{kind} B={B} ctx={_kfmt(L)} splits=1",
                                T_ATTN_DECODE, splits=1)
-                del q, w_kv, w_idx, c_kv, c_idx, picks
+                del q, sink, w_kv, w_idx, c_kv, c_idx, picks
     # prefill: T queries of one sequence (each its own W-row window and top-k of the entries)
     T, L = sh.prefill_queries, sh.prefill_context
     S = L // sh.csa_ratio
-    q = randn(T, H, d, dev=dev)
+    q, sink = _queries(ctx, T, seed=T)
     w_kv = randn(T + W, d, dev=dev)
     w_idx = (torch.arange(T, device=dev)[:, None] + W - torch.arange(W, device=dev)[None, :]).to(torch.int32)
     c_kv = randn(S, d, dev=dev)
@@ -289,33 +318,29 @@ def cases_attention(ctx: Ctx, fp8: bool):
 
 
 def cases_indexer(ctx: Ctx):
-    """Lightning-indexer decode: one query per sequence scores its ctx // 4 entries, top-k."""
-    K, sh, dev = ctx.K, ctx.sh, ctx.dev
+    """Lightning-indexer decode: one query per sequence at its context's last position scores its
+    ctx // 4 entries, top-k (the conformance cases' packed-sequences builder at the bench's sizes)."""
+    K, sh = ctx.K, ctx.sh
     Hi, Di, bs, topk = sh.idx_heads, sh.idx_dim, sh.block_size, sh.topk
-    torch.manual_seed(2)
+    g, r = device_draw(ctx, 2)
     for L in sh.contexts:
         for B in sh.batches:
             S = L // sh.csa_ratio
             per = -(-S // bs)
-            nb = B * per + 1
-            if too_big(ctx, "indexer", f"B={B} ctx={_kfmt(L)}", nb * bs * Di * 2):
+            if too_big(ctx, "indexer", f"B={B} ctx={_kfmt(L)}", B * per * bs * Di * 2):
                 continue
-            pool = randn(nb, bs, Di, dev=dev)
-            table = torch.randperm(nb, device=dev)[:B * per].view(B, per).to(torch.int32)
-            q = randn(B, Hi, Di, dev=dev)
-            w = randn(B, Hi, dtype=torch.float32, dev=dev, scale=(Di * Hi) ** -0.5)
-            tok_slot = torch.arange(B, device=dev)
-            pos = torch.full((B,), L - 1, dtype=torch.long, device=dev)
+            args = on_device(ctx, sequences_inputs(g, r, [1] * B, sh.csa_ratio, topk, start=L - 1, H=Hi, d=Di,
+                                                   bs=bs))
+            q, w, pool = args[:3]
             b = B * S * Di * pool.element_size() + nbytes(q) + nbytes(w) + 4 * B * per + 4 * B * topk
             flops = 2 * Hi * Di * S * B
-            args = (q, w, pool, table, tok_slot, pos, sh.csa_ratio, topk)
             # max_visible = S: the host-side bound the model passes (a captured step passes the
             # cache's capacity), so neither side reads the positions back
             yield Case("indexer", f"B={B} ctx={_kfmt(L)} S={_kfmt(S)}", "decode",
                        lambda a=args, S=S: K.indexer.indexer_topk(*a, max_visible=S),
                        lambda a=args, S=S: ctx.ref.indexer_topk(*a, max_visible=S),
                        check_topk(), b, flops, "bf16", T_INDEXER)
-            del pool, table, q, w, args
+            del q, w, pool, args
 
 
 def cases_compress(ctx: Ctx):
@@ -424,34 +449,28 @@ def _hc_tokens(sh: Shapes) -> list:
 
 
 def cases_hc_pre(ctx: Ctx):
-    K, sh, dev = ctx.K, ctx.sh, ctx.dev
+    K, sh = ctx.K, ctx.sh
     n, D = sh.hc_n, sh.hidden
-    torch.manual_seed(4)
+    _, r = device_draw(ctx, 4)
     rows = (2 + n) * n
-    fn = randn(rows, n * D, dtype=torch.float32, dev=dev, scale=(n * D) ** -0.5)
-    base = randn(rows, dtype=torch.float32, dev=dev, scale=0.5)
-    scale = torch.tensor([1.0, 1.0, 1.0], device=dev)
     for T in _hc_tokens(sh):
-        X = randn(T, n, D, dev=dev)
+        args = on_device(ctx, hc_pre_inputs(r, T, n, D))  # X, fn, base, scale, 20 iterations, eps, eps
+        X, fn = args[:2]
         b = nbytes(X) + nbytes(fn) + T * D * X.element_size() + 4 * T * (n + n * n)
         flops = 2 * T * rows * n * D + 4 * T * n * D
-        args = (X, fn, base, scale, 20, 1e-6, 1e-6)
         yield Case("hc_pre", f"T={T} n={n} D={D}", "decode" if T < sh.prefill_tokens else "prefill",
                    lambda a=args: K.mhc.hc_pre(*a), lambda a=args: ctx.ref.hc_pre(*a),
                    check_close(1e-2), b, flops, "fp32", T_ELEMENTWISE)
 
 
 def cases_hc_post(ctx: Ctx):
-    K, sh, dev = ctx.K, ctx.sh, ctx.dev
+    K, sh = ctx.K, ctx.sh
     n, D = sh.hc_n, sh.hidden
-    torch.manual_seed(5)
+    _, r = device_draw(ctx, 5)
     for T in _hc_tokens(sh):
-        X = randn(T, n, D, dev=dev)
-        y = randn(T, D, dev=dev)
-        post = torch.rand(T, n, device=dev) * 2
-        comb = torch.softmax(torch.randn(T, n, n, device=dev), -1)
+        args = on_device(ctx, hc_post_inputs(r, T, n, D))  # y, X, post, comb
+        y, X, post, comb = args
         b = nbytes(y) + 2 * nbytes(X) + nbytes(post) + nbytes(comb)
-        args = (y, X, post, comb)
         yield Case("hc_post", f"T={T} n={n} D={D}", "decode" if T < sh.prefill_tokens else "prefill",
                    lambda a=args: K.mhc.hc_post(*a), lambda a=args: ctx.ref.hc_post(*a),
                    check_close(1e-2), b, 2 * T * n * D * (n + 1), "fp32", T_ELEMENTWISE)
@@ -489,15 +508,13 @@ def cases_rope(ctx: Ctx):
 
 
 def cases_gate(ctx: Ctx):
-    K, sh, dev = ctx.K, ctx.sh, ctx.dev
+    K, sh = ctx.K, ctx.sh
     E, D, k = sh.experts, sh.hidden, sh.moe_topk
-    torch.manual_seed(8)
-    w = randn(E, D, dtype=torch.float32, dev=dev, scale=D ** -0.5)
-    bias = randn(E, dtype=torch.float32, dev=dev, scale=0.1)
+    _, r = device_draw(ctx, 8)
     for T in _hc_tokens(sh):
-        x = randn(T, D, dev=dev)
+        args = on_device(ctx, topk_inputs(r, T, E, D, k, 0.1))  # x, fp32 W, bias, no hash table, k, 1.5
+        x, w, bias = args[:3]
         b = nbytes(x) + nbytes(w) + nbytes(bias) + 8 * T * k
-        args = (x, w, bias, None, None, k, 1.5)
         yield Case("gate", f"T={T} E={E} D={D} top{k}", "decode" if T < sh.prefill_tokens else "prefill",
                    lambda a=args: K.gate.moe_gate(*a), lambda a=args: ctx.ref.moe_gate(*a),
                    check_gate(1e-4), b, 2 * T * E * D, "fp32", None)
@@ -525,10 +542,10 @@ def _moe_weights(ctx: Ctx):
     del q1, q3, q2
     s1, s3, s2 = (randn(*s, dtype=torch.float32, dev=dev, scale=D ** -0.5) for s in ((I, D), (I, D), (D, I)))
     shared_bf = (torch.cat([s1, s3]).to(bf), s2.to(bf))
-    qs = [quant.QuantizedWeight("fp8", *quant.quant_fp8_block(t)) for t in (s1, s3, s2)]
-    p13, p2 = K.gemm.prepare_experts([qs[0]], [qs[1]], [qs[2]], bf, dev)
+    qsh = [quant.QuantizedWeight("fp8", *quant.quant_fp8_block(t)) for t in (s1, s3, s2)]
+    p13, p2 = K.gemm.prepare_experts([qsh[0]], [qsh[1]], [qsh[2]], bf, dev)
     shared_fp8 = (p13[0], p2[0])
-    shared_fp8_ref = (torch.cat([qs[0].dequantize(), qs[1].dequantize()]).to(bf), qs[2].dequantize().to(bf))
+    shared_fp8_ref = (torch.cat([qsh[0].dequantize(), qsh[1].dequantize()]).to(bf), qsh[2].dequantize().to(bf))
     dense13 = K.gemm.CudaWeight("dense", w13, None, bf, I)
     dense2 = K.gemm.CudaWeight("dense", w2, None, bf, 0)
     return SimpleNamespace(w13=w13, w2=w2, dense13=dense13, dense2=dense2, f13=f13, f2=f2,
