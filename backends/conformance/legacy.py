@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from .case import BF16, DTYPES, F32, F64, LENGTHS, ROPE  # noqa: F401
+from .case import BF16, DTYPES, F32, LENGTHS, ROPE  # noqa: F401
 
 TOKENS = LENGTHS
 EPS = 1e-6
@@ -48,7 +48,3 @@ class KernelCase:
 
 def _dt(dtype) -> str:
     return {F32: "f32", BF16: "bf16"}[dtype]
-
-
-def _rope_inv_freq(r=64, base=10000.0):
-    return (1.0 / base ** (torch.arange(0, r, 2, dtype=F64) / r)).float()
