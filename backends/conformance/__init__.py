@@ -27,6 +27,7 @@ from .checks import (  # noqa: F401
     REF,
     attention_truth,
     check_as_ref,
+    check_elementwise,
     check_indexer_topk,
     check_rel,
     entry_scores64,
@@ -81,6 +82,7 @@ KERNEL_MODULES = {
     "moe_gate": {"cuda": "backends.cuda.kernels.gate", "ascend": "backends.ascend.kernels.gate"},
     "indexer_topk": {"cuda": "backends.cuda.kernels.indexer", "ascend": "backends.ascend.kernels.indexer"},
     "attention": {"cuda": "backends.cuda.kernels.attention", "ascend": "backends.ascend.kernels.attention"},
+    "compress": {"cuda": "backends.cuda.kernels.compress", "ascend": "backends.ascend.kernels.compress"},
 }
 
 

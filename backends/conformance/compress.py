@@ -1,99 +1,104 @@
-"""Conformance cases of the KV compressor (compress)."""
+"""Conformance cases of the KV compressor (compress).
+
+One call per case: kv, score [T, k c] of the sequences packed in the call, ape, the spec, the norm
+weight, the rope frequencies, the compressor state (random: a sequence that starts mid-window reads
+it as its earlier tokens), the paged pool (behind a non-trivial block table) and the layout (a list
+of (slot, start, n, offset), or `DecodeRows` in the decode form). The comparator ("compress") scores
+the emitted entries and the state and pool after the call; in exact mode the overlapping compressor
+fake-quantises its entries to FP4, the plain one to FP8.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from .case import BF16, DTYPES, F32, F64, H, HD, LENGTHS, ROPE, DM, NHC  # noqa: F401
-
-from .inputs import gen, hc_params, indexer_case, layer_inputs, qs, random_table, rng  # noqa: F401
-from .legacy import EPS, TOKENS, KernelCase, _dt, _g, _inv_freq, _randn  # noqa: F401
 from v4.ops import CompressSpec, DecodeRows
 
+from .case import BF16, F32, F64, HD, LENGTHS, ROPE, Case, randn
+from .norm_rope import yarn_inv_freq
 
-def _cases_compress(g, mode):
-    """Per case: a list of sequences (start, n) in one packed call, with random partial-window
-    state for sequences that start mid-window."""
-    bs = 16  # pool block size: 129 tokens at ratio 4 = 32 entries span 2 blocks
-    plans = [[(0, T)] for T in LENGTHS] + [
-        [(3, 1)],  # the window closes at this step's only token
-        [(4, 1)],  # one token after a close: nothing emitted
-        [(6, 7)],  # starts mid-window, closes one, leaves a partial one
-        [(0, 1), (15, 1), (2, 129), (0, 5)],  # several sequences in one packed call
+BS = 16  # pool block size: 129 tokens at ratio 4 = 32 entries span 2 blocks
+
+# sequences (start, n) in one packed call, in batch order
+PLANS = [[(0, T)] for T in LENGTHS] + [
+    [(3, 1)],  # the window closes at this step's only token
+    [(4, 1)],  # one token after a close: nothing emitted
+    [(6, 7)],  # starts mid-window, closes one, leaves a partial one
+    [(13, 3)],  # the state's head and the new tokens fill a window exactly (ratio 16)
+    [(0, 1), (15, 1), (2, 129), (0, 5)],  # several sequences in one packed call
+]
+# a sequence continuing at position 1001 (its state holds the open window so far), one from 0, one in
+# the batch with no new tokens; batch order is not slot order
+FAR_PLAN, FAR_SLOTS = [(1001, 9), (0, 7), (5, 0)], [2, 0, 1]
+
+
+def _spec(m: int, overlap: bool, mode: str) -> CompressSpec:
+    quant = ("fp4" if overlap else "fp8") if mode == "exact" else "none"
+    return CompressSpec(m, HD, overlap, quant, ROPE, 1e-6)
+
+
+def _table(slots: int, entries: int) -> torch.Tensor:
+    """Each slot's blocks in reverse order (non-trivial paging): int32 [slots, blocks per slot]."""
+    nb = -(-entries // BS)
+    return torch.arange(slots * nb, dtype=torch.int32).view(slots, nb).flip(1).contiguous()
+
+
+def _tagged(g, spec, T, slots, table, layout) -> list:
+    """The op's arguments with their roles, floating values drawn from g in float64."""
+    k, m, c = (2 if spec.overlap else 1), spec.ratio, spec.dim
+    return [
+        ("acc", randn(g, T, k * c)),  # kv [T, k c]
+        ("acc", randn(g, T, k * c)),  # score [T, k c]
+        ("acc", randn(g, m, k * c, std=0.1)),  # ape [m, k c]
+        ("raw", spec),
+        ("acc", 1 + randn(g, c, std=0.1)),  # norm weight [c]
+        ("acc", yarn_inv_freq()),  # [ROPE / 2]
+        ("acc", randn(g, slots, k * m, k * c)),  # state_kv
+        ("acc", randn(g, slots, k * m, k * c)),  # state_score
+        ("D", torch.zeros(table.numel(), BS, c, dtype=F64)),  # pool [blocks, BS, c]
+        ("raw", table),
+        (("rows" if isinstance(layout, DecodeRows) else "raw"), layout),
     ]
-    quant = {"overlap": "fp4" if mode == "exact" else "none", "plain": "fp8" if mode == "exact" else "none"}
+
+
+def _packed_case(m, overlap, seqs, slot_of=None, dtypes=(F32,)) -> Case:
+    """One packed call of the sequences `seqs` [(start, n)], sequence i in slot slot_of[i]."""
+    slot_of = list(range(len(seqs))) if slot_of is None else slot_of
+    name = f"m={m},seqs={seqs}" + ("" if slot_of == sorted(slot_of) else f",slots={slot_of}")
+
+    def build(g, mode):
+        packed, off = [], 0
+        for slot, (s, n) in zip(slot_of, seqs):
+            packed.append((slot, s, n, off))
+            off += n
+        table = _table(len(seqs), max((s + n) // m for s, n in seqs) + 1)
+        return _tagged(g, _spec(m, overlap, mode), off, len(seqs), table, packed), {}
+
+    return Case("compress", name, build, dtypes=dtypes, kind="compress")
+
+
+def _decode_case(m, overlap, dtypes=(F32,)) -> Case:
+    """The decode form (`DecodeRows`, what a captured decode step passes): one token per sequence, rows
+    not in slot order: the first window closing, a sequence's first token, a later window closing,
+    mid-window."""
+    pos = [m - 1, 0, 5 * m + m - 1, 3 * m + 1]
+
+    def build(g, mode):
+        rows = DecodeRows(torch.tensor([2, 0, 3, 1]), torch.tensor([pos[2], pos[0], pos[3], pos[1]]))
+        table = _table(len(pos), max(pos) // m + 1)
+        return _tagged(g, _spec(m, overlap, mode), len(pos), len(pos), table, rows), {}
+
+    return Case("compress", f"m={m},decode rows at {pos}", build, dtypes=dtypes, kind="compress")
+
+
+def _compress_cases():
+    """The overlapping compressor (ratio 4) and the plain one (ratios 16 and 128) over every plan, the
+    far-position batch and the decode form; the bf16 pool at one long prefill and the packed plans."""
     for m, overlap in ((4, True), (16, False), (128, False)):
-        for seqs in plans:
-            if m == 128 and max(s + n for s, n in seqs) < 100:
-                continue  # ratio 128 only matters where a window can close
-            k = 2 if overlap else 1
-            c = HD
-            slots = len(seqs)
-            T = sum(n for _, n in seqs)
-            max_e = max((s + n) // m for s, n in seqs) + 1
-            nb = -(-max_e // bs)
-            table = (
-                torch.arange(slots * nb, dtype=torch.int32).view(slots, nb).flip(1).contiguous()
-            )  # non-trivial paging
-            state_kv, state_score = (
-                torch.zeros(slots, k * m, k * c, dtype=torch.float64),
-                torch.zeros(slots, k * m, k * c, dtype=torch.float64),
-            )
-            for slot, (s, _) in enumerate(seqs):
-                state_kv[slot] = _randn(g, k * m, k * c)
-                state_score[slot] = _randn(g, k * m, k * c)
-            packed, off = [], 0
-            for slot, (s, n) in enumerate(seqs):
-                packed.append((slot, s, n, off))
-                off += n
-            spec = CompressSpec(m, c, overlap, quant["overlap" if overlap else "plain"], ROPE, 1e-6)
-            name = f"m={m},seqs={[(s, n) for s, n in seqs]}"
-            yield (
-                name,
-                [
-                    ("acc", _randn(g, T, k * c)),
-                    ("acc", _randn(g, T, k * c)),
-                    ("acc", _randn(g, m, k * c, std=0.1)),
-                    ("raw", spec),
-                    ("acc", 1 + _randn(g, c, std=0.1)),
-                    ("acc", _inv_freq()),
-                    ("acc", state_kv),
-                    ("acc", state_score),
-                    ("D", torch.zeros(slots * nb, bs, c, dtype=torch.float64)),
-                    ("raw", table),
-                    ("raw", packed),
-                ],
-                {},
-                "compress",
-            )
-        # decode form (DecodeRows, what a captured decode step passes): one token per sequence, the
-        # first window closing, a sequence's first token, a later window closing, mid-window
-        k = 2 if overlap else 1
-        pos = [m - 1, 0, 5 * m + m - 1, 3 * m + 1]
-        slots = len(pos)
-        nb = -(-(max(pos) // m + 1) // bs)
-        table = torch.arange(slots * nb, dtype=torch.int32).view(slots, nb).flip(1).contiguous()
-        spec = CompressSpec(m, HD, overlap, quant["overlap" if overlap else "plain"], ROPE, 1e-6)
-        yield (
-            f"m={m},decode rows at {pos}",
-            [
-                ("acc", _randn(g, slots, k * HD)),
-                ("acc", _randn(g, slots, k * HD)),
-                ("acc", _randn(g, m, k * HD, std=0.1)),
-                ("raw", spec),
-                ("acc", 1 + _randn(g, HD, std=0.1)),
-                ("acc", _inv_freq()),
-                ("acc", _randn(g, slots, k * m, k * HD)),
-                ("acc", _randn(g, slots, k * m, k * HD)),
-                ("D", torch.zeros(slots * nb, bs, HD, dtype=torch.float64)),
-                ("raw", table),
-                ("rows", DecodeRows(torch.tensor([2, 0, 3, 1]), torch.tensor([pos[2], pos[0], pos[3], pos[1]]))),
-            ],
-            {},
-            "compress",
-        )
+        for seqs in PLANS:
+            yield _packed_case(m, overlap, seqs, dtypes=(F32, BF16) if len(seqs) > 1 or seqs == [(0, 129)] else (F32,))
+        yield _packed_case(m, overlap, FAR_PLAN, FAR_SLOTS, dtypes=(F32, BF16))
+        yield _decode_case(m, overlap, dtypes=(F32, BF16))
 
 
-# transitional: the boundary builders of `dsv4 parity ops` and the kernel tests' cases
-BOUNDARY = {"compress": _cases_compress}
-KERNEL = {}
+CASES = {"compress": list(_compress_cases())}
