@@ -26,6 +26,7 @@ from backends.conformance import FLASH, SMOKE, Shapes, kernel_args, qs  # noqa: 
 from backends.conformance.gate import topk_inputs
 from backends.conformance.indexer import sequences_inputs
 from backends.conformance.mhc import hc_post_inputs, hc_pre_inputs
+from backends.conformance.norm_rope import rms_norm_inputs, rope_inputs
 
 FP8_ROW_BYTES_512 = 584  # V4 main KV row (spec §1): 448 e4m3 + 64 bf16 rope + 7 UE8M0 scales + 1 pad
 
@@ -477,14 +478,13 @@ def cases_hc_post(ctx: Ctx):
 
 
 def cases_rms_norm(ctx: Ctx):
-    K, sh, dev = ctx.K, ctx.sh, ctx.dev
-    torch.manual_seed(6)
+    K, sh = ctx.K, ctx.sh
+    _, r = device_draw(ctx, 6)
     for T in (sh.batches[-1], sh.prefill_tokens):
-        for what, shape, weighted in (("q heads", (T, sh.heads, sh.head_dim), False), ("hidden", (T, sh.hidden), True)):
-            x = randn(*shape, dev=dev)
-            w = (1.0 + randn(shape[-1], dtype=torch.float32, dev=dev, scale=0.1)) if weighted else None
+        for what, shape, weight in (("q heads", (T, sh.heads, sh.head_dim), None), ("hidden", (T, sh.hidden), "acc")):
+            args = on_device(ctx, rms_norm_inputs(r, shape, weight, 1.0, 0.0))  # x, float32 weight or None, eps
+            x, w = args[:2]
             b = 2 * nbytes(x) + nbytes(w)
-            args = (x, w, 1e-6)
             phase = "decode" if T < sh.prefill_tokens else "prefill"
             yield Case("rms_norm", f"{what} {'x'.join(map(str, shape))}", phase,
                        lambda a=args: K.norm_rope.rms_norm(*a), lambda a=args: ctx.ref.rms_norm(*a),
@@ -492,16 +492,16 @@ def cases_rms_norm(ctx: Ctx):
 
 
 def cases_rope(ctx: Ctx):
-    K, sh, dev = ctx.K, ctx.sh, ctx.dev
+    K, sh = ctx.K, ctx.sh
     from v4.config import yarn_inv_freq
 
-    torch.manual_seed(7)
-    inv = yarn_inv_freq(64, 10000.0, None).to(dev, torch.float32)
+    g, r = device_draw(ctx, 7)
+    inv = yarn_inv_freq(64, 10000.0, None)
     for T in (sh.batches[-1], sh.prefill_tokens):
-        x = randn(T, sh.heads, sh.head_dim, dev=dev)
-        pos = torch.randint(0, 1 << 17, (T,), device=dev)
-        b = 2 * nbytes(x) + nbytes(pos) + nbytes(inv)
-        args = (x, pos, inv)
+        pos = torch.randint(0, 1 << 17, (T,), generator=g)
+        args = on_device(ctx, rope_inputs(r, pos, sh.heads, sh.head_dim, inv))  # x, positions, inv_freq
+        x, pos, inv_dev = args
+        b = 2 * nbytes(x) + nbytes(pos) + nbytes(inv_dev)
         yield Case("rope", f"q {T}x{sh.heads}x{sh.head_dim}", "decode" if T < sh.prefill_tokens else "prefill",
                    lambda a=args: K.norm_rope.rope(*a), lambda a=args: ctx.ref.rope(*a),
                    check_close(1e-2), b, 0.0, "fp32", T_ELEMENTWISE)

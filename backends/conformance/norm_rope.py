@@ -1,10 +1,16 @@
-"""Conformance cases of rms_norm and rope."""
+"""Conformance cases of rms_norm and rope.
+
+The sized builders (`rms_norm_inputs`, `rope_inputs`) are shared with the kernel benches: they take
+`r(*shape, s=1.0)`, a draw of s * N(0, 1) (float64 on CPU for the cases, the bench's own device draw
+there), and return the tagged inputs.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from .case import LENGTHS, ROPE, Case, randn
+from .case import LENGTHS, ROPE, Case
+from .mhc import draw64
 
 
 def yarn_inv_freq() -> torch.Tensor:
@@ -15,18 +21,27 @@ def yarn_inv_freq() -> torch.Tensor:
                                      "beta_fast": 32, "beta_slow": 1}).double()
 
 
+def rms_norm_inputs(r, shape: tuple, weight_role: str | None = "D", scale: float = 3.0, shift: float = 0.5) -> list:
+    """x [*shape] (D), scale * N(0, 1) + shift; weight [shape[-1]] around 1 in `weight_role` (None: no
+    weight, the per-head q / kv norms); eps."""
+    x = r(*shape, s=scale) + shift
+    weight = None if weight_role is None else (weight_role, 1 + r(shape[-1], s=0.2))
+    return [("D", x), weight or ("raw", None), ("raw", 1e-6)]
+
+
+def rope_inputs(r, positions: torch.Tensor, heads: int, dim: int, inv_freq: torch.Tensor) -> list:
+    """x [T, heads, dim] (D; the rope dims are the last 2 len(inv_freq)), positions [T], inv_freq (acc)."""
+    return [("D", r(len(positions), heads, dim)), ("raw", positions), ("acc", inv_freq)]
+
+
 def _rms_norm_cases():
     """Rows of 96 (not a power of two: the tile is masked) at the boundary token counts; a float32
     weight; per-head norm of [T, H, d] without a weight (the q / kv norms)."""
-    def rows(T, weight_role):
-        return lambda g, mode: ([("D", randn(g, T, 96, std=3.0) + 0.5), (weight_role, 1 + randn(g, 96, std=0.2)),
-                                 ("raw", 1e-6)], {})
-
     for T in LENGTHS:
-        yield Case("rms_norm", f"T={T}", rows(T, "D"))
-    yield Case("rms_norm", "T=5,fp32 weight", rows(5, "acc"))
-    yield Case("rms_norm", "heads unweighted", lambda g, mode: ([("D", randn(g, 5, 3, 64)), ("raw", None),
-                                                                 ("raw", 1e-6)], {}))
+        yield Case("rms_norm", f"T={T}", lambda g, mode, T=T: (rms_norm_inputs(draw64(g), (T, 96)), {}))
+    yield Case("rms_norm", "T=5,fp32 weight", lambda g, mode: (rms_norm_inputs(draw64(g), (5, 96), "acc"), {}))
+    yield Case("rms_norm", "heads unweighted",
+               lambda g, mode: (rms_norm_inputs(draw64(g), (5, 3, 64), None, 1.0, 0.0), {}))
 
 
 def _rope_cases():
@@ -35,7 +50,7 @@ def _rope_cases():
     def build(T, inverse):
         def inputs(g, mode):
             pos = torch.arange(T) + int(torch.randint(0, 65536, (1,), generator=g))
-            return [("D", randn(g, T, 3, 96)), ("raw", pos), ("acc", yarn_inv_freq())], {"inverse": inverse}
+            return rope_inputs(draw64(g), pos, 3, 96, yarn_inv_freq()), {"inverse": inverse}
         return inputs
 
     for T in LENGTHS:
