@@ -16,6 +16,7 @@ No Triton and no kernel module is imported at module level (callers decide TRITO
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Callable
 
@@ -24,6 +25,9 @@ from .case import BF16, DTYPES, F32, F64, LENGTHS, Case, kernel_args, randn  # n
 from .checks import (  # noqa: F401
     ATTENTION_TOL,
     FLOOR,
+    FP8_MMA_GPU_TOL,
+    GEMM_TOL,
+    GEMM_TOL_ACT_QUANT,
     REF,
     attention_truth,
     check_as_ref,
@@ -50,6 +54,7 @@ from .inputs import (  # noqa: F401
     qs,
     random_table,
     rng,
+    stored_weight,
 )
 from .sizes import FLASH, SMOKE, Shapes  # noqa: F401
 
@@ -83,6 +88,10 @@ KERNEL_MODULES = {
     "indexer_topk": {"cuda": "backends.cuda.kernels.indexer", "ascend": "backends.ascend.kernels.indexer"},
     "attention": {"cuda": "backends.cuda.kernels.attention", "ascend": "backends.ascend.kernels.attention"},
     "compress": {"cuda": "backends.cuda.kernels.compress", "ascend": "backends.ascend.kernels.compress"},
+    # the projections: Ascend runs them as torch / CANN calls of its ops object ("ops"), no kernel of its own
+    "linear": {"cuda": "backends.cuda.kernels.gemm", "ascend": "ops"},
+    "grouped_out_proj": {"cuda": "backends.cuda.kernels.gemm", "ascend": "ops"},
+    "moe_experts": {"cuda": "backends.cuda.kernels.gemm", "ascend": "ops"},
 }
 
 
@@ -91,7 +100,23 @@ def backends_of(op: str) -> list[str]:
 
 
 def impl(op: str, backend: str) -> Callable:
-    """The op's function in `backend`: the reference op, or the backend's Triton kernel (imported here)."""
+    """The op's function in `backend`: the reference op, the backend's Triton kernel (imported here), or
+    its ops object's method where KERNEL_MODULES says "ops"."""
     if backend == "reference":
         return getattr(REF, op)
-    return getattr(importlib.import_module(KERNEL_MODULES[op][backend]), op)
+    where = KERNEL_MODULES[op][backend]
+    if where == "ops":
+        return getattr(ops_object(backend), op)
+    return getattr(importlib.import_module(where), op)
+
+
+@functools.cache
+def ops_object(backend: str):
+    """The backend's ops on CPU: Ascend's over the CPU emulation of its CANN calls (backends/ascend/emulation.py),
+    the layout decisions the NPU run makes included."""
+    if backend != "ascend":
+        raise ValueError(f"no CPU ops object for backend {backend!r}")
+    from backends.ascend import emulation
+    from backends.ascend.ops import AscendOps
+
+    return AscendOps("cpu", npu=emulation)

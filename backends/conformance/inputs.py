@@ -116,3 +116,15 @@ def indexer_case(seed, T, H=16, d=32, slots=3, bs=12, max_pos=250, ratio=4, dtyp
     tok_slot = torch.randint(0, slots, (T,), generator=g)
     positions = torch.randint(0, max_pos + 1, (T,), generator=g)
     return q, w, pool, table, tok_slot, positions
+
+
+def stored_weight(w: torch.Tensor, fmt: str):
+    """A float weight in one of the checkpoint's stored forms: "fp8" (e4m3, one scale per 128 x 128
+    block), "fp4" (e2m1, one scale per 32 inputs) or "dense" (the tensor itself)."""
+    from v4 import quant
+
+    if fmt == "fp8":
+        return quant.QuantizedWeight("fp8", *quant.quant_fp8_block(w))
+    if fmt == "fp4":
+        return quant.QuantizedWeight("fp4", *quant.quant_fp4(w))
+    return w

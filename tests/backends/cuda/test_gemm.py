@@ -11,6 +11,7 @@ them in prepare_linear, the kernels dequantise tiles in registers.
 import pytest
 import torch
 
+from backends.conformance import FP8_MMA_GPU_TOL, GEMM_TOL, GEMM_TOL_ACT_QUANT, stored_weight
 from backends.cuda.kernels import gemm
 from backends.reference.ops import ReferenceOps
 from v4 import quant
@@ -28,27 +29,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
 
-def stored(w: torch.Tensor, fmt: str):
-    """A random float weight in one of the checkpoint's stored forms."""
-    if fmt == "fp8":
-        return quant.QuantizedWeight("fp8", *quant.quant_fp8_block(w))
-    if fmt == "fp4":
-        return quant.QuantizedWeight("fp4", *quant.quant_fp4(w))
-    return w
+stored = stored_weight  # a random float weight in one of the checkpoint's stored forms
 
 
 def ref_w(w, dtype):
     return REF.prepare_linear(w, dtype)
 
 
-# bf16 agreement: the same roundings, summation order may move a result by a bf16 ulp; with
-# act_quant such a flip upstream can move one FP8 code (MoE: h is quantised again before W2)
-TOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 2e-3}
-TOL_AQ = {torch.float32: 2e-6, torch.bfloat16: 2.5e-2, torch.float16: 1e-2}
-# FP8 x FP8 on a Hopper GPU's tensor cores: the products are exact, but the MMA sums them with a
-# short internal accumulator (~14 bits kept, DeepSeek-V3 report §3.3.2): measured 2.0e-4 on an
-# H200 for fp32 activations at K = 288, where the interpreter (exact fp32 sums) stays at 2e-6
-FP8_MMA_GPU_TOL = 1e-3
+# bf16 agreement to an ulp, one FP8 code with act_quant; FP8 MMA on a GPU (the conformance rules)
+TOL, TOL_AQ = GEMM_TOL, GEMM_TOL_ACT_QUANT
 FP8_MMA_ON_GPU = GPU and gemm._fp8_mma_default(torch.empty(0, device=DEV))
 
 
