@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backends.conformance import BOUNDARY_CASES, CASES
+from backends.conformance import CASES
 from backends.reference.ops import ReferenceOps
 from v4.ops import DecodeRows, acc
 from . import metrics
@@ -80,12 +80,6 @@ def _op_cases(op: str, seed: int, mode: str):
     """(case name, args as [(role, value)], kwargs, comparator) for each case of the op in the one
     conformance case set (backends/conformance/, read by the tests and the benches too); the
     comparator turns (truth outputs, B outputs, truth inputs) into metrics."""
-    if op in BOUNDARY_CASES:  # transitional: an op family not merged into `Case`s yet
-        import backends
-
-        k = backends.OP_NAMES.index(op)
-        yield from BOUNDARY_CASES[op](torch.Generator().manual_seed(seed * 1000 + k), mode)
-        return
     for case in CASES[op]:
         args, kwargs = case.inputs(seed, mode)
         yield case.name, args, kwargs, case.kind

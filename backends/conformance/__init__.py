@@ -59,23 +59,7 @@ from .inputs import (  # noqa: F401
 from .sizes import FLASH, SMOKE, Shapes  # noqa: F401
 
 _FAMILIES = (norm_rope, mhc, gate, indexer, attention, compress, linear)
-CASES: dict[str, list[Case]] = {op: cases for m in _FAMILIES for op, cases in getattr(m, "CASES", {}).items()}
-
-# transitional, until every family exposes CASES: the old formats of the ops not merged yet
-BOUNDARY_CASES = {op: b for m in _FAMILIES for op, b in getattr(m, "BOUNDARY", {}).items()}
-_LEGACY_KERNEL = {op: ks for m in _FAMILIES for op, ks in getattr(m, "KERNEL", {}).items()}
-
-
-def _from_kernel_case(kc) -> Case:
-    """A legacy KernelCase (inputs already in its dtype) as a Case whose inputs pass through as they are."""
-    def build(g, mode, kc=kc):
-        args, kwargs = kc.build()
-        return [("raw", a) for a in args], kwargs
-    return Case(kc.op, kc.name, build, dtypes=(kc.dtype,), extra=kc.extra)
-
-
-for _op, _ks in _LEGACY_KERNEL.items():
-    CASES.setdefault(_op, [_from_kernel_case(k) for k in _ks])
+CASES: dict[str, list[Case]] = {op: cases for m in _FAMILIES for op, cases in m.CASES.items()}
 
 # which backend has a kernel for which op: the tests run every case over each of them
 KERNEL_MODULES = {
