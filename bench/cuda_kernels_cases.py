@@ -22,7 +22,8 @@ import torch
 
 # the bench's sizes and input builders live with the conformance cases (backends/conformance/: the
 # tests and `dsv4 parity ops` draw the same inputs at their sizes); cuda_kernels.py reads FLASH / SMOKE
-from backends.conformance import FLASH, SMOKE, Shapes, kernel_args, qs  # noqa: F401  (FLASH, SMOKE, Shapes)
+from backends.conformance import FLASH, SMOKE, Shapes, kernel_args, paged_table, qs  # noqa: F401  (FLASH, SMOKE, Shapes)
+from backends.conformance.compress import compress_inputs
 from backends.conformance.gate import topk_inputs
 from backends.conformance.indexer import sequences_inputs
 from backends.conformance.mhc import hc_post_inputs, hc_pre_inputs
@@ -347,50 +348,49 @@ def cases_indexer(ctx: Ctx):
 def cases_compress(ctx: Ctx):
     """Compressor prefill of one sequence: CSA main (ratio 4, overlapping, fp8), HCA (ratio 128,
     fp8), indexer keys (ratio 4, overlapping, fp4); pool in bf16, state and inputs in fp32. Then
-    each in its decode form (`DecodeRows`, the CUDA-graph path) for every decode batch size."""
-    sh, dev = ctx.sh, ctx.dev
+    each in its decode form (`DecodeRows`, the CUDA-graph path) for every decode batch size. Inputs:
+    the conformance cases' sized builder (`compress_inputs`) drawn on the device."""
+    sh = ctx.sh
     from v4.ops import CompressSpec
-    from v4.config import ModelConfig, yarn_inv_freq
 
-    rope = 64
-    inv = yarn_inv_freq(rope, 160000.0, ModelConfig().rope_scaling).to(dev, torch.float32)
-    torch.manual_seed(3)
+    g, r = device_draw(ctx, 3)
     for label, m, c, overlap, quant in (("csa", sh.csa_ratio, sh.head_dim, True, "fp8"),
                                         ("hca", sh.hca_ratio, sh.head_dim, False, "fp8"),
                                         ("indexer", sh.csa_ratio, sh.compress_idx_dim, True, "fp4")):
-        spec = CompressSpec(m, c, overlap, quant, rope, 1e-6)
-        case, norm_w = _compress_prefill_case(ctx, label, spec, inv)
-        yield case
-        del case
+        spec = CompressSpec(m, c, overlap, quant, 64, 1e-6)
+        yield _compress_prefill_case(ctx, label, spec, g, r)
         # decode (the captured form, DecodeRows): B sequences, one token each, every other one
         # closing its window at this token; the rest go mid-window
         for B in sh.batches:
-            yield _compress_decode_case(ctx, label, spec, inv, norm_w, B)
+            yield _compress_decode_case(ctx, label, spec, g, r, B)
 
 
-def _compress_prefill_case(ctx: Ctx, label: str, spec, inv: torch.Tensor) -> tuple[Case, torch.Tensor]:
-    """The prefill case of one compressor (T tokens of one sequence) and its norm weight (the decode
-    cases reuse it)."""
-    K, sh, dev = ctx.K, ctx.sh, ctx.dev
+def _compress_inputs(ctx: Ctx, r, spec, T: int, table: torch.Tensor, layout) -> tuple[tuple, dict]:
+    """compress's arguments on ctx.dev (bf16 pool of ctx.sh.block_size rows a block) and per-side copies
+    of what the call writes (state_kv, state_score, pool: args[6:9]), so both sides start alike."""
+    tagged = compress_inputs(r, spec, T, table.shape[0], table, layout, pool_dtype=torch.bfloat16,
+                             block_size=ctx.sh.block_size)
+    args = on_device(ctx, tagged)
+    return args, {side: tuple(t.clone() for t in args[6:9]) for side in ("cuda", "ref")}
+
+
+def _compress_run(args: tuple, st: dict, fn, side: str):
+    """fn (the kernel or the reference) over args with `side`'s copy of the state and pool."""
+    return fn(*args[:6], *st[side], *args[9:])
+
+
+def _compress_prefill_case(ctx: Ctx, label: str, spec, g: torch.Generator, r) -> Case:
+    """The prefill case of one compressor: T tokens of one sequence from position 0."""
+    K, sh = ctx.K, ctx.sh
     m, c, overlap, quant = spec.ratio, spec.dim, spec.overlap, spec.quant
     T, bs = sh.compress_tokens, sh.block_size
     k = 2 if overlap else 1
     E = T // m
-    per = -(-(E + 1) // bs)
-    kv = randn(T, k * c, dtype=torch.float32, dev=dev)
-    score = randn(T, k * c, dtype=torch.float32, dev=dev, scale=2.0)
-    ape = randn(m, k * c, dtype=torch.float32, dev=dev, scale=0.5)
-    norm_w = 1.0 + randn(c, dtype=torch.float32, dev=dev, scale=0.1)
-    table = torch.randperm(per + 2, device=dev)[:per].view(1, per).to(torch.int32)
-    seqs = [(0, 0, T, 0)]
-    st = {side: (torch.zeros(1, k * m, k * c, device=dev), torch.zeros(1, k * m, k * c, device=dev),
-                 torch.zeros(per + 2, bs, c, dtype=torch.bfloat16, device=dev)) for side in ("cuda", "ref")}
+    table = paged_table(1, E + 1, bs, g).table
+    args, st = _compress_inputs(ctx, r, spec, T, table, [(0, 0, T, 0)])
+    ape, norm_w = args[2], args[4]
     rows_written = (m if overlap else 0) + (T % m)
     b = 2 * 4 * T * k * c + nbytes(ape) + 2 * E * c * 2 + 2 * 4 * rows_written * k * c + nbytes(norm_w)
-
-    def run(fn, side):
-        skv, sz, pool = st[side]
-        return fn(kv, score, ape, spec, norm_w, inv, skv, sz, pool, table, seqs)
 
     def check(got, ref, base=check_quantized(2 ** -7, 1e-3, 0.01)):
         ok, text, m_ = base(got, ref)
@@ -399,40 +399,28 @@ def _compress_prefill_case(ctx: Ctx, label: str, spec, inv: torch.Tensor) -> tup
         m_.update({"pool_frac_off": mp.get("frac_off"), "state_equal": same_state})
         return ok and ok_p and same_state, text + ("" if same_state else " STATE"), m_
 
-    case = Case("compress", f"{label} m={m} c={c} {quant} T={_kfmt(T)}", "prefill",
-                lambda: run(K.compress.compress, "cuda"), lambda: run(ctx.ref.compress, "ref"),
+    return Case("compress", f"{label} m={m} c={c} {quant} T={_kfmt(T)}", "prefill",
+                lambda: _compress_run(args, st, K.compress.compress, "cuda"),
+                lambda: _compress_run(args, st, ctx.ref.compress, "ref"),
                 check, b, 0.0, "fp32", T_ELEMENTWISE)
-    return case, norm_w
 
 
-def _compress_decode_case(ctx: Ctx, label: str, spec, inv: torch.Tensor, norm_w: torch.Tensor, B: int) -> Case:
+def _compress_decode_case(ctx: Ctx, label: str, spec, g: torch.Generator, r, B: int) -> Case:
     """One decode step of B sequences through the compressor (`DecodeRows`, one launch)."""
     K, sh, dev = ctx.K, ctx.sh, ctx.dev
     from v4.ops import DecodeRows
 
     m, c, overlap = spec.ratio, spec.dim, spec.overlap
-    bs = sh.block_size
     k = 2 if overlap else 1
-    pos = torch.tensor([(1000 + i) * m + (m - 1 if i % 2 == 0 else i % m) for i in range(B)], device=dev)
-    rows = DecodeRows(torch.arange(B, device=dev), pos)
+    pos = [(1000 + i) * m + (m - 1 if i % 2 == 0 else i % m) for i in range(B)]
+    rows = DecodeRows(torch.arange(B, device=dev), torch.tensor(pos, device=dev))
     n_close = (B + 1) // 2
-    per = int(pos.max()) // m // bs + 1
-    table = torch.randperm(B * per, device=dev).view(B, per).to(torch.int32)
-    kv = randn(B, k * c, dtype=torch.float32, dev=dev)
-    score = randn(B, k * c, dtype=torch.float32, dev=dev, scale=2.0)
-    ape = randn(m, k * c, dtype=torch.float32, dev=dev, scale=0.5)
-    init = randn(B, k * m, k * c, dtype=torch.float32, dev=dev)
-    st = {side: (init.clone(), init.clone() * 0.5, torch.zeros(B * per, bs, c, dtype=torch.bfloat16, device=dev))
-          for side in ("cuda", "ref")}
-    del init
+    table = paged_table(B, max(pos) // m + 1, sh.block_size, g).table
+    args, st = _compress_inputs(ctx, r, spec, B, table, rows)
     # read kv + score rows; closing rows read their k*m state rows (kv + score) and write the
     # pool row and the returned row; every row writes state: one row, or m rows on closing (overlap)
     b = (2 * 4 * B * k * c + n_close * (2 * 4 * k * m * k * c + 2 * c * 2)
          + 2 * 4 * k * c * ((B - n_close) + n_close * (m if overlap else 0)))
-
-    def run(fn, side):
-        skv, sz, pool = st[side]
-        return fn(kv, score, ape, spec, norm_w, inv, skv, sz, pool, table, rows)
 
     def check(got, ref, base=check_quantized(2 ** -7, 1e-3, 0.01)):
         ok, text, m_ = base(got, ref)
@@ -441,7 +429,8 @@ def _compress_decode_case(ctx: Ctx, label: str, spec, inv: torch.Tensor, norm_w:
         return ok and same_state, text + ("" if same_state else " STATE"), m_
 
     return Case("compress", f"{label} decode m={m} B={B} (1 launch)", "decode",
-                lambda: run(K.compress.compress, "cuda"), lambda: run(ctx.ref.compress, "ref"),
+                lambda: _compress_run(args, st, K.compress.compress, "cuda"),
+                lambda: _compress_run(args, st, ctx.ref.compress, "ref"),
                 check, b, 0.0, "fp32", None)
 
 

@@ -6,6 +6,9 @@ it as its earlier tokens), the paged pool (behind a non-trivial block table) and
 of (slot, start, n, offset), or `DecodeRows` in the decode form). The comparator ("compress") scores
 the emitted entries and the state and pool after the call; in exact mode the overlapping compressor
 fake-quantises its entries to FP4, the plain one to FP8.
+
+`compress_inputs` is the sized builder the kernel benches share (their prefill of one sequence and
+their decode step of B sequences, drawn on the device).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import torch
 
 from v4.ops import CompressSpec, DecodeRows
 
-from .case import BF16, F32, F64, HD, LENGTHS, ROPE, Case, randn
+from .case import BF16, F32, F64, HD, LENGTHS, ROPE, Case
+from .mhc import draw64
 from .norm_rope import yarn_inv_freq
 
 BS = 16  # pool block size: 129 tokens at ratio 4 = 32 entries span 2 blocks
@@ -43,19 +47,23 @@ def _table(slots: int, entries: int) -> torch.Tensor:
     return torch.arange(slots * nb, dtype=torch.int32).view(slots, nb).flip(1).contiguous()
 
 
-def _tagged(g, spec, T, slots, table, layout) -> list:
-    """The op's arguments with their roles, floating values drawn from g in float64."""
+def compress_inputs(r, spec: CompressSpec, T: int, slots: int, table: torch.Tensor, layout, *,
+                    pool_dtype=F64, block_size: int = BS) -> list:
+    """The op's arguments with their roles: kv, score [T, k c], ape [m, k c], spec, norm weight [c],
+    rope frequencies [ROPE / 2], state_kv, state_score [slots, k m, k c], a zero pool [table.numel(),
+    block_size, c] in pool_dtype, the block table and the layout (`DecodeRows` or the packed list).
+    `r(*shape, s=1.0)` draws s * N(0, 1): float64 from the case's generator, or the bench's device draw."""
     k, m, c = (2 if spec.overlap else 1), spec.ratio, spec.dim
     return [
-        ("acc", randn(g, T, k * c)),  # kv [T, k c]
-        ("acc", randn(g, T, k * c)),  # score [T, k c]
-        ("acc", randn(g, m, k * c, std=0.1)),  # ape [m, k c]
+        ("acc", r(T, k * c)),  # kv
+        ("acc", r(T, k * c)),  # score
+        ("acc", r(m, k * c, s=0.1)),  # ape
         ("raw", spec),
-        ("acc", 1 + randn(g, c, std=0.1)),  # norm weight [c]
-        ("acc", yarn_inv_freq()),  # [ROPE / 2]
-        ("acc", randn(g, slots, k * m, k * c)),  # state_kv
-        ("acc", randn(g, slots, k * m, k * c)),  # state_score
-        ("D", torch.zeros(table.numel(), BS, c, dtype=F64)),  # pool [blocks, BS, c]
+        ("acc", 1 + r(c, s=0.1)),  # norm weight
+        ("acc", yarn_inv_freq()),
+        ("acc", r(slots, k * m, k * c)),  # state_kv
+        ("acc", r(slots, k * m, k * c)),  # state_score
+        ("D", torch.zeros(table.numel(), block_size, c, dtype=pool_dtype)),  # pool
         ("raw", table),
         (("rows" if isinstance(layout, DecodeRows) else "raw"), layout),
     ]
@@ -72,7 +80,7 @@ def _packed_case(m, overlap, seqs, slot_of=None, dtypes=(F32,)) -> Case:
             packed.append((slot, s, n, off))
             off += n
         table = _table(len(seqs), max((s + n) // m for s, n in seqs) + 1)
-        return _tagged(g, _spec(m, overlap, mode), off, len(seqs), table, packed), {}
+        return compress_inputs(draw64(g), _spec(m, overlap, mode), off, len(seqs), table, packed), {}
 
     return Case("compress", name, build, dtypes=dtypes, kind="compress")
 
@@ -86,7 +94,7 @@ def _decode_case(m, overlap, dtypes=(F32,)) -> Case:
     def build(g, mode):
         rows = DecodeRows(torch.tensor([2, 0, 3, 1]), torch.tensor([pos[2], pos[0], pos[3], pos[1]]))
         table = _table(len(pos), max(pos) // m + 1)
-        return _tagged(g, _spec(m, overlap, mode), len(pos), len(pos), table, rows), {}
+        return compress_inputs(draw64(g), _spec(m, overlap, mode), len(pos), len(pos), table, rows), {}
 
     return Case("compress", f"m={m},decode rows at {pos}", build, dtypes=dtypes, kind="compress")
 
