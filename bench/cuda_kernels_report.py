@@ -93,8 +93,9 @@ def _num(v, f: str) -> str:
     return f"{v:{f}}" if isinstance(v, (int, float)) else "-"
 
 
-def markdown(doc: dict) -> str:
-    """The kernel table and the whole-model table as Markdown (what bench/results/ keeps)."""
+def _markdown_preamble(doc: dict) -> list[str]:
+    """The title, the command, the software and timing line, the roofline the percentages are taken against (when
+    the hardware is known) and the partial-run warning."""
     hw = doc.get("hardware") or {}
     out = [
         f"# CUDA backend on {doc['device']}",
@@ -117,35 +118,49 @@ def markdown(doc: dict) -> str:
         ]
     if doc.get("partial"):
         out += ["", "**Partial: the run was cut short after the rows below.**"]
-    out += [
+    return out
+
+
+def _markdown_kernel_row(r: dict) -> str:
+    """One case of the kernel table: its figures, check and target, or the error it stopped on."""
+    if "error" in r:
+        return (
+            f"| {r['kernel']} | {r['case']} | {r.get('phase', '')} | | | | | | | | | | | | ERROR | "
+            f"{r['error'][:120]} |"
+        )
+    chk = {True: "OK", False: "MISMATCH", None: "-"}[r.get("check_ok")] + f" ({r.get('check', '')})"
+    tgt = ""
+    if r.get("target"):
+        tgt = ("PASS " if r.get("target_pass") else "MISS ") + r["target"] if "target_pass" in r else r["target"]
+        if r.get("target_cap") is not None and r["target_cap"] < 0.999:
+            tgt += f"; roofline caps it at {r['target_cap'] * 100:.0f}%"
+    return (
+        f"| {r['kernel']} | {r['case']} | {r['phase']} | {_g(r['bytes'] / 1e6)} | {_g(r['flops'] / 1e9)} | "
+        f"{_num(r.get('cuda_s', 0) * 1e3, '.3f')} | {_num(r['ref_s'] * 1e3, '.3f') if 'ref_s' in r else '-'} | "
+        f"{_num(r.get('speedup'), '.1f')} | {_num(r.get('gbps'), '.0f')} | {_pct(r.get('pct_bw'))} | "
+        f"{_pct(r.get('pct_copy_bw'))} | {_num(r.get('tflops'), '.1f')} | {_pct(r.get('pct_tf'))} | "
+        f"{_pct(r.get('pct_roof'))} | {chk} | {tgt} |"
+    )
+
+
+def _markdown_kernel_table(doc: dict) -> list[str]:
+    """Every kernel case run, then the ones the time budget skipped."""
+    out = [
         "",
         "| kernel | case | phase | MB | GFLOP | cuda ms | ref ms | x ref | GB/s | %BW | %copy | TF/s | %TF | %roof | "
         "check | target |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
-    for r in doc["rows"]:
-        if "error" in r:
-            out.append(
-                f"| {r['kernel']} | {r['case']} | {r.get('phase', '')} | | | | | | | | | | | | ERROR | "
-                f"{r['error'][:120]} |"
-            )
-            continue
-        chk = {True: "OK", False: "MISMATCH", None: "-"}[r.get("check_ok")] + f" ({r.get('check', '')})"
-        tgt = ""
-        if r.get("target"):
-            tgt = ("PASS " if r.get("target_pass") else "MISS ") + r["target"] if "target_pass" in r else r["target"]
-            if r.get("target_cap") is not None and r["target_cap"] < 0.999:
-                tgt += f"; roofline caps it at {r['target_cap'] * 100:.0f}%"
-        out.append(
-            f"| {r['kernel']} | {r['case']} | {r['phase']} | {_g(r['bytes'] / 1e6)} | {_g(r['flops'] / 1e9)} | "
-            f"{_num(r.get('cuda_s', 0) * 1e3, '.3f')} | {_num(r['ref_s'] * 1e3, '.3f') if 'ref_s' in r else '-'} | "
-            f"{_num(r.get('speedup'), '.1f')} | {_num(r.get('gbps'), '.0f')} | {_pct(r.get('pct_bw'))} | "
-            f"{_pct(r.get('pct_copy_bw'))} | {_num(r.get('tflops'), '.1f')} | {_pct(r.get('pct_tf'))} | "
-            f"{_pct(r.get('pct_roof'))} | {chk} | {tgt} |"
-        )
+    out += [_markdown_kernel_row(r) for r in doc["rows"]]
     for k, label, why in doc.get("skipped", []):
         out.append(f"| {k} | {label} | | | | | | | | | | | | | skipped | {why} |")
-    m = doc.get("model")
+    return out
+
+
+def _markdown_model_table(m: dict | None) -> list[str]:
+    """The whole-model decode: a row per batch against the reference (one column group per CUDA variant run), or the
+    error it stopped on; nothing when the model was not run."""
+    out = []
     if m and "rows" in m:
         cols = [k for k in ("cuda", "graphs") if any(f"{k}_ms" in r for r in m["rows"])]
         out += ["", f"## Whole-model decode: `{m['config']}`, {m['dtype']}, prompt {m['context']} tokens, "
@@ -165,5 +180,11 @@ def markdown(doc: dict) -> str:
             out.append(f"\nNote: {n}")
     elif m:
         out += ["", f"Whole-model decode: ERROR {m.get('error')}"]
+    return out
+
+
+def markdown(doc: dict) -> str:
+    """The kernel table and the whole-model table as Markdown (what bench/results/ keeps)."""
+    out = _markdown_preamble(doc) + _markdown_kernel_table(doc) + _markdown_model_table(doc.get("model"))
     out += [""] + [f"- {n}" for n in doc.get("notes", [])]
     return "\n".join(out) + "\n"

@@ -669,6 +669,25 @@ def spec_serve_all(L, reqs: list[Request], args) -> list[dict]:
     return rows
 
 
+def spec_greedy_check(rows: list[dict], args) -> int:
+    """Logs how many greedy requests generated other tokens with speculation than without (and where the first few
+    part ways); returns that count."""
+    differ = sum(r["greedy_check"]["differ"] for r in rows if "greedy_check" in r)
+    compared = sum(r["greedy_check"]["compared"] for r in rows if "greedy_check" in r)
+    log(
+        f"\ngreedy tokens, k = {args.speculative} against k = 0 at the same concurrency: "
+        f"{differ} of {compared} requests differ"
+        + (" -- fp32 near-tie flips between step shapes are possible" if differ and args.dtype != "float64" else "")
+    )
+    for r in rows:
+        for d in r.get("greedy_check", {}).get("details", [])[:8]:
+            log(
+                f"  concurrency {r['concurrency']}: request #{d['request']} first differs at token "
+                f"{d['first_diff']}/{d['of']}"
+            )
+    return differ
+
+
 def spec_main(args, cmd: str) -> int:
     from v4.runtime import load
 
@@ -699,19 +718,7 @@ def spec_main(args, cmd: str) -> int:
     rows = spec_serve_all(L, reqs, args)
     spec_table(rows, args.speculative)
     spec_phases(rows)
-    differ = sum(r["greedy_check"]["differ"] for r in rows if "greedy_check" in r)
-    compared = sum(r["greedy_check"]["compared"] for r in rows if "greedy_check" in r)
-    log(
-        f"\ngreedy tokens, k = {args.speculative} against k = 0 at the same concurrency: "
-        f"{differ} of {compared} requests differ"
-        + (" -- fp32 near-tie flips between step shapes are possible" if differ and args.dtype != "float64" else "")
-    )
-    for r in rows:
-        for d in r.get("greedy_check", {}).get("details", [])[:8]:
-            log(
-                f"  concurrency {r['concurrency']}: request #{d['request']} first differs at token "
-                f"{d['first_diff']}/{d['of']}"
-            )
+    differ = spec_greedy_check(rows, args)
     targets = spec_targets(rows, args.speculative, args.smoke)
     mismatch = args.dtype == "float64" and differ > 0
     if mismatch:

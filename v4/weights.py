@@ -299,8 +299,9 @@ class _HeaderEntry:
     end: int
 
 
-def _read_header(path: Path) -> tuple[dict[str, _HeaderEntry], bytes, int]:
-    """Parse and check a safetensors header. Returns (entries, raw header bytes incl. length, file size)."""
+def _read_raw_header(path: Path) -> tuple[bytes, bytes, int, int]:
+    """The header's 8-byte length prefix, its JSON bytes, the length the prefix declares and the file size; a
+    length that cannot fit the file is refused before it is read, so a corrupt prefix never asks for gigabytes."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
@@ -321,6 +322,43 @@ def _read_header(path: Path) -> tuple[dict[str, _HeaderEntry], bytes, int]:
         raise CheckpointError(
             f"{path}: cannot read shard ({e.strerror or e}); check the file and its permissions"
         ) from None
+    return head, raw, n, size
+
+
+def _check_header_entry(path: Path, name: str, info, data_len: int) -> _HeaderEntry:
+    """One tensor's header entry, checked: readable fields, a dtype this loader reads, and offsets that span
+    exactly its bytes inside the data section (data_len bytes)."""
+    try:
+        dtype = str(info["dtype"])
+        shape = tuple(int(x) for x in info["shape"])
+        begin, end = (int(x) for x in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(
+            f"{path}: shard is corrupt (bad header entry for tensor {name}); re-download or re-write it"
+        ) from None
+    if dtype not in _ST_DTYPES:
+        raise CheckpointError(
+            f"{path}: tensor {name} has dtype {dtype}, which this loader does not read; "
+            "convert the checkpoint to BF16/F32/FP8"
+        )
+    nbytes = math.prod(shape) * _ST_DTYPES[dtype].itemsize
+    if end > data_len:
+        raise CheckpointError(
+            f"{path}: shard is truncated or corrupt (tensor {name} ends at byte {end} of the data section "
+            f"but the file holds only {data_len}); re-download or re-write it"
+        )
+    if begin < 0 or end - begin != nbytes:
+        raise CheckpointError(
+            f"{path}: shard is corrupt (tensor {name} {dtype} {list(shape)} needs {nbytes} bytes "
+            f"but its offsets span {end - begin}); "
+            f"re-download or re-write it"
+        )
+    return _HeaderEntry(dtype, shape, begin, end)
+
+
+def _read_header(path: Path) -> tuple[dict[str, _HeaderEntry], bytes, int]:
+    """Parse and check a safetensors header. Returns (entries, raw header bytes incl. length, file size)."""
+    head, raw, n, size = _read_raw_header(path)
     try:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
@@ -330,36 +368,9 @@ def _read_header(path: Path) -> tuple[dict[str, _HeaderEntry], bytes, int]:
             f"{path}: shard is corrupt (unreadable safetensors header: {e}); re-download or re-write it"
         ) from None
     data_len = size - 8 - n
-    entries: dict[str, _HeaderEntry] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = str(info["dtype"])
-            shape = tuple(int(x) for x in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(
-                f"{path}: shard is corrupt (bad header entry for tensor {name}); re-download or re-write it"
-            ) from None
-        if dtype not in _ST_DTYPES:
-            raise CheckpointError(
-                f"{path}: tensor {name} has dtype {dtype}, which this loader does not read; "
-                "convert the checkpoint to BF16/F32/FP8"
-            )
-        nbytes = math.prod(shape) * _ST_DTYPES[dtype].itemsize
-        if end > data_len:
-            raise CheckpointError(
-                f"{path}: shard is truncated or corrupt (tensor {name} ends at byte {end} of the data section "
-                f"but the file holds only {data_len}); re-download or re-write it"
-            )
-        if begin < 0 or end - begin != nbytes:
-            raise CheckpointError(
-                f"{path}: shard is corrupt (tensor {name} {dtype} {list(shape)} needs {nbytes} bytes "
-                f"but its offsets span {end - begin}); "
-                f"re-download or re-write it"
-            )
-        entries[name] = _HeaderEntry(dtype, shape, begin, end)
+    # checked in header order, so the first bad entry is the one reported
+    entries = {name: _check_header_entry(path, name, info, data_len)
+               for name, info in header.items() if name != "__metadata__"}
     return entries, head + raw, size
 
 

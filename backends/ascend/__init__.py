@@ -59,17 +59,13 @@ class Check:
     fix: str = ""
 
 
-def readiness() -> list[Check]:
-    """Every requirement of a real Ascend run, on this machine, with what to do about each."""
-    import torch
-
-    checks = []
-    cann = _cann_home()
+def _cann_checks(cann: str | None) -> list[Check]:
+    """The CANN toolkit, and (once it is set up) the collective library torch_npu links against."""
     hccl = bool(cann) and any(
         os.path.exists(os.path.join(cann, d, "libhccl.so"))
         for d in ("lib64", "runtime/lib64", "aarch64-linux/lib64", "x86_64-linux/lib64")
     )
-    checks.append(
+    checks = [
         Check(
             "CANN toolkit",
             bool(cann),
@@ -77,7 +73,7 @@ def readiness() -> list[Check]:
             "install CANN 8.5+ (toolkit + kernels for your chip) and `source "
             "/usr/local/Ascend/ascend-toolkit/set_env.sh`",
         )
-    )
+    ]
     if cann:
         checks.append(
             Check(
@@ -87,8 +83,15 @@ def readiness() -> list[Check]:
                 "re-source set_env.sh; check the toolkit install is complete (torch_npu links libhccl)",
             )
         )
+    return checks
+
+
+def _torch_checks() -> list[Check]:
+    """torch must be a CPU wheel for torch_npu to load; torch_npu itself, and the autoload switch it obeys."""
+    import torch
+
     cuda_build = torch.version.cuda is not None
-    checks.append(
+    checks = [
         Check(
             "CPU torch wheel",
             not cuda_build,
@@ -96,7 +99,7 @@ def readiness() -> list[Check]:
             "torch_npu refuses a second accelerator: in the NPU environment install the CPU wheel "
             "(pip install torch==<torch_npu's torch version> --index-url https://download.pytorch.org/whl/cpu)",
         )
-    )
+    ]
     tnpu = _dist_version("torch-npu")
     checks.append(
         Check(
@@ -117,11 +120,16 @@ def readiness() -> list[Check]:
                 "with CANN leave it unset (1)",
             )
         )
+    return checks
+
+
+def _triton_ascend_checks(cann: str | None) -> list[Check]:
+    """triton-ascend owning the `triton` module, and the CANN compiler its kernels are lowered with."""
     tasc = _dist_version("triton-ascend")
     up = _dist_version("triton")
-    checks.append(Check("triton-ascend", tasc is not None, f"triton-ascend {tasc}" if tasc else "not installed",
-                        "pip uninstall -y triton && pip install --no-deps --force-reinstall triton-ascend "
-                        "(it replaces the `triton` module; upstream triton must not be installed after it)"))
+    checks = [Check("triton-ascend", tasc is not None, f"triton-ascend {tasc}" if tasc else "not installed",
+                    "pip uninstall -y triton && pip install --no-deps --force-reinstall triton-ascend "
+                    "(it replaces the `triton` module; upstream triton must not be installed after it)")]
     if tasc and up:
         checks.append(
             Check(
@@ -132,18 +140,34 @@ def readiness() -> list[Check]:
             )
         )
     bisheng = shutil.which("bishengir-compile") is not None
+    # without CANN its absence is expected, so it only informs
     checks.append(Check("bishengir-compile", bisheng if cann else None, "on PATH" if bisheng else "not on PATH",
                         "comes with CANN (and ascendnpu-ir for the offline lowering check)"))
-    devs = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
-    checks.append(Check("ASCEND_RT_VISIBLE_DEVICES", None, devs if devs is not None else "unset (all NPUs visible)",
-                        "set it before the first NPU call to choose devices (like CUDA_VISIBLE_DEVICES)"))
-    det = os.environ.get("HCCL_DETERMINISTIC")
-    checks.append(Check("HCCL_DETERMINISTIC", None if det == "strict" else False, det or "unset",
-                        "for parity runs across NPUs: export HCCL_DETERMINISTIC=strict (and the backend sets "
-                        "torch_npu.npu.set_deterministic_level(1) when it loads)"))
-    checks.append(Check("emulation", None, "requested (DSV4_ASCEND_EMULATE=1)" if emulate_requested() else "off",
-                        "DSV4_ASCEND_EMULATE=1 runs this backend on CPU with emulated CANN ops (checking only)"))
     return checks
+
+
+def _environment_checks() -> list[Check]:
+    """The environment variables that choose devices, determinism and emulation."""
+    devs = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
+    det = os.environ.get("HCCL_DETERMINISTIC")
+    return [
+        Check("ASCEND_RT_VISIBLE_DEVICES", None, devs if devs is not None else "unset (all NPUs visible)",
+              "set it before the first NPU call to choose devices (like CUDA_VISIBLE_DEVICES)"),
+        Check("HCCL_DETERMINISTIC", None if det == "strict" else False, det or "unset",
+              "for parity runs across NPUs: export HCCL_DETERMINISTIC=strict (and the backend sets "
+              "torch_npu.npu.set_deterministic_level(1) when it loads)"),
+        Check("emulation", None, "requested (DSV4_ASCEND_EMULATE=1)" if emulate_requested() else "off",
+              "DSV4_ASCEND_EMULATE=1 runs this backend on CPU with emulated CANN ops (checking only)"),
+    ]
+
+
+def readiness() -> list[Check]:
+    """Every requirement of a real Ascend run, on this machine, with what to do about each."""
+    # torch first, as before the split: if `import torch` fails (torch_npu autoload without CANN), nothing is listed
+    import torch  # noqa: F401
+
+    cann = _cann_home()
+    return _cann_checks(cann) + _torch_checks() + _triton_ascend_checks(cann) + _environment_checks()
 
 
 def format_readiness(checks: list[Check] | None = None) -> str:
