@@ -22,12 +22,15 @@ import torch
 
 # the bench's sizes and input builders live with the conformance cases (backends/conformance/: the
 # tests and `dsv4 parity ops` draw the same inputs at their sizes); cuda_kernels.py reads FLASH / SMOKE
-from backends.conformance import FLASH, SMOKE, Shapes, kernel_args, paged_table, qs  # noqa: F401  (FLASH, SMOKE, Shapes)
+from backends.conformance import (  # noqa: F401  (FLASH, SMOKE, Shapes: cuda_kernels.py reads them here)
+    FLASH, SMOKE, Shapes, kernel_args, layer_inputs, paged_table, qs,
+)
 from backends.conformance.compress import compress_inputs
 from backends.conformance.gate import topk_inputs
 from backends.conformance.indexer import sequences_inputs
 from backends.conformance.mhc import hc_post_inputs, hc_pre_inputs
 from backends.conformance.norm_rope import rms_norm_inputs, rope_inputs
+from v4.batch import StepBatch
 
 FP8_ROW_BYTES_512 = 584  # V4 main KV row (spec §1): 448 e4m3 + 64 bf16 rope + 7 UE8M0 scales + 1 pad
 
@@ -258,11 +261,23 @@ def _queries(ctx: Ctx, T: int, seed: int) -> tuple:
     return q.to(ctx.dev), sink.to(ctx.dev)
 
 
+def _layer_kv(ctx: Ctx, batch, ring_slots: int, kind: str, ratio: int, seed: int) -> tuple:
+    """One layer's window_kv, window_idx, comp_kv, comp_idx for `batch` (the conformance cases'
+    `layer_inputs`, the model's own index lists) at the bench's sizes: bf16 kv rows drawn on ctx.dev,
+    the index lists moved there."""
+    sh = ctx.sh
+    _, r = device_draw(ctx, seed)
+    w_kv, w_idx, c_kv, c_idx = layer_inputs(batch, ring_slots, kind, sh.head_dim, torch.bfloat16, seed, ratio=ratio,
+                                            topk=sh.topk, bs=sh.block_size, window=sh.window, draw=r)
+    return w_kv, w_idx.to(ctx.dev), c_kv, c_idx.to(ctx.dev)
+
+
 def cases_attention(ctx: Ctx, fp8: bool):
     """Sparse MQA decode (one query per sequence) over window + compressed rows, CSA and HCA layers,
-    then one CSA prefill case. KV rows bf16, or the packed FP8 layout (584 B rows at d = 512)."""
-    K, sh, dev = ctx.K, ctx.sh, ctx.dev
-    H, d, W = sh.heads, sh.head_dim, sh.window
+    then one CSA prefill case. KV rows bf16, or the packed FP8 layout (584 B rows at d = 512). Inputs:
+    the conformance cases' `layer_inputs` over a step batch and `qs`."""
+    K, sh = ctx.K, ctx.sh
+    H, d = sh.heads, sh.head_dim
     name = "attention_fp8" if fp8 else "attention"
     row = K.attention.row_bytes(d) if fp8 else 2 * d
     scale = d ** -0.5
@@ -284,7 +299,6 @@ def cases_attention(ctx: Ctx, fp8: bool):
         run_ref = lambda: ctx.ref.attention(q, w_kv, w_idx, c_kv, c_idx, sink, scale)  # noqa: E731
         return Case(name, label, phase, run_cuda, run_ref, check_close(1e-2), b, flops, "bf16", target)
 
-    torch.manual_seed(1)
     for L in sh.contexts:
         for B in sh.batches:
             for kind, ratio in (("csa", sh.csa_ratio), ("hca", sh.hca_ratio)):
@@ -292,30 +306,20 @@ def cases_attention(ctx: Ctx, fp8: bool):
                 if too_big(ctx, name, f"{kind} B={B} ctx={_kfmt(L)}", B * S * d * 2 * (1.6 if fp8 else 1)):
                     continue
                 q, sink = _queries(ctx, B, seed=L + B)
-                # window: the ring's W rows of each sequence + this step's new row (model: cat([ring, kv]))
-                w_kv = randn(B * W + B, d, dev=dev)
-                ar = torch.arange(B, device=dev)[:, None]
-                w_idx = torch.cat([B * W + ar, ar * W + torch.arange(W - 1, device=dev)[None, :]], 1).to(torch.int32)
-                c_kv = randn(B * S, d, dev=dev)
-                if kind == "csa":  # the indexer's top-k picks: distinct entries of the sequence, score order
-                    k = min(sh.topk, S)
-                    picks = torch.rand(B, S, device=dev).topk(k, dim=1).indices
-                else:  # HCA: every complete entry
-                    picks = torch.arange(S, device=dev)[None, :].expand(B, S)
-                c_idx = (ar * S + picks).to(torch.int32)
+                # B sequences decoding their token at position L - 1: a full window (each sequence's
+                # ring, then the new row) and S = L // ratio entries (CSA: the indexer's top-k of them)
+                batch = StepBatch(list(range(B)), [L - 1] * B, [1] * B, "cpu")
+                w_kv, w_idx, c_kv, c_idx = _layer_kv(ctx, batch, B, kind, ratio, seed=L + B + ratio)
                 yield make(q, w_kv, w_idx, c_kv, c_idx, sink, "decode", f"{kind} B={B} ctx={_kfmt(L)}", T_ATTN_DECODE)
                 if B == sh.batches[0]:  # the same call without split-KV: what the split buys at small batch
                     yield make(q, w_kv, w_idx, c_kv, c_idx, sink, "decode", f"{kind} B={B} ctx={_kfmt(L)} splits=1",
                                T_ATTN_DECODE, splits=1)
-                del q, sink, w_kv, w_idx, c_kv, c_idx, picks
-    # prefill: T queries of one sequence (each its own W-row window and top-k of the entries)
+                del q, sink, w_kv, w_idx, c_kv, c_idx
+    # prefill: a chunk of T tokens of one sequence continuing at position L (its ring, then the chunk's
+    # rows in the window; the top-k of its >= L // 4 visible entries)
     T, L = sh.prefill_queries, sh.prefill_context
-    S = L // sh.csa_ratio
     q, sink = _queries(ctx, T, seed=T)
-    w_kv = randn(T + W, d, dev=dev)
-    w_idx = (torch.arange(T, device=dev)[:, None] + W - torch.arange(W, device=dev)[None, :]).to(torch.int32)
-    c_kv = randn(S, d, dev=dev)
-    c_idx = torch.rand(T, S, device=dev).topk(min(sh.topk, S), dim=1).indices.to(torch.int32)
+    w_kv, w_idx, c_kv, c_idx = _layer_kv(ctx, StepBatch([0], [L], [T], "cpu"), 1, "csa", sh.csa_ratio, seed=T + 1)
     yield make(q, w_kv, w_idx, c_kv, c_idx, sink, "prefill", f"csa prefill T={T} ctx={_kfmt(L)}", T_ATTN_PREFILL)
 
 

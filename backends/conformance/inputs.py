@@ -69,16 +69,22 @@ def layer_inputs(
     topk: int = 16,
     bs: int = 8,
     scatter: bool = False,
+    window: int = W,
+    draw=None,
 ):
-    """window_kv = cat(ring, new kv) with its indices, and the compressed pool with its indices.
+    """window_kv = cat(ring, new kv) [ring_slots * window + T, d] with its indices [T, window], and the
+    compressed pool [rows, d] with its indices [T, Kc] (int32 index lists, -1 = none).
 
     kind: "sliding" (comp None), "sliding0" (comp_idx with Kc = 0), "hca" (all visible entries;
     Kc = 0 while none is visible), "csa" (top-k picks, -1 padded; topk may exceed the visible count).
+    draw(*shape): the kv rows' draw (a bench's, on its device); by default gen(seed)'s, on CPU. The
+    block table and the picks come from gen(seed)'s generator either way.
     """
     g, r = gen(seed)
+    r = r if draw is None else draw
     T = batch.num_tokens
-    window_kv = r(ring_slots * W + T, d).to(dtype)
-    window_idx = window_rows(batch, ring_slots, W)
+    window_kv = r(ring_slots * window + T, d).to(dtype)
+    window_idx = window_rows(batch, ring_slots, window)
     comp_kv, comp_idx = None, None
     if kind == "sliding0":
         comp_kv, comp_idx = r(4, d).to(dtype), torch.zeros(T, 0, dtype=torch.int32)
