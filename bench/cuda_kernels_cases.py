@@ -2,8 +2,9 @@
 
 Each `cases_<kernel>(ctx)` yields `Case`s (inputs built on ctx.dev lazily, one case at a time); a
 case holds the CUDA call, the reference call, the check that compares them and the byte / FLOP
-counts of the roofline (formulas in bench/cuda_kernels.py's docstring). The indexer, mHC and gate
-inputs (and attention's queries) come from the conformance cases' builders (backends/conformance/)
+counts of the roofline (formulas in bench/cuda_kernels.py's docstring). Every kernel's inputs come
+from the conformance cases' sized builders (backends/conformance/: attention's `layer_inputs` and `qs`,
+the indexer's, compressor's, mHC, norm / rope and gate builders, the projection and expert weights)
 at the bench's sizes, drawn on the device (`device_draw`, `on_device`). `KERNELS` maps the names
 of `--only` to the generators, `MODULE_OF` to the `backends.cuda.kernels` module each needs.
 
@@ -28,6 +29,7 @@ from backends.conformance import (  # noqa: F401  (FLASH, SMOKE, Shapes: cuda_ke
 from backends.conformance.compress import compress_inputs
 from backends.conformance.gate import topk_inputs
 from backends.conformance.indexer import sequences_inputs
+from backends.conformance.linear import expert_weights, projection_weight, routing_inputs
 from backends.conformance.mhc import hc_post_inputs, hc_pre_inputs
 from backends.conformance.norm_rope import rms_norm_inputs, rope_inputs
 from v4.batch import StepBatch
@@ -187,13 +189,6 @@ def check_gate(tol: float):
 # ----------------------------------------------------------------------------------- helpers
 def nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
-
-
-def randn(*shape, dtype=torch.bfloat16, dev, scale: float = 1.0) -> torch.Tensor:
-    x = torch.randn(*shape, device=dev, dtype=torch.float32 if dtype not in (torch.float32, torch.bfloat16) else dtype)
-    if scale != 1.0:
-        x.mul_(scale)
-    return x.to(dtype)
 
 
 def device_draw(ctx: Ctx, seed: int) -> tuple[torch.Generator, Callable]:
@@ -514,37 +509,40 @@ def cases_gate(ctx: Ctx):
 
 
 def _moe_weights(ctx: Ctx):
-    """Routed experts stored as FP4 (V4's format), their bf16 dequantisation (the bf16 grouped GEMM
-    runs on these values too), a bf16 shared expert and an FP8 one (V4's shared expert format)."""
+    """Routed experts stored as FP4 and the shared expert as FP8 (V4's formats; the conformance cases'
+    `expert_weights` drawn on the device), and the bf16 dequantisation of both: the bf16 grouped GEMM
+    and the reference run on these values."""
     K, sh, dev = ctx.K, ctx.sh, ctx.dev
-    from v4 import quant
-
     E, D, I = sh.experts, sh.hidden, sh.moe_inter  # noqa: E741
-    torch.manual_seed(9)
+    _, r = device_draw(ctx, 9)
     bf = torch.bfloat16
-    w13 = torch.empty(E, 2 * I, D, dtype=bf, device=dev)
-    w2 = torch.empty(E, D, I, dtype=bf, device=dev)
-    q1, q3, q2 = [], [], []
-    for e in range(E):
-        for lst, shape, dst in ((q1, (I, D), w13[e, :I]), (q3, (I, D), w13[e, I:]), (q2, (D, I), w2[e])):
-            w = randn(*shape, dtype=torch.float32, dev=dev, scale=D ** -0.5)
-            qw = quant.QuantizedWeight("fp4", *quant.quant_fp4(w))
-            dst.copy_(qw.dequantize(torch.float32))
-            lst.append(qw)
-    f13, f2 = K.gemm.prepare_experts(q1, q3, q2, bf, dev)
-    del q1, q3, q2
-    s1, s3, s2 = (randn(*s, dtype=torch.float32, dev=dev, scale=D ** -0.5) for s in ((I, D), (I, D), (D, I)))
-    shared_bf = (torch.cat([s1, s3]).to(bf), s2.to(bf))
-    qsh = [quant.QuantizedWeight("fp8", *quant.quant_fp8_block(t)) for t in (s1, s3, s2)]
-    p13, p2 = K.gemm.prepare_experts([qsh[0]], [qsh[1]], [qsh[2]], bf, dev)
-    shared_fp8 = (p13[0], p2[0])
-    shared_fp8_ref = (torch.cat([qsh[0].dequantize(), qsh[1].dequantize()]).to(bf), qsh[2].dequantize().to(bf))
+    routed = expert_weights(r, E, D, I, "fp4")
+    w13, w2 = _dequantized_experts(*routed, dev)
+    f13, f2 = K.gemm.prepare_experts(*routed, bf, dev)
+    del routed
+    shared = expert_weights(r, 1, D, I, "fp8")
+    p13, p2 = K.gemm.prepare_experts(*shared, bf, dev)
+    sh13, sh2 = _dequantized_experts(*shared, dev)
+    shared_bf = (sh13[0], sh2[0])
     dense13 = K.gemm.CudaWeight("dense", w13, None, bf, I)
     dense2 = K.gemm.CudaWeight("dense", w2, None, bf, 0)
     return SimpleNamespace(w13=w13, w2=w2, dense13=dense13, dense2=dense2, f13=f13, f2=f2,
                            shared_bf=shared_bf, shared_bf_cuda=(K.gemm.CudaWeight("dense", shared_bf[0], None, bf, I),
                                                                 K.gemm.CudaWeight("dense", shared_bf[1], None, bf, 0)),
-                           shared_fp8=shared_fp8, shared_fp8_ref=shared_fp8_ref)
+                           shared_fp8=(p13[0], p2[0]), shared_fp8_ref=shared_bf)
+
+
+def _dequantized_experts(w1s: list, w3s: list, w2s: list, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored expert weights -> bf16 w13 [E, 2I, D] ([W1; W3] by rows) and w2 [E, D, I], one expert at a
+    time (no float32 copy of all of them)."""
+    I, D = w1s[0].shape  # noqa: E741
+    w13 = torch.empty(len(w1s), 2 * I, D, dtype=torch.bfloat16, device=dev)
+    w2 = torch.empty(len(w1s), D, I, dtype=torch.bfloat16, device=dev)
+    for e, (a, b, c) in enumerate(zip(w1s, w3s, w2s)):
+        w13[e, :I].copy_(a.dequantize(torch.float32))
+        w13[e, I:].copy_(b.dequantize(torch.float32))
+        w2[e].copy_(c.dequantize(torch.float32))
+    return w13, w2
 
 
 def _cw_bytes_per_expert(w) -> int:
@@ -561,19 +559,18 @@ def cases_moe(ctx: Ctx, fp4: bool):
     """Routed top-k experts + shared expert. bf16: dense weights, no activation quant (prefill and
     decode). fp4: routed FP4 + shared FP8 weights dequantised in-kernel, FP8 activation quant (V4's
     exact mode), decode shapes; the reference runs on the dequantised bf16 weights."""
-    K, sh, dev = ctx.K, ctx.sh, ctx.dev
+    K, sh = ctx.K, ctx.sh
     E, D, I, k = sh.experts, sh.hidden, sh.moe_inter, sh.moe_topk  # noqa: E741
     if ctx.moe_weights is None:
         ctx.moe_weights = _moe_weights(ctx)
     wts = ctx.moe_weights
     limit = 10.0
-    torch.manual_seed(10)
+    g, r = device_draw(ctx, 10)
     plan = ([(T, "decode") for T in sh.moe_decode] if fp4 else
             [(T, "prefill") for T in sh.moe_prefill] + [(T, "decode") for T in sh.moe_decode])
     for T, phase in plan:
-        x = randn(T, D, dev=dev)
-        ids = torch.rand(T, E, device=dev).topk(k, dim=1).indices.to(torch.int32)
-        rw = torch.softmax(torch.randn(T, k, device=dev), -1) * 1.5
+        ids, rw = on_device(ctx, routing_inputs(g, r, T, E, k))  # k distinct experts per token, their weights
+        x = r(T, D)
         touched = torch.unique(ids).numel()
         if fp4:
             w13c, w2c, shc, shr, aq = wts.f13, wts.f2, wts.shared_fp8, wts.shared_fp8_ref, True
@@ -593,17 +590,14 @@ def cases_linear_fp8(ctx: Ctx):
     """FP8 block-scaled weights, FP8 activation quant in the prologue (exact mode): the native
     fp8 x fp8 MMA on sm89+; the reference is F.linear over act_quant(x) and the dequantised weight."""
     K, sh, dev = ctx.K, ctx.sh, ctx.dev
-    from v4 import quant
-
-    torch.manual_seed(11)
+    _, r = device_draw(ctx, 11)
     fp8_mma = K.gemm._fp8_mma_default(torch.empty(0, device=dev))
     for name, (N, Kd) in sh.linear.items():
-        w = randn(N, Kd, dtype=torch.float32, dev=dev, scale=Kd ** -0.5)
-        qw = quant.QuantizedWeight("fp8", *quant.quant_fp8_block(w))
+        qw = projection_weight(r, N, Kd, "fp8")  # the conformance cases' projection weight, stored FP8
         cw = K.gemm.prepare_linear(qw, torch.bfloat16, dev)
         rw = ctx.ref.prepare_linear(qw, torch.bfloat16)
         for M in sh.linear_tokens:
-            x = randn(M, Kd, dev=dev)
+            x = r(M, Kd)
             b = N * Kd + nbytes(cw.scale) + nbytes(x) + M * N * 2
             yield Case("linear_fp8", f"{name} M={M} N={N} K={Kd}", "prefill" if M >= 1024 else "decode",
                        lambda x=x, cw=cw: K.gemm.linear(x, cw, True), lambda x=x, rw=rw: ctx.ref.linear(x, rw, True),
