@@ -58,6 +58,11 @@ def randn(g: torch.Generator, *shape, std: float = 1.0) -> torch.Tensor:
     return torch.randn(*shape, generator=g, dtype=F64) * std
 
 
+def draw64(g: torch.Generator):
+    """r(*shape, s=1.0): s * N(0, 1) in float64 from `g`, the draw the sized builders take."""
+    return lambda *shape, s=1.0: randn(g, *shape, std=s)
+
+
 def kernel_args(tagged: list, dtype: torch.dtype) -> list:
     """The values a kernel gets in working dtype `dtype`: `D` in dtype, `acc` in float32, the rest as
     they are (weights in the roles W / experts / shared are the op's test's to prepare)."""

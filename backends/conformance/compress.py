@@ -17,8 +17,7 @@ import torch
 
 from v4.ops import CompressSpec, DecodeRows
 
-from .case import BF16, F32, F64, HD, LENGTHS, ROPE, Case
-from .mhc import draw64
+from .case import BF16, F32, F64, HD, LENGTHS, ROPE, Case, draw64
 from .norm_rope import yarn_inv_freq
 
 BS = 16  # pool block size: 129 tokens at ratio 4 = 32 entries span 2 blocks

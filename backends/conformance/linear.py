@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .case import DM, HD, LENGTHS, Case, H
+from .case import DM, H, HD, LENGTHS, Case, draw64
 from .inputs import stored_weight
-from .mhc import draw64
 
 E, TOPK, INTER = 8, 2, 64  # routed experts, experts per token, expert hidden size
 GROUPS, RANK = 2, 16  # grouped output projection: groups, rank of each group's wo_a

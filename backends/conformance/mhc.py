@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from .case import F32, LENGTHS, NHC, Case, randn
+from .case import F32, LENGTHS, NHC, Case, draw64
 from .inputs import hc_params
 
 EPS = 1e-6
-
-
-def draw64(g: torch.Generator):
-    """r(*shape, s=1.0): s * N(0, 1) in float64 from `g`, the draw the sized builders take."""
-    return lambda *shape, s=1.0: randn(g, *shape, std=s)
 
 
 def hc_pre_inputs(r, T: int, n: int, D: int, iters: int = 20, n_scale: int = 3) -> list:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .case import LENGTHS, ROPE, Case
-from .mhc import draw64
+from .case import LENGTHS, ROPE, Case, draw64
 
 
 def yarn_inv_freq() -> torch.Tensor:
