@@ -32,3 +32,8 @@ def device_of(backend: str):
     """t -> t on the device the backend's kernel runs on (a GPU for cuda where there is one, else CPU)."""
     dev = "cuda" if backend == "cuda" and GPU else "cpu"
     return lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t
+
+
+def f64(args) -> list:
+    """The arguments with every floating tensor in float64 (the truth side's inputs)."""
+    return [a.to(torch.float64) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]

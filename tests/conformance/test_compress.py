@@ -15,12 +15,11 @@ from functools import partial
 import pytest
 import torch
 
-from backends.conformance import F64, REF, check_as_ref, check_elementwise, impl, kernel_args
+from backends.conformance import BF16, F32, REF, check_as_ref, check_elementwise, impl, kernel_args
 from backends.reference.ops import compress_rows_on_host
-from tests.conformance.harness import device_of, params
+from tests.conformance.harness import device_of, f64, params
 from v4.ops import DecodeRows
 
-F32, BF16 = torch.float32, torch.bfloat16
 STATE, POOL, LAYOUT = (6, 7), 8, 10  # argument positions
 # (rtol, atol) against the reference in the working dtype
 TOL_SAME = {F32: (1e-5, 1e-5), BF16: (2**-7, 1e-3)}
@@ -46,10 +45,6 @@ def _copies(args, to=lambda t: t):
     return [one(a) for a in args]
 
 
-def _f64(args):
-    return [a.to(F64) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-
-
 @pytest.mark.parametrize("backend,case,dtype,mode", _params())
 def test_compress(backend, case, dtype, mode):
     tagged, _ = case.inputs(mode=mode)
@@ -69,7 +64,7 @@ def test_compress(backend, case, dtype, mode):
     for what, got, want in (("entries", out, ref), ("pool", mine[POOL], ref_args[POOL])):
         check_elementwise(got, want, *TOL_SAME[dtype], f"{what} vs reference", share_off=share_off)
     if mode == "plain":
-        truth_args = _f64(_copies(args))
+        truth_args = f64(_copies(args))
         truth = REF.compress(*truth_args)
         if truth.numel():  # a step may close no window
             check_as_ref(out, ref, truth, dtype, "entries vs float64 reference")

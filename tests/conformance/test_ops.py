@@ -25,11 +25,7 @@ from backends.conformance import (
     impl,
     tie_free,
 )
-from tests.conformance.harness import device_of, inputs, params
-
-
-def _f64(args):
-    return tuple(a.to(F64) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+from tests.conformance.harness import device_of, f64, inputs, params
 
 
 def _run(op, backend, case, dtype):
@@ -41,7 +37,7 @@ def _run(op, backend, case, dtype):
 def _as_ref(op, backend, case, dtype):
     args, kwargs, out = _run(op, backend, case, dtype)
     lowp = getattr(REF, op)(*args, **kwargs)
-    check_as_ref(out, lowp, getattr(REF, op)(*_f64(args), **kwargs), dtype, f"{op} {case.name}")
+    check_as_ref(out, lowp, getattr(REF, op)(*f64(args), **kwargs), dtype, f"{op} {case.name}")
     return args, kwargs, out, lowp
 
 
